@@ -1,0 +1,21 @@
+"""causalrec: generative LLM recommenders fine-tuned with TRL, and CausalDPO, as a RecBole plugin.
+
+``import causalrec`` is enough for RecBole's own entry points
+(``recbole.quick_start.run_recbole(model="CausalDPO", dataset="retail-sim")``) to find
+causalrec's models, trainers, YAML properties and datasets.
+"""
+
+from causalrec import compat as _compat
+
+_compat.apply()  # before anything imports recbole.quick_start (numpy aliases for ray)
+
+from causalrec import registry as _registry  # noqa: E402
+from causalrec.errors import CausalRecError  # noqa: E402
+
+__version__ = "0.1.0"
+
+_registry.install()
+
+from causalrec.quick_start import run  # noqa: E402
+
+__all__ = ["CausalRecError", "run", "__version__"]

@@ -1,0 +1,5 @@
+import sys
+
+from causalrec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Shared test set-up: no network, RecBole's working-directory output kept in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+ONLINE_RETAIL = SHARED_DATASETS / "online_retail_uci" / "online_retail.csv.gz"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """Prepared datasets are cached per test session, never in the user's cache."""
+    cache = tmp_path_factory.mktemp("causalrec-cache")
+    old = os.environ.get("CAUSALREC_CACHE")
+    os.environ["CAUSALREC_CACHE"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("CAUSALREC_CACHE", None)
+    else:
+        os.environ["CAUSALREC_CACHE"] = old
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    """Run in a fresh directory: RecBole writes ./log, ./log_tensorboard and ./saved."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def online_retail_path():
+    if not ONLINE_RETAIL.is_file():
+        pytest.skip(f"real Online Retail data not found at {ONLINE_RETAIL} (../shared is absent)")
+    return ONLINE_RETAIL

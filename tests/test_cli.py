@@ -1,0 +1,43 @@
+"""The command line: clear one-line errors with exit code 2, and a working run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def causalrec(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "causalrec", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "--model", "SASRecc", "--dataset", "ml-100k"], ["unknown model 'SASRecc'", "Did you mean 'SASRec'", "BPR"]),
+        (["run", "--model", "Pop", "--dataset", "nowhere"], ["unknown dataset 'nowhere'", "retail-sim"]),
+        (["run", "--model", "Pop", "--dataset", "ml-100k", "--param", "epochz=1"], ["unknown config key 'epochz'", "Did you mean 'epochs'"]),
+        (["run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "missing.yaml"], ["cannot read config file 'missing.yaml'"]),
+        (["run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "bad.yaml"], ["bad.yaml' is not valid YAML"]),
+        (["run", "--model", "Pop", "--dataset", "ml-100k", "--param", "novalue"], ["--param expects key=value"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, expected, tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: [1, 2\n")
+    out = causalrec(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("causalrec: error:"), out.stderr
+    for text in expected:
+        assert text in lines[0]
+    assert "Traceback" not in out.stderr
+
+
+def test_run_from_cli_with_config_file(tmp_path):
+    (tmp_path / "small.yaml").write_text("epochs: 1\nshow_progress: false\n")
+    out = causalrec("run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "small.yaml",
+                    "--param", "topk=[5,10]", "--output", "result.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ndcg@5=" in out.stdout and "ndcg@10=" in out.stdout
+    assert (tmp_path / "result.json").is_file()
