@@ -1,0 +1,372 @@
+"""The language model behind the generative recommenders: a Hugging Face causal LM, or an offline tiny Llama.
+
+``backbone: tiny`` (the default) builds everything locally: a word-level tokenizer trained on
+the catalog titles and the prompt words, and a small ``LlamaForCausalLM`` initialised from a
+seed — so the whole pipeline runs on a CPU with no download. Any other value is a Hugging Face
+model id or a local directory, loaded with ``AutoModelForCausalLM`` + ``AutoTokenizer``.
+LoRA (peft) is optional and never touches the output layer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from causalrec.errors import BackboneError, ConfigError
+
+_log = logging.getLogger(__name__)
+
+TINY = "tiny"
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+# A hub id is "name" or "org/name" made of these characters; anything else is a (missing) local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_ADAPTER_SUBDIR = "adapter"
+
+
+@dataclass
+class BackboneConfig:
+    """Which language model to use and how to load it.
+
+    Attributes:
+        backbone: ``"tiny"`` (a small Llama built from scratch on the catalog), a Hugging Face
+            model id, or a local model directory.
+        seed: seeds the tiny model's initial weights.
+        tiny_hidden_size: hidden size of the tiny Llama.
+        tiny_layers: number of decoder layers of the tiny Llama.
+        tiny_heads: attention heads of the tiny Llama (must divide ``tiny_hidden_size``).
+        tiny_intermediate_size: MLP width of the tiny Llama; ``None`` means 4 x hidden size.
+        max_seq_length: longest prompt + completion in tokens (tokenizer ``model_max_length``).
+        lowercase: the tiny tokenizer lower-cases text (catalog titles are often upper case).
+        lora_r: LoRA rank; 0 trains the full model.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: dropout on the LoRA input.
+        target_modules: module names that get LoRA adapters, or ``"all-linear"`` (every linear
+            layer but the output layer).
+        dtype: ``float32``, ``bfloat16``, ``float16`` or ``auto`` (the checkpoint's dtype).
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ``mps``...
+        trust_remote_code: allow model code shipped with a hub checkpoint to run.
+        load_in_4bit: quantise the loaded model to 4 bit (needs bitsandbytes).
+        load_in_8bit: quantise the loaded model to 8 bit (needs bitsandbytes).
+    """
+
+    backbone: str = TINY
+    seed: int = 0
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_intermediate_size: int | None = None
+    max_seq_length: int = 512
+    lowercase: bool = True
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] | str = field(default="all-linear")
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.backbone, str) or not self.backbone.strip():
+            raise ConfigError("backbone must be 'tiny', a Hugging Face model id or a local model directory")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads", "max_seq_length"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.tiny_hidden_size % self.tiny_heads:
+            raise ConfigError(f"tiny_heads ({self.tiny_heads}) must divide tiny_hidden_size ({self.tiny_hidden_size})")
+        if (self.tiny_hidden_size // self.tiny_heads) % 2:
+            raise ConfigError("tiny_hidden_size / tiny_heads must be even (rotary position embeddings)")
+        if self.lora_r < 0:
+            raise ConfigError(f"lora_r must be >= 0 (0 = no LoRA); got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if not isinstance(self.target_modules, str) and any(m.split(".")[-1] == "lm_head" for m in self.target_modules):
+            raise ConfigError(
+                "target_modules must not include lm_head: log-probabilities are read from the output layer's weights; drop it"
+            )
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("choose one of load_in_4bit and load_in_8bit")
+        if (self.load_in_4bit or self.load_in_8bit) and self.backbone == TINY:
+            raise ConfigError("load_in_4bit/load_in_8bit apply to a pretrained backbone, not 'tiny'")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BackboneConfig":
+        """Build from a (RecBole YAML) mapping, ignoring keys that are not backbone settings."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device {device!r} is not a torch device (use auto, cpu, cuda, cuda:N or mps)") from err
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer(corpus: Sequence[str], *, lowercase: bool = True, max_length: int = 512):
+    """A word-level tokenizer trained on ``corpus`` (catalog titles and prompt text).
+
+    Words and single punctuation marks are tokens (``"order:"`` -> ``order``, ``:``), every
+    text starts with ``<s>``; ``</s>`` ends completions. Whitespace is never part of a token,
+    so tokenising ``prompt + " " + title`` gives the prompt's tokens followed by the title's —
+    the split TRL makes between prompt and completion.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [t for t in corpus if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise BackboneError(
+            "cannot build the tiny tokenizer: the corpus (catalog titles + prompt words) is empty; "
+            "check that the catalog has item titles"
+        )
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    trainer = trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, UNK], min_frequency=1, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK, model_max_length=max_length
+    )
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+def build_tiny_llama(tokenizer, cfg: BackboneConfig):
+    """A randomly initialised ``LlamaForCausalLM`` sized by ``cfg.tiny_*``, seeded by ``cfg.seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.tiny_hidden_size,
+        intermediate_size=cfg.tiny_intermediate_size or 4 * cfg.tiny_hidden_size,
+        num_hidden_layers=cfg.tiny_layers,
+        num_attention_heads=cfg.tiny_heads,
+        num_key_value_heads=cfg.tiny_heads,
+        max_position_embeddings=cfg.max_seq_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def _local_only(path: str) -> bool:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ).lower() in ("1", "true", "yes")
+    return offline or Path(path).is_dir()
+
+
+def _check_causal_lm(path: str, cfg: BackboneConfig, local_only: bool):
+    """Load the config and refuse anything that is not a decoder-only language model."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    p = Path(path)
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise BackboneError(
+            f"backbone directory {path} has no config.json: it is not a Hugging Face model directory "
+            "(save one with model.save_pretrained(dir))"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=local_only, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise BackboneError(f"cannot load backbone config from {path!r}: {err}".strip()) from err
+    archs = list(getattr(config, "architectures", None) or [])
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if archs and not any(a in causal or a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        raise BackboneError(
+            f"backbone {path!r} is a {', '.join(archs)} (model_type {config.model_type!r}), not a causal language model; "
+            "use a decoder-only model (Llama, Qwen, Mistral, GPT-2, ...)"
+        )
+    if not archs and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not cfg.trust_remote_code:
+        raise BackboneError(
+            f"backbone {path!r} has model_type {config.model_type!r}, which has no causal-LM class in transformers"
+        )
+    return config
+
+
+def _quantization(cfg: BackboneConfig):
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BackboneError(
+            "load_in_4bit/load_in_8bit need the bitsandbytes package (pip install bitsandbytes, CUDA only); "
+            "or set both to false"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit)
+
+
+def _load_pretrained(cfg: BackboneConfig, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cfg.backbone
+    if not Path(path).exists() and not _HUB_ID.match(path):
+        raise BackboneError(
+            f"backbone {path!r} does not exist: give 'tiny', a Hugging Face model id or an existing model directory"
+        )
+    local_only = _local_only(path)
+    _check_causal_lm(path, cfg, local_only)
+    kwargs: dict[str, Any] = {
+        "local_files_only": local_only,
+        "trust_remote_code": cfg.trust_remote_code,
+        "dtype": DTYPES[cfg.dtype],
+    }
+    quant = _quantization(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        hint = " (offline: only models already on disk or in the HF cache can be used)" if local_only else ""
+        raise BackboneError(f"cannot load backbone {path!r}{hint}: {err}") from err
+    if quant is None:
+        model.to(device)
+    adapter = Path(path) / _ADAPTER_SUBDIR
+    if (adapter / "adapter_config.json").is_file():  # written by save_backbone for a LoRA model
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+    return model, tokenizer
+
+
+def check_tokenizer(tokenizer, model=None) -> None:
+    """Every generative recommender needs an EOS token (it ends each title); a missing pad becomes EOS."""
+    if tokenizer.eos_token_id is None:
+        raise BackboneError(
+            f"tokenizer {type(tokenizer).__name__} has no eos_token: titles must end with one; "
+            "set tokenizer.eos_token to a token of its vocabulary before use"
+        )
+    if tokenizer.pad_token_id is None:
+        _log.info("tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = tokenizer.pad_token_id
+        n_vocab = base.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > n_vocab:
+            raise BackboneError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {n_vocab}: "
+                "they do not belong together"
+            )
+
+
+def lora_config(cfg: BackboneConfig):
+    """peft ``LoraConfig`` for ``cfg`` (None when ``lora_r == 0``); pass it to a TRL trainer or use ``apply_lora``."""
+    if cfg.lora_r == 0:
+        return None
+    from peft import LoraConfig
+
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
+    )
+
+
+def apply_lora(model, cfg: BackboneConfig):
+    """Wrap ``model`` with LoRA adapters (base weights frozen); returns the model unchanged when ``lora_r == 0``."""
+    lcfg = lora_config(cfg)
+    if lcfg is None:
+        return model
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lcfg)
+    except ValueError as err:  # e.g. target modules that do not exist in this architecture
+        raise BackboneError(f"cannot add LoRA adapters ({err}); check target_modules for this architecture") from err
+
+
+def load_backbone(cfg: BackboneConfig, corpus: Sequence[str] = (), *, apply_lora_adapters: bool = True):
+    """The model and tokenizer for ``cfg``.
+
+    Args:
+        cfg: backbone settings.
+        corpus: texts the tiny tokenizer is trained on (catalog titles and prompt text); unused
+            for a pretrained backbone.
+        apply_lora_adapters: wrap the model with LoRA when ``cfg.lora_r > 0``. Turn off to hand
+            ``lora_config(cfg)`` to a TRL trainer instead.
+    Returns:
+        ``(model, tokenizer)``, the model on ``cfg.device`` in ``cfg.dtype``.
+    """
+    device = resolve_device(cfg.device)
+    if cfg.backbone == TINY:
+        tokenizer = build_tokenizer(corpus, lowercase=cfg.lowercase, max_length=cfg.max_seq_length)
+        model = build_tiny_llama(tokenizer, cfg)
+        if cfg.dtype not in ("auto", "float32"):
+            model.to(DTYPES[cfg.dtype])
+        model.to(device)
+    else:
+        model, tokenizer = _load_pretrained(cfg, device)
+    check_tokenizer(tokenizer, model)
+    if apply_lora_adapters and not hasattr(model, "peft_config"):
+        model = apply_lora(model, cfg)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    _log.info(
+        "backbone %s: %d parameters (%d trainable), vocabulary %d, on %s", cfg.backbone, n_all, n_train, len(tokenizer), device
+    )
+    return model, tokenizer
+
+
+def save_backbone(model, tokenizer, directory: str | Path) -> Path:
+    """Save model and tokenizer (safetensors) so that ``BackboneConfig(backbone=directory)`` loads them back.
+
+    A LoRA model is saved as its base weights in ``directory`` and the adapter in
+    ``directory/adapter`` (loaded back on top, still trainable).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        base = model.get_base_model()
+        # The wrapped base holds "<m>.base_layer.weight" and "lora_*" tensors; write the plain names.
+        state = {
+            k.replace(".base_layer", ""): v
+            for k, v in base.state_dict().items()
+            if "lora_" not in k and "modules_to_save" not in k
+        }
+        base.save_pretrained(directory, state_dict=state)
+        model.save_pretrained(directory / _ADAPTER_SUBDIR)
+        # the adapter must point at this directory, not at whatever the base came from
+        cfg_path = directory / _ADAPTER_SUBDIR / "adapter_config.json"
+        data = json.loads(cfg_path.read_text())
+        data["base_model_name_or_path"] = str(directory)
+        cfg_path.write_text(json.dumps(data, indent=2))
+    else:
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

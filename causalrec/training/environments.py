@@ -1,0 +1,244 @@
+"""Environments for CausalDPO: soft assignments, per-environment risks, backdoor weights, invariance penalties.
+
+Pure torch, no TRL: every function takes tensors and returns tensors, so each piece is tested on its own.
+
+Notation: ``N`` samples, ``K`` environments, ``q [N, K]`` assignment of sample i to environment e (rows sum to
+one), ``l [N]`` per-sample losses. Conventions shared by all functions:
+
+* An environment is *active* in a batch when its mass ``Σ_i q_ie`` exceeds ``MIN_MASS``. With known labels
+  (season, region) most batches miss some environments; inactive ones get risk 0, are left out of every
+  penalty, and the backdoor sum is renormalised over the active ones (``mask`` arguments, default: all active).
+* The backdoor prior ``P(e)`` is a property of the whole training set, never of the batch: label environments
+  use the label frequencies of the training set (computed once); latent environments keep an exponential moving
+  average of the batch assignments in ``EnvironmentModel.prior`` (initialised from the clustering sample).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from causalrec.errors import ConfigError, DataError
+from causalrec.training.losses import sdpo_loss_from_logits
+
+MIN_MASS = 1e-6
+
+
+def soft_assign(h: torch.Tensor, prototypes: torch.Tensor, tau: float) -> torch.Tensor:
+    """``q_ie = softmax_e(-||h_i - c_e||² / tau)``: ``[N, H]``, ``[K, H]`` -> ``[N, K]``."""
+    return torch.softmax(-torch.cdist(h, prototypes).pow(2) / tau, dim=-1)
+
+
+def label_assign(labels: torch.Tensor, n_environments: int) -> torch.Tensor:
+    """One-hot assignment from integer labels ``[N]``; a label of -1 (an environment never seen in training,
+    e.g. an out-of-distribution evaluation row) is spread uniformly over the K training environments."""
+    labels = labels.long()
+    if labels.numel() and int(labels.max()) >= n_environments:
+        raise DataError(f"environment label {int(labels.max())} out of range for {n_environments} environments")
+    known = labels >= 0
+    q = torch.full((labels.numel(), n_environments), 1.0 / n_environments, device=labels.device)
+    q[known] = F.one_hot(labels[known], n_environments).float()
+    return q
+
+
+def active_environments(q: torch.Tensor) -> torch.Tensor:
+    """``[K]`` bool: environments with mass in this batch."""
+    return q.sum(dim=0) > MIN_MASS
+
+
+def environment_risks(losses: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``R_e = Σ_i q_ie l_i / Σ_i q_ie`` (0 for an environment without mass): ``[N]``, ``[N, K]`` -> ``[K]``."""
+    mass = q.sum(dim=0)
+    return (q * losses.unsqueeze(-1)).sum(dim=0) / mass.clamp_min(MIN_MASS)
+
+
+def backdoor_loss(risks: torch.Tensor, prior: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Backdoor-adjusted risk ``Σ_e P(e) R_e`` over the active environments, ``P`` renormalised over them."""
+    weights = prior.to(risks) if mask is None else prior.to(risks) * mask.to(risks)
+    total = weights.sum()
+    if total <= 0:
+        raise DataError("no active environment has positive prior mass; check the environment prior")
+    return (weights * risks).sum() / total
+
+
+def vrex_penalty(risks: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """V-REx: (population) variance of the active environments' risks; 0 with fewer than two."""
+    active = risks if mask is None else risks[mask]
+    if active.numel() < 2:
+        return risks.sum() * 0.0
+    return (active - active.mean()).pow(2).mean()
+
+
+def rbf_kernel(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) -> torch.Tensor:
+    """Sum of Gaussian kernels ``Σ_σ exp(-(x_i - y_j)² / 2σ²)`` on scalars: ``[N]``, ``[M]`` -> ``[N, M]``."""
+    sq = (x.unsqueeze(-1) - y.unsqueeze(0)).pow(2)
+    return sum(torch.exp(-sq / (2.0 * s * s)) for s in bandwidths)
+
+
+def mmd_penalty(
+    values: torch.Tensor, q: torch.Tensor, bandwidths: Sequence[float] = (1.0,), mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean pairwise RBF-MMD² between the environments' soft-weighted distributions of ``values [N]``.
+
+    Environment e's distribution puts weight ``q_ie / Σ_i q_ie`` on ``values_i``; for two environments
+    ``MMD² = (w_e - w_f)ᵀ K (w_e - w_f)`` with ``K`` the kernel matrix, averaged over active pairs (as the
+    paper's released code does). Zero when all environments see the same distribution, > 0 otherwise.
+    """
+    if not bandwidths or any(s <= 0 for s in bandwidths):
+        raise ConfigError(f"mmd_bandwidths must be positive numbers; got {list(bandwidths)}")
+    if mask is None:
+        mask = torch.ones(q.size(1), dtype=torch.bool, device=q.device)
+    if int(mask.sum()) < 2:
+        return values.sum() * 0.0
+    w = q[:, mask].t().to(values)
+    w = w / w.sum(dim=1, keepdim=True)  # [K_active, N]
+    gram = w @ rbf_kernel(values, values, bandwidths) @ w.t()
+    diag = gram.diagonal()
+    pairwise = diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * gram
+    k = gram.size(0)
+    return pairwise.triu(diagonal=1).sum() / (k * (k - 1) / 2)
+
+
+def irm_penalty(logits: torch.Tensor, q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """IRMv1 for the S-DPO loss: mean over active environments of ``(∂R_e(s)/∂s at s = 1)²``.
+
+    ``R_e(s)`` is the risk with a dummy scale ``s`` on the S-DPO logits ``z = β(r_rej - r_chosen)`` ``[N, J]``.
+    For ``l(s) = softplus(logsumexp(s z))`` the derivative is ``σ(logsumexp z) Σ_j softmax(z)_j z_j``, used
+    in closed form (no second autograd pass). It is zero when every environment's risk is stationary in the
+    scale, positive when some environment would prefer a different scale.
+    """
+    lse = torch.logsumexp(logits, dim=-1)
+    dl_ds = torch.sigmoid(lse) * (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    grads = environment_risks(dl_ds, q)
+    if mask is not None:
+        grads = grads[mask]
+    return grads.pow(2).mean() if grads.numel() else logits.sum() * 0.0
+
+
+def irm_penalty_autograd(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Reference IRMv1 through autograd (slow, for tests): same value as ``irm_penalty``."""
+    scale = torch.ones((), device=logits.device, requires_grad=True)
+    risks = environment_risks(sdpo_loss_from_logits(scale * logits), q)
+    grads = [torch.autograd.grad(r, scale, create_graph=True)[0] for r in risks]
+    return torch.stack(grads).pow(2).mean()
+
+
+def cluster_loss(h: torch.Tensor, prototypes: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Soft k-means distortion ``mean_i Σ_e q_ie ||h_i - c_e||²``."""
+    return (q * torch.cdist(h, prototypes).pow(2)).sum(dim=-1).mean()
+
+
+def balance_loss(q: torch.Tensor) -> torch.Tensor:
+    """``KL(mean_i q_i || uniform)``: zero when the batch uses every environment equally; keeps clusters from
+    collapsing into one."""
+    mean_q = q.mean(dim=0).clamp_min(1e-12)
+    return (mean_q * (mean_q * q.size(1)).log()).sum()
+
+
+def assignment_entropy(q: torch.Tensor) -> torch.Tensor:
+    """Mean entropy of the assignment rows (0: hard assignments, log K: uniform)."""
+    return -(q * q.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): ``[N, H]`` -> ``[k, H]`` centres chosen among the rows."""
+    if x.size(0) < k:
+        raise DataError(f"cannot seed {k} environment prototypes from {x.size(0)} samples; use fewer environments")
+    first = torch.randint(x.size(0), (1,), generator=generator).item()
+    centres = [x[first]]
+    d2 = (x - x[first]).pow(2).sum(-1)
+    for _ in range(1, k):
+        if float(d2.sum()) <= 0:  # all points coincide with a centre: pick any remaining row
+            idx = torch.randint(x.size(0), (1,), generator=generator).item()
+        else:
+            idx = torch.multinomial(d2 / d2.sum(), 1, generator=generator).item()
+        centres.append(x[idx])
+        d2 = torch.minimum(d2, (x - x[idx]).pow(2).sum(-1))
+    return torch.stack(centres)
+
+
+def lloyd(x: torch.Tensor, centres: torch.Tensor, n_iter: int = 10) -> torch.Tensor:
+    """A few hard k-means (Lloyd) iterations; an emptied cluster keeps its centre."""
+    for _ in range(n_iter):
+        labels = torch.cdist(x, centres).argmin(dim=1)
+        one_hot = F.one_hot(labels, centres.size(0)).to(x)
+        counts = one_hot.sum(0)
+        moved = (one_hot.t() @ x) / counts.clamp_min(1).unsqueeze(-1)
+        centres = torch.where(counts.unsqueeze(-1) > 0, moved, centres)
+    return centres
+
+
+class EnvironmentModel(nn.Module):
+    """K learned prototypes over prompt representations: ``q(e|x) = softmax(-||h - c_e||² / tau)``.
+
+    Args:
+        n_environments: K.
+        hidden_size: size of the representations ``h``.
+        tau: softmax temperature (smaller: harder assignments).
+        normalize: standardise ``h`` per dimension (mean and std of the initialisation sample, then fixed) and
+            L2-normalise it, so squared distances lie in [0, 4] whatever the backbone. Without the centring, an
+            LLM's prompt states all point the same way (anisotropy) and every assignment comes out uniform.
+        prior_momentum: EMA momentum of the environment prior ``P(e)`` (see ``update_prior``).
+    """
+
+    def __init__(
+        self,
+        n_environments: int,
+        hidden_size: int,
+        tau: float = 1.0,
+        normalize: bool = True,
+        prior_momentum: float = 0.99,
+    ):
+        super().__init__()
+        if n_environments < 1:
+            raise ConfigError(f"n_environments must be >= 1; got {n_environments}")
+        if tau <= 0:
+            raise ConfigError(f"tau must be > 0; got {tau}")
+        if not 0.0 <= prior_momentum < 1.0:
+            raise ConfigError(f"prior_momentum must be in [0, 1); got {prior_momentum}")
+        self.tau, self.normalize, self.prior_momentum = float(tau), normalize, float(prior_momentum)
+        self.prototypes = nn.Parameter(torch.zeros(n_environments, hidden_size))
+        self.register_buffer("prior", torch.full((n_environments,), 1.0 / n_environments))
+        self.register_buffer("center", torch.zeros(hidden_size))
+        self.register_buffer("scale", torch.ones(hidden_size))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def n_environments(self) -> int:
+        return self.prototypes.size(0)
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(self.prototypes.dtype)
+        return F.normalize((h - self.center) / self.scale, dim=-1) if self.normalize else h
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """``[N, H]`` raw representations -> ``[N, K]`` soft assignments."""
+        return soft_assign(self.features(h), self.prototypes, self.tau)
+
+    @torch.no_grad()
+    def initialize(self, h: torch.Tensor, n_iter: int = 10, seed: int = 0) -> None:
+        """Fix the standardisation, seed the prototypes by k-means++ and ``n_iter`` Lloyd steps on a sample
+        ``h [N, H]``, and the prior by the sample's mean assignment."""
+        h = h.to(self.prototypes)
+        if self.normalize:
+            self.center.copy_(h.mean(dim=0))
+            self.scale.copy_(h.std(dim=0).clamp_min(1e-6) if h.size(0) > 1 else torch.ones_like(self.scale))
+        x = self.features(h)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        centres = lloyd(x, kmeans_plus_plus(x.cpu(), self.n_environments, generator).to(x), n_iter)
+        self.prototypes.copy_(centres)
+        self.prior.copy_(self(h).mean(dim=0))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def update_prior(self, q: torch.Tensor) -> None:
+        """``P ← m P + (1 - m) mean_i q_i``: a running estimate of the training-set environment frequencies."""
+        self.prior.mul_(self.prior_momentum).add_((1.0 - self.prior_momentum) * q.detach().mean(dim=0).to(self.prior))
+
+    def clustering_losses(self, h: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(soft k-means distortion, balance KL) for representations ``h`` and their assignments ``q``."""
+        return cluster_loss(self.features(h), self.prototypes, q), balance_loss(q)
+

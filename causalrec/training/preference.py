@@ -1,0 +1,398 @@
+"""S-DPO (multi-negative DPO) on TRL's ``DPOTrainer``: ``SDPOConfig`` + ``SDPOTrainer``.
+
+Data: a ``Dataset`` with ``prompt`` (str), ``chosen`` (str), ``rejected`` (list of ``num_negatives`` str; a plain
+str is read as a list of one) and optional ``season``/``region`` (str) environment columns. One training step
+runs ONE policy forward over the ``(1 + J) B`` rows ``[chosen(B); rejected_1(B); ...; rejected_J(B)]`` and ONE
+no-grad reference forward over the same rows, then
+
+    l_i = -log σ(-log Σ_j exp(β [(π_ij - ref_ij) - (π_ic - ref_ic)]))
+
+with π/ref the summed log-probabilities of the completion tokens only (never prompt or padding). With J = 1
+this is TRL's sigmoid DPO loss. The batch reduction is ``reduce_losses`` (the mean here), which
+``CausalDPOTrainer`` overrides.
+
+Reference model: an explicit ``ref_model``; else, under LoRA (``peft_config``), the policy with adapters
+disabled; else a frozen copy of ``model`` made at construction (the SFT model).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers.data.data_collator import DataCollatorMixin
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import is_conversational
+
+from causalrec.errors import ConfigError, DataError, TrainingError
+from causalrec.training.losses import sdpo_logits, sdpo_loss_from_logits
+from causalrec.training.trl_compat import (
+    common_prefix_length,
+    is_peft_model,
+    pad,
+    reference_context,
+    resolve_device_defaults,
+    sequence_logps,
+    tokenize_text,
+)
+
+logger = logging.getLogger(__name__)
+
+ENV_COLUMNS = ("season", "region")
+
+
+def env_id_column(name: str) -> str:
+    """Integer column/batch key holding the index of environment column ``name`` in its vocabulary."""
+    return f"{name}_id"
+
+
+@dataclass
+class SDPOConfig(DPOConfig):
+    r"""
+    Configuration class for [`SDPOTrainer`]: S-DPO, DPO with several rejected completions per prompt.
+
+    Only the parameters specific to S-DPO are listed; every [`~trl.DPOConfig`] and
+    [`~transformers.TrainingArguments`] field is accepted. Only the sigmoid path of DPO is implemented: `loss_type`
+    must stay `["sigmoid"]`, `f_divergence_type` `"reverse_kl"`, `ld_alpha` unset, `use_weighting` and
+    `precompute_ref_log_probs` off.
+
+    Parameters:
+        num_negatives (`int`, *optional*, defaults to `3`):
+            Number J of rejected completions per prompt; every row's `rejected` list must have this length. With
+            `1` the loss is TRL's sigmoid DPO loss.
+
+    > Defaults that differ from [`~trl.DPOConfig`]:
+    > - `bf16` and `gradient_checkpointing`: on only on a GPU (bf16 only where the GPU supports it), so the same
+    >   config runs on a CPU-only machine.
+    > - `report_to="none"`, `save_strategy="epoch"`, `save_total_limit=1`, `dataloader_pin_memory` only with CUDA.
+    """
+
+    num_negatives: int = field(
+        default=3,
+        metadata={"help": "Number J of rejected completions per prompt (1 gives TRL's sigmoid DPO loss)."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Activation checkpointing; unset means on only on a GPU."},
+    )
+    report_to: None | str | list[str] = field(
+        default="none", metadata={"help": "Integrations to report results and logs to ('none' for none)."}
+    )
+    save_strategy: str = field(
+        default="epoch", metadata={"help": "When to save checkpoints: 'no', 'epoch', 'steps' or 'best'."}
+    )
+    save_total_limit: int | None = field(default=1, metadata={"help": "How many checkpoints to keep."})
+    dataloader_pin_memory: bool = field(
+        default_factory=torch.cuda.is_available, metadata={"help": "Pin dataloader memory (default: only with CUDA)."}
+    )
+
+    def __post_init__(self):
+        resolve_device_defaults(self)
+        if self.num_negatives < 1:
+            raise ConfigError(f"num_negatives must be >= 1; got {self.num_negatives}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0; got {self.beta}")
+        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        unsupported = {
+            "loss_type": loss_type != ["sigmoid"],
+            "f_divergence_type": self.f_divergence_type != "reverse_kl",
+            "ld_alpha": self.ld_alpha is not None,
+            "use_weighting": self.use_weighting,
+            "precompute_ref_log_probs": self.precompute_ref_log_probs,
+            "truncation_mode": self.truncation_mode != "keep_start",
+        }
+        bad = [name for name, is_bad in unsupported.items() if is_bad]
+        if bad:
+            raise ConfigError(
+                f"S-DPO implements only TRL's sigmoid DPO path; unsupported setting(s): {', '.join(bad)}. "
+                "Use the DPOConfig defaults for them."
+            )
+        super().__post_init__()
+
+
+@dataclass
+class DataCollatorForMultiPreference(DataCollatorMixin):
+    """Pads ``prompt_ids``/``chosen_ids``/``rejected_ids`` (a list of J id lists) into one ``(1 + J) B`` batch.
+
+    Rows are ordered ``[chosen(B); rejected_1(B); ...; rejected_J(B)]`` (TRL's order for J = 1). Returns
+    ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens only), ``prompt_lengths [B]``
+    and, when present in the examples, the integer environment columns ``[B]`` (e.g. ``season_id``).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    pad_to_multiple_of: int | None = None
+    env_columns: tuple[str, ...] = tuple(env_id_column(c) for c in ENV_COLUMNS)
+    return_tensors: str = "pt"
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        n_rejected = {len(ex["rejected_ids"]) for ex in examples}
+        if len(n_rejected) != 1:
+            raise DataError(f"every row needs the same number of rejected completions; got {sorted(n_rejected)}")
+        groups = [[ex["chosen_ids"] for ex in examples]]
+        groups += [[ex["rejected_ids"][j] for ex in examples] for j in range(n_rejected.pop())]
+        ids, masks = [], []
+        for group in groups:
+            for ex, completion in zip(examples, group):
+                row = ex["prompt_ids"] + completion
+                mask = [0] * len(ex["prompt_ids"]) + [1] * len(completion)
+                if self.max_length is not None:
+                    row, mask = row[: self.max_length], mask[: self.max_length]
+                ids.append(torch.tensor(row, dtype=torch.long))
+                masks.append(torch.tensor(mask, dtype=torch.long))
+        kw = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
+        out = {
+            "input_ids": pad(ids, padding_value=self.pad_token_id, **kw),
+            "attention_mask": pad([torch.ones_like(m) for m in masks], padding_value=0, **kw),
+            "completion_mask": pad(masks, padding_value=0, **kw),
+            "prompt_lengths": torch.tensor([len(ex["prompt_ids"]) for ex in examples], dtype=torch.long),
+        }
+        for col in self.env_columns:
+            if col in examples[0]:
+                out[col] = torch.tensor([ex[col] for ex in examples], dtype=torch.long)
+        return out
+
+
+@dataclass
+class PreferenceBatch:
+    """What one S-DPO forward produced, for ``reduce_losses`` and metrics.
+
+    Attributes:
+        chosen_logratios: ``[B]`` policy minus reference summed log-prob of the chosen completion.
+        rejected_logratios: ``[B, J]`` the same for each rejected completion.
+        logits: ``[B, J]`` S-DPO logits ``β (rejected - chosen)``.
+        policy_chosen_logps / policy_rejected_logps: ``[B]`` / ``[B, J]`` policy summed log-probs.
+        env: integer environment labels by column (``season_id`` ... ``[B]``), -1 for an unseen value.
+        extras: whatever the policy forward captured (``CausalDPOTrainer``: ``prompt_states [B, H]``).
+    """
+
+    chosen_logratios: torch.Tensor
+    rejected_logratios: torch.Tensor
+    logits: torch.Tensor
+    policy_chosen_logps: torch.Tensor
+    policy_rejected_logps: torch.Tensor
+    env: dict[str, torch.Tensor]
+    extras: dict[str, torch.Tensor]
+
+
+def environment_vocabularies(dataset) -> dict[str, list[str]]:
+    """Sorted distinct values of each environment column present in ``dataset``."""
+    return {c: sorted({str(v) for v in dataset[c]}) for c in ENV_COLUMNS if c in dataset.column_names}
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    ref = copy.deepcopy(model)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+class SDPOTrainer(DPOTrainer):
+    """S-DPO on TRL's ``DPOTrainer``: one policy and one reference forward per step over all 1 + J completions.
+
+    Args:
+        model: the policy (the SFT model), a ``PreTrainedModel`` or ``PeftModel``.
+        ref_model: frozen reference; default: adapters disabled under ``peft_config``, else a frozen copy of ``model``.
+        args: an ``SDPOConfig``.
+        train_dataset / eval_dataset: see the module docstring (``make_preference_dataset`` builds them).
+        processing_class: the tokenizer (required: nothing is downloaded).
+        data_collator, callbacks, optimizers, peft_config: as for ``DPOTrainer``.
+
+    Example::
+
+        trainer = SDPOTrainer(model, args=SDPOConfig("runs/sdpo", num_negatives=3), train_dataset=ds,
+                              processing_class=tokenizer, peft_config=LoraConfig(r=8, target_modules="all-linear"))
+        trainer.train()
+    """
+
+    _tag_names = ["trl", "dpo", "s-dpo", "causalrec"]
+    _name = "S-DPO"
+
+    def __init__(
+        self,
+        model,
+        ref_model=None,
+        args: SDPOConfig | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if not isinstance(args, SDPOConfig):
+            raise ConfigError(f"{type(self).__name__} needs an SDPOConfig; got {type(args).__name__}")
+        if isinstance(model, str):
+            raise ConfigError("pass a loaded model (causalrec.llm.backbone.load_backbone), not a model name")
+        if processing_class is None:
+            raise ConfigError(f"{type(self).__name__} needs processing_class=<tokenizer>")
+        if train_dataset is None or isinstance(train_dataset, IterableDataset) or len(train_dataset) == 0:
+            raise DataError("the preference training set is missing or empty (a map-style Dataset is required)")
+        self.env_vocabs = environment_vocabularies(train_dataset)
+        if ref_model is None and peft_config is None and not is_peft_model(model):
+            ref_model = _frozen_copy(model)  # the reference is the model as it is now: the SFT model
+        if data_collator is None:
+            pad_id = processing_class.pad_token_id
+            pad_id = processing_class.eos_token_id if pad_id is None else pad_id
+            data_collator = DataCollatorForMultiPreference(
+                pad_token_id=pad_id, max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of
+            )
+        super().__init__(
+            model=model,
+            ref_model=ref_model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+
+    # ----------------------------------------------------------------------------------------- data
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        """Tokenise prompt, prompt+chosen and prompt+each rejected (EOS appended) like TRL, keep env columns."""
+        if isinstance(dataset, IterableDataset):
+            raise DataError(f"{dataset_name}: S-DPO needs a map-style datasets.Dataset")
+        if "prompt_ids" in dataset.column_names:  # already prepared
+            return dataset
+        missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+        if missing:
+            raise DataError(f"{dataset_name} preference dataset lacks column(s) {sorted(missing)}")
+        if len(dataset) and is_conversational(dataset[0]):
+            raise DataError(f"{dataset_name}: conversational preference data is not supported; use plain text")
+        tokenizer = self._tokenizer
+        eos, n_neg, vocabs = tokenizer.eos_token, args.num_negatives, self.env_vocabs
+
+        def tokenize(example):
+            rejected = example["rejected"]
+            rejected = [rejected] if isinstance(rejected, str) else list(rejected)
+            if len(rejected) != n_neg:
+                raise DataError(
+                    f"{dataset_name}: a row has {len(rejected)} rejected completions but num_negatives={n_neg}"
+                )
+            prompt_ids = tokenize_text(tokenizer, example["prompt"])
+            full = [
+                tokenize_text(tokenizer, example["prompt"] + (c if c.endswith(eos) else c + eos))
+                for c in [example["chosen"], *rejected]
+            ]
+            # The completion starts where prompt and prompt+completion diverge (tokens may merge at the boundary)
+            n_prompt = min(common_prefix_length(prompt_ids, ids) for ids in full)
+            out = {
+                "prompt_ids": prompt_ids[:n_prompt],
+                "chosen_ids": full[0][n_prompt:],
+                "rejected_ids": [ids[n_prompt:] for ids in full[1:]],
+            }
+            for col, vocab in vocabs.items():
+                value = str(example[col]) if col in example else None
+                out[env_id_column(col)] = vocab.index(value) if value in vocab else -1
+            return out
+
+        dataset = dataset.map(tokenize, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} dataset")
+        if args.max_length is not None:  # keep_start truncation would leave no completion token
+            before = len(dataset)
+            dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
+            if len(dataset) < before:
+                logger.warning("%s: dropped %d rows whose prompt fills max_length=%d",
+                               dataset_name, before - len(dataset), args.max_length)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [env_id_column(c) for c in self.env_vocabs]
+        self._signature_columns = list(self._signature_columns) + [c for c in extra if c not in self._signature_columns]
+
+    # ----------------------------------------------------------------------------------------- loss
+    def _policy_forward(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The one policy forward: summed completion log-probs ``[(1 + J) B]`` and captured extras."""
+        logps, _ = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        return logps, {}
+
+    def _reference_forward(self, inputs) -> torch.Tensor:
+        """The one reference forward (no grad): summed completion log-probs ``[(1 + J) B]``."""
+        with reference_context(self) as ref:
+            logps, _ = sequence_logps(ref, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
+        return logps
+
+    def _preference_batch(self, model, inputs) -> PreferenceBatch:
+        n_prompts = inputs["prompt_lengths"].size(0)
+        policy, extras = self._policy_forward(model, inputs)
+        reference = self._reference_forward(inputs)
+        policy, reference = policy.view(-1, n_prompts), reference.view(-1, n_prompts)  # [1 + J, B]
+        chosen, rejected = policy[0] - reference[0], (policy[1:] - reference[1:]).t()
+        return PreferenceBatch(
+            chosen_logratios=chosen,
+            rejected_logratios=rejected,
+            logits=sdpo_logits(chosen, rejected, self.beta),
+            policy_chosen_logps=policy[0],
+            policy_rejected_logps=policy[1:].t(),
+            env={env_id_column(c): inputs[env_id_column(c)] for c in self.env_vocabs if env_id_column(c) in inputs},
+            extras=extras,
+        )
+
+    def reduce_losses(self, losses: torch.Tensor, batch: PreferenceBatch) -> torch.Tensor:
+        """Batch loss from the per-sample S-DPO losses ``[B]``: their mean. Override to weight samples."""
+        return losses.mean()
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        batch = self._preference_batch(model, inputs)
+        losses = sdpo_loss_from_logits(batch.logits)
+        loss = self.reduce_losses(losses, batch)
+        if not torch.isfinite(loss.detach()):
+            raise TrainingError(
+                f"{self._name} loss is {loss.item()} at step {self.state.global_step}; lower learning_rate or beta"
+            )
+        self._log_rewards(batch, mode)
+        return (loss, {"per_sample_losses": losses.detach()}) if return_outputs else loss
+
+    def _log_rewards(self, batch: PreferenceBatch, mode: str) -> None:
+        """TRL's reward metrics; with J > 1 'rejected' averages all negatives, accuracy needs beating all of them."""
+        gather = self.accelerator.gather_for_metrics
+        chosen = self.beta * batch.chosen_logratios.detach()
+        rejected = self.beta * batch.rejected_logratios.detach()
+        metrics = self._metrics[mode]
+        metrics["rewards/chosen"].append(gather(chosen).mean().item())
+        metrics["rewards/rejected"].append(gather(rejected.mean(dim=1)).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen > rejected.max(dim=1).values).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen - rejected.mean(dim=1)).mean().item())
+        metrics["logps/chosen"].append(gather(batch.policy_chosen_logps.detach()).mean().item())
+        metrics["logps/rejected"].append(gather(batch.policy_rejected_logps.detach().mean(dim=1)).mean().item())
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the loss only (the fused LM head builds no logits)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+
+def make_preference_dataset(
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[Sequence[str]],
+    season: Sequence[str] | None = None,
+    region: Sequence[str] | None = None,
+) -> Dataset:
+    """A preference ``Dataset``: ``prompt``, ``chosen``, ``rejected`` (list of str) and optional env columns."""
+    n = len(prompts)
+    if not n:
+        raise DataError("the preference dataset is empty; the training split has no rows with a history")
+    if len(chosen) != n or len(rejected) != n:
+        raise DataError(f"{n} prompts, {len(chosen)} chosen and {len(rejected)} rejected lists; they must pair up")
+    rejected = [[r] if isinstance(r, str) else list(r) for r in rejected]
+    if len({len(r) for r in rejected}) != 1 or not rejected[0]:
+        raise DataError("every row needs the same, non-zero number of rejected completions")
+    columns: dict[str, list] = {"prompt": list(prompts), "chosen": list(chosen), "rejected": rejected}
+    for name, values in (("season", season), ("region", region)):
+        if values is not None:
+            if len(values) != n:
+                raise DataError(f"{len(values)} {name} labels for {n} prompts")
+            columns[name] = [str(v) for v in values]
+    return Dataset.from_dict(columns)

@@ -1,0 +1,114 @@
+"""Supervised fine-tuning stage (GenRec): TRL's SFTTrainer on prompt/completion pairs, loss on the completion only.
+
+Example::
+
+    ds = make_sft_dataset(prompts, completions)
+    args = build_sft_config("runs/sft", num_train_epochs=3, learning_rate=1e-3)
+    trainer = run_sft(model, tokenizer, ds, args)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Iterable, Sequence
+
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+from causalrec.errors import ConfigError, DataError, TrainingError, UnknownNameError
+from causalrec.training.trl_compat import device_defaults, training_defaults
+
+logger = logging.getLogger(__name__)
+
+
+def make_sft_dataset(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    season: Sequence[str] | None = None,
+    region: Sequence[str] | None = None,
+) -> Dataset:
+    """A prompt/completion ``Dataset`` (plus optional ``season``/``region`` environment columns)."""
+    if len(prompts) != len(completions):
+        raise DataError(f"{len(prompts)} prompts but {len(completions)} completions; they must pair up")
+    if not prompts:
+        raise DataError("the SFT dataset is empty; the training split has no rows with a history")
+    columns = {"prompt": list(prompts), "completion": list(completions)}
+    for name, values in (("season", season), ("region", region)):
+        if values is not None:
+            if len(values) != len(prompts):
+                raise DataError(f"{len(values)} {name} labels for {len(prompts)} prompts")
+            columns[name] = [str(v) for v in values]
+    return Dataset.from_dict(columns)
+
+
+def _valid_fields(config_cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(config_cls) if f.init]
+
+
+def build_sft_config(output_dir: str, **hf_args) -> SFTConfig:
+    """An ``SFTConfig`` with causalrec's defaults; any ``SFTConfig`` field may be overridden by keyword.
+
+    Defaults: loss on completion tokens only, bf16 only on a GPU that supports it, activation checkpointing only
+    on a GPU, no experiment trackers, a checkpoint per epoch (one kept) so a killed run resumes.
+
+    Raises:
+        UnknownNameError: a keyword that is not an ``SFTConfig`` field.
+    """
+    valid = _valid_fields(SFTConfig)
+    for key in hf_args:
+        if key not in valid:
+            raise UnknownNameError("SFT argument", key, valid, more="; see trl.SFTConfig")
+    kwargs = {**training_defaults(), "completion_only_loss": True, **hf_args}
+    # Resolve hardware-dependent defaults before TrainingArguments validates them (bf16 raises on CPU).
+    kwargs["bf16"], kwargs["activation_checkpointing"] = device_defaults(
+        kwargs.get("bf16"), kwargs.get("fp16", False), kwargs.pop("gradient_checkpointing", None),
+        kwargs.get("activation_checkpointing"),
+    )
+    try:
+        return SFTConfig(output_dir=str(output_dir), **kwargs)
+    except ValueError as err:
+        raise ConfigError(f"invalid SFT arguments: {err}") from err
+
+
+def run_sft(
+    model,
+    tokenizer,
+    train_dataset: Dataset,
+    args: SFTConfig,
+    eval_dataset: Dataset | None = None,
+    callbacks: Iterable[TrainerCallback] = (),
+    resume_from_checkpoint: str | bool | None = None,
+    peft_config=None,
+) -> SFTTrainer:
+    """Train ``model`` on ``train_dataset`` (prompt/completion) and return the trained ``SFTTrainer``.
+
+    ``trainer.model`` is the trained model (a ``PeftModel`` when ``peft_config`` is given).
+
+    Raises:
+        ConfigError: ``args`` is not an ``SFTConfig``.
+        TrainingError: the training loss is not finite.
+    """
+    if not isinstance(args, SFTConfig):
+        raise ConfigError(f"run_sft needs an SFTConfig (see build_sft_config); got {type(args).__name__}")
+    missing = {"prompt", "completion"} - set(train_dataset.column_names)
+    if missing:
+        raise DataError(f"SFT dataset lacks column(s) {sorted(missing)}; build it with make_sft_dataset")
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+        peft_config=peft_config,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if not math.isfinite(result.training_loss):
+        raise TrainingError(
+            f"SFT diverged (training loss {result.training_loss}); lower learning_rate or enable gradient clipping"
+        )
+    logger.info("SFT finished: %d steps, training loss %.4f", trainer.state.global_step, result.training_loss)
+    return trainer

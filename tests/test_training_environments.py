@@ -1,0 +1,189 @@
+"""Environment assignments, risks, backdoor weights and invariance penalties against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from causalrec.errors import ConfigError, DataError
+from causalrec.training.environments import (
+    EnvironmentModel,
+    active_environments,
+    backdoor_loss,
+    balance_loss,
+    cluster_loss,
+    environment_risks,
+    irm_penalty,
+    irm_penalty_autograd,
+    kmeans_plus_plus,
+    label_assign,
+    mmd_penalty,
+    soft_assign,
+    vrex_penalty,
+)
+from causalrec.training.losses import sdpo_loss_from_logits, sdpo_losses
+import test_training_fixtures  # noqa: F401  (one torch thread: the test machine's 2 cores are shared)
+
+
+def test_soft_assign_is_softmax_of_negative_squared_distance():
+    h = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    q = soft_assign(h, c, tau=2.0)
+    # row 0: d² = (0, 4) -> weights (1, e^-2); row 2: d² = (1, 1) -> (1/2, 1/2)
+    assert q[0].tolist() == pytest.approx([1 / (1 + math.exp(-2)), math.exp(-2) / (1 + math.exp(-2))], abs=1e-6)
+    assert q[1].tolist() == pytest.approx([math.exp(-2) / (1 + math.exp(-2)), 1 / (1 + math.exp(-2))], abs=1e-6)
+    assert q[2].tolist() == pytest.approx([0.5, 0.5], abs=1e-6)
+
+
+def test_label_assign_one_hot_and_unseen_labels_uniform():
+    q = label_assign(torch.tensor([2, 0, -1]), 3)
+    assert q.tolist() == [[0, 0, 1], [1, 0, 0], [pytest.approx(1 / 3)] * 3]
+    with pytest.raises(DataError):
+        label_assign(torch.tensor([3]), 3)
+
+
+def test_risks_and_backdoor_on_five_samples_by_hand():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    hard = label_assign(torch.tensor([0, 0, 1, 1, 1]), 2)
+    assert environment_risks(losses, hard).tolist() == pytest.approx([1.5, 4.0])
+    # P(e) from the whole training set, not the batch (the batch has 2/5 vs 3/5)
+    assert backdoor_loss(environment_risks(losses, hard), torch.tensor([0.25, 0.75])).item() == pytest.approx(
+        0.25 * 1.5 + 0.75 * 4.0
+    )
+    soft = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [0.25, 0.75], [1.0, 0.0]])
+    r0 = (1 * 1 + 0.5 * 2 + 0 * 3 + 0.25 * 4 + 1 * 5) / (1 + 0.5 + 0 + 0.25 + 1)
+    r1 = (0 * 1 + 0.5 * 2 + 1 * 3 + 0.75 * 4 + 0 * 5) / (0 + 0.5 + 1 + 0.75 + 0)
+    risks = environment_risks(losses, soft)
+    assert risks.tolist() == pytest.approx([r0, r1])
+    assert backdoor_loss(risks, torch.tensor([0.4, 0.6])).item() == pytest.approx(0.4 * r0 + 0.6 * r1)
+
+
+def test_backdoor_renormalises_over_environments_present_in_the_batch():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    q = label_assign(torch.tensor([0, 0, 1, 1, 1]), 3)  # environment 2 absent from this batch
+    mask = active_environments(q)
+    assert mask.tolist() == [True, True, False]
+    risks = environment_risks(losses, q)
+    assert risks.tolist() == pytest.approx([1.5, 4.0, 0.0])
+    prior = torch.tensor([0.2, 0.3, 0.5])
+    assert backdoor_loss(risks, prior, mask).item() == pytest.approx((0.2 * 1.5 + 0.3 * 4.0) / 0.5)
+
+
+def test_one_environment_gives_the_plain_mean():
+    losses = torch.tensor([0.3, 1.7, 2.2])
+    q = torch.ones(3, 1)
+    assert backdoor_loss(environment_risks(losses, q), torch.ones(1)).item() == pytest.approx(losses.mean().item())
+    assert vrex_penalty(environment_risks(losses, q)).item() == 0.0
+    assert mmd_penalty(losses, q).item() == 0.0
+
+
+def test_vrex_is_the_variance_of_active_risks():
+    assert vrex_penalty(torch.tensor([2.0, 2.0, 2.0])).item() == 0.0
+    assert vrex_penalty(torch.tensor([1.0, 3.0])).item() == pytest.approx(1.0)  # ((1-2)² + (3-2)²) / 2
+    masked = vrex_penalty(torch.tensor([1.0, 3.0, 100.0]), torch.tensor([True, True, False]))
+    assert masked.item() == pytest.approx(1.0)
+
+
+def test_mmd_zero_for_identical_distributions_positive_otherwise():
+    q = label_assign(torch.tensor([0, 0, 1, 1]), 2)
+    same = mmd_penalty(torch.tensor([1.0, 2.0, 2.0, 1.0]), q, bandwidths=(1.0,))
+    assert same.item() == pytest.approx(0.0, abs=1e-6)
+    # env 0 = {0, 0}, env 1 = {3, 3}: MMD² = k(0,0) + k(3,3) - 2 k(0,3) = 2 - 2 exp(-9/2)
+    apart = mmd_penalty(torch.tensor([0.0, 0.0, 3.0, 3.0]), q, bandwidths=(1.0,))
+    assert apart.item() == pytest.approx(2 - 2 * math.exp(-4.5), rel=1e-5)
+    # two bandwidths: the kernels add up
+    two = mmd_penalty(torch.tensor([0.0, 0.0, 3.0, 3.0]), q, bandwidths=(1.0, 2.0))
+    assert two.item() == pytest.approx(4 - 2 * math.exp(-4.5) - 2 * math.exp(-9 / 8), rel=1e-5)
+    # soft assignments identical for every sample: environments see the same distribution
+    uniform = torch.full((4, 2), 0.5)
+    assert mmd_penalty(torch.tensor([0.0, 5.0, 1.0, 3.0]), uniform).item() == pytest.approx(0.0, abs=1e-6)
+    # three environments: mean over the three pairs (e0 = e1 = {0}, e2 = {3})
+    q3 = label_assign(torch.tensor([0, 1, 2]), 3)
+    three = mmd_penalty(torch.tensor([0.0, 0.0, 3.0]), q3, bandwidths=(1.0,))
+    assert three.item() == pytest.approx((0 + 2 * (2 - 2 * math.exp(-4.5))) / 3, rel=1e-5)
+    with pytest.raises(ConfigError):
+        mmd_penalty(torch.zeros(4), q, bandwidths=(0.0,))
+
+
+def test_irm_closed_form_matches_autograd_and_hand_values():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3)
+    q = torch.softmax(torch.randn(6, 2), dim=-1)
+    assert irm_penalty(logits, q).item() == pytest.approx(irm_penalty_autograd(logits, q).item(), rel=1e-5)
+    # J = 1, one sample per environment: dl/ds = σ(z) z at s = 1
+    z = torch.tensor([[1.0], [-2.0]])
+    q2 = label_assign(torch.tensor([0, 1]), 2)
+    g0, g1 = torch.sigmoid(torch.tensor(1.0)).item() * 1.0, torch.sigmoid(torch.tensor(-2.0)).item() * -2.0
+    assert irm_penalty(z, q2).item() == pytest.approx((g0**2 + g1**2) / 2, rel=1e-5)
+    # zero when every environment is at its stationary scale (margins 0), positive when environments differ
+    assert irm_penalty(torch.zeros(4, 1), label_assign(torch.tensor([0, 0, 1, 1]), 2)).item() == 0.0
+    differ = torch.tensor([[0.0], [0.0], [2.0], [2.0]])
+    assert irm_penalty(differ, label_assign(torch.tensor([0, 0, 1, 1]), 2)).item() > 0.0
+
+
+def test_sdpo_loss_by_hand():
+    # β = 0.5; log-ratios: chosen 1.0, rejected (0.2, -1.0)
+    loss = sdpo_losses(
+        torch.tensor([1.5]), torch.tensor([[0.7, -0.5]]), torch.tensor([0.5]), torch.tensor([[0.5, 0.5]]), beta=0.5
+    )
+    inner = math.log(math.exp(0.5 * (0.2 - 1.0)) + math.exp(0.5 * (-1.0 - 1.0)))
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(inner))), rel=1e-6)
+    # J = 1 is the sigmoid DPO loss -log σ(β Δ)
+    z = torch.tensor([[-0.8]])
+    assert sdpo_loss_from_logits(z).item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.8))), rel=1e-6)
+
+
+def test_balance_and_cluster_losses():
+    assert balance_loss(torch.full((4, 4), 0.25)).item() == pytest.approx(0.0, abs=1e-7)
+    collapsed = torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 4)
+    assert balance_loss(collapsed).item() == pytest.approx(math.log(4), rel=1e-5)
+    h = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    c = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    q = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    # row 0: 0; row 1: 0.5 * 25 + 0.5 * 16
+    assert cluster_loss(h, c, q).item() == pytest.approx((0 + 0.5 * 25 + 0.5 * 16) / 2)
+
+
+def test_prior_is_a_moving_average_of_assignments():
+    env = EnvironmentModel(2, 3, prior_momentum=0.9)
+    env.update_prior(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert env.prior.tolist() == pytest.approx([0.9 * 0.5 + 0.1 * 1.0, 0.9 * 0.5])
+
+
+def test_environment_model_validation():
+    with pytest.raises(ConfigError):
+        EnvironmentModel(0, 4)
+    with pytest.raises(ConfigError):
+        EnvironmentModel(2, 4, tau=0.0)
+    with pytest.raises(DataError):
+        kmeans_plus_plus(torch.zeros(2, 3), 3)
+
+
+def test_clustering_recovers_planted_environments():
+    """Seeded from one batch by k-means++ only, then trained by the clustering losses alone. A large shared
+    offset mimics the anisotropy of LLM hidden states (all pointing one way), which the standardisation removes."""
+    gen = torch.Generator().manual_seed(0)
+    k, dim, per = 4, 16, 150
+    means = torch.randn(k, dim, generator=gen) * 3.0
+    labels = torch.arange(k).repeat_interleave(per)
+    h = means[labels] + torch.randn(k * per, dim, generator=gen) + 40.0
+    order = torch.randperm(k * per, generator=gen)
+    h, labels = h[order], labels[order]
+
+    env = EnvironmentModel(k, dim, tau=0.05)
+    env.initialize(h[:32], n_iter=0, seed=1)  # first batch, k-means++ seeding only
+    ari_seed = adjusted_rand_score(labels.numpy(), env(h).argmax(1).numpy())
+    optimizer = torch.optim.Adam(env.parameters(), lr=0.05)
+    for step in range(150):
+        batch = h[(step * 32) % (k * per) :][:32]
+        q = env(batch)
+        distortion, balance = env.clustering_losses(batch, q)
+        optimizer.zero_grad()
+        (distortion + balance).backward()
+        optimizer.step()
+    ari = adjusted_rand_score(labels.numpy(), env(h).argmax(1).numpy())
+    print(f"adjusted Rand index: {ari_seed:.3f} after k-means++ seeding, {ari:.3f} after training")
+    assert ari >= 0.9
