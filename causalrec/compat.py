@@ -163,6 +163,32 @@ def patch_recbole_checkpoint_loading() -> None:
     quick_start_pkg.load_data_and_model = quick_start.load_data_and_model
 
 
+def patch_pop_counting() -> bool:
+    """RecBole's Pop counts ``item_cnt[item] = item_cnt[item] + 1``: an item bought k times in one
+    batch is counted once, so with RecBole's default batch sizes Pop ranks by "batches containing
+    the item", not by popularity (and sampled negative rows, when present, are counted too).
+    Count each positive training row exactly once instead. Not a stack breakage: an upstream bug
+    that makes the most common baseline wrong."""
+    from recbole.model.general_recommender.pop import Pop
+
+    if getattr(Pop.calculate_loss, "_causalrec", False):
+        return False
+
+    def calculate_loss(self, interaction):
+        item = interaction[self.ITEM_ID]
+        if "label" in interaction.interaction:  # RecBole's LABEL_FIELD default, set by its negative sampler
+            item = item[interaction["label"] > 0]
+        self.item_cnt.index_add_(0, item, torch.ones(len(item), 1, dtype=self.item_cnt.dtype, device=item.device))
+        self.max_cnt = torch.max(self.item_cnt, dim=0)[0]
+        return torch.nn.Parameter(torch.zeros(1)).to(self.device)
+
+    import torch
+
+    calculate_loss._causalrec = True
+    Pop.calculate_loss = calculate_loss
+    return True
+
+
 def apply() -> None:
     """Apply every patch once. Safe to call repeatedly."""
     if "all" in _applied:
@@ -174,4 +200,5 @@ def apply() -> None:
     patch_scipy_dok_update()
     stub_ray_if_broken()
     patch_recbole_checkpoint_loading()
+    patch_pop_counting()
     _applied.add("all")

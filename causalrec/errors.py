@@ -29,7 +29,7 @@ class UnknownNameError(ConfigError):
         choices = sorted(set(map(str, choices)))
         close = get_close_matches(str(name), choices, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        if len(choices) > 40:  # e.g. config keys: name the closest ones, say where the rest are
+        if len(choices) > 120:  # e.g. config keys: name the closest ones, say where the rest are
             near = get_close_matches(str(name), choices, n=8, cutoff=0.4)
             listed = f"Closest valid choices: {', '.join(near) or '-'} ({len(choices)} in all{more})"
         else:

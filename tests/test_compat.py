@@ -91,3 +91,17 @@ def test_pandas_3_refused(monkeypatch):
     monkeypatch.setattr(pd, "__version__", "3.0.1")
     with pytest.raises(CausalRecError, match="pandas<3|pandas>=2.2,<3"):
         compat.check_pandas()
+
+
+def test_pop_counts_every_purchase_in_a_batch():
+    """RecBole's Pop counted an item once per batch however often it occurs (upstream bug)."""
+    from recbole.data.interaction import Interaction
+    from recbole.model.general_recommender.pop import Pop
+
+    model = Pop.__new__(Pop)
+    torch.nn.Module.__init__(model)
+    model.ITEM_ID, model.device = "item_id", torch.device("cpu")
+    model.item_cnt = torch.zeros(5, 1, dtype=torch.long)
+    batch = Interaction({"item_id": torch.tensor([1, 1, 1, 2, 3, 3]), "label": torch.tensor([1, 1, 1, 1, 1, 0])})
+    model.calculate_loss(batch)
+    assert model.item_cnt.squeeze(1).tolist() == [0, 3, 1, 1, 0]  # the negative row (label 0) is not a purchase
