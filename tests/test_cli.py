@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -41,3 +42,23 @@ def test_run_from_cli_with_config_file(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ndcg@5=" in out.stdout and "ndcg@10=" in out.stdout
     assert (tmp_path / "result.json").is_file()
+
+
+def test_data_prepare_and_stats(tmp_path):
+    env_cache = {"CAUSALREC_CACHE": str(tmp_path / "cache")}
+    import os
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "causalrec", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, **env_cache})
+
+    out = run("data", "prepare", "--dataset", "retail-sim", "--split", "seasonal", "-p", "sim_users=150")
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = Path(out.stdout.split("prepared retail-sim at ")[1].splitlines()[0])
+    assert (folder / "retail-sim.seq_test.inter").is_file() and "shift evidence" in out.stdout
+    stats = run("data", "stats", "--dataset", "retail-sim", "-p", "sim_users=150")
+    assert stats.returncode == 0 and "users" in stats.stdout and "sparsity" in stats.stdout
+    bad = run("data", "prepare", "--dataset", "csv", "--source", "missing.csv", "--user", "u", "--item", "i",
+              "--time", "t", "--split", "iid")
+    assert bad.returncode == 3 and bad.stderr.strip().startswith("causalrec: error:") and "missing.csv" in bad.stderr
+    assert not (tmp_path / "cache" / "csv").exists() or not any((tmp_path / "cache" / "csv").rglob("*.inter"))

@@ -49,3 +49,13 @@ def test_general_and_sequential_models_evaluate_the_same_cases(in_tmp):
     prepared = prepare(DataSpec.from_mapping(SIM), show_progress=False)
     n_test = len(pd.read_csv(prepared.file("test.inter"), sep="\t"))
     assert cases(pop) == cases(sasrec) == n_test
+
+
+@pytest.mark.parametrize("split", ["iid", "temporal", "seasonal", "regional", "popularity", "mixed"])
+@pytest.mark.parametrize("model", ["BPR", "GRU4Rec"])
+def test_classical_models_train_on_every_split(model, split, in_tmp):
+    config = {"sim_users": 200, "split": split, "epochs": 1, "show_progress": False, "embedding_size": 16,
+              "hidden_size": 16}
+    result = causalrec.run(model, "retail-sim", config_dict=config, saved=True)
+    assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
+    assert result["test_env_result"]["season"]["<worst>"]["ndcg@10"] <= result["test_result"]["ndcg@10"] + 1e-4
