@@ -15,6 +15,11 @@ from causalrec.errors import CausalRecError  # noqa: E402
 __version__ = "0.1.0"
 
 _registry.install()
+for _name, _module in (("GenRec", "causalrec.models.genrec"), ("SDPORec", "causalrec.models.sdporec"), ("CausalDPO", "causalrec.models.causaldpo")):
+    _registry.register_model(_name, _module, flops=False)
+from causalrec.trainer import LLMTrainer as _LLMTrainer  # noqa: E402
+for _name in ("GenRec", "SDPORec", "CausalDPO"):
+    _registry.register_trainer(_name, _LLMTrainer)
 
 from causalrec.quick_start import run  # noqa: E402
 

@@ -1,0 +1,140 @@
+"""``LLMRecommender``: a RecBole sequential recommender whose scores are an LLM's exact title log-likelihoods.
+
+The model reads item titles from the prepared dataset (``<prepared_dir>/<dataset>.items.tsv``), turns a
+case's history into a prompt (``causalrec.data.prompts``) and ranks the whole catalog with
+``causalrec.llm.ranking.score_catalog``. It is not trained by RecBole's loop: ``causalrec.trainer.LLMTrainer``
+runs the TRL stages (SFT, then S-DPO or CausalDPO) on ``self.llm``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from typing import Any
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+
+from causalrec.data.prompts import PromptFormat
+from causalrec.errors import ConfigError, DataError
+
+_log = logging.getLogger(__name__)
+
+PAD_TITLE = "[padding item]"
+
+
+def read_titles(path: str) -> dict[str, str]:
+    """``item_id -> item_text`` from a prepared ``<ds>.items.tsv`` (TSV with a header)."""
+    if not os.path.isfile(path):
+        raise DataError(f"item titles file {path!r} is missing; prepare the dataset again (causalrec data prepare)")
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if not reader.fieldnames or not {"item_id", "item_text"} <= set(reader.fieldnames):
+            raise DataError(f"{path!r} must have columns item_id and item_text; it has {reader.fieldnames}")
+        return {row["item_id"]: row["item_text"] for row in reader}
+
+
+class LLMRecommender(SequentialRecommender):
+    """Base of GenRec, SDPORec and CausalDPO: prompts, backbone, title trie and exact catalog scoring.
+
+    Subclasses only say which alignment stage follows SFT (``alignment``) and which YAML keys configure it
+    (``method_keys``).
+
+    Attributes:
+        llm: the Hugging Face causal LM (a ``PeftModel`` when ``lora_r > 0``).
+        tokenizer: its tokenizer.
+        titles: title per RecBole internal item id (id 0 is padding and gets a placeholder).
+        prompt_format: how a history becomes a prompt.
+        trie: the titles' token trie over items ``1..n_items-1`` (trie item j is RecBole item j + 1).
+    """
+
+    input_type = InputType.POINTWISE
+    alignment: str | None = None  # None (SFT only) | "sdpo" | "causal_dpo"
+    method_keys: tuple[str, ...] = ()  # YAML keys passed to the alignment config
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+        from causalrec.llm.backbone import BackboneConfig, load_backbone
+        from causalrec.llm.ranking import TitleTrie, title_token_ids
+
+        self.titles = self._load_titles(config, dataset)
+        self.prompt_format = PromptFormat(
+            template=config["prompt_template"], max_history_items=int(config["max_history_items"])
+        )
+        self.rank_batch_size = int(config["rank_batch_size"])
+        values: dict[str, Any] = dict(config.final_config_dict)
+        values["device"] = str(config["device"])
+        self.backbone_config = BackboneConfig.from_dict(values)
+        corpus = self.titles[1:] + [self.prompt_format.template, self.prompt_format.prompt([])]
+        self.llm, self.tokenizer = load_backbone(self.backbone_config, corpus=corpus)
+        self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self.prompt_format.prompt([]))
+        self.trie = TitleTrie.from_token_ids(self.title_tokens)
+
+    # ------------------------------------------------------------------------------------ data
+    @staticmethod
+    def _load_titles(config, dataset) -> list[str]:
+        prepared_dir = config["prepared_dir"]
+        if not prepared_dir:
+            raise ConfigError(
+                f"{config['model']} needs item titles from a dataset prepared by causalrec (config key prepared_dir "
+                f"is unset for {config['dataset']!r}); use retail-sim, online-retail, csv or ml-100k with a split"
+            )
+        by_token = read_titles(os.path.join(prepared_dir, f"{config['dataset']}.items.tsv"))
+        tokens = dataset.field2id_token[config["ITEM_ID_FIELD"]]
+        missing = [str(t) for t in tokens[1:] if str(t) not in by_token]
+        if missing:
+            raise DataError(
+                f"{len(missing)} item(s) have no title in {prepared_dir} (e.g. {missing[:3]}); prepare the dataset again"
+            )
+        return [PAD_TITLE] + [by_token[str(t)] for t in tokens[1:]]
+
+    def history_titles(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> list[list[str]]:
+        """Titles of each row's history, oldest first (RecBole left-aligns sequences, padding 0 after)."""
+        seqs, lens = item_seq.tolist(), item_seq_len.tolist()
+        return [[self.titles[i] for i in seq[: int(n)] if i] for seq, n in zip(seqs, lens)]
+
+    def prompts(self, interaction) -> list[str]:
+        return [self.prompt_format.prompt(h) for h in self.history_titles(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])]
+
+    def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of prompts, as TRL tokenises them (special tokens included)."""
+        return [list(ids) for ids in self.tokenizer(prompts)["input_ids"]]
+
+    def prompt_ids(self, interaction) -> list[list[int]]:
+        """Token ids of each row's prompt built from ``ITEM_SEQ`` / ``ITEM_SEQ_LEN`` (never the target)."""
+        return self.encode_prompts(self.prompts(interaction))
+
+    # ------------------------------------------------------------------------------ scoring
+    def score_prompts(self, prompt_ids: list[list[int]], show_progress: bool = False) -> torch.Tensor:
+        """``[B, n_items]`` log p(title | prompt); column 0 (padding) is ``-inf``."""
+        from causalrec.llm.ranking import score_catalog
+
+        scores = score_catalog(self.llm, prompt_ids, self.trie, batch_size=self.rank_batch_size, show_progress=show_progress)
+        pad = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device, dtype=scores.dtype)
+        return torch.cat([pad, scores], dim=1)
+
+    def full_sort_predict(self, interaction) -> torch.Tensor:
+        return self.score_prompts(self.prompt_ids(interaction))
+
+    def predict(self, interaction) -> torch.Tensor:
+        from causalrec.llm.ranking import score_pairs
+
+        items = interaction[self.ITEM_ID]
+        prompts = self.prompt_ids(interaction)
+        out = torch.full((len(items),), float("-inf"), device=items.device)
+        real = (items > 0).nonzero(as_tuple=True)[0].tolist()
+        if real:
+            scores = score_pairs(self.llm, [prompts[r] for r in real], [int(items[r]) - 1 for r in real], self.trie)
+            out[real] = scores.to(out.device)
+        return out
+
+    def forward(self, interaction):
+        return self.full_sort_predict(interaction)
+
+    def calculate_loss(self, interaction):
+        raise NotImplementedError(
+            f"{type(self).__name__} is trained with TRL by causalrec.trainer.LLMTrainer (fit), not by RecBole's "
+            "per-batch loss; use causalrec.run or run_recbole after `import causalrec`"
+        )
