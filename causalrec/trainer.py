@@ -59,12 +59,26 @@ class LLMTrainer(Trainer):
             )
         return records, np.asarray(targets, dtype=np.int64)
 
+    def _stage_args(self, key: str) -> dict[str, Any]:
+        """``sft_args`` / ``dpo_args``: the model YAML's defaults updated by the user's dict.
+
+        RecBole replaces a dict-valued key wholesale, so a user who sets only ``num_train_epochs``
+        would otherwise silently lose the YAML's learning rate and fall back to TRL's default.
+        """
+        import yaml
+
+        from causalrec.registry import properties_dir
+
+        path = properties_dir() / "model" / f"{self.config['model']}.yaml"
+        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(key) if path.is_file() else None
+        return {**(defaults or {}), **(self.config[key] or {})}
+
     def _method_args(self, config_cls, output_dir: str) -> Any:
         """The alignment config from the model's method keys and ``dpo_args``; unknown keys are a ConfigError."""
         from causalrec.errors import ConfigError
 
         args = {k: self.config[k] for k in self.model.method_keys if self.config[k] is not None}
-        args.update(self.config["dpo_args"] or {})
+        args.update(self._stage_args("dpo_args"))
         valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
         unknown = sorted(set(args) - valid)
         if unknown:
@@ -82,7 +96,7 @@ class LLMTrainer(Trainer):
     def _sft(self, records, run_dir: str, show_progress: bool) -> None:
         from causalrec.training import build_sft_config, run_sft, sft_dataset
 
-        sft_args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **(self.config["sft_args"] or {})}
+        sft_args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **self._stage_args("sft_args")}
         args = build_sft_config(os.path.join(run_dir, "sft"), **sft_args)
         trainer = run_sft(self.model.llm, self.model.tokenizer, sft_dataset(records, self.model.prompt_format), args)
         self.model.llm = trainer.model
@@ -113,7 +127,7 @@ class LLMTrainer(Trainer):
 
         config_cls = CausalDPOConfig if self.model.alignment == "causal_dpo" else SDPOConfig
         args = self._method_args(config_cls, os.path.join(run_dir, self.model.alignment))
-        if "disable_tqdm" not in (self.config["dpo_args"] or {}):
+        if "disable_tqdm" not in self._stage_args("dpo_args"):
             args.disable_tqdm = not show_progress
         return args
 

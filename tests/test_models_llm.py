@@ -146,3 +146,18 @@ def test_missing_prepared_dir_is_a_clear_error(in_tmp):
     config["prepared_dir"] = None
     with pytest.raises(CausalRecError, match="prepared_dir"):
         get_model("GenRec")(config, dataset)
+
+
+def test_user_stage_args_update_the_yaml_defaults_instead_of_replacing_them():
+    import types
+
+    import yaml
+
+    from causalrec.registry import properties_dir
+    from causalrec.trainer import LLMTrainer
+
+    defaults = yaml.safe_load((properties_dir() / "model" / "GenRec.yaml").read_text())["sft_args"]
+    fake = types.SimpleNamespace(config={"model": "GenRec", "sft_args": {"num_train_epochs": 7}})
+    merged = LLMTrainer._stage_args(fake, "sft_args")
+    assert merged["num_train_epochs"] == 7
+    assert merged["learning_rate"] == defaults["learning_rate"]
