@@ -13,13 +13,13 @@ import pandas as pd
 
 from causalrec.data.frame import canonicalize, k_core
 from causalrec.data.spec import DataSpec
-from causalrec.data.sources import csv_table, movielens, online_retail, retail_sim
+from causalrec.data.sources import csv_table, movielens, retail_sim, uci_retail
 
 _log = logging.getLogger(__name__)
 
 LOADERS = {
     "retail-sim": retail_sim.load,
-    "online-retail": online_retail.load,
+    "online-retail": uci_retail.load,
     "ml-100k": movielens.load,
     "csv": csv_table.load,
 }
