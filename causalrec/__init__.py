@@ -23,4 +23,18 @@ for _name in ("GenRec", "SDPORec", "CausalDPO"):
 
 from causalrec.quick_start import run  # noqa: E402
 
-__all__ = ["CausalRecError", "run", "__version__"]
+__all__ = ["CausalRecError", "compare", "run", "tune", "__version__"]
+
+
+def __getattr__(name: str):
+    """``causalrec.compare`` and ``causalrec.tune`` load on first use (PEP 562): Optuna, scipy and matplotlib
+    stay out of ``import causalrec``."""
+    if name == "compare":
+        from causalrec.experiments.compare import compare
+
+        return compare
+    if name == "tune":
+        from causalrec.experiments.tune import tune
+
+        return tune
+    raise AttributeError(f"module 'causalrec' has no attribute {name!r}")

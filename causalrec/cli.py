@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from causalrec.compat import load_yaml
 from causalrec.errors import CausalRecError, ConfigError
 
 _log = logging.getLogger("causalrec")
@@ -28,7 +29,7 @@ def parse_params(pairs: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--param expects key=value, got {pair!r}")
         try:
-            params[key.strip()] = yaml.safe_load(value) if value.strip() else None
+            params[key.strip()] = load_yaml(value) if value.strip() else None
         except yaml.YAMLError:
             params[key.strip()] = value
     return params
@@ -45,9 +46,13 @@ def _cmd_run(args) -> int:
     from causalrec.quick_start import read_config_files, run
 
     params = {**read_config_files(args.config_files), **parse_params(args.param)}
-    result = run(args.model, args.dataset, config_dict=params, saved=not args.no_save)
+    result = run(args.model, args.dataset, config_dict=params, saved=not args.no_save, resume=args.resume)
     print(f"protocol: {result['protocol']}")
     print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test_result"].items()))
+    for stage in result.get("stages") or ():
+        how = "reused" if stage["reused"] else f"trained {stage['train_seconds']:.1f}s"
+        score = f"  valid={stage['valid_score']:.4f}" if stage.get("valid_score") is not None else ""
+        print(f"stage {stage['stage']} ({how}){score}")
     for field, by_label in (result.get("test_env_result") or {}).items():
         for label, metrics in by_label.items():
             shown = {k: v for k, v in metrics.items() if k != "cases"}
@@ -120,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", "-d", default="retail-sim")
     _add_config_options(run)
     run.add_argument("--no-save", action="store_true", help="do not save checkpoints (evaluate the last model)")
+    run.add_argument("--resume", action="store_true",
+                     help="LLM models: write step checkpoints and continue an interrupted training stage from its "
+                          "last one (use it on the first run too); finished stages are reused anyway")
     run.add_argument("--output", "-o", help="also write the result as JSON here")
     run.set_defaults(func=_cmd_run)
 

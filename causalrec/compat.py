@@ -5,19 +5,32 @@ Each patch is idempotent, guarded by a feature check, and has a test in
 ``../shared/notes/recbole-trl-optuna-internals.md`` §1.6 (B1-B8). When RecBole ships a fix,
 the guard turns the patch into a no-op and its test says so.
 
+Besides the stack breakages, four reliability patches live here, as the only place that patches
+RecBole: its config strings are parsed as literals, not ``eval``-ed (B11); its checkpoints are written
+atomically and read with ``torch.load(weights_only=True)`` and an allow-list (B12); and its dataset/dataloader
+pickles are read only when the user turned RecBole's saving of them on (B13); and RecBole's global
+``set_detect_anomaly(True)`` is undone (B14). ``docs/guarantees.md`` says
+what each guarantees.
+
 ``apply()`` runs at ``import causalrec``, before anything imports ``recbole``.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import contextvars
 import functools
+import importlib
 import logging
-from typing import Iterator
+import os
+import re
+from typing import Any, Iterator
 
 import numpy as np
+import yaml
 
-from causalrec.errors import CausalRecError
+from causalrec.errors import CausalRecError, CheckpointError, TrainingError
 
 _log = logging.getLogger(__name__)
 
@@ -109,13 +122,13 @@ def check_pandas() -> None:
 
 @contextlib.contextmanager
 def trusted_torch_load() -> Iterator[None]:
-    """Let RecBole's own ``torch.load`` calls read the checkpoints RecBole writes (B4).
+    """Full unpickling for ``torch.load`` calls that do not choose ``weights_only`` (B4): the explicit opt-in.
 
     torch >= 2.6 defaults to ``weights_only=True``, and RecBole's checkpoints pickle the whole
-    ``Config`` object, so every ``evaluate(load_best_model=True)`` fails. Inside this context a
-    ``torch.load`` that does not choose ``weights_only`` itself gets ``False``; calls that choose
-    (transformers, TRL, causalrec's own loaders) are untouched. Only wrap code that loads
-    checkpoints this process wrote or the user trusts.
+    ``Config`` object. causalrec's RecBole readers try a restricted load first (``load_recbole_checkpoint``);
+    inside this context they, and any other ``torch.load`` that does not choose ``weights_only`` itself,
+    unpickle fully. Calls that choose (transformers, TRL, causalrec's own loaders) are untouched. Only wrap
+    code that loads files you trust: unpickling can run arbitrary code.
     """
     import torch
 
@@ -137,30 +150,399 @@ def trusted_torch_load() -> Iterator[None]:
         torch.load = original
 
 
-def _wrap_with_trusted_load(owner, name: str) -> None:
+# --------------------------------------------------------------------------- config parsing (B11)
+class RecBoleYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-3`` as a float, as RecBole's own (unsafe) loader does.
+
+    Plain YAML 1.1 needs a dot in a float (``1.0e-3``); RecBole's YAML files and users write ``1e-3``.
+    causalrec reads every config file with this loader, and RecBole's ``Config`` uses it too (B11).
+    """
+
+
+RecBoleYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no Python objects), with RecBole's float syntax."""
+    return yaml.load(text, Loader=RecBoleYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def literal_value(value: Any) -> Any:
+    """What RecBole's ``Config`` makes of a string value, without running it: a Python literal
+    (``"[10, 20]"`` -> ``[10, 20]``, ``"1e-3"`` -> ``0.001``), ``true``/``false``, or the string itself."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        lowered = value.lower()
+        return True if lowered == "true" else False if lowered == "false" else value
+    return parsed if parsed is None or isinstance(parsed, (str, int, float, list, tuple, dict, bool)) else value
+
+
+def patch_recbole_config_parsing() -> bool:
+    """RecBole's ``Config`` runs ``eval()`` on every string value of ``config_dict`` and the command line
+    (``_convert_config_dict``), so ``data_path: "__import__('os').system('...')"`` in a config file or a
+    ``--param`` would run code; and it reads YAML with ``yaml.FullLoader``. Parse literals with
+    ``ast.literal_eval`` instead, and read YAML with ``RecBoleYamlLoader`` (B11)."""
+    from recbole.config.configurator import Config
+
+    if getattr(Config._convert_config_dict, "_causalrec", False):
+        return False
+
+    def _convert_config_dict(self, config_dict):
+        for key in config_dict:
+            config_dict[key] = literal_value(config_dict[key])
+        return config_dict
+
+    def _build_yaml_loader(self):
+        return RecBoleYamlLoader
+
+    _convert_config_dict._causalrec = True
+    Config._convert_config_dict = _convert_config_dict
+    Config._build_yaml_loader = _build_yaml_loader
+    return True
+
+
+# ------------------------------------------------------------------------------ checkpoints (B12)
+# Checkpoint files this process wrote (path -> (size, mtime_ns)): these may be fully unpickled when the
+# allow-list does not cover them (e.g. ItemKNN keeps a scipy matrix in its checkpoint).
+_WRITTEN: dict[str, tuple[int, int]] = {}
+_EXPECTED_MODEL: contextvars.ContextVar[str | None] = contextvars.ContextVar("causalrec_expected_model", default=None)
+TRUST_ENV = "CAUSALREC_TRUST_CHECKPOINTS"
+
+
+def _stat_key(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def _checkpoint_allow_list() -> list:
+    """The globals a RecBole checkpoint (config, enums, numpy scalars) needs, and nothing that runs code."""
+    from recbole.config.configurator import Config
+    from recbole.utils import enum_type
+
+    allowed: list = [Config, RecBoleYamlLoader, yaml.loader.FullLoader, yaml.loader.SafeLoader, np.dtype]
+    allowed += [getattr(enum_type, n) for n in ("ModelType", "KGDataLoaderState", "EvaluatorType", "InputType",
+                                                "FeatureType", "FeatureSource") if hasattr(enum_type, n)]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "float16", "int64", "int32", "int16", "int8",
+                                             "uint8", "bool")]
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return allowed + [scalar]
+
+
+def _model_class(name: str):
+    """The class a checkpoint names, if it is a recommender model (RecBole's or a registered one), else None."""
+    module_name, _, attr = name.rpartition(".")
+    if not (module_name.startswith("recbole.model.") or module_name.startswith("causalrec.models.")):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+    from recbole.model.abstract_recommender import AbstractRecommender
+
+    return obj if isinstance(obj, type) and issubclass(obj, AbstractRecommender) else None
+
+
+def _restricted_load(load, args, kwargs):
+    """``torch.load(weights_only=True)`` with the allow-list, plus the model class the checkpoint names."""
+    import torch
+
+    allowed = _checkpoint_allow_list()
+    for _ in range(4):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return load(*args, **{**kwargs, "weights_only": True})
+        except Exception as err:  # torch raises UnpicklingError with the offending global in its message
+            match = re.search(r"GLOBAL ([\w\.]+) was not an allowed global|Unsupported global: GLOBAL ([\w\.]+)", str(err))
+            cls = _model_class(match.group(1) or match.group(2)) if match else None
+            if cls is None or cls in allowed:
+                raise
+            allowed.append(cls)
+    raise RuntimeError("too many model classes in one checkpoint")
+
+
+def _checkpoint_path(args, kwargs) -> str:
+    target = args[0] if args else kwargs.get("f")
+    return os.fspath(target) if isinstance(target, (str, os.PathLike)) else repr(target)
+
+
+def _damaged(err: BaseException) -> bool:
+    text = f"{type(err).__name__}: {err}"
+    return isinstance(err, (EOFError, FileNotFoundError)) or any(s in text for s in (
+        "PytorchStreamReader", "failed finding central directory", "BadZipFile", "truncated", "invalid load key",
+        "unpickling stack underflow", "Ran out of input", "not a zip file"))
+
+
+def _trusted(path: str) -> bool:
+    if os.environ.get(TRUST_ENV, "").lower() in ("1", "true", "yes"):
+        return True
+    real = os.path.realpath(path)
+    return real in _WRITTEN and _WRITTEN[real] == _stat_key(real)
+
+
+def _check_model(checkpoint: Any, path: str) -> None:
+    expected = _EXPECTED_MODEL.get()
+    config = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+    if expected is None or config is None:
+        return
+    try:
+        found = config["model"]
+    except (KeyError, TypeError):
+        return
+    if str(found).lower() != expected.lower():
+        raise CheckpointError(f"checkpoint {path!r} holds a {found} model, not {expected}; "
+                              f"pass a checkpoint written by a {expected} run")
+
+
+def load_recbole_checkpoint(load, *args, **kwargs):
+    """How RecBole's checkpoint readers load under causalrec (B12): restricted unpickling first; full
+    unpickling only for a file this process wrote or with ``CAUSALREC_TRUST_CHECKPOINTS=1``; a missing,
+    truncated or foreign file is a ``CheckpointError``."""
+    path = _checkpoint_path(args, kwargs)
+    try:
+        checkpoint = _restricted_load(load, args, kwargs)
+    except Exception as err:
+        if _damaged(err):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise CheckpointError(f"cannot read checkpoint {path!r}: {first}. The file is missing, truncated or "
+                                  "not a RecBole checkpoint; train again or pass the right file") from None
+        if not _trusted(path):
+            raise CheckpointError(
+                f"checkpoint {path!r} cannot be read safely (it holds objects outside causalrec's allow-list, or was "
+                f"written with pickle protocol 4 by RecBole without causalrec): reading it would unpickle arbitrary "
+                f"code. If you trust the file, set {TRUST_ENV}=1 or load it inside causalrec.compat.trusted_torch_load()"
+            ) from None
+        _log.debug("checkpoint %s: full unpickling (%s)", path, "written by this process" if os.path.realpath(path)
+                   in _WRITTEN else TRUST_ENV)
+        checkpoint = load(*args, **{**kwargs, "weights_only": False})
+    _check_model(checkpoint, path)
+    return checkpoint
+
+
+@contextlib.contextmanager
+def _recbole_checkpoint_reading(expected_model: str | None = None) -> Iterator[None]:
+    """Inside, ``torch.load`` without an explicit ``weights_only`` goes through ``load_recbole_checkpoint``."""
+    import torch
+
+    original = torch.load
+    if getattr(original, "_causalrec_trusted", False) or getattr(original, "_causalrec_reader", False):
+        token = _EXPECTED_MODEL.set(expected_model) if expected_model else None
+        try:
+            yield
+        finally:
+            if token is not None:
+                _EXPECTED_MODEL.reset(token)
+        return
+
+    @functools.wraps(original)
+    def load(*args, **kwargs):
+        if "weights_only" in kwargs:  # an explicit choice (transformers, TRL, causalrec) is respected
+            return original(*args, **kwargs)
+        return load_recbole_checkpoint(original, *args, **kwargs)
+
+    load._causalrec_reader = True
+    token = _EXPECTED_MODEL.set(expected_model)
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+        _EXPECTED_MODEL.reset(token)
+
+
+def _wrap_checkpoint_reader(owner, name: str) -> None:
     function = getattr(owner, name)
     if getattr(function, "_causalrec_wrapped", False):
         return
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        with trusted_torch_load():
-            return function(*args, **kwargs)
+        trainer_config = getattr(args[0], "config", None) if args else None
+        expected = trainer_config["model"] if trainer_config is not None and hasattr(trainer_config, "__getitem__") else None
+        with _recbole_checkpoint_reading(expected if isinstance(expected, str) else None):
+            try:
+                return function(*args, **kwargs)
+            except RuntimeError as err:  # load_state_dict: another architecture or size
+                if "Error(s) in loading state_dict" not in str(err):
+                    raise
+                first = str(err).strip().splitlines()[0]
+                raise CheckpointError(f"the checkpoint does not fit this model ({first}): it was written by another "
+                                      "model or configuration; pass a checkpoint of this model and config") from None
 
     wrapper._causalrec_wrapped = True
     setattr(owner, name, wrapper)
 
 
 def patch_recbole_checkpoint_loading() -> None:
-    """Scope ``trusted_torch_load`` to the RecBole entry points that read checkpoints (B4)."""
+    """Route the RecBole entry points that read checkpoints through ``load_recbole_checkpoint`` (B4, B12)."""
     import recbole.quick_start as quick_start_pkg
     import recbole.quick_start.quick_start as quick_start
     from recbole.trainer import Trainer
 
-    _wrap_with_trusted_load(Trainer, "resume_checkpoint")
-    _wrap_with_trusted_load(Trainer, "evaluate")
-    _wrap_with_trusted_load(quick_start, "load_data_and_model")
+    _wrap_checkpoint_reader(Trainer, "resume_checkpoint")
+    _wrap_checkpoint_reader(Trainer, "evaluate")
+    _wrap_checkpoint_reader(quick_start, "load_data_and_model")
     quick_start_pkg.load_data_and_model = quick_start.load_data_and_model
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike, **kwargs) -> None:
+    """``torch.save`` into a temp file next to ``path``, then ``os.replace``: a killed run leaves the old file or
+    the new one, never half of one. Pickle protocol 2, which ``torch.load(weights_only=True)`` can read."""
+    import tempfile
+
+    import torch
+
+    path = os.fspath(path)
+    kwargs["pickle_protocol"] = 2
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle, **kwargs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    real = os.path.realpath(path)
+    _WRITTEN[real] = _stat_key(real)
+
+
+def patch_atomic_checkpoints() -> list[str]:
+    """RecBole's trainers ``torch.save`` checkpoints in place (a kill mid-write leaves a truncated file that
+    ``evaluate`` later fails on), with pickle protocol 4 (unreadable by ``weights_only``). Route every
+    ``_save_checkpoint`` through ``atomic_torch_save`` (B12). Returns the classes patched."""
+    import recbole.trainer.trainer as trainers
+    import torch
+
+    patched = []
+    for name in dir(trainers):
+        cls = getattr(trainers, name)
+        if not (isinstance(cls, type) and "_save_checkpoint" in vars(cls)):
+            continue
+        function = vars(cls)["_save_checkpoint"]
+        if getattr(function, "_causalrec_wrapped", False):
+            continue
+
+        def make(function):
+            @functools.wraps(function)
+            def wrapper(*args, **kwargs):
+                original = torch.save
+
+                def save(obj, f, *a, **kw):
+                    if isinstance(f, (str, os.PathLike)):
+                        return atomic_torch_save(obj, f, **kw)
+                    return original(obj, f, *a, **kw)
+
+                torch.save = save
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    torch.save = original
+
+            wrapper._causalrec_wrapped = True
+            return wrapper
+
+        setattr(cls, "_save_checkpoint", make(function))
+        patched.append(name)
+    return patched
+
+
+# ------------------------------------------------------------------------- dataset pickles (B13)
+def patch_recbole_pickle_caches() -> bool:
+    """RecBole's ``create_dataset`` / ``data_preparation`` unpickle ``<checkpoint_dir>/<dataset>-*.pth`` (or
+    ``dataset_save_path`` / ``dataloaders_save_path``) whenever such a file exists, even with saving off: a file
+    there runs code, and a stale one silently replaces the data. Read them only when ``save_dataset`` /
+    ``save_dataloaders`` is on (the user's opt-in to RecBole's pickle caches) (B13)."""
+    import recbole.data as data_pkg
+    import recbole.data.utils as data_utils
+    import recbole.quick_start.quick_start as quick_start
+
+    if getattr(data_utils.create_dataset, "_causalrec", False):
+        return False
+    create_dataset, load_split_dataloaders = data_utils.create_dataset, data_utils.load_split_dataloaders
+
+    @functools.wraps(create_dataset)
+    def create_dataset_guarded(config):
+        if config["save_dataset"]:
+            return create_dataset(config)
+        saved = config["dataset_save_path"]
+        config["dataset_save_path"] = os.path.join(os.path.abspath(os.sep), "causalrec-no-such-dir", "none.pth")
+        try:
+            return create_dataset(config)
+        finally:
+            config["dataset_save_path"] = saved
+
+    @functools.wraps(load_split_dataloaders)
+    def load_split_dataloaders_guarded(config):
+        return load_split_dataloaders(config) if config["save_dataloaders"] else None
+
+    create_dataset_guarded._causalrec = True
+    for module in (data_utils, data_pkg, quick_start):
+        if getattr(module, "create_dataset", None) is create_dataset:
+            module.create_dataset = create_dataset_guarded
+    data_utils.load_split_dataloaders = load_split_dataloaders_guarded
+    return True
+
+
+def patch_anomaly_mode() -> bool:
+    """RecBole's ``sequential_recommender/sine.py`` calls ``torch.autograd.set_detect_anomaly(True)`` at import,
+    and the package imports every sequential model, so registering causalrec's models turned anomaly detection
+    on for the whole process: every backward pass records forward tracebacks (LLM training several times
+    slower) and a NaN gradient raises a bare ``RuntimeError``. Import the package here and restore the setting
+    it had before (B14). Returns True when it had to be restored."""
+    import torch
+
+    before = torch.is_anomaly_enabled()
+    import recbole.model.sequential_recommender  # noqa: F401  (runs sine.py)
+
+    if torch.is_anomaly_enabled() and not before:
+        torch.autograd.set_detect_anomaly(False)
+        return True
+    return False
+
+
+def patch_nan_check() -> bool:
+    """RecBole's epoch loop raises a bare ``ValueError("Training loss is nan")`` (a traceback in the CLI) and
+    lets ``inf`` through. Raise a ``TrainingError`` for either."""
+    from recbole.trainer import Trainer
+
+    if getattr(Trainer._check_nan, "_causalrec", False):
+        return False
+
+    def _check_nan(self, loss):
+        import torch
+
+        if not bool(torch.isfinite(loss).all()):
+            raise TrainingError(
+                f"{self.config['model']} training loss is {loss.float().mean().item()}; training stopped and the last "
+                "saved checkpoint is kept. Lower learning_rate or set clip_grad_norm"
+            )
+
+    _check_nan._causalrec = True
+    Trainer._check_nan = _check_nan
+    return True
 
 
 def patch_pop_counting() -> bool:
@@ -199,6 +581,11 @@ def apply() -> None:
         _log.debug("numpy aliases added for RecBole/ray: %s", added)
     patch_scipy_dok_update()
     stub_ray_if_broken()
+    patch_recbole_config_parsing()
     patch_recbole_checkpoint_loading()
+    patch_atomic_checkpoints()
+    patch_recbole_pickle_caches()
+    patch_nan_check()
+    patch_anomaly_mode()
     patch_pop_counting()
     _applied.add("all")

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import yaml
 
 from causalrec import protocol, registry
+from causalrec.compat import literal_value, load_yaml
 from causalrec.evaluation import ENV_FIELDS, evaluate_with_environments
 from causalrec.errors import ConfigError, UnknownNameError
 
@@ -38,32 +39,120 @@ def model_names() -> tuple[str, ...]:
     return tuple(sorted(set(recbole_model_names()) | set(registry.MODELS)))
 
 
-def _yaml_keys(paths: Iterable[Path]) -> set[str]:
-    keys: set[str] = set()
+def _yaml_defaults(paths: Iterable[Path]) -> dict[str, list[Any]]:
+    """Every key of the YAML files, with the default values it has in them."""
+    defaults: dict[str, list[Any]] = {}
     for path in paths:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = load_yaml(path.read_text(encoding="utf-8"))
         if isinstance(loaded, dict):
-            keys.update(loaded)
-    return keys
+            for key, value in loaded.items():
+                defaults.setdefault(key, []).append(value)
+    return defaults
+
+
+@lru_cache(maxsize=1)
+def config_defaults() -> dict[str, tuple[Any, ...]]:
+    """The default value(s) of each key in RecBole's and causalrec's YAML files and ``LLMTrainer.RUN_KEYS``."""
+    import recbole
+
+    from causalrec.trainer import RUN_KEYS
+
+    recbole_props = Path(recbole.__file__).parent / "properties"
+    defaults = _yaml_defaults([*recbole_props.rglob("*.yaml"), *registry.properties_dir().rglob("*.yaml")])
+    for key, value in RUN_KEYS.items():
+        defaults.setdefault(key, []).append(value)
+    return {k: tuple(v) for k, v in defaults.items()}
 
 
 @lru_cache(maxsize=1)
 def known_config_keys() -> frozenset[str]:
     """Every key RecBole or causalrec reads: RecBole's argument lists and YAML files, causalrec's
-    YAML files, and the prepared-data spec."""
-    import recbole
+    YAML files, ``LLMTrainer.RUN_KEYS``, and the prepared-data spec."""
     from recbole.utils import argument_list
 
     from causalrec.data import DataSpec
 
-    recbole_props = Path(recbole.__file__).parent / "properties"
-    keys = _yaml_keys(recbole_props.rglob("*.yaml")) | _yaml_keys(registry.properties_dir().rglob("*.yaml"))
+    keys = set(config_defaults())
     for name in ("general_arguments", "training_arguments", "evaluation_arguments", "dataset_arguments"):
         keys.update(getattr(argument_list, name))
     keys.update(DataSpec.field_names())
     keys.update({"model", "dataset", "config_files", "device", "gpu_id", "use_gpu", "nproc", "world_size",
                  "offset", "ip", "port", "local_rank", "worker_id"})
     return frozenset(keys)
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "dict"
+    if isinstance(value, str):
+        return "str"
+    return None
+
+
+_WANTED = {"bool": "true or false", "int": "an integer", "float": "a number", "dict": "a mapping (key: value)",
+           "list": "a list", "str": "a single value"}
+
+
+def _type_ok(value: Any, kinds: set[str]) -> bool:
+    """Whether ``value`` can be what the YAML defaults of a key are (as RecBole coerces: an int where a float is
+    expected, a scalar where a list is, 0/1 for a bool)."""
+    kind = _kind(value)
+    if kind is None or kind in kinds:
+        return True
+    if kind == "int" and ("float" in kinds or ("bool" in kinds and value in (0, 1))):
+        return True
+    if kind in ("int", "float", "str", "bool") and ("list" in kinds or "str" in kinds):
+        return True  # RecBole turns a scalar into a one-element list where it wants a list (topk: 10)
+    return False
+
+
+# Values RecBole, TRL or causalrec would only trip over deep inside training (None is always allowed).
+_POSITIVE = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step", "eval_step", "num_negatives",
+             "n_environments", "sft_max_samples", "dpo_max_samples", "rank_batch_size", "max_history_items",
+             "resume_save_steps", "tiny_hidden_size", "tiny_layers", "tiny_heads", "max_seq_length",
+             "MAX_ITEM_LIST_LENGTH")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{key: (lambda v: v >= 1, ">= 1") for key in _POSITIVE},
+    "learning_rate": (lambda v: v > 0, "> 0"),
+    "beta": (lambda v: v > 0, "> 0"),
+    "tau": (lambda v: v > 0, "> 0"),
+    "lambda_inv": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "lora_r": (lambda v: v >= 0, ">= 0 (0: no LoRA)"),
+    "topk": (lambda v: all(k >= 1 for k in (v if isinstance(v, (list, tuple)) else [v])), "positive cut-offs"),
+    # RecBole's KD_DAGFM eval()s this value to find its teacher model: only a class name may pass.
+    "teacher": (lambda v: isinstance(v, str) and v.isidentifier(), "a model class name"),
+}
+
+
+def check_values(params: dict[str, Any]) -> None:
+    """Type and range checks of known keys against their YAML defaults (after RecBole's literal parsing)."""
+    defaults = config_defaults()
+    for key, raw in params.items():
+        value = literal_value(raw)
+        if value is None:
+            continue
+        kinds = {k for k in map(_kind, defaults.get(key, ())) if k is not None}
+        if kinds and not _type_ok(value, kinds):
+            wanted = " or ".join(sorted({_WANTED[k] for k in kinds}))
+            raise ConfigError(f"config key {key!r} must be {wanted}; got {raw!r} ({type(raw).__name__})")
+        rule = _RANGES.get(key)
+        if rule is not None:
+            check, text = rule
+            try:
+                ok = check(value)
+            except TypeError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"config key {key!r} must be {text}; got {raw!r}")
 
 
 def read_config_files(paths: Sequence[str | os.PathLike] | None) -> dict[str, Any]:
@@ -76,7 +165,7 @@ def read_config_files(paths: Sequence[str | os.PathLike] | None) -> dict[str, An
         except OSError as err:
             raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror or err}") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = load_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if loaded is None:
@@ -95,6 +184,7 @@ def validate(model: str, dataset: str, params: dict[str, Any]) -> None:
     for key in params:
         if key not in known:
             raise UnknownNameError("config key", key, known, more="; `causalrec keys` lists them")
+    check_values(params)
     if not protocol.needs_preparation({"dataset": dataset, **params}):
         data_path = Path(params.get("data_path", "dataset/"))
         if dataset != "ml-100k" and not (data_path / dataset).is_dir():
@@ -134,12 +224,19 @@ def run(
     *,
     saved: bool = True,
     callback_fn: Callable[[int, float], None] | None = None,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` on ``dataset`` and evaluate it on the test split.
 
+    ``resume=True`` (config key ``resume``) makes the LLM models' TRL stages write step checkpoints and
+    continue an interrupted stage from its last one; finished stages are reused either way (``stage_cache``).
+
     Returns RecBole's result dict (``best_valid_score``, ``best_valid_result``, ``test_result``)
-    plus ``protocol`` (one line) and, when enabled, ``test_env_result`` (metrics per environment).
+    plus ``protocol`` (one line), when enabled ``test_env_result`` (metrics per environment) and, for the
+    LLM models, ``stages`` (per training stage: validation score, reused from the stage cache or trained, ...).
     """
+    if resume:
+        config_dict = {**(config_dict or {}), "resume": True}
     from recbole.data import create_dataset
     from recbole.quick_start import quick_start
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
@@ -170,5 +267,7 @@ def run(
         "test_env_result": test_env_result,
         "protocol": protocol.describe_protocol(config),
     }
+    if getattr(trainer, "stage_results", None) is not None:
+        result["stages"] = trainer.stage_results
     _log.info("test result: %s", result["test_result"])
     return result

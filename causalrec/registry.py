@@ -89,6 +89,25 @@ def register_trainer(model_name: str, trainer_cls: type) -> None:
     setattr(recbole.trainer, f"{model_name}Trainer", trainer_cls)
 
 
+def model_yaml_files(model_class) -> list[Path]:
+    """causalrec's YAML files for a model class, base classes first: ``properties/model/<Class>.yaml`` for each
+    class in its MRO that has one (GenRec: LLMRecommender.yaml; CausalDPO: LLMRecommender, SDPORec, CausalDPO),
+    so keys shared by a family of models live in one file."""
+    folder = properties_dir() / "model"
+    return [folder / f"{cls.__name__}.yaml" for cls in reversed(getattr(model_class, "__mro__", ()))
+            if (folder / f"{cls.__name__}.yaml").is_file()]
+
+
+def model_defaults(model_class) -> dict:
+    """The merged causalrec YAML defaults of a model class (later files of ``model_yaml_files`` win)."""
+    import yaml
+
+    merged: dict = {}
+    for path in model_yaml_files(model_class):
+        merged.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return merged
+
+
 def _patch_config() -> None:
     from recbole.config import Config
 
@@ -101,7 +120,7 @@ def _patch_config() -> None:
     def _load_internal_config_dict(self, model, model_class, dataset):
         load_internal(self, model, model_class, dataset)
         props = properties_dir()
-        for path in (props / "overall.yaml", props / "model" / f"{model}.yaml", props / "dataset" / f"{dataset}.yaml"):
+        for path in (props / "overall.yaml", *model_yaml_files(model_class), props / "dataset" / f"{dataset}.yaml"):
             if path.is_file():
                 loaded = self._update_internal_config_dict(str(path))
                 if path.parent.name == "dataset" and loaded:

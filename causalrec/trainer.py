@@ -1,9 +1,18 @@
 """``LLMTrainer``: RecBole's Trainer for causalrec's LLM recommenders; ``fit`` runs the TRL stages.
 
-Stages: SFT (``causalrec.training.run_sft``), then, for models with an ``alignment``, S-DPO or CausalDPO on
-sampled negatives with the SFT model as reference. After each stage the model is evaluated on the validation
-split with RecBole's evaluator and ``callback_fn(stage_index, valid_score)`` is called (Optuna pruning).
+Stages: SFT (TRL's ``SFTTrainer``), then, for models with an ``alignment``, S-DPO or CausalDPO on sampled
+negatives with the SFT model as reference. After each stage the model is evaluated on the validation split
+with RecBole's evaluator and ``callback_fn(stage_index, valid_score)`` is called (Optuna pruning); both stage
+scores are kept in ``trainer.stage_results`` (the final, aligned model is the result: stages are never swapped).
 Evaluation, checkpoint loading and testing are RecBole's own.
+
+Stage checkpoints (``causalrec.stages.StageCache``): a finished stage is saved as ``model.safetensors`` + ``stage.json`` under
+``<stage_cache_dir>/<stage>-<key16>/``, where the key is a SHA-256 of everything that shapes the trained weights
+(training rows, item titles, prompt format, backbone settings, the stage's TRL arguments, seed, library
+versions; for the preference stage also the SFT key, negatives and method arguments). A later run with the same
+key loads the stage instead of training it, so GenRec, SDPORec and CausalDPO with identical SFT settings share
+one SFT run. With ``resume: true`` (``causalrec run --resume``) the TRL stages also write step checkpoints
+(``<stage>-<key16>.partial/checkpoint-N``) and an interrupted stage continues from its last complete one.
 
 Only recbole and the standard library are imported at module level (``import causalrec`` stays fast);
 transformers/TRL are imported when training starts.
@@ -14,13 +23,45 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable
 
 from recbole.trainer import Trainer
-from recbole.utils import get_local_time
+
+from causalrec.stages import (
+    STAGE_FORMAT,
+    StageCache,
+    backbone_identity,
+    check_field_types,
+    digest,
+    guard_training_losses,
+    last_checkpoint,
+    library_versions,
+    load_stage,
+    records_digest,
+    training_args_key,
+)
 
 _log = logging.getLogger(__name__)
+
+# Config keys LLMTrainer reads beyond the model YAMLs, with their defaults (``causalrec keys`` lists them).
+RUN_KEYS: dict[str, Any] = {
+    "stage_cache": True,  # (bool) Reuse a finished training stage whose inputs hash the same (shared SFT).
+    "stage_cache_dir": None,  # (str) Finished stages and in-progress TRL checkpoints; None: <checkpoint_dir>/stages.
+    "resume": False,  # (bool) TRL stages write step checkpoints; an interrupted stage continues from its last one.
+    "resume_save_steps": 100,  # (int) With resume, a checkpoint every this many optimizer steps if the args save none.
+}
+
+
+# ---------------------------------------------------------------------------------------- trainer
+@dataclasses.dataclass
+class _Stage:
+    name: str
+    key: str
+    inputs: dict[str, Any]
+    args: Any  # the stage's TRL config; output_dir is set when the stage runs
+    train: Callable[[Any, str | None], tuple[int, float]]  # (args, resume_from) -> (global_step, training_loss)
 
 
 class LLMTrainer(Trainer):
@@ -28,8 +69,19 @@ class LLMTrainer(Trainer):
 
     RecBole config keys read here: ``sft_args`` (``SFTConfig`` fields), ``dpo_args`` (``SDPOConfig`` /
     ``CausalDPOConfig`` fields), the model's ``method_keys``, ``negative_strategy``, ``num_negatives``,
-    ``dpo_max_samples``, ``seed``.
+    ``sft_max_samples``, ``dpo_max_samples``, ``seed``, and ``RUN_KEYS`` (stage cache and resume).
+
+    Attributes:
+        stage_results: after ``fit``, one dict per stage: ``stage``, ``key`` (16 hex), ``reused`` (loaded from
+            the stage cache), ``resumed_from_step``, ``global_step``, ``training_loss``, ``train_seconds``,
+            ``valid_score``, ``valid_result``, ``directory`` (the stage checkpoint).
     """
+
+    stage_results: list[dict[str, Any]]
+
+    def _setting(self, key: str) -> Any:
+        value = self.config[key]
+        return RUN_KEYS[key] if value is None else value
 
     # ---------------------------------------------------------------------------- records
     def _records(self, dataset, show_progress: bool = False):
@@ -59,26 +111,49 @@ class LLMTrainer(Trainer):
             )
         return records, np.asarray(targets, dtype=np.int64)
 
+    def _capped(self, records, targets, key: str):
+        """At most ``config[key]`` rows (a seeded sample in time order); all rows when the key is None."""
+        import numpy as np
+
+        cap = self.config[key]
+        if cap is None or len(records) <= int(cap):
+            return records, targets
+        keep = np.sort(np.random.default_rng(int(self.config["seed"])).choice(len(records), int(cap), replace=False))
+        return [records[i] for i in keep], targets[keep]
+
     def _stage_args(self, key: str) -> dict[str, Any]:
         """``sft_args`` / ``dpo_args``: the model YAML's defaults updated by the user's dict.
 
         RecBole replaces a dict-valued key wholesale, so a user who sets only ``num_train_epochs``
         would otherwise silently lose the YAML's learning rate and fall back to TRL's default.
         """
-        import yaml
+        from causalrec.errors import ConfigError
+        from causalrec.registry import model_defaults
 
-        from causalrec.registry import properties_dir
+        defaults = model_defaults(type(self.model)).get(key)
+        user = self.config[key]
+        if user is not None and not isinstance(user, dict):
+            raise ConfigError(f"{key} must be a mapping of TRL config fields to values, e.g. "
+                              f"{{num_train_epochs: 1}}; got {user!r}")
+        return {**(defaults or {}), **(user or {})}
 
-        path = properties_dir() / "model" / f"{self.config['model']}.yaml"
-        defaults = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get(key) if path.is_file() else None
-        return {**(defaults or {}), **(self.config[key] or {})}
+    def _checkpointing(self, stage_args: dict[str, Any]) -> dict[str, Any]:
+        """With ``resume``, step checkpoints for a stage whose arguments save none (the model YAMLs say "no",
+        for speed); one checkpoint is kept. Without ``resume``, the arguments as given."""
+        if not self._setting("resume") or str(stage_args.get("save_strategy", "epoch")) != "no":
+            return {}
+        return {"save_strategy": "steps", "save_steps": int(self._setting("resume_save_steps")), "save_total_limit": 1}
 
     def _method_args(self, config_cls, output_dir: str) -> Any:
         """The alignment config from the model's method keys and ``dpo_args``; unknown keys are a ConfigError."""
         from causalrec.errors import ConfigError
 
         args = {k: self.config[k] for k in self.model.method_keys if self.config[k] is not None}
-        args.update(self._stage_args("dpo_args"))
+        check_field_types(config_cls, args, where="config")
+        stage_args = self._stage_args("dpo_args")
+        check_field_types(config_cls, stage_args, where="dpo_args")
+        args.update(stage_args)
+        args.update(self._checkpointing(stage_args))
         valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
         unknown = sorted(set(args) - valid)
         if unknown:
@@ -90,16 +165,74 @@ class LLMTrainer(Trainer):
         try:
             return config_cls(output_dir=output_dir, **args)
         except (TypeError, ValueError) as err:
+            if isinstance(err, ConfigError):
+                raise
             raise ConfigError(f"invalid {config_cls.__name__} arguments: {err}") from err
 
-    # ----------------------------------------------------------------------------- stages
-    def _sft(self, records, run_dir: str, show_progress: bool) -> None:
-        from causalrec.training import build_sft_config, run_sft, sft_dataset
+    def _sft_args(self, output_dir: str, show_progress: bool):
+        from trl import SFTConfig
 
-        sft_args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **self._stage_args("sft_args")}
-        args = build_sft_config(os.path.join(run_dir, "sft"), **sft_args)
-        trainer = run_sft(self.model.llm, self.model.tokenizer, sft_dataset(records, self.model.prompt_format), args)
+        from causalrec.training import build_sft_config
+
+        stage_args = self._stage_args("sft_args")
+        args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **stage_args,
+                **self._checkpointing(stage_args)}
+        check_field_types(SFTConfig, args, where="sft_args")
+        return build_sft_config(output_dir, **args)
+
+    def _align_args(self, output_dir: str, show_progress: bool):
+        from causalrec.training import CausalDPOConfig, SDPOConfig
+
+        config_cls = CausalDPOConfig if self.model.alignment == "causal_dpo" else SDPOConfig
+        args = self._method_args(config_cls, output_dir)
+        if "disable_tqdm" not in self._stage_args("dpo_args"):
+            args.disable_tqdm = not show_progress
+        return args
+
+    # ------------------------------------------------------------------------------- keys
+    def _sft_inputs(self, records, args) -> dict[str, Any]:
+        model = self.model
+        return {
+            "format": STAGE_FORMAT,
+            "stage": "sft",
+            "records": records_digest(records),
+            "rows": len(records),
+            "titles": digest(list(model.titles)),
+            "prompt": dataclasses.asdict(model.prompt_format),
+            "backbone": backbone_identity(model.backbone_config),
+            "args": training_args_key(args),
+            "seed": int(self.config["seed"]),
+            "versions": library_versions(),
+        }
+
+    def _align_inputs(self, sft_key: str, records, args) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "format": STAGE_FORMAT,
+            "stage": self.model.alignment,
+            "sft": sft_key,
+            "records": records_digest(records),
+            "rows": len(records),
+            "negatives": {"strategy": cfg["negative_strategy"], "num_negatives": cfg["num_negatives"],
+                          "seed": int(cfg["seed"])},
+            "args": training_args_key(args),
+            "versions": library_versions(),
+        }
+
+    # ----------------------------------------------------------------------------- stages
+    def _sft(self, records, args, resume_from: str | None) -> tuple[int, float]:
+        from trl import SFTTrainer
+
+        from causalrec.training import sft_dataset
+
+        trainer = SFTTrainer(
+            model=self.model.llm, args=args, train_dataset=sft_dataset(records, self.model.prompt_format),
+            processing_class=self.model.tokenizer,
+        )
+        guard_training_losses(trainer, "SFT")
+        result = trainer.train(resume_from_checkpoint=resume_from)
         self.model.llm = trainer.model
+        return trainer.state.global_step, float(result.training_loss)
 
     def _negatives(self, records, targets, show_progress: bool):
         import numpy as np
@@ -122,24 +255,9 @@ class LLMTrainer(Trainer):
             popularity=popularity, scorer=scorer,
         )
 
-    def _align_args(self, run_dir: str, show_progress: bool):
-        from causalrec.training import CausalDPOConfig, SDPOConfig
-
-        config_cls = CausalDPOConfig if self.model.alignment == "causal_dpo" else SDPOConfig
-        args = self._method_args(config_cls, os.path.join(run_dir, self.model.alignment))
-        if "disable_tqdm" not in self._stage_args("dpo_args"):
-            args.disable_tqdm = not show_progress
-        return args
-
-    def _align(self, records, targets, args, show_progress: bool) -> None:
-        import numpy as np
-
+    def _align(self, records, targets, args, resume_from: str | None, show_progress: bool) -> tuple[int, float]:
         from causalrec.training import CausalDPOTrainer, PreferenceRecord, SDPOTrainer, preference_dataset
 
-        cap = self.config["dpo_max_samples"]
-        if cap is not None and len(records) > int(cap):
-            keep = np.sort(np.random.default_rng(int(self.config["seed"])).choice(len(records), int(cap), replace=False))
-            records, targets = [records[i] for i in keep], targets[keep]
         negatives = self._negatives(records, targets, show_progress)
         titles = self.model.titles
         records = [
@@ -151,7 +269,8 @@ class LLMTrainer(Trainer):
             self.model.llm, args=args, train_dataset=preference_dataset(records, self.model.prompt_format),
             processing_class=self.model.tokenizer,
         )
-        result = trainer.train()
+        guard_training_losses(trainer, trainer_cls._name)
+        result = trainer.train(resume_from_checkpoint=resume_from)
         _log.info("%s finished: %d steps, training loss %.4f", trainer_cls.__name__, trainer.state.global_step,
                   result.training_loss)
         llm = trainer.model
@@ -160,6 +279,39 @@ class LLMTrainer(Trainer):
             # keeping it would make checkpoints unloadable into a fresh instance.
             llm.delete_adapter("ref")
         self.model.llm = llm
+        return trainer.state.global_step, float(result.training_loss)
+
+    def _run_stage(self, cache: StageCache, stage: _Stage) -> dict[str, Any]:
+        """Load the stage from the cache, or train it (continuing from its last checkpoint with ``resume``)."""
+        info: dict[str, Any] = {"stage": stage.name, "key": stage.key[:16], "reused": False,
+                                "resumed_from_step": None, "train_seconds": 0.0}
+        use_cache, resume = bool(self._setting("stage_cache")), bool(self._setting("resume"))
+        with cache.lock(stage.name, stage.key):
+            found = cache.find(stage.name, stage.key) if use_cache else None
+            if found is not None:
+                meta = load_stage(found, self.model.llm, key=stage.key)
+                info.update(reused=True, directory=str(found), global_step=meta.get("global_step"),
+                            training_loss=meta.get("training_loss"))
+                _log.info("stage %s: loaded %s (trained by %s), not trained again", stage.name, found,
+                          meta.get("model"))
+                return info
+            work = cache.work_dir(stage.name, stage.key)
+            resume_from = last_checkpoint(work) if resume else None
+            if resume_from is None:
+                shutil.rmtree(work, ignore_errors=True)  # a stale partial run: start afresh
+            else:
+                info["resumed_from_step"] = int(resume_from.rsplit("-", 1)[1])
+                _log.info("stage %s: resuming from %s", stage.name, resume_from)
+            stage.args.output_dir = str(work)
+            start = time.perf_counter()
+            global_step, loss = stage.train(stage.args, resume_from)
+            info.update(global_step=global_step, training_loss=loss, train_seconds=time.perf_counter() - start)
+            if use_cache:
+                meta = {"model": self.config["model"], "inputs": stage.inputs, "global_step": global_step,
+                        "training_loss": loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                info["directory"] = str(cache.install(stage.name, stage.key, self.model.llm, meta))
+            shutil.rmtree(work, ignore_errors=True)  # the finished stage replaces its step checkpoints
+        return info
 
     # -------------------------------------------------------------------------------- fit
     def fit(
@@ -174,28 +326,42 @@ class LLMTrainer(Trainer):
         """Run SFT (and the model's alignment stage); returns ``(best_valid_score, best_valid_result)``.
 
         The final model is the result (stages are not early-stopped against each other); it is validated
-        after every stage and saved to ``self.saved_model_file`` when ``saved``.
+        after every stage and saved to ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
+        are loaded, not trained.
         """
-        run_dir = os.path.join(self.checkpoint_dir, f"{self.config['model']}-{get_local_time()}")
-        # Alignment settings are checked before any training, so a typo costs no SFT run.
-        align_args = self._align_args(run_dir, show_progress) if self.model.alignment is not None else None
+        cache = StageCache(self._setting("stage_cache_dir") or os.path.join(self.checkpoint_dir, "stages"))
+        pending = str(cache.root / "pending")  # each stage's output_dir is set once its key is known
+        # Every stage's settings are checked before any training, so a typo costs no SFT run.
+        sft_args = self._sft_args(pending, show_progress)
+        align_args = self._align_args(pending, show_progress) if self.model.alignment is not None else None
         records, targets = self._records(train_data._dataset, show_progress)
-        stages = [("sft", lambda: self._sft(records, run_dir, show_progress))]
+        sft_records, _ = self._capped(records, targets, "sft_max_samples")
+        sft_inputs = self._sft_inputs(sft_records, sft_args)
+        sft_key = digest(sft_inputs)
+        stages = [_Stage("sft", sft_key, sft_inputs, sft_args, lambda a, r: self._sft(sft_records, a, r))]
         if align_args is not None:
-            stages.append((self.model.alignment, lambda: self._align(records, targets, align_args, show_progress)))
+            dpo_records, dpo_targets = self._capped(records, targets, "dpo_max_samples")
+            inputs = self._align_inputs(sft_key, dpo_records, align_args)
+            stages.append(_Stage(
+                self.model.alignment, digest(inputs), inputs, align_args,
+                lambda a, r: self._align(dpo_records, dpo_targets, a, r, show_progress),
+            ))
+        self.stage_results = []
         valid_score, valid_result = None, None
-        for index, (name, run_stage) in enumerate(stages):
-            start = time.perf_counter()
-            run_stage()
+        for index, stage in enumerate(stages):
+            info = self._run_stage(cache, stage)
             self.model.to(self.device)
-            trained = time.perf_counter() - start
-            message = f"stage {name}: {len(records)} training rows, trained in {trained:.1f}s"
+            rows = stage.inputs["rows"]
+            how = "loaded from the stage cache" if info["reused"] else f"trained in {info['train_seconds']:.1f}s"
+            message = f"stage {stage.name}: {rows} training rows, {how}"
             if valid_data:
                 start = time.perf_counter()
                 valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+                info.update(valid_score=float(valid_score), valid_result=dict(valid_result))
                 message += f"; valid {self.valid_metric} {valid_score:.4f} in {time.perf_counter() - start:.1f}s"
                 if callback_fn is not None:
                     callback_fn(index, valid_score)
+            self.stage_results.append(info)
             if verbose:
                 self.logger.info(message)
             _log.debug(message)

@@ -121,7 +121,8 @@ def test_preference_models_end_to_end(in_tmp, model, env_source):
     assert env["region"]["<worst>"]["ndcg@10"] == min(v["ndcg@10"] for v in regions.values())
     overall = sum(v["hit@10"] * v["cases"] for v in regions.values()) / sum(v["cases"] for v in regions.values())
     assert overall == pytest.approx(result["test_result"]["hit@10"], abs=1e-3)
-    assert len(glob.glob(str(in_tmp / "saved" / f"{model}-*" / ("sdpo" if model == "SDPORec" else "causal_dpo")))) == 1
+    stage = "sdpo" if model == "SDPORec" else "causal_dpo"
+    assert len(glob.glob(str(in_tmp / "saved" / "stages" / f"{stage}-*" / "model.safetensors"))) == 1
     (checkpoint,) = glob.glob(str(in_tmp / "saved" / f"{model}-*.pth"))
     _, reloaded, fresh, *_ = _rebuild(checkpoint)  # strict load_state_dict into a fresh instance
     changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(fresh[k], v)]
@@ -132,7 +133,7 @@ def test_unknown_dpo_key_is_a_config_error(in_tmp):
     config = dict(TINY, dpo_args={"num_train_epochs": 1, "not_a_field": 3})
     with pytest.raises(CausalRecError, match="not_a_field"):
         causalrec.run("SDPORec", "retail-sim", config_dict=config)
-    assert not glob.glob(str(in_tmp / "saved" / "SDPORec-*" / "sft"))  # failed before the SFT stage
+    assert not (in_tmp / "saved" / "stages").exists()  # failed before the SFT stage
 
 
 def test_missing_prepared_dir_is_a_clear_error(in_tmp):
@@ -153,11 +154,13 @@ def test_user_stage_args_update_the_yaml_defaults_instead_of_replacing_them():
 
     import yaml
 
+    from causalrec.models.genrec import GenRec
     from causalrec.registry import properties_dir
     from causalrec.trainer import LLMTrainer
 
-    defaults = yaml.safe_load((properties_dir() / "model" / "GenRec.yaml").read_text())["sft_args"]
-    fake = types.SimpleNamespace(config={"model": "GenRec", "sft_args": {"num_train_epochs": 7}})
+    defaults = yaml.safe_load((properties_dir() / "model" / "LLMRecommender.yaml").read_text())["sft_args"]
+    fake = types.SimpleNamespace(config={"model": "GenRec", "sft_args": {"num_train_epochs": 7}},
+                                 model=object.__new__(GenRec))
     merged = LLMTrainer._stage_args(fake, "sft_args")
     assert merged["num_train_epochs"] == 7
     assert merged["learning_rate"] == defaults["learning_rate"]

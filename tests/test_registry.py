@@ -77,3 +77,19 @@ def test_properties_found_from_installed_wheel(tmp_path):
     props, mask = out.stdout.strip().splitlines()[-2:]
     assert props.startswith(str(target)), props
     assert mask in ("False", "True")
+
+
+def test_model_yaml_layers_follow_the_class_hierarchy():
+    """CausalDPO reads LLMRecommender.yaml, then SDPORec.yaml, then its own: keys shared by the LLM models live in one
+    file, and a subclass's file wins."""
+    from causalrec.models.causaldpo import CausalDPO
+    from causalrec.models.genrec import GenRec
+    from causalrec.quick_start import make_config
+
+    assert [p.stem for p in registry.model_yaml_files(CausalDPO)] == ["LLMRecommender", "SDPORec", "CausalDPO"]
+    assert [p.stem for p in registry.model_yaml_files(GenRec)] == ["LLMRecommender"]
+    config = make_config("CausalDPO", "retail-sim", config_dict={"sim_users": 60, "sim_items": 30})
+    defaults = registry.model_defaults(CausalDPO)
+    for key in ("sft_args", "dpo_args", "tau", "beta"):  # one from each layer
+        assert config[key] == defaults[key]
+    assert "dpo_args" not in registry.model_defaults(GenRec)

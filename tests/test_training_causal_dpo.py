@@ -34,7 +34,7 @@ def _lora_trainer(cls, args, tok, records=None):
 def test_config_validation(tmp_path):
     args = _causal(tmp_path)
     defaults = (args.n_environments, args.env_source, args.tau, args.invariance, args.lambda_inv)
-    assert defaults == (4, "latent", 1.0, "mmd", 0.1)
+    assert defaults == (4, "latent", 0.1, "mmd", 0.1)
     for bad in ({"n_environments": 0}, {"tau": 0.0}, {"lambda_inv": -1.0}, {"mmd_bandwidths": [0.0]},
                 {"beta": 0.0}, {"inv_warmup_steps": -1}):
         with pytest.raises(ConfigError):

@@ -12,6 +12,7 @@ from causalrec.errors import ConfigError, DataError
 from causalrec.training.environments import (
     EnvironmentModel,
     active_environments,
+    assignment_entropy,
     backdoor_loss,
     balance_loss,
     cluster_loss,
@@ -187,3 +188,32 @@ def test_clustering_recovers_planted_environments():
     ari = adjusted_rand_score(labels.numpy(), env(h).argmax(1).numpy())
     print(f"adjusted Rand index: {ari_seed:.3f} after k-means++ seeding, {ari:.3f} after training")
     assert ari >= 0.9
+
+
+def _train_prototypes(tau: float, k: int = 4, dim: int = 64, per: int = 200, steps: int = 200):
+    """Overlapping clusters in a high-dimensional space (like an LLM's prompt states), clustering losses only."""
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(k, dim, generator=gen) * 0.35
+    h = means[torch.arange(k).repeat_interleave(per)] + torch.randn(k * per, dim, generator=gen)
+    env = EnvironmentModel(k, dim, tau=tau)
+    env.initialize(h[:256], seed=1)
+    optimizer = torch.optim.Adam(env.parameters(), lr=1e-2)
+    for _ in range(steps):
+        batch = h[torch.randint(k * per, (32,), generator=gen)]
+        distortion, balance = env.clustering_losses(batch, env(batch))
+        optimizer.zero_grad()
+        (distortion + balance).backward()
+        optimizer.step()
+    return assignment_entropy(env(h)).item(), torch.pdist(env.prototypes.detach()).min().item()
+
+
+def test_default_tau_keeps_environments_apart():
+    """With too soft a temperature the assignments are uniform, the distortion pulls every prototype to the mean
+    and CausalDPO degenerates to S-DPO (seen on retail-sim with tau=1: identical metrics to 4 decimals)."""
+    from causalrec.training.causal_dpo import CausalDPOConfig
+
+    tau = CausalDPOConfig.__dataclass_fields__["tau"].default
+    entropy, gap = _train_prototypes(tau)
+    assert entropy < math.log(4) - 0.3 and gap > 0.1
+    collapsed_entropy, collapsed_gap = _train_prototypes(1.0)
+    assert collapsed_entropy == pytest.approx(math.log(4), abs=1e-3) and collapsed_gap < 0.05

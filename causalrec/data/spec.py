@@ -80,8 +80,10 @@ class DataSpec:
         source: input file (online-retail: UCI .csv/.csv.gz/.xlsx; csv: any table; ml-100k: a folder
             with ml-100k.inter/.item/.user, default RecBole's bundled copy). Unused by retail-sim.
         split: iid | temporal | seasonal | regional | popularity | mixed (None: dataset default).
-        seed: seeds the simulator, the regional valid-user draw and the shift-evidence control.
-            RecBole's own ``seed`` (default 2020), so ``causalrec run`` and ``data prepare`` agree.
+        seed: seeds the simulator, the regional valid-user draw and the shift-evidence control. In a
+            RecBole config this is the key ``data_seed`` (default 2020, ``properties/overall.yaml``), kept apart
+            from RecBole's ``seed`` so that re-drawing model seeds trains on the same data; ``from_mapping``
+            reads ``data_seed`` and falls back to ``seed`` when a mapping has no ``data_seed``.
         min_user_inter, min_item_inter: k-core thresholds, iterated to a fixed point.
         max_history: sequence files keep each history's last this-many items.
         exclude_stock_codes: online-retail non-product stock codes dropped (case-insensitive, ``*`` wildcard).
@@ -200,14 +202,19 @@ class DataSpec:
     def from_mapping(cls, mapping: Mapping[str, Any], strict: bool = False) -> "DataSpec":
         """The spec from a (merged) config mapping: known keys are taken, ``None`` values mean default.
 
+        The mapping's ``data_seed`` (a RecBole config key) becomes ``seed``; without it, ``seed`` is used.
+
         With ``strict``, any other key is an error naming it and the valid keys.
         """
         known = cls.field_names()
         if strict:
             for key in mapping:
-                if key not in known:
-                    raise UnknownNameError("data config key", key, known)
-        return cls(**{k: v for k, v in mapping.items() if k in known and v is not None})
+                if key not in known and key != "data_seed":
+                    raise UnknownNameError("data config key", key, (*known, "data_seed"))
+        values = {k: v for k, v in mapping.items() if k in known and v is not None}
+        if mapping.get("data_seed") is not None:  # the data's seed, independent of RecBole's model ``seed``
+            values["seed"] = mapping["data_seed"]
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (tuples become lists)."""

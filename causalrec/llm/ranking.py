@@ -339,23 +339,25 @@ def _prefix_attention(module, query, key, value, attention_mask, scaling=None, d
     hkv, P = pk.shape[1], pk.shape[2]
     g = hq // hkv  # query heads per KV head (grouped-query attention)
     scale = scaling if scaling is not None else hd**-0.5
-    q = query.view(B, c, hkv, g, hd)
-    sp = torch.matmul(q.permute(0, 2, 1, 3, 4).reshape(B, hkv, c * g, hd), pk.transpose(-1, -2)).float() * scale
-    sp = sp.view(B, hkv, c, g, P).permute(0, 2, 1, 3, 4)  # [B, c, h_kv, g, P]
+    # The big tensors over the P prompt positions are laid out like the prompt KV, [B, h_kv, c, g, P], made
+    # contiguous by their matmul and updated in place; only the small per-row tensors (query, output) are
+    # permuted, never the [.., P] ones (permuting those made a 4k-item walk ~7 % slower in CPU time).
+    q = query.view(B, c, hkv, g, hd) * scale
+    sp = torch.matmul(q.transpose(1, 2).reshape(B, hkv, c * g, hd), pk.transpose(-1, -2)).float()
+    sp = sp.view(B, hkv, c, g, P)
     ko, vo = key.view(B, c, hkv, -1, hd), value.view(B, c, hkv, -1, hd)
-    so = torch.matmul(q, ko.transpose(-1, -2)).float() * scale  # [B, c, h_kv, g, d + 1]
+    so = torch.matmul(q, ko.transpose(-1, -2)).float()  # [B, c, h_kv, g, d + 1]
     softcap = kwargs.get("softcap")
     if softcap:
         sp, so = torch.tanh(sp / softcap) * softcap, torch.tanh(so / softcap) * softcap
     if st.prompt_mask is not None:
-        sp = sp.masked_fill(~st.prompt_mask[:, None, None, None, :], float("-inf"))
-    top = torch.maximum(sp.amax(-1, keepdim=True), so.amax(-1, keepdim=True))
-    ep, eo = torch.exp(sp - top), torch.exp(so - top)
-    norm = ep.sum(-1, keepdim=True) + eo.sum(-1, keepdim=True)
-    ep, eo = (ep / norm).to(query.dtype), (eo / norm).to(query.dtype)
-    out_p = torch.matmul(ep.permute(0, 2, 1, 3, 4).reshape(B, hkv, c * g, P), pv)
-    out_p = out_p.view(B, hkv, c, g, hd).permute(0, 2, 1, 3, 4)
-    out = out_p + torch.matmul(eo, vo)  # [B, c, h_kv, g, hd]
+        sp.masked_fill_(~st.prompt_mask[:, None, None, None, :], float("-inf"))
+    top = torch.maximum(sp.amax(-1, keepdim=True), so.amax(-1, keepdim=True).transpose(1, 2))  # [B, h_kv, c, g, 1]
+    ep, eo = sp.sub_(top).exp_(), so.sub_(top.transpose(1, 2)).exp_()  # fresh tensors: in place is safe
+    norm = ep.sum(-1, keepdim=True).transpose(1, 2) + eo.sum(-1, keepdim=True)  # [B, c, h_kv, g, 1]
+    # normalise the [.., hd] output rather than the [.., P] probabilities: one pass over P saved
+    out_p = torch.matmul(ep.view(B, hkv, c * g, P).to(query.dtype), pv).view(B, hkv, c, g, hd).transpose(1, 2)
+    out = (torch.matmul(eo.to(query.dtype), vo) + out_p) / norm.to(query.dtype)  # [B, c, h_kv, g, hd]
     return out.reshape(B * c, 1, hq, hd), None
 
 
@@ -431,9 +433,10 @@ class _NodeWalker:
             self.next_path = [
                 (k.new_empty(B, M, k.shape[2], d + 1, k.shape[4]), v.new_empty(B, M, v.shape[2], d + 1, v.shape[4])) for k, v in path
             ]
-        for (nk, nv), (k, v), layer in zip(self.next_path, path, cache.layers):
-            nk[:, m0:m1, :, :d], nv[:, m0:m1, :, :d] = k, v
-            nk[:, m0:m1, :, d:], nv[:, m0:m1, :, d:] = layer.new_kv
+        for (nk, nv), layer in zip(self.next_path, cache.layers):  # the cache joined path + own KV: one copy
+            h, hd = nk.shape[2], nk.shape[4]
+            nk[:, m0:m1] = layer.keys.view(B, c, h, -1, hd)[:, :, :, -(d + 1) :]
+            nv[:, m0:m1] = layer.values.view(B, c, h, -1, hd)[:, :, :, -(d + 1) :]
         return out.logits[:, -1].view(B, c, -1)
 
     def next_level(self, level: TrieLevel) -> None:

@@ -1,10 +1,11 @@
 """CausalDPO: SFT, then S-DPO with a backdoor adjustment over environments and an invariance penalty."""
 
-from causalrec.models.llm_recommender import LLMRecommender
+from causalrec.models.sdporec import SDPORec
 
 
-class CausalDPO(LLMRecommender):
-    """SFT then CausalDPO (``causalrec.training.CausalDPOTrainer``); the YAML keys below map onto ``CausalDPOConfig``."""
+class CausalDPO(SDPORec):
+    """SFT then CausalDPO (``causalrec.training.CausalDPOTrainer``); its YAML (on top of SDPORec's) maps onto
+    ``CausalDPOConfig``."""
 
     alignment = "causal_dpo"
-    method_keys = ("beta", "num_negatives", "n_environments", "env_source", "tau", "invariance", "lambda_inv")
+    method_keys = SDPORec.method_keys + ("n_environments", "env_source", "tau", "invariance", "lambda_inv")

@@ -45,7 +45,7 @@ from causalrec.training.environments import (
     mmd_penalty,
     vrex_penalty,
 )
-from causalrec.training.preference import PreferenceBatch, SDPOConfig, SDPOTrainer, env_id_column
+from causalrec.training.preference import PreferenceBatch, SDPOConfig, SDPOTrainer, env_id_column, require_numbers
 from causalrec.training.trl_compat import backbone_module, pad
 
 logger = logging.getLogger(__name__)
@@ -70,9 +70,11 @@ class CausalDPOConfig(SDPOConfig):
         env_source (`str`, *optional*, defaults to `"latent"`):
             Where environments come from: `"latent"` (soft clustering of prompt representations), `"season"` or
             `"region"` (the known label columns).
-        tau (`float`, *optional*, defaults to `1.0`):
+        tau (`float`, *optional*, defaults to `0.1`):
             Softmax temperature of the soft assignment over L2-normalised representations (squared distances in
-            [0, 4]); smaller is harder.
+            [0, 4]); smaller is harder. At 0.3 and above the assignments of real prompt states are near uniform,
+            the distortion term then pulls every prototype to the mean and the clusters collapse (CausalDPO
+            silently becomes S-DPO); tests/test_training_environments.py pins this.
         env_normalize (`bool`, *optional*, defaults to `True`):
             L2-normalise prompt representations before clustering, so `tau` means the same for every backbone.
         invariance (`str`, *optional*, defaults to `"mmd"`):
@@ -102,7 +104,7 @@ class CausalDPOConfig(SDPOConfig):
     env_source: str = field(
         default="latent", metadata={"help": "Environment source: 'latent', 'season' or 'region'."}
     )
-    tau: float = field(default=1.0, metadata={"help": "Temperature of the soft environment assignment."})
+    tau: float = field(default=0.1, metadata={"help": "Temperature of the soft environment assignment."})
     env_normalize: bool = field(
         default=True, metadata={"help": "L2-normalise prompt representations before clustering."}
     )
@@ -131,6 +133,13 @@ class CausalDPOConfig(SDPOConfig):
             raise UnknownNameError("env_source", self.env_source, ENV_SOURCES)
         if self.invariance not in INVARIANCES:
             raise UnknownNameError("invariance", self.invariance, INVARIANCES)
+        require_numbers(self, integers=("n_environments", "inv_warmup_steps", "env_init_samples"),
+                        numbers=("tau", "lambda_inv", "cluster_weight", "balance_weight", "prototype_learning_rate",
+                                 "prior_momentum"))
+        if not isinstance(self.mmd_bandwidths, (list, tuple)) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.mmd_bandwidths
+        ):
+            raise ConfigError(f"mmd_bandwidths must be a list of numbers; got {self.mmd_bandwidths!r}")
         checks = {
             "n_environments must be >= 1": self.n_environments >= 1,
             "tau must be > 0": self.tau > 0,
@@ -177,7 +186,8 @@ class _PrototypeGradients(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:  # untested: no multi-GPU CI
+        # DDP on 2 CPU processes: tests/test_scale_accelerate.py
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             for p in self.module.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
@@ -309,7 +319,9 @@ class CausalDPOTrainer(SDPOTrainer):
         mask = active_environments(q)
         risks = environment_risks(losses, q)
         env = self.environment_model
-        prior = env.prior if env is not None else self.env_prior
+        prior = self.env_prior
+        if env is not None:
+            prior = self._prior_for_batch(q) if mode == "train" and self.n_environments > 1 else env.prior
         adjusted = backdoor_loss(risks, prior, mask)
         penalty = self.invariance_penalty(batch, q, mask, risks)
         lam = self.current_lambda_inv()
@@ -320,8 +332,6 @@ class CausalDPOTrainer(SDPOTrainer):
             loss = loss + self.args.cluster_weight * distortion + self.args.balance_weight * balance
             metrics["causal/cluster_loss"].append(distortion.item())
             metrics["causal/balance_loss"].append(balance.item())
-            if mode == "train":
-                env.update_prior(q)
         metrics["causal/backdoor_loss"].append(adjusted.item())
         metrics["causal/penalty"].append(penalty.item())
         metrics["causal/lambda_inv"].append(lam)
@@ -329,6 +339,26 @@ class CausalDPOTrainer(SDPOTrainer):
         for k in torch.nonzero(mask).flatten().tolist():
             metrics[f"causal/risk/{self.env_names[k]}"].append(risks[k].item())
         return loss
+
+    def _prior_for_batch(self, q: torch.Tensor) -> torch.Tensor:
+        """The latent prior this training micro-batch's loss uses; advances the EMA past the micro-batch.
+
+        Under DDP, process r's micro-batch is micro-batch r of a gradient-accumulation step over all N processes
+        (accelerate gives global batch k to process k mod N): the batch means of all processes are gathered, this
+        process's loss uses the prior with the lower ranks' updates applied, and every process applies all N
+        updates in rank order. So the prior stays identical across processes, and N processes with b rows each
+        train exactly like one process with b rows and ``gradient_accumulation_steps=N``.
+        """
+        env = self.environment_model
+        means = q.detach().mean(dim=0, keepdim=True)
+        if self.accelerator.num_processes > 1:
+            means = self.accelerator.gather(means)  # [N, K] in rank order
+        prior = None
+        for rank, row in enumerate(means):
+            if rank == self.accelerator.process_index:
+                prior = env.prior.clone()
+            env.update_prior(row.unsqueeze(0))
+        return prior
 
     # ------------------------------------------------------------------------- optimizer, saving
     def create_optimizer(self, model=None):

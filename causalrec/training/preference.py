@@ -50,6 +50,17 @@ def env_id_column(name: str) -> str:
     return f"{name}_id"
 
 
+def require_numbers(config, integers: Sequence[str] = (), numbers: Sequence[str] = ()) -> None:
+    """A ConfigError naming each field that is not an integer (``integers``) or a number (``numbers``), so a
+    value such as ``beta="high"`` fails with what it must be instead of a TypeError inside a comparison."""
+    wrong = [f"{name} must be an integer; got {getattr(config, name)!r}" for name in integers
+             if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), int)]
+    wrong += [f"{name} must be a number; got {getattr(config, name)!r}" for name in numbers
+              if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), (int, float))]
+    if wrong:
+        raise ConfigError(f"invalid {type(config).__name__}: " + "; ".join(wrong))
+
+
 @dataclass
 class SDPOConfig(DPOConfig):
     r"""
@@ -92,6 +103,7 @@ class SDPOConfig(DPOConfig):
 
     def __post_init__(self):
         resolve_device_defaults(self)
+        require_numbers(self, integers=("num_negatives",), numbers=("beta",))
         if self.num_negatives < 1:
             raise ConfigError(f"num_negatives must be >= 1; got {self.num_negatives}")
         if self.beta <= 0:

@@ -9,6 +9,7 @@ are dropped and counted; exact duplicate (user, item, time) rows are dropped and
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from causalrec.data.sources.tables import parse_times, read_table, require_columns
@@ -42,6 +43,7 @@ def load(spec: DataSpec) -> tuple[pd.DataFrame, dict]:
     table = table[~blank.to_numpy()]
     if table.empty:
         raise DataError(f"{what}: every row lacks a user or an item")
+    _check_epoch_numbers(table[spec.csv_time], column=spec.csv_time, what=what, time_format=spec.csv_time_format)
     frame = pd.DataFrame({
         "user_id": table[spec.csv_user].astype(str).str.strip().to_numpy(),
         "item_id": table[spec.csv_item].astype(str).str.strip().to_numpy(),
@@ -64,3 +66,23 @@ def load(spec: DataSpec) -> tuple[pd.DataFrame, dict]:
     counts["dropped_duplicate"] = before - len(frame)
     counts["rows_clean"] = len(frame)
     return frame, counts
+
+
+def _check_epoch_numbers(values: pd.Series, *, column: str, what: str, time_format: str | None) -> None:
+    """A time column of epoch numbers with a few bad cells (``inf``, ``1e400``, ``yesterday``): name the first
+    bad cell. Without this, one non-number sends the whole column to date parsing, which then blames a good
+    number. Columns that are mostly dates, and empty cells, are left to ``parse_times``."""
+    if time_format not in (None, "unix", "unix_ms"):
+        return
+    missing = values.isna().to_numpy() | (values.astype(str).str.strip() == "").to_numpy()
+    numbers = pd.to_numeric(values.astype(str).str.strip(), errors="coerce").to_numpy(dtype=np.float64)
+    finite = np.isfinite(numbers) | missing
+    numeric_like = ~np.isnan(numbers)  # inf and 1e400 look like numbers too
+    if finite.all() or (time_format is None and numeric_like[~missing].mean() < 0.5):
+        return
+    position = int(np.flatnonzero(~finite)[0])
+    label = values.index[position]
+    row = int(label) + 1 if isinstance(label, (int, np.integer)) else position + 1
+    raise DataError(f"{what}: column {column!r} holds epoch-second numbers, but {int((~finite).sum())} value(s) are "
+                    f"not finite numbers; first: {values.iloc[position]!r} at data row {row}. Fix them, or set "
+                    f"csv_time_format if the column holds dates")

@@ -1,0 +1,450 @@
+"""``causalrec compare``: every model x split x seed through ``causalrec.run``, cached, then tables and plots.
+
+Each cell trains one model on one split with one RecBole ``seed`` through ``causalrec.run``: the same prepared
+data (the data's randomness follows ``data_seed``, not ``seed``), the same evaluator (``metrics``, ``topk``,
+``valid_metric`` and ``mask_history`` are shared by every cell) and the same history protocol. A finished cell
+is written atomically as JSON under ``<out>/cells/``, named by a hash of its whole RecBole config, so a re-run
+or an interrupted run only trains what is missing. A cell that fails is recorded with its error; the grid goes
+on and the report lists it.
+
+Outputs under ``<out>``: ``results.csv`` (model, split, seed, environment, metric, value), ``report.md``
+(mean ± std tables, OOD drop from iid, worst environments, significance against ``baseline``, failed cells),
+``significance.csv``, ``failures.csv`` and ``plots/*.png``.
+
+Config layering, later wins: causalrec's evaluation defaults < ``config_files`` < ``params``; in files and
+params a top-level key naming a model holds settings for that model only (``SASRec: {hidden_size: 64}``,
+``--param SASRec.hidden_size=64``) and wins over the shared keys of the same source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.experiments.configs import digest, layer, split_sections, write_atomic
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_MODELS = ("Pop", "ItemKNN", "BPR", "GRU4Rec", "SASRec", "LightGCN", "GenRec", "SDPORec", "CausalDPO")
+DEFAULT_SPLITS = ("iid", "seasonal", "regional")
+# One evaluator for every cell: these keys may be set for the whole comparison, never per model.
+EVAL_DEFAULTS: dict[str, Any] = {
+    "metrics": ["Recall", "NDCG", "Hit", "MRR", "Precision"],
+    "topk": [10, 20],
+    "valid_metric": "NDCG@10",
+}
+EVAL_KEYS = ("metrics", "topk", "valid_metric", "mask_history", "env_metrics")
+# The grid sets these per cell.
+GRID_KEYS = ("split", "seed", "checkpoint_dir")
+# Final-config keys that do not change a cell's result (paths, devices, logging): left out of its hash.
+VOLATILE_KEYS = frozenset({
+    "checkpoint_dir", "data_path", "data_cache_dir", "prepared_dir", "stage_cache_dir", "device", "gpu_id",
+    "use_gpu", "show_progress", "state", "log_wandb", "wandb_project", "worker", "local_rank", "single_spec",
+    "nproc", "world_size", "offset", "ip", "port", "save_dataset", "save_dataloaders", "dataset_save_path",
+    "dataloaders_save_path", "resume", "resume_save_steps", "eval_batch_size", "rank_batch_size",
+})
+CELL_FORMAT = 1
+
+
+@dataclass
+class CompareConfig:
+    """What to compare and where to write it.
+
+    Args:
+        models: RecBole or causalrec model names.
+        dataset: a causalrec dataset (``retail-sim``, ``online-retail``, ``csv``) or any RecBole dataset.
+        splits: causalrec splits (``iid``, ``seasonal``, ``regional``, ``temporal``, ``popularity``, ``mixed``);
+            ``iid`` is the reference of the "drop vs iid" columns.
+        seeds: RecBole ``seed`` values, or a count ``n`` meaning 2020 .. 2020 + n - 1 (2020 is RecBole's
+            default, so seed 2020 matches a plain ``causalrec run``). The data stays the same (``data_seed``).
+        out: output folder; cells are cached in ``<out>/cells``.
+        config_files: RecBole YAML files for every cell (top-level model-name keys: that model only).
+        params: config keys for every cell, over the files (``"Model.key"`` or ``{"Model": {...}}``: that
+            model only; ``"sft_args.max_steps"``: one field of a dict-valued key).
+        baseline: model every other model is tested against (paired per-user Wilcoxon, paired t-test over
+            seeds); None: no significance section.
+        report_metrics: metrics of the markdown tables, plots and tests (RecBole names, e.g. ``ndcg@10``).
+        retry_failed: re-run cells recorded as failed (finished cells are never re-run).
+        keep_checkpoints: keep each cell's model checkpoint under ``<out>/checkpoints`` (off: deleted after
+            testing). LLM training stages are shared through ``<out>/stages`` unless ``stage_cache_dir`` is set.
+        plots: write PNG plots.
+        show_progress: a progress bar over cells.
+    """
+
+    models: Sequence[str] = DEFAULT_MODELS
+    dataset: str = "retail-sim"
+    splits: Sequence[str] = DEFAULT_SPLITS
+    seeds: int | Sequence[int] = 3
+    out: str | Path = "compare-results"
+    config_files: Sequence[str | Path] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    report_metrics: Sequence[str] = ("ndcg@10", "recall@10")
+    retry_failed: bool = True
+    keep_checkpoints: bool = False
+    plots: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self):
+        from causalrec.data import SPLITS
+        from causalrec.quick_start import model_names
+
+        self.models = _names("models", self.models)
+        self.splits = _names("splits", self.splits)
+        for model in self.models:
+            if model not in model_names():
+                raise UnknownNameError("model", model, model_names())
+        for split in self.splits:
+            if split not in SPLITS:
+                raise UnknownNameError("split", split, SPLITS)
+        if self.baseline is not None and self.baseline not in self.models:
+            raise ConfigError(f"baseline {self.baseline!r} is not one of the compared models "
+                              f"({', '.join(self.models)}); add it to the models or choose another")
+        self.report_metrics = [m.lower() for m in _names("report_metrics", self.report_metrics)]
+        self.out = Path(self.out)
+        self.seed_list()  # validates
+
+    def seed_list(self) -> list[int]:
+        seeds = self.seeds
+        if isinstance(seeds, bool) or not isinstance(seeds, (int, Sequence)) or isinstance(seeds, str):
+            raise ConfigError(f"seeds must be a count or a list of integers; got {seeds!r}")
+        if isinstance(seeds, int):
+            if seeds < 1:
+                raise ConfigError(f"seeds must be >= 1; got {seeds}")
+            return [2020 + i for i in range(seeds)]
+        out = list(seeds)
+        if not out or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out) or len(set(out)) < len(out):
+            raise ConfigError(f"seeds must be distinct integers >= 0; got {seeds!r}")
+        return out
+
+
+@dataclass
+class Cell:
+    """One (model, split, seed) run: its ``causalrec.run`` settings and the hash of its whole config."""
+
+    model: str
+    split: str
+    seed: int
+    params: dict[str, Any]
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}/{self.split}/seed {self.seed}"
+
+    def path(self, out: Path) -> Path:
+        return out / "cells" / f"{self.model}-{self.split}-seed{self.seed}-{self.key[:16]}.json"
+
+
+def _names(what: str, value: str | Sequence[str]) -> list[str]:
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+    items = [v for v in items if v]
+    if not items:
+        raise ConfigError(f"{what} must name at least one entry")
+    if len(set(items)) < len(items):
+        raise ConfigError(f"{what} lists an entry twice: {items}")
+    return items
+
+
+# ------------------------------------------------------------------------------------------ planning
+def cell_params(config: CompareConfig) -> dict[str, dict[str, Any]]:
+    """Each model's ``causalrec.run`` settings (without the grid's split/seed/checkpoint_dir)."""
+    from causalrec.quick_start import model_names, read_config_files
+
+    known = model_names()
+    file_shared, file_models = split_sections(read_config_files(config.config_files), known)
+    param_shared, param_models = split_sections(config.params, known)
+    for source, sections in (("config files", file_models), ("params", param_models)):
+        for model, section in sections.items():
+            fixed = sorted({k.partition(".")[0] for k in section} & set(EVAL_KEYS + GRID_KEYS))
+            if fixed:
+                raise ConfigError(f"{source}: {model}'s section sets {fixed}; every cell of a comparison shares "
+                                  f"one evaluator and the grid sets split/seed, so set them for all models")
+    for source, shared in (("config files", file_shared), ("params", param_shared)):
+        fixed = sorted(set(shared) & set(GRID_KEYS))
+        if fixed:
+            raise ConfigError(f"{source} set {fixed}: the grid sets these per cell; use --splits/--seeds "
+                              f"(and --out for where checkpoints go)")
+    out = {}
+    for model in config.models:
+        params = layer(EVAL_DEFAULTS, file_shared)
+        params = layer(params, file_models.get(model, {}))
+        params = layer(params, param_shared)
+        params = layer(params, param_models.get(model, {}))
+        params.setdefault("show_progress", False)  # the grid's bar is the progress
+        if params.get("stage_cache_dir") is None:
+            params["stage_cache_dir"] = str((config.out / "stages").resolve())
+        out[model] = params
+    return out
+
+
+def _config_identity(model: str, dataset: str, params: dict[str, Any]) -> dict[str, Any]:
+    """What a cell's result depends on: RecBole's final config without paths/devices, and the data's hash."""
+    import causalrec
+    from causalrec.quick_start import make_config
+
+    final = make_config(model, dataset, config_dict=params).final_config_dict
+    identity = {k: v for k, v in final.items() if k not in VOLATILE_KEYS}
+    if final.get("prepared_dir"):  # <cache>/<dataset>/<hash16>/<dataset>: the prepared files' input hash
+        identity["data_hash"] = Path(final["prepared_dir"]).parent.name
+    identity["causalrec_version"] = causalrec.__version__
+    return identity
+
+
+def plan(config: CompareConfig) -> list[Cell]:
+    """Every cell, in run order (split, then seed, then model); a bad setting fails here, before any training."""
+    from causalrec.quick_start import validate
+
+    per_model = cell_params(config)
+    for model, params in per_model.items():
+        validate(model, config.dataset, params)
+    cells = []
+    for split in config.splits:
+        for seed in config.seed_list():
+            for model in config.models:
+                params = {**per_model[model], "split": split, "seed": seed}
+                key = digest({"format": CELL_FORMAT, "model": model, "dataset": config.dataset,
+                              "config": _config_identity(model, config.dataset, params)})
+                cells.append(Cell(model, split, seed, params, key))
+    return cells
+
+
+# ------------------------------------------------------------------------------------------- running
+def load_cell(cell: Cell, out: Path) -> dict[str, Any] | None:
+    path = cell.path(out)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:  # written atomically, so this is outside damage: re-run
+        _log.warning("cell file %s is unreadable (%s); running the cell again", path, err)
+        return None
+    return record if record.get("key") == cell.key else None
+
+
+def _cases_json(cases: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not cases:
+        return None
+    return {
+        "user": [str(u) for u in cases["user"]],
+        "metrics": {m: [round(float(v), 6) for v in values] for m, values in cases["metrics"].items()},
+        "environments": {f: [str(x) for x in labels] for f, labels in cases.get("environments", {}).items()},
+    }
+
+
+def run_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Train and test one cell through ``causalrec.run``; write and return its record (failures included)."""
+    from causalrec.evaluation import collect_cases
+    from causalrec.quick_start import run
+
+    checkpoints = out / "checkpoints" / cell.key[:16]
+    record: dict[str, Any] = {"format": CELL_FORMAT, "key": cell.key, "model": cell.model, "dataset": dataset,
+                              "split": cell.split, "seed": cell.seed, "params": cell.params}
+    start = time.perf_counter()
+    try:
+        with collect_cases() as cases:
+            result = run(cell.model, dataset, config_dict={**cell.params, "checkpoint_dir": str(checkpoints)},
+                         saved=True)
+    except Exception as err:  # noqa: BLE001 - a failing cell is a result to report, not the end of the grid
+        record.update(status="failed", error=f"{type(err).__name__}: {err}",
+                      traceback="".join(traceback.format_exception(err)[-6:]))
+        _log.warning("cell %s failed: %s", cell.name, record["error"])
+    else:
+        record.update(status="ok", result=result, cases=_cases_json(cases[-1] if cases else None))
+    finally:
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                checkpoints.parent.rmdir()  # only when no other cell keeps one
+        gc.collect()
+        _empty_device_cache()
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_atomic(cell.path(out), json.dumps(record, indent=1, default=str))
+    return json.loads(json.dumps(record, default=str))  # the same plain JSON a cache hit returns
+
+
+def _empty_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_cells(cells: Sequence[Cell], config: CompareConfig) -> tuple[list[dict[str, Any]], int]:
+    """Records of every cell (cached or run) and how many were run now."""
+    from tqdm.auto import tqdm
+
+    records, trained = [], 0
+    bar = tqdm(cells, desc="compare", unit="cell", disable=not config.show_progress)
+    for cell in bar:
+        record = load_cell(cell, config.out)
+        if record is not None and (record.get("status") == "ok" or not config.retry_failed):
+            _log.debug("cell %s: cached (%s)", cell.name, record.get("status"))
+            bar.set_postfix_str(f"{cell.name}: cached")
+        else:
+            record = run_cell(cell, config.dataset, config.out, config.keep_checkpoints)
+            trained += 1
+            _log.info("cell %s: %s in %.1fs", cell.name, record["status"], record["seconds"])
+            bar.set_postfix_str(f"{cell.name}: {record['status']} {record['seconds']:.1f}s")
+        records.append(record)
+    bar.close()
+    return records, trained
+
+
+# ------------------------------------------------------------------------------------------- results
+def results_frame(records: Sequence[Mapping[str, Any]]):
+    """One row per (model, split, seed, environment, metric) of the finished cells; ``environment`` is
+    ``all`` or ``<field>=<label>`` (``<field>=<worst>``: that field's worst environment)."""
+    import pandas as pd
+
+    rows = []
+    for rec in records:
+        if rec.get("status") != "ok":
+            continue
+        result = rec["result"]
+        base = (rec["model"], rec["split"], int(rec["seed"]))
+        for metric, value in result["test_result"].items():
+            rows.append((*base, "all", metric, float(value)))
+        for env_field, by_label in (result.get("test_env_result") or {}).items():
+            for label, metrics in by_label.items():
+                for metric, value in metrics.items():
+                    if metric != "cases":
+                        rows.append((*base, f"{env_field}={label}", metric, float(value)))
+    return pd.DataFrame(rows, columns=["model", "split", "seed", "environment", "metric", "value"])
+
+
+def failures_frame(records: Sequence[Mapping[str, Any]]):
+    import pandas as pd
+
+    rows = [(r["model"], r["split"], int(r["seed"]), r.get("error", "")) for r in records if r.get("status") != "ok"]
+    return pd.DataFrame(rows, columns=["model", "split", "seed", "error"])
+
+
+def compare(
+    models: str | Sequence[str] = DEFAULT_MODELS,
+    dataset: str = "retail-sim",
+    *,
+    splits: str | Sequence[str] = DEFAULT_SPLITS,
+    seeds: int | Sequence[int] = 3,
+    out: str | Path = "compare-results",
+    config_files: Sequence[str | Path] = (),
+    params: Mapping[str, Any] | None = None,
+    baseline: str | None = None,
+    report_metrics: Sequence[str] = ("ndcg@10", "recall@10"),
+    retry_failed: bool = True,
+    keep_checkpoints: bool = False,
+    plots: bool = True,
+    show_progress: bool = True,
+):
+    """Run (or load from ``out``) every model x split x seed cell and write the comparison's outputs.
+
+    Returns the long results table (``results.csv``): columns model, split, seed, environment, metric, value.
+    ``frame.attrs`` carries ``failures`` (a DataFrame of failed cells with their errors), ``significance``
+    (a DataFrame, empty without a baseline), ``trained`` (cells run now, not loaded) and ``files`` (paths).
+
+    Example::
+
+        frame = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="iid,seasonal", seeds=3,
+                                  params={"epochs": 50, "SASRec.hidden_size": 64}, out="runs/cmp")
+    """
+    config = CompareConfig(
+        models=models, dataset=dataset, splits=splits, seeds=seeds, out=out, config_files=config_files,
+        params=dict(params or {}), baseline=baseline, report_metrics=report_metrics, retry_failed=retry_failed,
+        keep_checkpoints=keep_checkpoints, plots=plots, show_progress=show_progress,
+    )
+    return run_comparison(config)
+
+
+def run_comparison(config: CompareConfig):
+    """``compare`` for a ``CompareConfig``."""
+    from causalrec.experiments import report
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    cells = plan(config)
+    _log.info("compare: %d cells (%d models x %d splits x %d seeds) in %s", len(cells), len(config.models),
+              len(config.splits), len(config.seed_list()), config.out)
+    records, trained = run_cells(cells, config)
+    results, failures = results_frame(records), failures_frame(records)
+    files = {"results": config.out / "results.csv", "failures": config.out / "failures.csv"}
+    write_atomic(files["results"], results.to_csv(index=False))
+    write_atomic(files["failures"], failures.to_csv(index=False))
+    significance = report.significance(results, records, config.baseline, config.report_metrics) \
+        if config.baseline else report.empty_significance()
+    write_atomic(config.out / "significance.csv", significance.to_csv(index=False))
+    files["significance"] = config.out / "significance.csv"
+    protocol = next((r["result"].get("protocol") for r in records if r.get("status") == "ok"), None)
+    text = report.markdown(results, failures, significance, config, protocol=protocol)
+    files["report"] = config.out / "report.md"
+    write_atomic(files["report"], text)
+    if config.plots:
+        files["plots"] = report.plots(results, config.report_metrics, config.out / "plots",
+                                      cases=report.environment_cases(records))
+    _log.info("compare: %d cells run now, %d loaded, %d failed; report %s", trained, len(records) - trained,
+              len(failures), files["report"])
+    results.attrs.update(failures=failures, significance=significance, trained=trained,
+                         files={k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()})
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_parser(subparsers) -> None:
+    """``causalrec compare`` (found by ``causalrec.cli.build_parser``)."""
+    from causalrec.cli import _add_config_options
+
+    p = subparsers.add_parser(
+        "compare", help="models x splits x seeds -> results.csv, mean ± std tables, significance, plots",
+        description="Train and test every model on every split with every seed through causalrec run "
+                    "(same data, evaluator and protocol), caching finished cells under --out.")
+    p.add_argument("--dataset", "-d", default="retail-sim")
+    p.add_argument("--models", "-m", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
+    p.add_argument("--splits", "-s", default=",".join(DEFAULT_SPLITS), help="comma-separated splits")
+    p.add_argument("--seeds", default="3", help="a count N (seeds 2020..2020+N-1) or a comma-separated list")
+    _add_config_options(p)
+    p.add_argument("--out", "-o", required=True, help="output folder (cells are cached here)")
+    p.add_argument("--baseline", help="model every other model is tested against (e.g. SDPORec)")
+    p.add_argument("--report-metrics", default="ndcg@10,recall@10", help="metrics of the tables, tests and plots")
+    p.add_argument("--no-retry-failed", action="store_true", help="keep failed cells as they are")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _parse_seeds(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects a count or a comma-separated list of integers; got {text!r}") from None
+    if len(values) == 1 and "," not in str(text):
+        return values[0]
+    return values
+
+
+def _cmd_compare(args) -> int:
+    from causalrec.cli import parse_params
+
+    frame = compare(
+        args.models, args.dataset, splits=args.splits, seeds=_parse_seeds(args.seeds), out=args.out,
+        config_files=args.config_files, params=parse_params(args.param), baseline=args.baseline,
+        report_metrics=args.report_metrics.split(","), retry_failed=not args.no_retry_failed,
+        keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
+    )
+    files = frame.attrs["files"]
+    print(Path(files["report"]).read_text(encoding="utf-8"))
+    print(f"results: {files['results']}  ({len(frame)} rows; {frame.attrs['trained']} cells run now, "
+          f"{len(frame.attrs['failures'])} failed)")
+    return 1 if len(frame.attrs["failures"]) else 0
+
+
+__all__ = ["CompareConfig", "Cell", "compare", "run_comparison", "plan", "run_cell", "results_frame",
+           "DEFAULT_MODELS", "DEFAULT_SPLITS", "EVAL_DEFAULTS"]

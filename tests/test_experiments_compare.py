@@ -1,0 +1,225 @@
+"""``causalrec compare``: counted rows, hand-computed tables, cache hits, scipy significance, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import causalrec
+from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.experiments.compare import CompareConfig, cell_params, plan
+
+TINY = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "epochs": 2}
+GRID = dict(splits="iid,seasonal", seeds=2, baseline="Pop", show_progress=False,
+            params={**TINY, "BPR.learning_rate": 0.01})
+N_METRICS = 10  # Recall, NDCG, Hit, MRR, Precision @ 10, 20: the comparison's one evaluator
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    where = tmp_path_factory.mktemp("compare")
+    old = os.getcwd()
+    os.chdir(where)  # RecBole writes ./log and ./log_tensorboard
+    try:
+        frame = causalrec.compare(["Pop", "BPR"], "retail-sim", out=where / "out", **GRID)
+    finally:
+        os.chdir(old)
+    return where / "out", frame
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+
+
+def test_results_rows_are_cells_times_environments_times_metrics(grid):
+    out, frame = grid
+    records = _records(out)
+    assert len(records) == 2 * 2 * 2 and all(r["status"] == "ok" for r in records)
+    expected = 0
+    for rec in records:
+        envs = 1 + sum(len(labels) for labels in rec["result"]["test_env_result"].values())  # "all" + labels + <worst>
+        assert len(rec["result"]["test_result"]) == N_METRICS
+        expected += envs * N_METRICS
+    csv = pd.read_csv(out / "results.csv")
+    assert len(csv) == expected == len(frame)
+    assert list(csv.columns) == ["model", "split", "seed", "environment", "metric", "value"]
+    assert set(csv["seed"]) == {2020, 2021} and set(csv["split"]) == {"iid", "seasonal"}
+    # overall rows are the cells' test results, and the stored per-case values average to them
+    for rec in records:
+        rows = csv[(csv.model == rec["model"]) & (csv.split == rec["split"]) & (csv.seed == rec["seed"])
+                   & (csv.environment == "all")]
+        assert dict(zip(rows.metric, rows.value)) == pytest.approx(rec["result"]["test_result"])
+        for metric, values in rec["cases"]["metrics"].items():
+            assert np.mean(values) == pytest.approx(rec["result"]["test_result"][metric], abs=6e-5)
+        assert len(set(rec["cases"]["user"])) == len(rec["cases"]["user"])  # one case per user
+
+
+def test_markdown_table_matches_a_hand_computation_from_the_csv(grid):
+    out, _ = grid
+    csv = pd.read_csv(out / "results.csv")
+    report = (out / "report.md").read_text()
+    section = report.split("## ndcg@10\n")[1].split("###")[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| Pop") or line.startswith("| BPR")}
+    means = {}
+    for model in ("Pop", "BPR"):
+        for split in ("iid", "seasonal"):
+            values = list(csv[(csv.model == model) & (csv.split == split) & (csv.environment == "all")
+                              & (csv.metric == "ndcg@10")].value)
+            assert len(values) == 2
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            means[model, split] = mean
+            assert f"{mean:.4f} ± {std:.4f}" in rows[model]
+        drop = (means[model, "seasonal"] - means[model, "iid"]) / means[model, "iid"] * 100
+        assert rows[model].rstrip(" |").endswith(f"{drop:+.1f} %")
+    for split, column in (("iid", 2), ("seasonal", 3)):
+        best = max(("Pop", "BPR"), key=lambda m: means[m, split])
+        assert rows[best].split("|")[column].strip().startswith("**")
+        other = "BPR" if best == "Pop" else "Pop"
+        assert not rows[other].split("|")[column].strip().startswith("**")
+
+
+def test_significance_matches_scipy_on_the_stored_cases(grid):
+    out, _ = grid
+    table = pd.read_csv(out / "significance.csv")
+    records = {(r["model"], r["split"], r["seed"]): r for r in _records(out)}
+    csv = pd.read_csv(out / "results.csv")
+    assert set(table["model"]) == {"BPR"} and set(table["baseline"]) == {"Pop"}
+    for row in table.itertuples():
+        x, y = [], []
+        for seed in (2020, 2021):
+            mine = dict(zip(records["BPR", row.split, seed]["cases"]["user"],
+                            records["BPR", row.split, seed]["cases"]["metrics"][row.metric]))
+            base = dict(zip(records["Pop", row.split, seed]["cases"]["user"],
+                            records["Pop", row.split, seed]["cases"]["metrics"][row.metric]))
+            for user in mine.keys() & base.keys():
+                x.append(mine[user])
+                y.append(base[user])
+        assert row.n_pairs == len(x) > 100
+        w = stats.wilcoxon(x, y)
+        assert row.wilcoxon_p == pytest.approx(w.pvalue, rel=1e-9) and row.wilcoxon_stat == pytest.approx(w.statistic)
+        overall = csv[(csv.split == row.split) & (csv.metric == row.metric) & (csv.environment == "all")]
+        a = overall[overall.model == "BPR"].sort_values("seed").value.to_numpy()
+        b = overall[overall.model == "Pop"].sort_values("seed").value.to_numpy()
+        t = stats.ttest_rel(a, b)
+        assert row.n_seeds == 2 and row.ttest_p == pytest.approx(t.pvalue, rel=1e-9)
+        assert row.diff == pytest.approx((a - b).mean())
+
+
+def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
+    out, frame = grid
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached cell was trained again")
+
+    monkeypatch.setattr("causalrec.quick_start.run", no_training)
+    again = causalrec.compare(["Pop", "BPR"], "retail-sim", out=out, **GRID)
+    assert again.attrs["trained"] == 0 and len(again.attrs["failures"]) == 0
+    pd.testing.assert_frame_equal(again, frame)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == mtimes
+    # the command line with the same settings finds the same cells
+    from causalrec.cli import main
+
+    code = main(["compare", "--models", "Pop,BPR", "--splits", "iid,seasonal", "--seeds", "2", "--baseline", "Pop",
+                 "--out", str(out), "--no-progress", "--no-plots", *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
+                 "-p", "BPR.learning_rate=0.01"])
+    assert code == 0
+
+
+def test_plots_are_written(grid):
+    out, frame = grid
+    plots = sorted(Path(p).name for p in frame.attrs["files"]["plots"])
+    assert plots == sorted(["ndcg_at_10_by_split.png", "recall_at_10_by_split.png",
+                            *(f"{m}_{s}_environments.png" for m in ("ndcg_at_10", "recall_at_10") for s in ("iid", "seasonal"))])
+    assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+
+def test_a_failing_cell_is_reported_and_the_grid_goes_on(in_tmp):
+    # SASRec with 3 heads over a hidden size of 16 passes every config check and fails building the model
+    params = {**TINY, "SASRec.hidden_size": 16, "SASRec.n_heads": 3}
+    frame = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="seasonal", seeds=1, params=params,
+                              out=in_tmp / "out", show_progress=False, plots=False)
+    failures = frame.attrs["failures"]
+    assert list(failures[["model", "split", "seed"]].itertuples(index=False, name=None)) == [("SASRec", "seasonal", 2020)]
+    assert "not a multiple of the number of attention heads" in failures.error[0]
+    assert set(frame.model) == {"Pop"} and len(frame) > 0
+    report = (in_tmp / "out" / "report.md").read_text()
+    assert "## Failed cells" in report and "| SASRec | seasonal | 2020 | ValueError" in report
+    assert "| SASRec | failed |" in report
+    # a re-run retries the failed cell only
+    again = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="seasonal", seeds=1, params=params,
+                              out=in_tmp / "out", show_progress=False, plots=False)
+    assert again.attrs["trained"] == 1
+    kept = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="seasonal", seeds=1, params=params,
+                             out=in_tmp / "out", show_progress=False, plots=False, retry_failed=False)
+    assert kept.attrs["trained"] == 0 and len(kept.attrs["failures"]) == 1
+
+
+def test_per_model_sections_and_layering(in_tmp):
+    (in_tmp / "cmp.yaml").write_text("epochs: 5\nlearning_rate: 0.002\nSASRec:\n  hidden_size: 8\n  epochs: 7\n")
+    config = CompareConfig(models=["BPR", "SASRec"], splits=["seasonal"], seeds=[1, 2], out=in_tmp / "o",
+                           config_files=[in_tmp / "cmp.yaml"],
+                           params={**TINY, "SASRec.learning_rate": 0.01, "GenRec.sft_args.max_steps": 3})
+    params = cell_params(config)
+    assert params["BPR"]["epochs"] == 2 and params["BPR"]["learning_rate"] == 0.002  # --param beats files
+    assert params["SASRec"]["hidden_size"] == 8 and params["SASRec"]["learning_rate"] == 0.01
+    assert params["SASRec"]["epochs"] == 2  # shared params beat a file's model section
+    assert params["BPR"]["topk"] == params["SASRec"]["topk"] == [10, 20]  # one evaluator
+    assert "sft_args" not in params["BPR"]  # a section for a model outside the comparison is ignored
+    cells = plan(config)
+    assert [(c.model, c.split, c.seed) for c in cells] == [
+        ("BPR", "seasonal", 1), ("SASRec", "seasonal", 1), ("BPR", "seasonal", 2), ("SASRec", "seasonal", 2)]
+    assert len({c.key for c in cells}) == 4
+    # paths and progress do not change a cell's key; a training setting does
+    quiet = plan(CompareConfig(models=["BPR", "SASRec"], splits=["seasonal"], seeds=[1, 2], out=in_tmp / "elsewhere",
+                               config_files=[in_tmp / "cmp.yaml"], params={**config.params, "show_progress": True,
+                                                                           "eval_batch_size": 17}))
+    assert [c.key for c in quiet] == [c.key for c in cells]
+    faster = plan(CompareConfig(models=["BPR"], splits=["seasonal"], seeds=[1], out=in_tmp / "o",
+                                config_files=[in_tmp / "cmp.yaml"], params={**config.params, "learning_rate": 0.1}))
+    assert faster[0].key != cells[0].key
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"params": {"SASRec.topk": [5]}}, ConfigError, ["SASRec", "topk", "one evaluator"]),
+    ({"params": {"split": "iid"}}, ConfigError, ["split", "--splits"]),
+    ({"params": {"epochz": 1}}, UnknownNameError, ["epochz", "epochs"]),
+    ({"models": ["Pop", "SASRecc"]}, UnknownNameError, ["SASRecc", "SASRec"]),
+    ({"splits": "iid,seasonl"}, UnknownNameError, ["seasonl", "seasonal"]),
+    ({"baseline": "GenRec"}, ConfigError, ["GenRec", "not one of the compared models"]),
+    ({"seeds": 0}, ConfigError, ["seeds", ">= 1"]),
+    ({"seeds": [1, 1]}, ConfigError, ["distinct"]),
+])
+def test_bad_settings_fail_before_any_training(in_tmp, kwargs, error, words):
+    settings = {"models": ["Pop", "SASRec"], "splits": "seasonal", "seeds": 1, "params": dict(TINY), **kwargs}
+    with pytest.raises(error) as err:
+        causalrec.compare(out=in_tmp / "out", show_progress=False, **settings)
+    for word in words:
+        assert word in str(err.value)
+    assert not (in_tmp / "out" / "cells").exists()
+
+
+@pytest.mark.slow
+def test_an_llm_cell_runs_through_the_same_path(in_tmp):
+    params = {**TINY, "GenRec.sft_args": {"max_steps": 3, "per_device_train_batch_size": 16},
+              "GenRec.tiny_hidden_size": 16, "GenRec.tiny_layers": 1, "GenRec.rank_batch_size": 32}
+    frame = causalrec.compare(["Pop", "GenRec"], "retail-sim", splits="regional", seeds=1, params=params,
+                              out=in_tmp / "out", baseline="Pop", show_progress=False, plots=False)
+    assert len(frame.attrs["failures"]) == 0, frame.attrs["failures"].error.tolist()
+    record = json.loads(next((in_tmp / "out" / "cells").glob("GenRec-*.json")).read_text())
+    assert record["status"] == "ok" and record["result"]["stages"][0]["stage"] == "sft"
+    assert record["result"]["stages"][0]["global_step"] == 3
+    ndcg = record["result"]["test_result"]["ndcg@10"]
+    assert np.mean(record["cases"]["metrics"]["ndcg@10"]) == pytest.approx(ndcg, abs=6e-5)
+    pop = json.loads(next((in_tmp / "out" / "cells").glob("Pop-*.json")).read_text())
+    assert sorted(pop["cases"]["user"]) == sorted(record["cases"]["user"])  # same cases for both families
+    sig = frame.attrs["significance"]
+    assert list(sig.model) == ["GenRec", "GenRec"] and (sig.n_pairs == len(record["cases"]["user"])).all()
