@@ -97,6 +97,9 @@ def _kind(value: Any) -> str | None:
     return None
 
 
+# Keys whose YAML default has one type but that take another too (LoRA: "all-linear" or a list of module names).
+_ALSO_ACCEPTED = {"target_modules": {"list"}}
+
 _WANTED = {"bool": "true or false", "int": "an integer", "float": "a number", "dict": "a mapping (key: value)",
            "list": "a list", "str": "a single value"}
 
@@ -140,7 +143,7 @@ def check_values(params: dict[str, Any]) -> None:
         value = literal_value(raw)
         if value is None:
             continue
-        kinds = {k for k in map(_kind, defaults.get(key, ())) if k is not None}
+        kinds = {k for k in map(_kind, defaults.get(key, ())) if k is not None} | _ALSO_ACCEPTED.get(key, set())
         if kinds and not _type_ok(value, kinds):
             wanted = " or ".join(sorted({_WANTED[k] for k in kinds}))
             raise ConfigError(f"config key {key!r} must be {wanted}; got {raw!r} ({type(raw).__name__})")

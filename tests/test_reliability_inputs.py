@@ -344,3 +344,12 @@ def test_recbole_anomaly_mode_is_switched_back_off(tmp_path):
     if without.stdout.strip() != "True":
         pytest.skip("this RecBole no longer enables anomaly detection: the patch is a no-op")
     assert not torch.is_anomaly_enabled()  # import causalrec undid it
+
+
+def test_target_modules_takes_a_name_or_a_list_but_backbone_takes_no_list():
+    from causalrec.quick_start import validate
+
+    validate("GenRec", "retail-sim", {"target_modules": ["q_proj", "v_proj"], "lora_r": 2})
+    validate("GenRec", "retail-sim", {"target_modules": "all-linear"})
+    with pytest.raises(ConfigError, match="backbone"):
+        validate("GenRec", "retail-sim", {"backbone": ["tiny"]})
