@@ -219,6 +219,23 @@ def make_config(model: str, dataset: str, config_file_list=None, config_dict=Non
         return Config(model=model, dataset=dataset, config_dict=params)
 
 
+def build(model: str, dataset: str, config_file_list=None, config_dict=None):
+    """``(config, trainer, (train, valid, test))`` for a run, the way RecBole's ``run_recbole`` sets them up
+    (seeds, logger, dataset, data loaders with causalrec's history protocol, model on its device)."""
+    from recbole.data import create_dataset
+    from recbole.quick_start import quick_start
+    from recbole.utils import get_model, get_trainer, init_logger, init_seed
+
+    config = make_config(model, dataset, config_file_list, config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    data = create_dataset(config)
+    loaders = quick_start.data_preparation(config, data)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
+    return config, get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender), loaders
+
+
 def run(
     model: str,
     dataset: str,
@@ -240,18 +257,7 @@ def run(
     """
     if resume:
         config_dict = {**(config_dict or {}), "resume": True}
-    from recbole.data import create_dataset
-    from recbole.quick_start import quick_start
-    from recbole.utils import get_model, get_trainer, init_logger, init_seed
-
-    config = make_config(model, dataset, config_file_list, config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    data = create_dataset(config)
-    train_data, valid_data, test_data = quick_start.data_preparation(config, data)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
+    config, trainer, (train_data, valid_data, test_data) = build(model, dataset, config_file_list, config_dict)
     show = bool(config["show_progress"])
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=show, callback_fn=callback_fn

@@ -41,3 +41,15 @@ def online_retail_path():
     if not ONLINE_RETAIL.is_file():
         pytest.skip(f"real Online Retail data not found at {ONLINE_RETAIL} (../shared is absent)")
     return ONLINE_RETAIL
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: on a shared 2-core box, two threads fighting other processes are many
+    times slower (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

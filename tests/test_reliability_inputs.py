@@ -23,12 +23,7 @@ LLM = SMALL + ["-p", "tiny_hidden_size=16", "-p", "tiny_layers=1", "-p", "sft_ar
                "-p", "dpo_args={max_steps: 2}", "-p", "dpo_max_samples=16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _cli(capsys, *argv) -> tuple[int, list[str]]:

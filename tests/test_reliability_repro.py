@@ -8,17 +8,11 @@ versions.
 from __future__ import annotations
 
 import pytest
-import torch
 
 import causalrec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _metrics(result):

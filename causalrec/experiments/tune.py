@@ -261,22 +261,11 @@ def fit_trial(model: str, dataset: str, params: dict[str, Any], *, report: Calla
               test: bool) -> TrialOutcome:
     """Train one configuration the way ``causalrec.run`` does, with every validation also scored per
     environment; ``report(step, value)`` gets each validation's objective value (it may raise TrialPruned)."""
-    from recbole.data import create_dataset
-    from recbole.quick_start import quick_start
-    from recbole.utils import get_model, get_trainer, init_logger, init_seed
-
     from causalrec.evaluation import ENV_FIELDS, evaluate_with_environments, record_environments
-    from causalrec.quick_start import make_config
+    from causalrec.quick_start import build
 
-    config = make_config(model, dataset, config_dict=params)
+    config, trainer, (train_data, valid_data, test_data) = build(model, dataset, config_dict=params)
     smaller = not config["valid_metric_bigger"]
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    data = create_dataset(config)
-    train_data, valid_data, test_data = quick_start.data_preparation(config, data)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    recommender = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender)
     show = bool(config["show_progress"])
     scores: list[float] = []
     warned: list[bool] = []
