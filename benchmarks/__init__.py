@@ -1,0 +1,1 @@
+"""causalrec benchmarks: speed, memory and quality of the fast paths (``python -m benchmarks``)."""
