@@ -2,7 +2,7 @@
 
 Fresh temporary data cache, checkpoint dir and working directory, so nothing is reused (no prepared data, no
 stage cache): data preparation, SFT, CausalDPO, validation after each stage and the test evaluation all run.
-Reported: wall time and peak RSS of the child (``ru_maxrss`` from ``os.wait4``), the per-stage training and
+Reported: wall time, CPU time and peak RSS of the child (``benchmarks.common.run_child``), the per-stage training and
 validation seconds (from ``--output`` JSON and the stage log lines), and the test metrics. The model config is
 whatever the YAML defaults are at the time of the run (they are recorded from the result), plus ``--param``s.
 """
@@ -90,7 +90,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
         },
         "notes": [
             "Child process with a fresh data cache, checkpoint dir (stage cache) and working directory; peak RSS "
-            "is ru_maxrss of that child (os.wait4).",
+            "is its ru_maxrss (os.wait4 in a small wrapper process that forks it).",
             "other_s = wall time not in a stage's training or validation: interpreter start and imports, data "
             "preparation, model build, test evaluation.",
             "Wall time depends on what else runs on the machine (see the load averages); CPU seconds much less. "

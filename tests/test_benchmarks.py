@@ -154,6 +154,14 @@ def test_run_child_reports_exit_code_and_peak_rss_of_that_child():
     assert slow.timed_out and slow.returncode != 0 and slow.wall_s < 10
 
 
+def test_child_peak_rss_does_not_include_the_parents_memory():
+    """Linux starts a forked child's ru_maxrss at its parent's RSS; run_child must not report the benchmark's."""
+    ballast = np.ones(300_000_000 // 8)  # this process: +300 MB resident
+    child = run_child([sys.executable, "-c", "pass"], timeout=60)
+    assert child.returncode == 0 and child.peak_rss_bytes < 100e6
+    assert ballast.sum() == 37_500_000
+
+
 # ---------------------------------------------- the performance fixes the benchmarks led to (llm/grounding.py)
 
 
