@@ -107,9 +107,9 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             "Search: all queries in one call (as ground_texts does), median of repeats; speed-up = flat search "
             "seconds / approximate search seconds, same queries, same thread count.",
             "Rows marked default use EmbeddingIndex's defaults (the goal): the search breadth it calibrated at "
-            "build time (smallest ef_search 16, 32, ... / nprobe 1, 2, 4, ... with recall@10 >= 0.995 on 256 of "
-            "its own vectors); the other rows set the breadth by hand on the same built index. nprobe 316 = the "
-            "old default, a quarter of the lists.",
+            "build time (smallest ef_search 16, 32, ... / nprobe 1, 2, 4, ... with recall@10 >= 0.995 for 256 "
+            "items held out of the index until calibrated); the other rows set the breadth by hand on the same "
+            "built index. Before the calibration the defaults were ef_search 64 and nprobe = nlist / 4 = 316.",
         ],
     }
 
