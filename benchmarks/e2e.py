@@ -93,9 +93,9 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             "is its ru_maxrss (os.wait4 in a small wrapper process that forks it).",
             "other_s = wall time not in a stage's training or validation: interpreter start and imports, data "
             "preparation, model build, test evaluation.",
-            "Wall time depends on what else runs on the machine (see the load averages); CPU seconds much less. "
-            f"Child torch threads: {opts.threads or 'default (all cores)'}. With one thread, CPU seconds are close "
-            "to the wall time the run would take on an idle core.",
+            "Wall time depends on what else runs on the machine (see the load averages). With several torch "
+            "threads on busy cores CPU time does too (threads spin waiting for each other): see RESULTS.md. "
+            f"Child torch threads: {opts.threads or 'default (all cores)'}.",
         ],
     }
 
