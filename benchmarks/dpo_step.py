@@ -64,7 +64,7 @@ class Options:
 
     @classmethod
     def quick(cls) -> "Options":
-        return cls(prompts=8, repeats=3, warmup=1, memory_repeats=1, per_env_k=(2,))
+        return cls(prompts=8, repeats=5, warmup=1, memory_repeats=5, per_env_k=(2,))
 
 
 SEASONS = ("winter", "spring", "summer", "autumn")

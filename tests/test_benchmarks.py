@@ -65,6 +65,9 @@ def test_ranking_writes_json_and_summary_and_scores_match_naive(ranking_run):
     assert hist["history_items"] == 3 and hist["max_abs_diff"] < 1e-4
     summary = (out / "summary.md").read_text()
     assert "## ranking" in summary and "| 120 |" in summary and "same scores" in summary
+    (out / "summary.md").unlink()
+    assert bench_main.main(["--render", "--out", str(out)]) == 0  # summary again from the JSON alone
+    assert (out / "summary.md").read_text().split("## ranking")[1] == summary.split("## ranking")[1]
 
 
 def test_dpo_step_counts_forwards_and_measures_every_variant():
