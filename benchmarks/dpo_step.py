@@ -217,6 +217,11 @@ def run(opts: Options | None = None) -> dict[str, Any]:
                           "tensor_memory_ratio": ratio(tensor_peak[kind], tensor_peak["sdpo"]),
                           "resident_bytes": resident[kind]}
     c = variants["causal_dpo"]
+    at_goal = opts.prompts == 32 and opts.negatives == 3  # the setting the goals are stated for
+
+    def met(ok: bool) -> bool | None:
+        return ok if at_goal else None  # other sizes (e.g. --quick): reported, not judged
+
     return {
         "benchmark": NAME,
         "config": {**opts.__dict__, "batch_shape": list(inputs["input_ids"].shape),
@@ -224,9 +229,9 @@ def run(opts: Options | None = None) -> dict[str, Any]:
                    "optimizer": "AdamW (Trainer default)", "causal_dpo": "latent, K=4, mmd, lambda_inv 0.1 (defaults)"},
         "goals": [
             {"name": "CausalDPO / S-DPO step time", "target": f"<= {GOAL_TIME}x", "measured": c["time_ratio"],
-             "passed": c["time_ratio"] <= GOAL_TIME},
+             "passed": met(c["time_ratio"] <= GOAL_TIME)},
             {"name": "CausalDPO / S-DPO step peak memory", "target": f"<= {GOAL_MEMORY}x", "measured": c["memory_ratio"],
-             "passed": c["memory_ratio"] <= GOAL_MEMORY},
+             "passed": met(c["memory_ratio"] <= GOAL_MEMORY)},
         ],
         "results": {"variants": variants},
         "notes": [

@@ -79,7 +79,8 @@ def run(opts: Options | None = None) -> dict[str, Any]:
         "config": {**opts.__dict__, "command": shown},
         "goals": [{"name": f"{opts.model} on {opts.dataset} end to end" + (" (quick params)" if opts.params else ""),
                    "target": f"< {GOAL_SECONDS:g} s", "measured": child.wall_s if ok else None,
-                   "passed": (child.wall_s < GOAL_SECONDS) if ok else False}],
+                   # judged for the README command only; with extra --params (e.g. --quick's) just reported
+                   "passed": ((child.wall_s < GOAL_SECONDS) if not opts.params else None) if ok else False}],
         "results": {
             "returncode": child.returncode, "timed_out": child.timed_out, "wall_s": child.wall_s,
             "cpu_s": child.cpu_s,

@@ -94,7 +94,8 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             if e["default"]:
                 goals.append({"name": f"recall@{opts.k} {e['kind']} defaults, dim {row['dim']}, {row['items']:,} items",
                               "target": f">= {GOAL_RECALL}", "measured": e["recall_at_k"],
-                              "passed": e["recall_at_k"] >= GOAL_RECALL})
+                              # judged at the goal's 100k items only (e.g. not --quick's 20k)
+                              "passed": e["recall_at_k"] >= GOAL_RECALL if row["items"] >= 100_000 else None})
     return {
         "benchmark": NAME,
         "config": {**opts.__dict__, "metric": "cosine"},
