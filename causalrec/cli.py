@@ -47,6 +47,8 @@ def _cmd_run(args) -> int:
 
     params = {**read_config_files(args.config_files), **parse_params(args.param)}
     result = run(args.model, args.dataset, config_dict=params, saved=not args.no_save, resume=args.resume)
+    if result is None:  # not the main process of a multi-process launch: it prints and writes nothing
+        return 0
     print(f"protocol: {result['protocol']}")
     print("test: " + "  ".join(f"{k}={v:.4f}" for k, v in result["test_result"].items()))
     for stage in result.get("stages") or ():
@@ -67,6 +69,9 @@ def _data_spec(args):
     from causalrec.quick_start import read_config_files
 
     params = {**read_config_files(getattr(args, "config_files", [])), **parse_params(args.param)}
+    if params.pop("seed", None) is not None:  # as in `causalrec run`, where DataSpec.seed is data_seed
+        _log.info("seed is RecBole's model seed and leaves the data unchanged (as in causalrec run); "
+                  "the data's seed is data_seed")
     params["dataset"] = args.dataset
     for option in ("source", "split"):
         if getattr(args, option, None) is not None:
@@ -131,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", help="also write the result as JSON here")
     run.set_defaults(func=_cmd_run)
 
-    data = sub.add_parser("data", help="prepare datasets and print their statistics")
+    data = sub.add_parser("data", help="prepare datasets and print their statistics",
+                          description="Prepare datasets and print their statistics. The data's randomness follows "
+                                      "data_seed (default 2020), as in `causalrec run`; seed (RecBole's model seed) "
+                                      "does not change the data.")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     for name, func, text in (("prepare", _cmd_data_prepare, "write RecBole benchmark files for a split"),
                              ("stats", _cmd_data_stats, "print users/items/interactions/regions/months")):

@@ -121,7 +121,7 @@ def _type_ok(value: Any, kinds: set[str]) -> bool:
 _POSITIVE = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step", "eval_step", "num_negatives",
              "n_environments", "sft_max_samples", "dpo_max_samples", "rank_batch_size", "max_history_items",
              "resume_save_steps", "tiny_hidden_size", "tiny_layers", "tiny_heads", "max_seq_length",
-             "MAX_ITEM_LIST_LENGTH")
+             "MAX_ITEM_LIST_LENGTH", "num_threads")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: (lambda v: v >= 1, ">= 1") for key in _POSITIVE},
     "learning_rate": (lambda v: v > 0, "> 0"),
@@ -221,12 +221,16 @@ def make_config(model: str, dataset: str, config_file_list=None, config_dict=Non
 
 def build(model: str, dataset: str, config_file_list=None, config_dict=None):
     """``(config, trainer, (train, valid, test))`` for a run, the way RecBole's ``run_recbole`` sets them up
-    (seeds, logger, dataset, data loaders with causalrec's history protocol, model on its device)."""
+    (seeds, logger, dataset, data loaders with causalrec's history protocol, model on its device).
+    ``num_threads`` (when set) becomes torch's intra-op thread count here, before any tensor work."""
+    import torch
     from recbole.data import create_dataset
     from recbole.quick_start import quick_start
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
     config = make_config(model, dataset, config_file_list, config_dict)
+    if config["num_threads"] is not None:
+        torch.set_num_threads(int(config["num_threads"]))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     data = create_dataset(config)
@@ -245,7 +249,7 @@ def run(
     saved: bool = True,
     callback_fn: Callable[[int, float], None] | None = None,
     resume: bool = False,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train ``model`` on ``dataset`` and evaluate it on the test split.
 
     ``resume=True`` (config key ``resume``) makes the LLM models' TRL stages write step checkpoints and
@@ -254,6 +258,9 @@ def run(
     Returns RecBole's result dict (``best_valid_score``, ``best_valid_result``, ``test_result``)
     plus ``protocol`` (one line), when enabled ``test_env_result`` (metrics per environment) and, for the
     LLM models, ``stages`` (per training stage: validation score, reused from the stage cache or trained, ...).
+
+    Under ``accelerate launch``/``torchrun`` every process trains (the LLM models' TRL stages as one DDP run), the
+    main process (rank 0) evaluates and returns the result, the other processes return None.
     """
     if resume:
         config_dict = {**(config_dict or {}), "resume": True}
@@ -262,6 +269,12 @@ def run(
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=show, callback_fn=callback_fn
     )
+    from causalrec.trainer import process_rank
+
+    rank, processes = process_rank()
+    if rank != 0:
+        _log.info("process %d of %d: training done; the main process evaluates", rank, processes)
+        return None
     test_result, test_env_result = evaluate_with_environments(
         trainer, test_data, load_best_model=saved, show_progress=show,
         fields=ENV_FIELDS if config["env_metrics"] else (),

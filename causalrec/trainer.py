@@ -14,12 +14,19 @@ key loads the stage instead of training it, so GenRec, SDPORec and CausalDPO wit
 one SFT run. With ``resume: true`` (``causalrec run --resume``) the TRL stages also write step checkpoints
 (``<stage>-<key16>.partial/checkpoint-N``) and an interrupted stage continues from its last complete one.
 
+Under ``accelerate launch`` / ``torchrun`` (several processes, one ``torch.distributed`` group that TRL/accelerate
+create from the first stage's arguments) every process trains every stage (DDP), but only the main process (rank 0)
+takes the stage cache's lock, decides "load or train" and broadcasts the decision, installs a finished stage,
+validates, saves the RecBole checkpoint and evaluates; the other processes' ``evaluate`` returns None. A stage key
+also covers the number of processes (N processes train another global batch than one).
+
 Only recbole and the standard library are imported at module level (``import causalrec`` stays fast);
 transformers/TRL are imported when training starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -52,6 +59,28 @@ RUN_KEYS: dict[str, Any] = {
     "resume": False,  # (bool) TRL stages write step checkpoints; an interrupted stage continues from its last one.
     "resume_save_steps": 100,  # (int) With resume, a checkpoint every this many optimizer steps if the args save none.
 }
+
+
+# -------------------------------------------------------------------------------------- processes
+def process_rank() -> tuple[int, int]:
+    """``(rank, number of processes)`` of this run: ``torch.distributed``'s once a process group exists
+    (TRL/accelerate create it when the first stage's TRL arguments are built), before that what the launcher
+    (``torchrun``, ``accelerate launch``) put in ``RANK``/``WORLD_SIZE``; ``(0, 1)`` in a plain process.
+    Rank 0 is the main process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+
+
+def _broadcast(value: Any) -> Any:
+    """The main process's ``value`` in every process (a pickled object over the process group)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -281,37 +310,103 @@ class LLMTrainer(Trainer):
         self.model.llm = llm
         return trainer.state.global_step, float(result.training_loss)
 
+    def _plan(self, cache: StageCache, stage: _Stage) -> dict[str, Any]:
+        """Load or train (main process, holding the stage's lock): ``{"action": "load", "directory": ...}`` or
+        ``{"action": "train", "resume_from": checkpoint or None}``; a stale partial run is removed."""
+        found = cache.find(stage.name, stage.key) if self._setting("stage_cache") else None
+        if found is not None:
+            return {"action": "load", "directory": str(found)}
+        work = cache.work_dir(stage.name, stage.key)
+        resume_from = last_checkpoint(work) if self._setting("resume") else None
+        if resume_from is None:
+            shutil.rmtree(work, ignore_errors=True)  # a stale partial run: start afresh
+        return {"action": "train", "resume_from": resume_from}
+
+    def _share_plan(self, plan: dict[str, Any] | None, stage: _Stage, rank: int) -> dict[str, Any]:
+        """The main process's plan in every process; a process whose stage key differs is an error (its rows,
+        titles or arguments differ, so DDP would silently average gradients of different problems)."""
+        from causalrec.errors import TrainingError
+
+        shared = _broadcast(None if plan is None else {**plan, "key": stage.key})
+        if shared["key"] != stage.key:
+            raise TrainingError(
+                f"process {rank} built other {stage.name} training inputs than the main process (stage key "
+                f"{stage.key[:16]}, main {shared['key'][:16]}): every process must see the same data, config and "
+                f"backbone; launch them from one config and one data_cache_dir")
+        return shared
+
     def _run_stage(self, cache: StageCache, stage: _Stage) -> dict[str, Any]:
-        """Load the stage from the cache, or train it (continuing from its last checkpoint with ``resume``)."""
+        """Load the stage from the cache, or train it (continuing from its last checkpoint with ``resume``).
+
+        One process: under the stage's lock, so concurrent runs train a stage once. Several processes (one
+        DDP run): the main process holds the lock and decides, every process loads or trains, the main process
+        installs the finished stage, then all meet at a barrier.
+        """
+        rank, world = process_rank()
+        main = rank == 0
+        with cache.lock(stage.name, stage.key) if main else contextlib.nullcontext():
+            plan = self._plan(cache, stage) if main else None
+            if world > 1:
+                plan = self._share_plan(plan, stage, rank)
+            info = self._execute(cache, stage, plan, install=main)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the stage is installed (or loaded) everywhere before any process goes on
+        return info
+
+    def _execute(self, cache: StageCache, stage: _Stage, plan: dict[str, Any], install: bool) -> dict[str, Any]:
         info: dict[str, Any] = {"stage": stage.name, "key": stage.key[:16], "reused": False,
                                 "resumed_from_step": None, "train_seconds": 0.0}
-        use_cache, resume = bool(self._setting("stage_cache")), bool(self._setting("resume"))
-        with cache.lock(stage.name, stage.key):
-            found = cache.find(stage.name, stage.key) if use_cache else None
-            if found is not None:
-                meta = load_stage(found, self.model.llm, key=stage.key)
-                info.update(reused=True, directory=str(found), global_step=meta.get("global_step"),
-                            training_loss=meta.get("training_loss"))
-                _log.info("stage %s: loaded %s (trained by %s), not trained again", stage.name, found,
-                          meta.get("model"))
-                return info
-            work = cache.work_dir(stage.name, stage.key)
-            resume_from = last_checkpoint(work) if resume else None
-            if resume_from is None:
-                shutil.rmtree(work, ignore_errors=True)  # a stale partial run: start afresh
-            else:
-                info["resumed_from_step"] = int(resume_from.rsplit("-", 1)[1])
-                _log.info("stage %s: resuming from %s", stage.name, resume_from)
-            stage.args.output_dir = str(work)
-            start = time.perf_counter()
-            global_step, loss = stage.train(stage.args, resume_from)
-            info.update(global_step=global_step, training_loss=loss, train_seconds=time.perf_counter() - start)
-            if use_cache:
+        if plan["action"] == "load":
+            meta = load_stage(plan["directory"], self.model.llm, key=stage.key)
+            info.update(reused=True, directory=plan["directory"], global_step=meta.get("global_step"),
+                        training_loss=meta.get("training_loss"))
+            _log.info("stage %s: loaded %s (trained by %s), not trained again", stage.name, plan["directory"],
+                      meta.get("model"))
+            return info
+        resume_from = plan["resume_from"]
+        if resume_from is not None:
+            info["resumed_from_step"] = int(resume_from.rsplit("-", 1)[1])
+            _log.info("stage %s: resuming from %s", stage.name, resume_from)
+        work = cache.work_dir(stage.name, stage.key)
+        stage.args.output_dir = str(work)
+        start = time.perf_counter()
+        global_step, loss = stage.train(stage.args, resume_from)
+        info.update(global_step=global_step, training_loss=loss, train_seconds=time.perf_counter() - start)
+        if install:
+            if self._setting("stage_cache"):
                 meta = {"model": self.config["model"], "inputs": stage.inputs, "global_step": global_step,
                         "training_loss": loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 info["directory"] = str(cache.install(stage.name, stage.key, self.model.llm, meta))
             shutil.rmtree(work, ignore_errors=True)  # the finished stage replaces its step checkpoints
         return info
+
+    @staticmethod
+    def _processes() -> tuple[int, int]:
+        """``(rank, processes)`` of the training run; a launch of several processes without a process group is a
+        ConfigError (each would train alone, N times the same work)."""
+        import torch.distributed as dist
+
+        from causalrec.errors import ConfigError
+
+        rank, processes = process_rank()
+        if processes > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise ConfigError(
+                f"this is process {rank} of {processes} (WORLD_SIZE={processes}), but the TRL arguments created no "
+                f"torch.distributed process group: without GPUs launch with ACCELERATE_USE_CPU=true (gloo), see "
+                f"docs/scale.md")
+        return rank, processes
+
+    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
+        """RecBole's ``evaluate`` on the main process; None on the other processes of a multi-process launch
+        (RecBole's ``run_recbole`` then reports ``test_result: None`` there)."""
+        rank, processes = process_rank()
+        if rank != 0:
+            _log.info("process %d of %d: evaluation runs on the main process only", rank, processes)
+            return None
+        return super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
+                                show_progress=show_progress)
 
     # -------------------------------------------------------------------------------- fit
     def fit(
@@ -327,21 +422,28 @@ class LLMTrainer(Trainer):
 
         The final model is the result (stages are not early-stopped against each other); it is validated
         after every stage and saved to ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
-        are loaded, not trained.
+        are loaded, not trained. Under a multi-process launch only the main process validates (``callback_fn``
+        included) and saves; the others return ``(None, None)``.
         """
         cache = StageCache(self._setting("stage_cache_dir") or os.path.join(self.checkpoint_dir, "stages"))
         pending = str(cache.root / "pending")  # each stage's output_dir is set once its key is known
         # Every stage's settings are checked before any training, so a typo costs no SFT run.
         sft_args = self._sft_args(pending, show_progress)
         align_args = self._align_args(pending, show_progress) if self.model.alignment is not None else None
+        rank, processes = self._processes()  # after the TRL arguments, which create the process group
+        main = rank == 0
         records, targets = self._records(train_data._dataset, show_progress)
         sft_records, _ = self._capped(records, targets, "sft_max_samples")
         sft_inputs = self._sft_inputs(sft_records, sft_args)
+        if processes > 1:  # N processes train on N times the global batch: other weights than one process
+            sft_inputs["processes"] = processes
         sft_key = digest(sft_inputs)
         stages = [_Stage("sft", sft_key, sft_inputs, sft_args, lambda a, r: self._sft(sft_records, a, r))]
         if align_args is not None:
             dpo_records, dpo_targets = self._capped(records, targets, "dpo_max_samples")
             inputs = self._align_inputs(sft_key, dpo_records, align_args)
+            if processes > 1:
+                inputs["processes"] = processes
             stages.append(_Stage(
                 self.model.alignment, digest(inputs), inputs, align_args,
                 lambda a, r: self._align(dpo_records, dpo_targets, a, r, show_progress),
@@ -350,11 +452,12 @@ class LLMTrainer(Trainer):
         valid_score, valid_result = None, None
         for index, stage in enumerate(stages):
             info = self._run_stage(cache, stage)
-            self.model.to(self.device)
+            if main:  # the other processes do not evaluate: keep RecBole's device (cuda:0) free of their copies
+                self.model.to(self.device)
             rows = stage.inputs["rows"]
             how = "loaded from the stage cache" if info["reused"] else f"trained in {info['train_seconds']:.1f}s"
             message = f"stage {stage.name}: {rows} training rows, {how}"
-            if valid_data:
+            if valid_data and main:
                 start = time.perf_counter()
                 valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
                 info.update(valid_score=float(valid_score), valid_result=dict(valid_result))
@@ -367,6 +470,6 @@ class LLMTrainer(Trainer):
             _log.debug(message)
         self.best_valid_score, self.best_valid_result = valid_score, valid_result
         self.cur_step = 0
-        if saved:
+        if saved and main:
             self._save_checkpoint(len(stages) - 1, verbose=verbose)
         return self.best_valid_score, self.best_valid_result

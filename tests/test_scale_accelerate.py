@@ -10,11 +10,17 @@ reductions in another order (other thread counts, GPU kernels). Against the 4-ro
 padding two rows vs four (measured <= 5e-7); CausalDPO's environment risks, penalty and clustering terms are
 per micro-batch by design, so it matches the accumulation run and not the 4-row run (measured 0.03 on the losses).
 A run on a different global batch (1 x 2 rows) differs by > 1e-3 and must be reported as a mismatch.
+
+``causalrec run`` (and RecBole's ``run_recbole``) under the same launch: the two processes train the TRL stages as one
+DDP run, the main process alone holds the stage lock, installs the stages, evaluates and writes; so its test metrics
+and stage weights are those of one process with ``gradient_accumulation_steps: 2``, with a cold and a warm stage cache.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +28,11 @@ import sys
 import time
 
 import pytest
+import torch
 
+import causalrec
+from causalrec.errors import ConfigError
+from causalrec.trainer import LLMTrainer, process_rank
 from causalrec.training import distributed_check as dc
 
 pytestmark = pytest.mark.slow
@@ -51,24 +61,19 @@ def _accelerate_config(path, port: int) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def ddp_dir(tmp_path_factory):
-    """One ``accelerate launch`` of distributed_check with 2 processes; returns the directory of rank0/rank1.pt."""
-    tmp = tmp_path_factory.mktemp("ddp")
-    out = tmp / "result"
+def _launch(tmp, cwd, target: list[str]) -> str:
+    """``accelerate launch`` of 2 gloo CPU processes running ``target`` (``-m module args`` or ``script args``) in
+    ``cwd``; returns the combined log, fails the test on a non-zero exit or a hang."""
+    cwd.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-           "HF_HOME": str(tmp / "hf")}  # no user accelerate config or HF cache leaks in
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", _accelerate_config(tmp / "accelerate.yaml", _free_port()),
-           "-m", "causalrec.training.distributed_check", "--out", str(out),
-           "--expect-processes", str(N_PROCESSES), "--stages", ",".join(STAGES),
-           "--rows", str(BASE["rows"]), "--max-steps", str(BASE["max_steps"]),
-           "--per-device-train-batch-size", str(BASE["per_device_train_batch_size"])]
+           "HF_HOME": str(tmp / "hf")}  # no user accelerate config or HF cache leaks in; CAUSALREC_CACHE: the session's
+    config = _accelerate_config(cwd / "accelerate.yaml", _free_port())
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *target]
     start = time.perf_counter()
-    log = tmp / "launch.log"  # a file, not a pipe: a stray worker cannot block the test by holding it open
+    log = cwd / "launch.txt"  # a file, not a pipe: a stray worker cannot block the test by holding it open
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=handle, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             proc.wait(timeout=LAUNCH_TIMEOUT_S)
@@ -81,8 +86,21 @@ def ddp_dir(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"accelerate launch hung for {LAUNCH_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
-    assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{log.read_text()[-4000:]}"
-    print(f"2-process accelerate launch: {time.perf_counter() - start:.1f}s")
+    text = log.read_text()
+    assert proc.returncode == 0, f"accelerate launch failed ({proc.returncode}):\n{text[-4000:]}"
+    print(f"2-process accelerate launch of {' '.join(target)[:60]}: {time.perf_counter() - start:.1f}s")
+    return text
+
+
+@pytest.fixture(scope="module")
+def ddp_dir(tmp_path_factory):
+    """One ``accelerate launch`` of distributed_check with 2 processes; returns the directory of rank0/rank1.pt."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    out = tmp / "result"
+    _launch(tmp, tmp / "launch", [
+        "-m", "causalrec.training.distributed_check", "--out", str(out), "--expect-processes", str(N_PROCESSES),
+        "--stages", ",".join(STAGES), "--rows", str(BASE["rows"]), "--max-steps", str(BASE["max_steps"]),
+        "--per-device-train-batch-size", str(BASE["per_device_train_batch_size"])])
     return out
 
 
@@ -146,3 +164,138 @@ def test_expect_processes_catches_a_launcher_that_started_one_process(tmp_path):
     code = dc.main(["--stages", "sft", "--max-steps", "1", "--out", str(tmp_path), "--expect-processes", "2"])
     assert code == 2
     assert not (tmp_path / "rank0.pt").exists()
+
+
+# ------------------------------------------------------------------------ causalrec run under accelerate launch
+# 8 SFT steps x 16 rows and 4 S-DPO steps x 8 rows of 2390 training rows: no epoch boundary, where DDP would pad the
+# last batch and gradient accumulation would not. Learning rates high enough that the metrics move.
+RUN = {"sim_users": 150, "sim_items": 60, "show_progress": False, "tiny_hidden_size": 16, "tiny_layers": 1,
+       "eval_batch_size": 256, "rank_batch_size": 32,
+       "sft_args": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 0.01},
+       "dpo_args": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 0.005}}
+
+RUN_RECBOLE = """import json, sys
+import causalrec
+from recbole.quick_start import run_recbole
+from causalrec.trainer import process_rank
+result = run_recbole(model="SDPORec", dataset="retail-sim", config_dict=json.loads(sys.argv[1]))
+print(f"RANK {process_rank()[0]} TEST " + json.dumps(result["test_result"], default=float))
+"""
+
+
+def _with_accumulation(params, steps):
+    return {**params, **{k: {**params[k], "gradient_accumulation_steps": steps} for k in ("sft_args", "dpo_args")}}
+
+
+def _cli_args(params) -> list[str]:
+    args = ["-m", "causalrec", "run", "--model", "SDPORec", "--dataset", "retail-sim", "--output", "result.json"]
+    for key, value in params.items():
+        args += ["-p", f"{key}={json.dumps(value)}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def launched_runs(tmp_path_factory):
+    """``causalrec run`` launched twice on one stage cache (cold: trains; warm: loads), then ``run_recbole``."""
+    tmp = tmp_path_factory.mktemp("run-ddp")
+    params = {**RUN, "stage_cache_dir": str(tmp / "stages")}
+    out = {"tmp": tmp, "stages": tmp / "stages"}
+    for name in ("cold", "warm"):
+        out[name] = tmp / name
+        out[f"{name}_log"] = _launch(tmp, tmp / name, _cli_args(params))
+    (tmp / "run_recbole.py").write_text(RUN_RECBOLE)
+    out["recbole_log"] = _launch(tmp, tmp / "recbole", [str(tmp / "run_recbole.py"), json.dumps(params)])
+    return out
+
+
+def _run_here(where, params):
+    old = os.getcwd()
+    where.mkdir(parents=True)
+    os.chdir(where)  # RecBole writes ./log, ./log_tensorboard, ./saved
+    try:
+        return causalrec.run("SDPORec", "retail-sim", config_dict=params)
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def accumulation_result(launched_runs):
+    """One process, 2 x the rows per optimizer step through gradient accumulation, in a stage cache of its own."""
+    tmp = launched_runs["tmp"]
+    return _run_here(tmp / "ga2", {**_with_accumulation(RUN, 2), "stage_cache_dir": str(tmp / "ga2-stages")})
+
+
+def _stage_dirs(root, processes=None):
+    """The finished stages under ``root`` trained by ``processes`` processes (None: by one), by stage name."""
+    found = {}
+    for meta in root.glob("*/stage.json"):
+        info = json.loads(meta.read_text())
+        if info["inputs"].get("processes") == processes:
+            assert info["stage"] not in found, f"two {info['stage']} stages in {root}"
+            found[info["stage"]] = meta.parent
+    return found
+
+
+def _stage_weights(root, stage, processes=None):
+    from safetensors.torch import load_file
+
+    return load_file(str(_stage_dirs(root, processes)[stage] / "model.safetensors"))
+
+
+def test_causalrec_run_under_launch_equals_one_process_with_accumulation(launched_runs, accumulation_result):
+    cold, warm = (json.loads((launched_runs[n] / "result.json").read_text()) for n in ("cold", "warm"))
+    assert [(s["stage"], s["reused"]) for s in cold["stages"]] == [("sft", False), ("sdpo", False)]
+    assert [s["reused"] for s in warm["stages"]] == [True, True]  # the warm launch loaded both stages
+    for key in ("test_result", "test_env_result", "best_valid_result"):
+        assert cold[key] == accumulation_result[key] == warm[key], key
+    assert [s["valid_score"] for s in cold["stages"]] == [s["valid_score"] for s in accumulation_result["stages"]]
+    # The stage weights themselves, to distributed_check's tolerance (bitwise on CPU in practice).
+    for stage in ("sft", "sdpo"):
+        ddp = _stage_weights(launched_runs["stages"], stage, processes=N_PROCESSES)
+        one = _stage_weights(launched_runs["tmp"] / "ga2-stages", stage)
+        assert ddp.keys() == one.keys()
+        for name, tensor in ddp.items():
+            assert torch.allclose(tensor, one[name], rtol=1e-4, atol=1e-5), (stage, name)
+
+
+def test_only_the_main_process_evaluates_and_writes(launched_runs):
+    for name in ("cold", "warm"):
+        folder, log = launched_runs[name], launched_runs[f"{name}_log"]
+        assert len(re.findall(r"^test: ", log, flags=re.M)) == 1, log[-3000:]  # one process printed a result
+        assert log.count("process 1 of 2: training done; the main process evaluates") == 1
+        assert sorted(p.name for p in folder.glob("*.json")) == ["result.json"]
+        assert len(list((folder / "saved").glob("SDPORec-*.pth"))) == 1
+    stages = launched_runs["stages"]
+    assert sorted(_stage_dirs(stages, processes=N_PROCESSES)) == ["sdpo", "sft"]  # each installed once
+    assert not list(stages.glob("*.partial")) and not list(stages.glob(".tmp-*"))
+
+
+def test_run_recbole_under_launch(launched_runs):
+    lines = dict(re.findall(r"^RANK (\d) TEST (.*)$", launched_runs["recbole_log"], flags=re.M))
+    assert set(lines) == {"0", "1"}, launched_runs["recbole_log"][-3000:]
+    assert lines["1"] == "null"  # evaluation runs on the main process only
+    cold = json.loads((launched_runs["cold"] / "result.json").read_text())
+    assert json.loads(lines["0"]) == cold["test_result"]
+
+
+def test_one_process_does_not_reuse_the_stages_of_two(launched_runs):
+    """Same per-process settings, shared stage cache: one process trains half the global batch, so it must train
+    its own stages (the key covers the number of processes), and its metrics differ."""
+    single = _run_here(launched_runs["tmp"] / "ga1", {**RUN, "stage_cache_dir": str(launched_runs["stages"])})
+    assert [s["reused"] for s in single["stages"]] == [False, False]
+    cold = json.loads((launched_runs["cold"] / "result.json").read_text())
+    assert single["test_result"] != cold["test_result"]
+
+
+def test_a_launch_without_a_process_group_is_a_config_error(monkeypatch):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert process_rank() == (1, 2)
+    with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU"):
+        LLMTrainer._processes()
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert process_rank() == (0, 1)
