@@ -23,7 +23,7 @@ from benchmarks.common import rss_peak_delta_bytes, run_child, tensor_peak_bytes
 torch.set_num_threads(1)
 
 TINY_RANKING = ranking.Options(sizes=(120,), users=2, history_lengths=(3,), history_catalog=120, batch_sizes=(1, 2),
-                               rounds=1, naive_batch=64)
+                               rounds=1, naive_batch=64, real_source=None)  # real titles: tests/test_llm_ranking_real.py
 
 
 def _check_common(payload: dict, name: str) -> None:

@@ -165,6 +165,82 @@ def test_gpt2_scores_equal_brute_force(setup):
         torch.testing.assert_close(score_catalog(gpt, prompts, trie, batch_size=3, method=method), naive, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("head_block", [1, 4, 0])
+def test_output_layer_blocks_give_the_brute_force_scores(setup, head_block):
+    """Blocks of 1 or 4 (user, node) rows split chunks between users and between a parent's children; 0 = no tap."""
+    model, _, trie, prompts = setup
+    naive = naive_scores(model, prompts, trie)
+    for batch_size, node_chunk in ((1, 2048), (3, 5), (2, 3)):
+        scores = score_catalog(model, prompts, trie, batch_size=batch_size, node_chunk=node_chunk, head_block=head_block)
+        torch.testing.assert_close(scores, naive, atol=1e-4, rtol=0)
+
+
+def _lm_head_rows(model, monkeypatch):
+    """Rows the output layer projects per call, and the verdicts of the tap's exactness check."""
+    from causalrec.llm import ranking
+
+    rows, verdicts = [], []
+    verify = ranking._OutputTap.verify
+    monkeypatch.setattr(ranking._OutputTap, "verify", lambda self, logits: verdicts.append(verify(self, logits)) or verdicts[-1])
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[:-1].numel()))
+    return rows, verdicts, handle
+
+
+def test_output_tap_projects_blocks_outside_the_model_and_is_removed_after(setup, monkeypatch):
+    model, _, trie, prompts = setup
+    rows, verdicts, handle = _lm_head_rows(model, monkeypatch)
+    score_catalog(model, prompts, trie, batch_size=3, head_block=4)
+    handle.remove()
+    assert verdicts == [True]  # one prompt pass, the tap is exact for a plain Llama
+    # prompt pass (3 rows: logits_to_keep=1) and its check, then one row per model forward (the cut) or <= 4
+    internal = sum(len(lv.expanded) for lv in trie.levels)
+    assert rows[:2] == [3, 3] and max(rows[2:]) <= 4 and 1 in rows[2:]
+    assert sum(r for r in rows[2:] if r != 1) == 3 * internal  # every (user, fed node) projected exactly once
+    assert not model.get_output_embeddings()._forward_pre_hooks
+
+
+def test_output_tap_is_removed_when_the_walk_fails(setup, monkeypatch):
+    from causalrec.llm import ranking
+
+    model, _, trie, prompts = setup
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(ranking, "_edges", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        score_catalog(model, prompts, trie)
+    assert not model.get_output_embeddings()._forward_pre_hooks
+    monkeypatch.undo()
+    torch.testing.assert_close(score_catalog(model, prompts, trie), naive_scores(model, prompts, trie), atol=1e-4, rtol=0)
+
+
+def test_models_that_transform_logits_after_the_output_layer_are_not_tapped(setup, monkeypatch):
+    """The exactness check, not a list of model names, keeps such models on the plain path."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from causalrec.llm.ranking import _OutputTap
+
+    class ScaledLogits(LlamaForCausalLM):  # e.g. a logit scale applied in forward, with no config key saying so
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5 + 1.0
+            return out
+
+    _, tok, trie, prompts = setup
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    scaled = _sharpen(ScaledLogits(cfg), seed=4)
+    rows, verdicts, handle = _lm_head_rows(scaled, monkeypatch)
+    scores = score_catalog(scaled, prompts, trie, batch_size=2)
+    handle.remove()
+    assert verdicts == [False, False] and max(rows[2:]) > 4  # two walks (2 + 1 users); the model projects whole chunks
+    naive = naive_scores(scaled, prompts, trie)
+    torch.testing.assert_close(scores, naive, atol=1e-4, rtol=0)
+    assert (naive_scores(scaled, prompts, trie) - naive_scores(_sharpen(LlamaForCausalLM(cfg), seed=4), prompts, trie)).abs().max() > 0.1
+    cfg.final_logit_softcapping = 30.0  # known post-processing keys switch the tap off without a check
+    assert _OutputTap(LlamaForCausalLM(cfg)).head is None
+
+
 def test_probabilities_of_a_complete_catalog_sum_to_at_most_one(setup):
     """Independent sanity check: exp(scores) over distinct titles is a part of one distribution."""
     model, _, trie, prompts = setup
