@@ -30,7 +30,8 @@ def read_titles(path: str) -> dict[str, str]:
     if not os.path.isfile(path):
         raise DataError(f"item titles file {path!r} is missing; prepare the dataset again (causalrec data prepare)")
     with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)
+        # written with QUOTE_MINIMAL (data/store.py): a title holding a quote or a tab comes back quoted
+        reader = csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_MINIMAL)
         if not reader.fieldnames or not {"item_id", "item_text"} <= set(reader.fieldnames):
             raise DataError(f"{path!r} must have columns item_id and item_text; it has {reader.fieldnames}")
         return {row["item_id"]: row["item_text"] for row in reader}
