@@ -10,7 +10,8 @@ RecBole: its config strings are parsed as literals, not ``eval``-ed (B11); its c
 atomically and read with ``torch.load(weights_only=True)`` and an allow-list (B12); and its dataset/dataloader
 pickles are read only when the user turned RecBole's saving of them on (B13); and RecBole's global
 ``set_detect_anomaly(True)`` is undone (B14). ``docs/guarantees.md`` says
-what each guarantees.
+what each guarantees. One performance patch: RecBole's ``Trainer.fit`` runs with glibc's malloc keeping
+large freed blocks instead of unmapping them (B15).
 
 ``apply()`` runs at ``import causalrec``, before anything imports ``recbole``.
 """
@@ -25,6 +26,7 @@ import importlib
 import logging
 import os
 import re
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -571,6 +573,92 @@ def patch_pop_counting() -> bool:
     return True
 
 
+# ------------------------------------------------------------------------------ CPU allocator (B15)
+# glibc serves every block above 32 MiB with a fresh mmap and unmaps it on free (mallopt cannot raise that
+# threshold further). A SASRec batch (2048 x 50 x 256 floats = 105 MB per activation) allocates dozens of such
+# tensors per step, so each step re-faults gigabytes of zeroed pages: on retail-sim 42 % of a training step was
+# kernel time (4 M page faults per 4 steps). Serving them from the heap and not trimming it removes that.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # <malloc.h>
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+MALLOC_ENV = "CAUSALREC_MALLOC_TUNING"
+_heap_lock = threading.Lock()
+_heap_depth = 0
+
+
+def _glibc():
+    """glibc's ``mallopt``/``malloc_trim``, or None where B15 must not act: not glibc, turned off with
+    ``CAUSALREC_MALLOC_TUNING=0``, or the user tuned malloc (``GLIBC_TUNABLES``, ``MALLOC_*_``, a preloaded
+    jemalloc/tcmalloc)."""
+    import ctypes
+    import platform
+
+    if os.environ.get(MALLOC_ENV, "1").lower() in ("0", "false", "no", "off"):
+        return None
+    if "malloc" in os.environ.get("GLIBC_TUNABLES", "") or "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return None
+    if any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        return None
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def heap_allocator_active() -> bool:
+    """Whether ``heap_allocator`` is in effect now."""
+    return _heap_depth > 0
+
+
+@contextlib.contextmanager
+def heap_allocator() -> Iterator[None]:
+    """Inside, glibc serves large blocks from its heap and keeps freed memory for reuse (no mmap per tensor,
+    no page faults per step); on exit its default settings come back and the freed memory is returned to the
+    OS (``malloc_trim``). Process-wide while active (mallopt is global); nests. A no-op where ``_glibc()`` is
+    None. The cost: the process's memory stays at its peak while inside (RecBole's SASRec on retail-sim:
+    3.6 GB instead of 3.1 GB peak)."""
+    global _heap_depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    with _heap_lock:
+        if _heap_depth == 0:
+            libc.mallopt(_M_MMAP_MAX, 0)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # an int: glibc's mallopt takes one
+        _heap_depth += 1
+    try:
+        yield
+    finally:
+        with _heap_lock:
+            _heap_depth -= 1
+            if _heap_depth == 0:
+                for param, value in _GLIBC_DEFAULTS.items():
+                    libc.mallopt(param, value)
+                libc.malloc_trim(0)
+
+
+def patch_trainer_allocator() -> bool:
+    """Run RecBole's ``Trainer.fit`` (every classical model; its subclasses call it) inside ``heap_allocator``:
+    SASRec on retail-sim trains 1.7x faster per CPU second, bitwise the same (B15)."""
+    from recbole.trainer import Trainer
+
+    if getattr(Trainer.fit, "_causalrec", False):
+        return False
+    fit = Trainer.fit
+
+    @functools.wraps(fit)
+    def fit_on_heap(*args, **kwargs):
+        with heap_allocator():
+            return fit(*args, **kwargs)
+
+    fit_on_heap._causalrec = True
+    Trainer.fit = fit_on_heap
+    return True
+
+
 def apply() -> None:
     """Apply every patch once. Safe to call repeatedly."""
     if "all" in _applied:
@@ -588,4 +676,5 @@ def apply() -> None:
     patch_nan_check()
     patch_anomaly_mode()
     patch_pop_counting()
+    patch_trainer_allocator()
     _applied.add("all")

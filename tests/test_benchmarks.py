@@ -189,3 +189,20 @@ def test_embedding_index_calibrates_its_search_breadth_unless_given(tmp_path):
     assert EmbeddingIndex(x[:50], kind="hnsw").search_params == {"ef_search": 128}  # too few items to calibrate
     small = EmbeddingIndex(x[:50], kind="ivf")  # keep it alive: faiss's downcast view does not own the index
     assert small.search_params == {"nprobe": faiss.downcast_index(small.index.index).nlist}  # exhaustive
+
+
+def test_allocator_compares_both_mallocs_on_sasrec():
+    from benchmarks import allocator
+    from causalrec import compat
+
+    if compat._glibc() is None:
+        pytest.skip("not glibc, or malloc tuned by the user: B15 is a no-op")
+    opts = allocator.Options(config={"sim_users": 120, "sim_items": 50, "train_batch_size": 256, "hidden_size": 16,
+                                     "inner_size": 32}, repeats=1, warmup=0, judged=False)
+    payload = allocator.run(opts)
+    v = payload["results"]["variants"]
+    assert set(v) == {"glibc_default", "heap_b15"}
+    assert all(row["cpu_s"] > 0 and row["minor_faults"] >= 0 for row in v.values())
+    assert payload["goals"][0]["passed"] is None  # not the stated size: reported, not judged
+    assert not compat.heap_allocator_active()  # the benchmark leaves glibc's defaults behind
+    assert "| heap_b15 |" in "\n".join(allocator.summary(payload))

@@ -1,0 +1,112 @@
+"""B15: RecBole's Trainer.fit runs with glibc malloc keeping large freed blocks (no page faults per step)."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+
+import causalrec
+from causalrec import compat
+
+pytestmark = pytest.mark.skipif(compat._glibc() is None, reason="not glibc, or malloc tuned by the user: B15 is a no-op")
+
+BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB): always mmap-ed by default
+
+
+def _faults_per_reallocation(times: int = 6) -> list[int]:
+    """Minor page faults of each of ``times`` rounds of allocating, touching and freeing a 64 MiB tensor."""
+    faults = []
+    for _ in range(times):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.empty(BLOCK // 4, dtype=torch.float32)
+        block.fill_(1.0)  # touch every page
+        del block
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults
+
+
+def test_heap_allocator_stops_refaulting_large_blocks():
+    pages = BLOCK // resource.getpagesize()
+    outside = _faults_per_reallocation()
+    assert min(outside) >= pages  # each allocation is a fresh mapping: every page faults again
+    with compat.heap_allocator():
+        assert compat.heap_allocator_active()
+        inside = _faults_per_reallocation(9)
+    # The heap grows at first (and now and then when small objects land next to the freed block); otherwise the
+    # freed block is reused without a single fault.
+    assert sum(f < pages // 100 for f in inside) >= 5, inside
+    assert not compat.heap_allocator_active()
+
+
+class _FakeLibc:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def mallopt(self, param, value):
+        self.calls.append(("mallopt", param, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_heap_allocator_sets_once_and_restores_glibc_defaults(monkeypatch):
+    libc = _FakeLibc()
+    monkeypatch.setattr(compat, "_glibc", lambda: libc)
+    with compat.heap_allocator():
+        with compat.heap_allocator():
+            assert compat.heap_allocator_active()
+        assert compat.heap_allocator_active()  # the inner exit restores nothing
+        assert libc.calls == [("mallopt", -4, 0), ("mallopt", -1, 2**31 - 1)]  # M_MMAP_MAX 0, no trimming
+    assert not compat.heap_allocator_active()
+    # glibc's documented defaults (mallopt(3)): M_TRIM_THRESHOLD 128 KiB, M_MMAP_MAX 65536; then memory goes back
+    assert libc.calls[2:] == [("mallopt", -1, 128 * 1024), ("mallopt", -4, 65536), ("malloc_trim", 0)]
+    with pytest.raises(RuntimeError), compat.heap_allocator():
+        raise RuntimeError("training failed")
+    assert not compat.heap_allocator_active() and libc.calls[-1] == ("malloc_trim", 0)  # restored on errors too
+
+
+@pytest.mark.parametrize("env", [{"CAUSALREC_MALLOC_TUNING": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+                                 {"MALLOC_ARENA_MAX_": "2"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_user_choice_turns_it_off(monkeypatch, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert compat._glibc() is None
+    with compat.heap_allocator():
+        assert not compat.heap_allocator_active()
+
+
+def _fit(monkeypatch, tmp_path, tuning: str):
+    monkeypatch.setenv("CAUSALREC_MALLOC_TUNING", tuning)
+    seen: list[bool] = []  # whether the heap allocator was on, per training epoch
+    config, trainer, (train, valid, _) = causalrec.quick_start.build("SASRec", "retail-sim", config_dict={
+        "sim_users": 150, "sim_items": 60, "epochs": 2, "show_progress": False, "checkpoint_dir": str(tmp_path),
+        "train_batch_size": 256, "hidden_size": 16, "inner_size": 32})
+    monkeypatch.setattr(trainer, "_train_epoch", _recorder(trainer._train_epoch, seen))
+    score, _ = trainer.fit(train, valid, saved=False, show_progress=False)
+    return score, {k: v.clone() for k, v in trainer.model.state_dict().items()}, seen
+
+
+def _recorder(train_epoch, seen):
+    def wrapped(*args, **kwargs):
+        seen.append(compat.heap_allocator_active())
+        return train_epoch(*args, **kwargs)
+
+    return wrapped
+
+
+def test_recbole_fit_runs_on_the_heap_with_identical_results(monkeypatch, tmp_path):
+    from recbole.trainer import Trainer
+
+    assert getattr(Trainer.fit, "_causalrec", False)
+    on_score, on_state, on_seen = _fit(monkeypatch, tmp_path, "1")
+    off_score, off_state, off_seen = _fit(monkeypatch, tmp_path, "0")
+    assert on_seen == [True, True] and off_seen == [False, False]  # both epochs, only when allowed
+    assert not compat.heap_allocator_active()  # restored after fit
+    assert on_score == off_score
+    assert on_state.keys() == off_state.keys()
+    for key in on_state:  # the allocator changes where tensors live, never what they hold
+        assert torch.equal(on_state[key], off_state[key]), key
