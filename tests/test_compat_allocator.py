@@ -30,7 +30,11 @@ def _faults_per_reallocation(times: int = 6) -> list[int]:
 def test_heap_allocator_stops_refaulting_large_blocks():
     pages = BLOCK // resource.getpagesize()
     outside = _faults_per_reallocation()
-    assert min(outside) >= pages  # each allocation is a fresh mapping: every page faults again
+    if max(outside) < pages // 10:  # e.g. transparent huge pages always on: one fault maps 512 pages
+        pytest.skip(f"this kernel does not fault 4 KiB pages one by one ({outside} faults per 64 MiB block)")
+    # each allocation is a fresh mapping: (nearly) every page faults again; a few pages may already be mapped
+    # next to the block (CI once counted 16,380 of 16,384)
+    assert min(outside) >= pages * 0.95, outside
     with compat.heap_allocator():
         assert compat.heap_allocator_active()
         inside = _faults_per_reallocation(9)
