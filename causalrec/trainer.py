@@ -266,22 +266,28 @@ class LLMTrainer(Trainer):
     def _negatives(self, records, targets, show_progress: bool):
         import numpy as np
 
-        from causalrec.data.prompts import sample_negatives
+        from causalrec.data.prompts import ENVIRONMENT_NEGATIVES, sample_negatives
 
         cfg, model = self.config, self.model
         rng = np.random.default_rng(int(cfg["seed"]))
         n_items = len(model.titles)
         scorer = None
         if cfg["negative_strategy"] == "hard":
-            prompts = model.encode_prompts([model.prompt_format.prompt(r.history) for r in records])
+            prompts = model.encode_prompts([r.prompt(model.prompt_format) for r in records])
 
             def scorer(rows):
                 return model.score_prompts([prompts[r] for r in rows], show_progress=show_progress).float().cpu().numpy()
 
-        popularity = np.bincount(targets, minlength=n_items)
+        popularity, groups = np.bincount(targets, minlength=n_items), None
+        field = ENVIRONMENT_NEGATIVES.get(cfg["negative_strategy"])
+        if field is not None:  # popularity within each row's own environment
+            labels = [getattr(r, field) for r in records]
+            names = sorted(set(labels))
+            groups = np.array([names.index(v) for v in labels], dtype=np.int64)
+            popularity = np.stack([np.bincount(targets[groups == g], minlength=n_items) for g in range(len(names))])
         return sample_negatives(
             targets, n_items, int(cfg["num_negatives"]), cfg["negative_strategy"], rng=rng,
-            popularity=popularity, scorer=scorer,
+            popularity=popularity, scorer=scorer, groups=groups,
         )
 
     def _align(self, records, targets, args, resume_from: str | None, show_progress: bool) -> tuple[int, float]:

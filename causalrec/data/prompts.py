@@ -16,7 +16,11 @@ import numpy as np
 from causalrec.errors import ConfigError
 
 DEFAULT_TEMPLATE = "A customer bought, in order: {history}. Next the customer buys:"
-NEGATIVE_STRATEGIES = ("uniform", "popularity", "hard")
+DEFAULT_ENVIRONMENT_TEMPLATE = "{name} {value}. "
+ENVIRONMENTS = ("season", "region")
+NEGATIVE_STRATEGIES = ("uniform", "popularity", "season_popularity", "region_popularity", "hard")
+# strategy -> the environment label whose own popularity it draws from
+ENVIRONMENT_NEGATIVES = {"season_popularity": "season", "region_popularity": "region"}
 
 
 @dataclass(frozen=True)
@@ -27,21 +31,37 @@ class PromptFormat:
         template: text with one ``{history}`` field.
         max_history_items: only the last this-many history titles are shown.
         separator: between titles in the history.
+        environment: ``None``, or the environment label (``season`` | ``region``) written before the template
+            with ``environment_template``, so that a model learns ``p(item | history, environment)``.
+        environment_template: the environment's text, with ``{name}`` and ``{value}`` fields.
     """
 
     template: str = DEFAULT_TEMPLATE
     max_history_items: int = 10
     separator: str = "; "
+    environment: str | None = None
+    environment_template: str = DEFAULT_ENVIRONMENT_TEMPLATE
 
     def __post_init__(self):
         if "{history}" not in self.template:
             raise ConfigError(f"prompt_template must contain '{{history}}'; got {self.template!r}")
         if self.max_history_items < 1:
             raise ConfigError(f"max_history_items must be >= 1; got {self.max_history_items}")
+        if self.environment is not None and self.environment not in ENVIRONMENTS:
+            raise ConfigError(f"prompt_environment must be one of {', '.join(ENVIRONMENTS)} or null; "
+                              f"got {self.environment!r}")
+        if self.environment is not None and "{value}" not in self.environment_template:
+            raise ConfigError(f"environment_template must contain '{{value}}'; got {self.environment_template!r}")
 
-    def prompt(self, history_titles: Sequence[str]) -> str:
+    def prompt(self, history_titles: Sequence[str], environment: str | None = None) -> str:
+        """The prompt for a history; ``environment`` is the label value, required when ``self.environment`` is set."""
         shown = list(history_titles)[-self.max_history_items :]
-        return self.template.format(history=self.separator.join(shown))
+        text = self.template.format(history=self.separator.join(shown))
+        if self.environment is None:
+            return text
+        if environment is None:
+            raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
+        return self.environment_template.format(name=self.environment, value=environment) + text
 
 
 def completion_text(title: str) -> str:
@@ -58,6 +78,7 @@ def sample_negatives(
     popularity: np.ndarray | None = None,
     scorer: Callable[[np.ndarray], np.ndarray] | None = None,
     first_item: int = 1,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Draw ``num_negatives`` distinct items per row, never the row's target.
 
@@ -65,8 +86,13 @@ def sample_negatives(
 
     Args:
         targets: ``[N]`` positive item id per row.
-        strategy: ``uniform``; ``popularity`` (proportional to ``popularity[item]``); ``hard``
-            (the highest-scoring non-target items under ``scorer(rows) -> [len(rows), n_items]``).
+        strategy: ``uniform``; ``popularity`` (proportional to ``popularity[item] + 1``); ``season_popularity`` /
+            ``region_popularity`` (proportional to ``popularity[groups[row], item] + 1``: the popularity in the
+            row's own environment, so chosen and rejected items are contrasted within one environment, as
+            ``p(y | x, e)`` in the backdoor adjustment asks); ``hard`` (the highest-scoring non-target items under
+            ``scorer(rows) -> [len(rows), n_items]``).
+        popularity: ``[n_items]`` counts, or ``[G, n_items]`` counts per environment for the environment strategies.
+        groups: ``[N]`` environment index in ``[0, G)`` of each row (environment strategies only).
     Returns:
         ``[N, num_negatives]`` int64 array.
     """
@@ -84,15 +110,24 @@ def sample_negatives(
         scores[:, :first_item] = -np.inf
         scores[np.arange(len(targets)), targets] = -np.inf
         return np.argsort(-scores, axis=1, kind="stable")[:, :num_negatives].astype(np.int64)
-    if strategy == "popularity":
-        if popularity is None:
-            raise ConfigError("negative_strategy 'popularity' needs item popularity counts")
-        weights = np.asarray(popularity, dtype=np.float64)[first_item:n_items] + 1.0
+    if strategy in ENVIRONMENT_NEGATIVES:
+        table = None if popularity is None else np.asarray(popularity, dtype=np.float64)
+        if table is None or table.ndim != 2 or groups is None or len(groups) != len(targets):
+            raise ConfigError(f"negative_strategy {strategy!r} needs popularity counts per environment "
+                              f"([environments, items]) and one environment index per row")
+        weights = table[:, first_item:n_items] + 1.0
+        row_weights = lambda row: weights[groups[row]]  # noqa: E731
     else:
-        weights = np.ones(n_candidates)
+        if strategy == "popularity":
+            if popularity is None:
+                raise ConfigError("negative_strategy 'popularity' needs item popularity counts")
+            flat = np.asarray(popularity, dtype=np.float64)[first_item:n_items] + 1.0
+        else:
+            flat = np.ones(n_candidates)
+        row_weights = lambda row: flat  # noqa: E731
     out = np.empty((len(targets), num_negatives), dtype=np.int64)
     for row, target in enumerate(targets):
-        w = weights.copy()
+        w = row_weights(row).copy()
         w[target - first_item] = 0.0
         out[row] = rng.choice(n_candidates, size=num_negatives, replace=False, p=w / w.sum()) + first_item
     return out

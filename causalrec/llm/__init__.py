@@ -21,7 +21,15 @@ from causalrec.llm.grounding import (
     embed_texts_with_backbone,
     ground_texts,
 )
-from causalrec.llm.ranking import TitleTrie, naive_scores, score_candidates, score_catalog, score_pairs, title_token_ids
+from causalrec.llm.ranking import (
+    TitleTrie,
+    marginalize_environments,
+    naive_scores,
+    score_candidates,
+    score_catalog,
+    score_pairs,
+    title_token_ids,
+)
 
 __all__ = [
     "BackboneConfig",
@@ -37,6 +45,7 @@ __all__ = [
     "ground_texts",
     "load_backbone",
     "lora_config",
+    "marginalize_environments",
     "naive_scores",
     "save_backbone",
     "score_candidates",

@@ -712,6 +712,22 @@ def score_catalog(
     return torch.cat(results)
 
 
+def marginalize_environments(scores: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """The backdoor adjustment over environments: ``log Σ_e P(e) p(item | prompt, e)``.
+
+    Args:
+        scores: ``[B, K, ...]`` log-likelihoods of the same items under the K environment-conditioned prompts
+            of each of B cases.
+        log_prior: ``[K]`` ``log P(e)``, the environments' training-set frequencies.
+    Returns:
+        ``[B, ...]`` log-likelihoods under ``p(item | do(history))``.
+    """
+    if scores.dim() < 2 or scores.size(1) != log_prior.numel():
+        raise ValueError(f"scores must be [B, K, ...] with K = {log_prior.numel()} environments; got {tuple(scores.shape)}")
+    shape = (1, -1) + (1,) * (scores.dim() - 2)
+    return torch.logsumexp(scores + log_prior.to(scores).view(shape), dim=1)
+
+
 def score_pairs(
     model,
     prompt_ids: Sequence[Sequence[int]],

@@ -17,12 +17,13 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from causalrec.data.prompts import PromptFormat
-from causalrec.errors import ConfigError, DataError
+from causalrec.data.prompts import DEFAULT_ENVIRONMENT_TEMPLATE, PromptFormat
+from causalrec.errors import ConfigError, DataError, UnknownNameError
 
 _log = logging.getLogger(__name__)
 
 PAD_TITLE = "[padding item]"
+ENVIRONMENT_PRIORS = ("train", "uniform")
 
 
 def read_titles(path: str) -> dict[str, str]:
@@ -62,15 +63,18 @@ class LLMRecommender(SequentialRecommender):
 
         self.titles = self._load_titles(config, dataset)
         self.prompt_format = PromptFormat(
-            template=config["prompt_template"], max_history_items=int(config["max_history_items"])
+            template=config["prompt_template"], max_history_items=int(config["max_history_items"]),
+            environment=config["prompt_environment"] or None,
+            environment_template=config["environment_template"] or DEFAULT_ENVIRONMENT_TEMPLATE,
         )
+        self.environments, self.env_log_prior = self._environment_prior(config, dataset)
         self.rank_batch_size = int(config["rank_batch_size"])
         values: dict[str, Any] = dict(config.final_config_dict)
         values["device"] = str(config["device"])
         self.backbone_config = BackboneConfig.from_dict(values)
-        corpus = self.titles[1:] + [self.prompt_format.template, self.prompt_format.prompt([])]
+        corpus = self.titles[1:] + [self.prompt_format.template] + self._empty_prompts()
         self.llm, self.tokenizer = load_backbone(self.backbone_config, corpus=corpus)
-        self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self.prompt_format.prompt([]))
+        self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self._empty_prompts()[0])
         self.trie = TitleTrie.from_token_ids(self.title_tokens)
 
     # ------------------------------------------------------------------------------------ data
@@ -91,13 +95,46 @@ class LLMRecommender(SequentialRecommender):
             )
         return [PAD_TITLE] + [by_token[str(t)] for t in tokens[1:]]
 
+    def _environment_prior(self, config, dataset) -> tuple[list[str], torch.Tensor | None]:
+        """The training environments (label values) and ``log P(e)``: their frequencies among the training rows
+        (``dataset`` is the training split, as RecBole builds models), or uniform (``environment_prior``);
+        ``([], None)`` without an environment."""
+        field = self.prompt_format.environment
+        if field is None:
+            return [], None
+        if field not in dataset.inter_feat.columns:
+            raise DataError(
+                f"prompt_environment={field!r} needs a {field!r} column in the interactions; "
+                f"{dataset.dataset_name!r} has {sorted(dataset.inter_feat.columns)}"
+            )
+        vocab = dataset.field2id_token[field]
+        counts = torch.bincount(torch.as_tensor(dataset.inter_feat[field]).long(), minlength=len(vocab)).double()
+        seen = [i for i in range(1, len(vocab)) if counts[i] > 0]  # id 0 is RecBole's padding token
+        if not seen:
+            raise DataError(f"the training split has no {field!r} labels; prompt_environment needs them")
+        how = config["environment_prior"] or "train"
+        if how not in ENVIRONMENT_PRIORS:
+            raise UnknownNameError("environment_prior", how, ENVIRONMENT_PRIORS)
+        prior = counts[seen] / counts[seen].sum() if how == "train" else torch.full((len(seen),), 1.0 / len(seen)).double()
+        _log.info("prompt_environment=%s: ranking marginalises over %s with P(e) = %s", field,
+                  [str(vocab[i]) for i in seen], [round(p, 3) for p in prior.tolist()])
+        return [str(vocab[i]) for i in seen], prior.log().float()
+
+    def _empty_prompts(self) -> list[str]:
+        """The prompt of an empty history, once per training environment (once without environments)."""
+        return [self.prompt_format.prompt([], e) for e in self.environments] or [self.prompt_format.prompt([])]
+
     def history_titles(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> list[list[str]]:
         """Titles of each row's history, oldest first (RecBole left-aligns sequences, padding 0 after)."""
         seqs, lens = item_seq.tolist(), item_seq_len.tolist()
         return [[self.titles[i] for i in seq[: int(n)] if i] for seq, n in zip(seqs, lens)]
 
     def prompts(self, interaction) -> list[str]:
-        return [self.prompt_format.prompt(h) for h in self.history_titles(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])]
+        """One prompt per row; with ``prompt_environment``, K per row (row-major), one per training environment."""
+        histories = self.history_titles(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        if not self.environments:
+            return [self.prompt_format.prompt(h) for h in histories]
+        return [self.prompt_format.prompt(h, e) for h in histories for e in self.environments]
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of prompts, as TRL tokenises them (special tokens included)."""
@@ -116,19 +153,31 @@ class LLMRecommender(SequentialRecommender):
         pad = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device, dtype=scores.dtype)
         return torch.cat([pad, scores], dim=1)
 
+    def _backdoor(self, scores: torch.Tensor) -> torch.Tensor:
+        """``[B * K, ...]`` scores of the K environment prompts of each row -> ``[B, ...]`` ``log p(y | do(x))``;
+        unchanged without environments."""
+        if not self.environments:
+            return scores
+        from causalrec.llm.ranking import marginalize_environments
+
+        k = len(self.environments)
+        return marginalize_environments(scores.view(scores.size(0) // k, k, *scores.shape[1:]), self.env_log_prior)
+
     def full_sort_predict(self, interaction) -> torch.Tensor:
-        return self.score_prompts(self.prompt_ids(interaction))
+        return self._backdoor(self.score_prompts(self.prompt_ids(interaction)))
 
     def predict(self, interaction) -> torch.Tensor:
         from causalrec.llm.ranking import score_pairs
 
         items = interaction[self.ITEM_ID]
         prompts = self.prompt_ids(interaction)
+        k = max(1, len(self.environments))
         out = torch.full((len(items),), float("-inf"), device=items.device)
         real = (items > 0).nonzero(as_tuple=True)[0].tolist()
         if real:
-            scores = score_pairs(self.llm, [prompts[r] for r in real], [int(items[r]) - 1 for r in real], self.trie)
-            out[real] = scores.to(out.device)
+            rows = [r * k + e for r in real for e in range(k)]  # each pair under each environment's prompt
+            scores = score_pairs(self.llm, [prompts[r] for r in rows], [int(items[r // k]) - 1 for r in rows], self.trie)
+            out[real] = self._backdoor(scores.view(-1)).to(out.device)
         return out
 
     def forward(self, interaction):

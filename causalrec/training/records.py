@@ -29,13 +29,17 @@ class PreferenceRecord:
     season: str = "all"
     region: str = "all"
 
+    def prompt(self, fmt: PromptFormat) -> str:
+        """The record's prompt; an environment-conditioned format gets the record's own label."""
+        return fmt.prompt(self.history, None if fmt.environment is None else getattr(self, fmt.environment))
+
 
 def sft_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | None = None) -> Dataset:
     """``prompt``/``completion`` (+ ``season``/``region``) rows for the SFT stage."""
     fmt = fmt or PromptFormat()
     records = list(records)
     return make_sft_dataset(
-        [fmt.prompt(r.history) for r in records],
+        [r.prompt(fmt) for r in records],
         [completion_text(r.target) for r in records],
         season=[r.season for r in records],
         region=[r.region for r in records],
@@ -47,7 +51,7 @@ def preference_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | 
     fmt = fmt or PromptFormat()
     records = list(records)
     return make_preference_dataset(
-        [fmt.prompt(r.history) for r in records],
+        [r.prompt(fmt) for r in records],
         [completion_text(r.target) for r in records],
         [[completion_text(t) for t in r.negatives] for r in records],
         season=[r.season for r in records],
