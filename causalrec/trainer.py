@@ -58,7 +58,9 @@ RUN_KEYS: dict[str, Any] = {
     "stage_cache_dir": None,  # (str) Finished stages and in-progress TRL checkpoints; None: <checkpoint_dir>/stages.
     "resume": False,  # (bool) TRL stages write step checkpoints; an interrupted stage continues from its last one.
     "resume_save_steps": 100,  # (int) With resume, a checkpoint every this many optimizer steps if the args save none.
+    "validate_stages": "all",  # (str) all: validate after every stage (Optuna pruning sees SFT); last: the final stage only.
 }
+VALIDATE_STAGES = ("all", "last")
 
 
 # -------------------------------------------------------------------------------------- processes
@@ -427,7 +429,8 @@ class LLMTrainer(Trainer):
         """Run SFT (and the model's alignment stage); returns ``(best_valid_score, best_valid_result)``.
 
         The final model is the result (stages are not early-stopped against each other); it is validated
-        after every stage and saved to ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
+        after every stage (after the last one only with ``validate_stages: last``) and saved to
+        ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
         are loaded, not trained. Under a multi-process launch only the main process validates (``callback_fn``
         included) and saves; the others return ``(None, None)``.
         """
@@ -454,6 +457,11 @@ class LLMTrainer(Trainer):
                 self.model.alignment, digest(inputs), inputs, align_args,
                 lambda a, r: self._align(dpo_records, dpo_targets, a, r, show_progress),
             ))
+        validate = self._setting("validate_stages")
+        if validate not in VALIDATE_STAGES:
+            from causalrec.errors import UnknownNameError
+
+            raise UnknownNameError("validate_stages", validate, VALIDATE_STAGES)
         self.stage_results = []
         valid_score, valid_result = None, None
         for index, stage in enumerate(stages):
@@ -463,7 +471,7 @@ class LLMTrainer(Trainer):
             rows = stage.inputs["rows"]
             how = "loaded from the stage cache" if info["reused"] else f"trained in {info['train_seconds']:.1f}s"
             message = f"stage {stage.name}: {rows} training rows, {how}"
-            if valid_data and main:
+            if valid_data and main and (validate == "all" or index == len(stages) - 1):
                 start = time.perf_counter()
                 valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
                 info.update(valid_score=float(valid_score), valid_result=dict(valid_result))

@@ -164,3 +164,14 @@ def test_user_stage_args_update_the_yaml_defaults_instead_of_replacing_them():
     merged = LLMTrainer._stage_args(fake, "sft_args")
     assert merged["num_train_epochs"] == 7
     assert merged["learning_rate"] == defaults["learning_rate"]
+
+
+def test_validate_last_stage_only(in_tmp):
+    calls = []
+    result = causalrec.run("SDPORec", "retail-sim", config_dict=dict(TINY, validate_stages="last"),
+                           callback_fn=lambda stage, score: calls.append((stage, score)))
+    sft, sdpo = result["stages"]
+    assert "valid_score" not in sft and sdpo["valid_score"] == pytest.approx(result["best_valid_score"])
+    assert calls == [(1, pytest.approx(result["best_valid_score"]))]
+    with pytest.raises(CausalRecError, match="validate_stages"):
+        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, validate_stages="first"))
