@@ -91,6 +91,27 @@ def test_ranking_is_the_backdoor_sum_over_training_seasons(backdoor_run):
     assert result["test_result"]["ndcg@10"] > 0
 
 
+def test_observed_inference_conditions_on_a_known_environment(backdoor_run):
+    _, checkpoint = backdoor_run
+    config, model, _, _, _, test = _rebuild(checkpoint)
+    model.environment_inference = "observed"
+    batch = next(iter(test))[0]
+    labels = [str(test._dataset.field2id_token["season"][i]) for i in batch["season"].tolist()]
+    rows = [labels.index("winter"), labels.index("autumn")]  # December (seen in Jan-Feb) and Oct/Nov (unseen)
+    batch = batch[torch.tensor(rows)]
+    weights = model.environment_weights(batch)
+    winter = model.environments.index("winter")
+    assert weights[0].exp().tolist() == [1.0 if e == winter else 0.0 for e in range(len(model.environments))]
+    torch.testing.assert_close(weights[1], model.env_log_prior)
+    assert len(model.prompts(batch)) == 1 + len(model.environments)  # one prompt for the known row, K otherwise
+    scores = model.full_sort_predict(batch)
+    history = model.history_titles(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
+    own = naive_scores(model.llm, model.encode_prompts([model.prompt_format.prompt(history, "winter")]), model.trie)
+    torch.testing.assert_close(scores[0, 1:], own[0], atol=1e-4, rtol=0)
+    model.environment_inference = "marginal"
+    torch.testing.assert_close(scores[1], model.full_sort_predict(batch)[1], atol=1e-5, rtol=0)
+
+
 def test_unknown_environment_fails_before_training(in_tmp):
     with pytest.raises(CausalRecError, match="prompt_environment"):
         causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, prompt_environment="weather"))

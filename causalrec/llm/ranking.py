@@ -717,15 +717,19 @@ def marginalize_environments(scores: torch.Tensor, log_prior: torch.Tensor) -> t
 
     Args:
         scores: ``[B, K, ...]`` log-likelihoods of the same items under the K environment-conditioned prompts
-            of each of B cases.
-        log_prior: ``[K]`` ``log P(e)``, the environments' training-set frequencies.
+            of each of B cases (``-inf`` where a prompt was not scored because its weight is 0).
+        log_prior: ``[K]`` ``log P(e)``, the environments' training-set frequencies, or ``[B, K]`` weights per
+            case (``-inf`` for a weight of 0).
     Returns:
         ``[B, ...]`` log-likelihoods under ``p(item | do(history))``.
     """
-    if scores.dim() < 2 or scores.size(1) != log_prior.numel():
-        raise ValueError(f"scores must be [B, K, ...] with K = {log_prior.numel()} environments; got {tuple(scores.shape)}")
-    shape = (1, -1) + (1,) * (scores.dim() - 2)
-    return torch.logsumexp(scores + log_prior.to(scores).view(shape), dim=1)
+    k = log_prior.size(-1)
+    if scores.dim() < 2 or scores.size(1) != k or (log_prior.dim() == 2 and log_prior.size(0) != scores.size(0)):
+        raise ValueError(f"scores must be [B, K, ...] with K = {k} environments matching weights "
+                         f"{tuple(log_prior.shape)}; got {tuple(scores.shape)}")
+    weights = log_prior.to(scores).expand(scores.size(0), k)
+    weighted = scores + weights.reshape(scores.size(0), k, *(1,) * (scores.dim() - 2))
+    return torch.logsumexp(weighted, dim=1)
 
 
 def score_pairs(

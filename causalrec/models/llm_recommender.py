@@ -24,6 +24,7 @@ _log = logging.getLogger(__name__)
 
 PAD_TITLE = "[padding item]"
 ENVIRONMENT_PRIORS = ("train", "uniform")
+ENVIRONMENT_INFERENCE = ("marginal", "observed")
 
 
 def read_titles(path: str) -> dict[str, str]:
@@ -98,8 +99,10 @@ class LLMRecommender(SequentialRecommender):
     def _environment_prior(self, config, dataset) -> tuple[list[str], torch.Tensor | None]:
         """The training environments (label values) and ``log P(e)``: their frequencies among the training rows
         (``dataset`` is the training split, as RecBole builds models), or uniform (``environment_prior``);
-        ``([], None)`` without an environment."""
+        ``([], None)`` without an environment. Also sets ``env_index``: RecBole token id -> index in
+        ``environments`` (-1 for labels that never occur in training)."""
         field = self.prompt_format.environment
+        self.env_field, self.env_index = field, None
         if field is None:
             return [], None
         if field not in dataset.inter_feat.columns:
@@ -107,17 +110,23 @@ class LLMRecommender(SequentialRecommender):
                 f"prompt_environment={field!r} needs a {field!r} column in the interactions; "
                 f"{dataset.dataset_name!r} has {sorted(dataset.inter_feat.columns)}"
             )
+        for key, choices in (("environment_prior", ENVIRONMENT_PRIORS), ("environment_inference", ENVIRONMENT_INFERENCE)):
+            if (config[key] or choices[0]) not in choices:
+                raise UnknownNameError(key, config[key], choices)
+        self.environment_inference = config["environment_inference"] or ENVIRONMENT_INFERENCE[0]
         vocab = dataset.field2id_token[field]
         counts = torch.bincount(torch.as_tensor(dataset.inter_feat[field]).long(), minlength=len(vocab)).double()
         seen = [i for i in range(1, len(vocab)) if counts[i] > 0]  # id 0 is RecBole's padding token
         if not seen:
             raise DataError(f"the training split has no {field!r} labels; prompt_environment needs them")
-        how = config["environment_prior"] or "train"
-        if how not in ENVIRONMENT_PRIORS:
-            raise UnknownNameError("environment_prior", how, ENVIRONMENT_PRIORS)
-        prior = counts[seen] / counts[seen].sum() if how == "train" else torch.full((len(seen),), 1.0 / len(seen)).double()
-        _log.info("prompt_environment=%s: ranking marginalises over %s with P(e) = %s", field,
-                  [str(vocab[i]) for i in seen], [round(p, 3) for p in prior.tolist()])
+        if (config["environment_prior"] or "train") == "train":
+            prior = counts[seen] / counts[seen].sum()
+        else:
+            prior = torch.full((len(seen),), 1.0 / len(seen), dtype=torch.float64)
+        self.env_index = torch.full((len(vocab),), -1, dtype=torch.long)
+        self.env_index[seen] = torch.arange(len(seen))
+        _log.info("prompt_environment=%s: ranking sums over %s with P(e) = %s (%s)", field,
+                  [str(vocab[i]) for i in seen], [round(p, 3) for p in prior.tolist()], self.environment_inference)
         return [str(vocab[i]) for i in seen], prior.log().float()
 
     def _empty_prompts(self) -> list[str]:
@@ -129,12 +138,33 @@ class LLMRecommender(SequentialRecommender):
         seqs, lens = item_seq.tolist(), item_seq_len.tolist()
         return [[self.titles[i] for i in seq[: int(n)] if i] for seq, n in zip(seqs, lens)]
 
-    def prompts(self, interaction) -> list[str]:
-        """One prompt per row; with ``prompt_environment``, K per row (row-major), one per training environment."""
-        histories = self.history_titles(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+    def environment_weights(self, interaction) -> torch.Tensor:
+        """``[B, K]`` ``log`` weights of the training environments in each row's ranking: ``log P(e)`` (the
+        backdoor sum); with ``environment_inference: observed``, a row whose own label occurs in training puts all
+        its weight on it (``p(y | x, e)`` of a known stratum) and only the others use ``P(e)``."""
+        k = len(self.environments)
+        weights = self.env_log_prior.expand(len(interaction), k).clone()
+        if self.environment_inference == "observed" and self.env_field in interaction.columns:
+            index = self.env_index.to(interaction[self.env_field].device)[interaction[self.env_field].long()].cpu()
+            known = index >= 0
+            weights[known] = float("-inf")
+            weights[known, index[known]] = 0.0
+        return weights
+
+    def _environment_rows(self, interaction) -> tuple[list[tuple[int, int]], torch.Tensor | None]:
+        """The (row, environment) prompts a ranking needs and the ``[B, K]`` weights; ``([(r, -1)], None)``
+        without environments."""
         if not self.environments:
-            return [self.prompt_format.prompt(h) for h in histories]
-        return [self.prompt_format.prompt(h, e) for h in histories for e in self.environments]
+            return [(r, -1) for r in range(len(interaction))], None
+        weights = self.environment_weights(interaction)
+        return [tuple(pair) for pair in torch.isfinite(weights).nonzero().tolist()], weights
+
+    def prompts(self, interaction) -> list[str]:
+        """One prompt per row; with ``prompt_environment``, one per (row, environment) the ranking sums over
+        (all K training environments per row under ``environment_inference: marginal``), row-major."""
+        histories = self.history_titles(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        pairs, _ = self._environment_rows(interaction)
+        return [self.prompt_format.prompt(histories[r], self.environments[e] if e >= 0 else None) for r, e in pairs]
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of prompts, as TRL tokenises them (special tokens included)."""
@@ -153,32 +183,34 @@ class LLMRecommender(SequentialRecommender):
         pad = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device, dtype=scores.dtype)
         return torch.cat([pad, scores], dim=1)
 
-    def _backdoor(self, scores: torch.Tensor) -> torch.Tensor:
-        """``[B * K, ...]`` scores of the K environment prompts of each row -> ``[B, ...]`` ``log p(y | do(x))``;
-        unchanged without environments."""
-        if not self.environments:
+    def _combine(self, scores: torch.Tensor, interaction) -> torch.Tensor:
+        """Scores of ``prompts(interaction)`` (``[P, ...]``) -> one per row (``[B, ...]``): ``log sum_e w_re
+        p(y | x_r, e)`` with ``environment_weights``; unchanged without environments."""
+        pairs, weights = self._environment_rows(interaction)
+        if weights is None:
             return scores
         from causalrec.llm.ranking import marginalize_environments
 
-        k = len(self.environments)
-        return marginalize_environments(scores.view(scores.size(0) // k, k, *scores.shape[1:]), self.env_log_prior)
+        rows, envs = torch.tensor(pairs).t()
+        dense = scores.new_full((len(interaction), len(self.environments), *scores.shape[1:]), float("-inf"))
+        dense[rows, envs] = scores
+        return marginalize_environments(dense, weights.to(scores.device))
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
-        return self._backdoor(self.score_prompts(self.prompt_ids(interaction)))
+        return self._combine(self.score_prompts(self.prompt_ids(interaction)), interaction)
 
     def predict(self, interaction) -> torch.Tensor:
         from causalrec.llm.ranking import score_pairs
 
         items = interaction[self.ITEM_ID]
         prompts = self.prompt_ids(interaction)
-        k = max(1, len(self.environments))
-        out = torch.full((len(items),), float("-inf"), device=items.device)
-        real = (items > 0).nonzero(as_tuple=True)[0].tolist()
+        pairs, _ = self._environment_rows(interaction)
+        scores = torch.full((len(prompts),), float("-inf"), device=items.device)
+        real = [p for p, (r, _) in enumerate(pairs) if int(items[r]) > 0]  # padding candidates stay -inf
         if real:
-            rows = [r * k + e for r in real for e in range(k)]  # each pair under each environment's prompt
-            scores = score_pairs(self.llm, [prompts[r] for r in rows], [int(items[r // k]) - 1 for r in rows], self.trie)
-            out[real] = self._backdoor(scores.view(-1)).to(out.device)
-        return out
+            found = score_pairs(self.llm, [prompts[p] for p in real], [int(items[pairs[p][0]]) - 1 for p in real], self.trie)
+            scores[real] = found.to(scores.device)
+        return self._combine(scores, interaction)
 
     def forward(self, interaction):
         return self.full_sort_predict(interaction)
