@@ -50,7 +50,7 @@ VOLATILE_KEYS = frozenset({
     "checkpoint_dir", "data_path", "data_cache_dir", "prepared_dir", "stage_cache_dir", "device", "gpu_id",
     "use_gpu", "show_progress", "state", "log_wandb", "wandb_project", "worker", "local_rank", "single_spec",
     "nproc", "world_size", "offset", "ip", "port", "save_dataset", "save_dataloaders", "dataset_save_path",
-    "dataloaders_save_path", "resume", "resume_save_steps", "eval_batch_size", "rank_batch_size",
+    "dataloaders_save_path", "resume", "resume_save_steps", "eval_batch_size", "rank_batch_size", "validate_stages",
 })
 CELL_FORMAT = 1
 
