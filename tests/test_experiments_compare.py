@@ -197,6 +197,7 @@ def test_per_model_sections_and_layering(in_tmp):
     ({"baseline": "GenRec"}, ConfigError, ["GenRec", "not one of the compared models"]),
     ({"seeds": 0}, ConfigError, ["seeds", ">= 1"]),
     ({"seeds": [1, 1]}, ConfigError, ["distinct"]),
+    ({"seeds": 2020}, ConfigError, ["2020 seeds", "--seeds 2020,"]),  # a seed given where a count is expected
 ])
 def test_bad_settings_fail_before_any_training(in_tmp, kwargs, error, words):
     settings = {"models": ["Pop", "SASRec"], "splits": "seasonal", "seeds": 1, "params": dict(TINY), **kwargs}

@@ -53,6 +53,7 @@ VOLATILE_KEYS = frozenset({
     "dataloaders_save_path", "resume", "resume_save_steps", "eval_batch_size", "rank_batch_size", "validate_stages",
 })
 CELL_FORMAT = 1
+MAX_SEED_COUNT = 100
 
 
 @dataclass
@@ -120,6 +121,9 @@ class CompareConfig:
         if isinstance(seeds, int):
             if seeds < 1:
                 raise ConfigError(f"seeds must be >= 1; got {seeds}")
+            if seeds > MAX_SEED_COUNT:  # `--seeds 2020` is far more likely a seed than 2,020 runs per cell
+                raise ConfigError(f"seeds={seeds} asks for {seeds} seeds per model and split; to run one seed, "
+                                  f"give a list: --seeds {seeds}, (or seeds=[{seeds}] from Python)")
             return [2020 + i for i in range(seeds)]
         out = list(seeds)
         if not out or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out) or len(set(out)) < len(out):
