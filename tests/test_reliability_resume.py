@@ -150,17 +150,20 @@ def test_models_with_the_same_sft_settings_share_one_sft_stage(tmp_path, monkeyp
         raise AssertionError("the SFT stage was trained again")
 
     monkeypatch.setattr(SFTTrainer, "train", no_training)
-    for model, extra in (("SDPORec", {}), ("CausalDPO", {"env_source": "season"})):
+    # CausalDPO without environments in its prompts has GenRec's SFT settings
+    for model, extra in (("SDPORec", {}), ("CausalDPO", {"env_source": "season", "prompt_environment": None})):
         result = _run(model, tmp_path, **extra)
         first, second = result["stages"]
         assert first["reused"] and first["directory"] == sft["directory"]
         assert first["valid_result"] == sft["valid_result"]  # re-evaluated from the loaded weights: identical
         assert second["stage"] == ("sdpo" if model == "SDPORec" else "causal_dpo") and not second["reused"]
         assert result["best_valid_score"] == second["valid_score"]  # the aligned model is the result
-    # Another SFT setting is another stage.
+    # Another SFT setting is another stage: another seed, or CausalDPO's default season-conditioned prompts.
     monkeypatch.undo()
     changed = _run("GenRec", tmp_path, seed=7)
     assert not changed["stages"][0]["reused"] and changed["stages"][0]["key"] != sft["key"]
+    causal = _run("CausalDPO", tmp_path)
+    assert not causal["stages"][0]["reused"] and causal["stages"][0]["key"] != sft["key"]
 
 
 @pytest.mark.slow
