@@ -136,13 +136,27 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+@lru_cache(maxsize=1)
+def _choices() -> dict[str, tuple[str, ...]]:
+    """causalrec's keys with a fixed set of values (checked before any data or training work)."""
+    from causalrec.data.prompts import ENVIRONMENTS, NEGATIVE_STRATEGIES
+    from causalrec.models.llm_recommender import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS
+    from causalrec.trainer import VALIDATE_STAGES
+
+    return {"prompt_environment": ENVIRONMENTS, "environment_prior": ENVIRONMENT_PRIORS,
+            "environment_inference": ENVIRONMENT_INFERENCE, "validate_stages": VALIDATE_STAGES,
+            "negative_strategy": NEGATIVE_STRATEGIES}
+
+
 def check_values(params: dict[str, Any]) -> None:
-    """Type and range checks of known keys against their YAML defaults (after RecBole's literal parsing)."""
+    """Type, range and choice checks of known keys against their YAML defaults (after RecBole's literal parsing)."""
     defaults = config_defaults()
     for key, raw in params.items():
         value = literal_value(raw)
         if value is None:
             continue
+        if key in _choices() and value not in _choices()[key]:
+            raise UnknownNameError(key, value, _choices()[key])
         kinds = {k for k in map(_kind, defaults.get(key, ())) if k is not None} | _ALSO_ACCEPTED.get(key, set())
         if kinds and not _type_ok(value, kinds):
             wanted = " or ".join(sorted({_WANTED[k] for k in kinds}))

@@ -112,7 +112,10 @@ def test_observed_inference_conditions_on_a_known_environment(backdoor_run):
     torch.testing.assert_close(scores[1], model.full_sort_predict(batch)[1], atol=1e-5, rtol=0)
 
 
-def test_unknown_environment_fails_before_training(in_tmp):
-    with pytest.raises(CausalRecError, match="prompt_environment"):
-        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, prompt_environment="weather"))
+@pytest.mark.parametrize("key,value", [("prompt_environment", "weather"), ("environment_prior", "flat"),
+                                       ("environment_inference", "oracle"), ("negative_strategy", "seasonal"),
+                                       ("validate_stages", "none")])
+def test_unknown_choices_fail_before_training(in_tmp, key, value):
+    with pytest.raises(CausalRecError, match=f"unknown {key} '{value}'"):
+        causalrec.run("SDPORec", "retail-sim", config_dict=dict(TINY, **{key: value}))
     assert not (in_tmp / "saved" / "stages").exists()

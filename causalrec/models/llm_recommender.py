@@ -68,7 +68,7 @@ class LLMRecommender(SequentialRecommender):
             environment=config["prompt_environment"] or None,
             environment_template=config["environment_template"] or DEFAULT_ENVIRONMENT_TEMPLATE,
         )
-        self.environments, self.env_log_prior = self._environment_prior(config, dataset)
+        self._init_environments(config, dataset)
         self.rank_batch_size = int(config["rank_batch_size"])
         values: dict[str, Any] = dict(config.final_config_dict)
         values["device"] = str(config["device"])
@@ -96,38 +96,41 @@ class LLMRecommender(SequentialRecommender):
             )
         return [PAD_TITLE] + [by_token[str(t)] for t in tokens[1:]]
 
-    def _environment_prior(self, config, dataset) -> tuple[list[str], torch.Tensor | None]:
-        """The training environments (label values) and ``log P(e)``: their frequencies among the training rows
-        (``dataset`` is the training split, as RecBole builds models), or uniform (``environment_prior``);
-        ``([], None)`` without an environment. Also sets ``env_index``: RecBole token id -> index in
-        ``environments`` (-1 for labels that never occur in training)."""
-        field = self.prompt_format.environment
-        self.env_field, self.env_index = field, None
+    def _init_environments(self, config, dataset) -> None:
+        """``environments`` (the label values seen in training), ``env_log_prior`` (``log P(e)``: their shares of
+        the training rows, or uniform with ``environment_prior``), ``env_index`` (RecBole token id -> index in
+        ``environments``, -1 for labels never seen in training) and ``environment_inference``. ``dataset`` is the
+        training split, as RecBole builds models. Without ``prompt_environment``: no environments."""
+        field = self.env_field = self.prompt_format.environment
+        self.environments, self.env_log_prior, self.env_index = [], None, None
+        self.environment_inference = config["environment_inference"] or ENVIRONMENT_INFERENCE[0]
+        prior_kind = config["environment_prior"] or ENVIRONMENT_PRIORS[0]
+        for key, value, choices in (("environment_prior", prior_kind, ENVIRONMENT_PRIORS),
+                                    ("environment_inference", self.environment_inference, ENVIRONMENT_INFERENCE)):
+            if value not in choices:
+                raise UnknownNameError(key, value, choices)
         if field is None:
-            return [], None
+            return
         if field not in dataset.inter_feat.columns:
             raise DataError(
                 f"prompt_environment={field!r} needs a {field!r} column in the interactions; "
                 f"{dataset.dataset_name!r} has {sorted(dataset.inter_feat.columns)}"
             )
-        for key, choices in (("environment_prior", ENVIRONMENT_PRIORS), ("environment_inference", ENVIRONMENT_INFERENCE)):
-            if (config[key] or choices[0]) not in choices:
-                raise UnknownNameError(key, config[key], choices)
-        self.environment_inference = config["environment_inference"] or ENVIRONMENT_INFERENCE[0]
         vocab = dataset.field2id_token[field]
         counts = torch.bincount(torch.as_tensor(dataset.inter_feat[field]).long(), minlength=len(vocab)).double()
         seen = [i for i in range(1, len(vocab)) if counts[i] > 0]  # id 0 is RecBole's padding token
         if not seen:
             raise DataError(f"the training split has no {field!r} labels; prompt_environment needs them")
-        if (config["environment_prior"] or "train") == "train":
+        if prior_kind == "train":
             prior = counts[seen] / counts[seen].sum()
         else:
             prior = torch.full((len(seen),), 1.0 / len(seen), dtype=torch.float64)
+        self.environments = [str(vocab[i]) for i in seen]
+        self.env_log_prior = prior.log().float()
         self.env_index = torch.full((len(vocab),), -1, dtype=torch.long)
         self.env_index[seen] = torch.arange(len(seen))
-        _log.info("prompt_environment=%s: ranking sums over %s with P(e) = %s (%s)", field,
-                  [str(vocab[i]) for i in seen], [round(p, 3) for p in prior.tolist()], self.environment_inference)
-        return [str(vocab[i]) for i in seen], prior.log().float()
+        _log.info("prompt_environment=%s: ranking sums over %s with P(e) = %s (%s)", field, self.environments,
+                  [round(p, 3) for p in prior.tolist()], self.environment_inference)
 
     def _empty_prompts(self) -> list[str]:
         """The prompt of an empty history, once per training environment (once without environments)."""
