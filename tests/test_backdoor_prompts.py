@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 
@@ -51,16 +52,10 @@ def test_marginalisation_is_the_mixture_of_environment_likelihoods():
 
 @pytest.fixture(scope="module")
 def backdoor_run(tmp_path_factory):
-    import os
-
     where = tmp_path_factory.mktemp("backdoor")
-    old = os.getcwd()
-    os.chdir(where)
-    try:
+    with contextlib.chdir(where):  # RecBole writes ./saved, ./log
         result = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, prompt_environment="season"))
-        (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
-    finally:
-        os.chdir(old)
+    (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
     return result, checkpoint
 
 
