@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,25 @@ def _worst(metric: str, values: list[float]) -> float:
     from recbole.evaluator.register import smaller_metrics
 
     return max(values) if metric.split("@")[0].lower() in smaller_metrics else min(values)
+
+
+def worst_environment(per_env: Mapping[str, Any], metric: str, fields: Sequence[str], min_cases: int = 1,
+                      smaller: bool | None = None) -> tuple[float, str] | None:
+    """``(value, "<field>=<label>")`` of the worst environment of ``fields`` with at least ``min_cases`` cases
+    (``per_env`` as ``evaluate_with_environments`` returns it); None when no group is that large. ``smaller``:
+    whether smaller values are better (None: RecBole's rule for ``metric``)."""
+    if smaller is None:
+        from recbole.evaluator.register import smaller_metrics
+
+        smaller = metric.split("@")[0].lower() in smaller_metrics
+    found = []
+    for env_field in fields:
+        for label, metrics in (per_env.get(env_field) or {}).items():
+            if label != "<worst>" and metric in metrics and metrics.get("cases", 0) >= min_cases:
+                found.append((float(metrics[metric]), f"{env_field}={label}"))
+    if not found:
+        return None
+    return (max if smaller else min)(found, key=lambda t: t[0])
 
 
 def _case_environments(eval_data, interaction, field: str) -> np.ndarray:

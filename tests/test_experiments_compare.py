@@ -224,3 +224,27 @@ def test_an_llm_cell_runs_through_the_same_path(in_tmp):
     assert sorted(pop["cases"]["user"]) == sorted(record["cases"]["user"])  # same cases for both families
     sig = frame.attrs["significance"]
     assert list(sig.model) == ["GenRec", "GenRec"] and (sig.n_pairs == len(record["cases"]["user"])).all()
+
+
+def test_worst_environment_rows_ignore_groups_with_few_cases():
+    """A region with three test cases sits at 0 by chance; the worst-environment row skips groups under
+    ``min_env_cases`` (hand-built cell: A 3 cases at 0.0, B 50 at 0.2, C 40 at 0.1)."""
+    from causalrec.experiments.compare import results_frame
+
+    region = {"A": {"ndcg@10": 0.0, "cases": 3}, "B": {"ndcg@10": 0.2, "cases": 50},
+              "C": {"ndcg@10": 0.1, "cases": 40}, "<worst>": {"ndcg@10": 0.0}}
+    record = {"status": "ok", "model": "Pop", "split": "regional", "seed": 2020,
+              "result": {"test_result": {"ndcg@10": 0.15}, "test_env_result": {"region": region}}}
+
+    def worst(min_cases):
+        frame = results_frame([record], min_cases)
+        return list(frame[frame.environment == "region=<worst>"].value)
+
+    assert worst(1) == [0.0]
+    assert worst(20) == [0.1]
+    assert worst(41) == [0.2]
+    assert worst(51) == []  # no group that large: no row rather than a misleading one
+    frame = results_frame([record], 20)
+    assert sorted(frame.environment) == ["all", "region=<worst>", "region=A", "region=B", "region=C"]
+    with pytest.raises(ConfigError, match="min_env_cases"):
+        CompareConfig(models=["Pop"], splits=["iid"], seeds=1, min_env_cases=0)

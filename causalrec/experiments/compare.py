@@ -74,6 +74,8 @@ class CompareConfig:
         baseline: model every other model is tested against (paired per-user Wilcoxon, paired t-test over
             seeds); None: no significance section.
         report_metrics: metrics of the markdown tables, plots and tests (RecBole names, e.g. ``ndcg@10``).
+        min_env_cases: the worst-environment rows consider only groups with at least this many test cases (a
+            region with three test cases is at 0 or 1 by chance and would be every model's worst).
         retry_failed: re-run cells recorded as failed (finished cells are never re-run).
         keep_checkpoints: keep each cell's model checkpoint under ``<out>/checkpoints`` (off: deleted after
             testing). LLM training stages are shared through ``<out>/stages`` unless ``stage_cache_dir`` is set.
@@ -90,6 +92,7 @@ class CompareConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     baseline: str | None = None
     report_metrics: Sequence[str] = ("ndcg@10", "recall@10")
+    min_env_cases: int = 20
     retry_failed: bool = True
     keep_checkpoints: bool = False
     plots: bool = True
@@ -111,6 +114,8 @@ class CompareConfig:
             raise ConfigError(f"baseline {self.baseline!r} is not one of the compared models "
                               f"({', '.join(self.models)}); add it to the models or choose another")
         self.report_metrics = [m.lower() for m in _names("report_metrics", self.report_metrics)]
+        if isinstance(self.min_env_cases, bool) or not isinstance(self.min_env_cases, int) or self.min_env_cases < 1:
+            raise ConfigError(f"min_env_cases must be an integer >= 1; got {self.min_env_cases!r}")
         self.out = Path(self.out)
         self.seed_list()  # validates
 
@@ -306,10 +311,13 @@ def run_cells(cells: Sequence[Cell], config: CompareConfig) -> tuple[list[dict[s
 
 
 # ------------------------------------------------------------------------------------------- results
-def results_frame(records: Sequence[Mapping[str, Any]]):
+def results_frame(records: Sequence[Mapping[str, Any]], min_env_cases: int = 1):
     """One row per (model, split, seed, environment, metric) of the finished cells; ``environment`` is
-    ``all`` or ``<field>=<label>`` (``<field>=<worst>``: that field's worst environment)."""
+    ``all`` or ``<field>=<label>`` (``<field>=<worst>``: that field's worst environment among the groups with at
+    least ``min_env_cases`` test cases; no row when none has that many)."""
     import pandas as pd
+
+    from causalrec.evaluation import worst_environment
 
     rows = []
     for rec in records:
@@ -319,11 +327,16 @@ def results_frame(records: Sequence[Mapping[str, Any]]):
         base = (rec["model"], rec["split"], int(rec["seed"]))
         for metric, value in result["test_result"].items():
             rows.append((*base, "all", metric, float(value)))
-        for env_field, by_label in (result.get("test_env_result") or {}).items():
+        per_env = result.get("test_env_result") or {}
+        for env_field, by_label in per_env.items():
             for label, metrics in by_label.items():
                 for metric, value in metrics.items():
-                    if metric != "cases":
+                    if metric != "cases" and label != "<worst>":
                         rows.append((*base, f"{env_field}={label}", metric, float(value)))
+            for metric in result["test_result"]:
+                worst = worst_environment(per_env, metric, [env_field], min_env_cases)
+                if worst is not None:
+                    rows.append((*base, f"{env_field}=<worst>", metric, worst[0]))
     return pd.DataFrame(rows, columns=["model", "split", "seed", "environment", "metric", "value"])
 
 
@@ -345,6 +358,7 @@ def compare(
     params: Mapping[str, Any] | None = None,
     baseline: str | None = None,
     report_metrics: Sequence[str] = ("ndcg@10", "recall@10"),
+    min_env_cases: int = 20,
     retry_failed: bool = True,
     keep_checkpoints: bool = False,
     plots: bool = True,
@@ -363,7 +377,8 @@ def compare(
     """
     config = CompareConfig(
         models=models, dataset=dataset, splits=splits, seeds=seeds, out=out, config_files=config_files,
-        params=dict(params or {}), baseline=baseline, report_metrics=report_metrics, retry_failed=retry_failed,
+        params=dict(params or {}), baseline=baseline, report_metrics=report_metrics, min_env_cases=min_env_cases,
+        retry_failed=retry_failed,
         keep_checkpoints=keep_checkpoints, plots=plots, show_progress=show_progress,
     )
     return run_comparison(config)
@@ -378,7 +393,7 @@ def run_comparison(config: CompareConfig):
     _log.info("compare: %d cells (%d models x %d splits x %d seeds) in %s", len(cells), len(config.models),
               len(config.splits), len(config.seed_list()), config.out)
     records, trained = run_cells(cells, config)
-    results, failures = results_frame(records), failures_frame(records)
+    results, failures = results_frame(records, config.min_env_cases), failures_frame(records)
     files = {"results": config.out / "results.csv", "failures": config.out / "failures.csv"}
     write_atomic(files["results"], results.to_csv(index=False))
     write_atomic(files["failures"], failures.to_csv(index=False))
@@ -417,6 +432,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", "-o", required=True, help="output folder (cells are cached here)")
     p.add_argument("--baseline", help="model every other model is tested against (e.g. SDPORec)")
     p.add_argument("--report-metrics", default="ndcg@10,recall@10", help="metrics of the tables, tests and plots")
+    p.add_argument("--min-env-cases", type=int, default=20,
+                   help="worst-environment rows: only groups with at least this many test cases (default 20)")
     p.add_argument("--no-retry-failed", action="store_true", help="keep failed cells as they are")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
     p.add_argument("--no-plots", action="store_true")
@@ -440,7 +457,7 @@ def _cmd_compare(args) -> int:
     frame = compare(
         args.models, args.dataset, splits=args.splits, seeds=_parse_seeds(args.seeds), out=args.out,
         config_files=args.config_files, params=parse_params(args.param), baseline=args.baseline,
-        report_metrics=args.report_metrics.split(","), retry_failed=not args.no_retry_failed,
+        report_metrics=args.report_metrics.split(","), min_env_cases=args.min_env_cases, retry_failed=not args.no_retry_failed,
         keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
     )
     files = frame.attrs["files"]

@@ -196,8 +196,8 @@ def markdown(results, failures, significance_frame, config, protocol: str | None
         parts += ["", f"## {metric}", "", metric_table(results, metric, models, splits, len(seeds))]
         for env_field in env_fields:
             parts += ["", f"### {metric}, worst {env_field}", "",
-                      f"The {env_field} group with the lowest value in each cell, however few its test cases "
-                      f"(group sizes: the per-environment plots).", "",
+                      f"The {env_field} group with the lowest value in each cell among the groups with at least "
+                      f"{config.min_env_cases} test cases (group sizes: the per-environment plots).", "",
                       metric_table(results, metric, models, splits, len(seeds), environment=f"{env_field}=<worst>",
                                    drops=False)]
     if config.baseline:

@@ -231,19 +231,6 @@ def open_study(cfg: TuneConfig, storage, url: str, direction: str, meta: dict[st
 
 
 # --------------------------------------------------------------------------------------- one trial
-def worst_environment(per_env: Mapping[str, Any], metric: str, fields: Sequence[str], min_cases: int,
-                      smaller: bool) -> tuple[float, str] | None:
-    """``(value, "<field>=<label>")`` of the worst environment with at least ``min_cases`` cases."""
-    found = []
-    for env_field in fields:
-        for label, metrics in (per_env.get(env_field) or {}).items():
-            if label != "<worst>" and metric in metrics and metrics.get("cases", 0) >= min_cases:
-                found.append((float(metrics[metric]), f"{env_field}={label}"))
-    if not found:
-        return None
-    return (max if smaller else min)(found, key=lambda t: t[0])
-
-
 @dataclass
 class TrialOutcome:
     value: float
@@ -261,7 +248,7 @@ def fit_trial(model: str, dataset: str, params: dict[str, Any], *, report: Calla
               test: bool) -> TrialOutcome:
     """Train one configuration the way ``causalrec.run`` does, with every validation also scored per
     environment; ``report(step, value)`` gets each validation's objective value (it may raise TrialPruned)."""
-    from causalrec.evaluation import ENV_FIELDS, evaluate_with_environments, record_environments
+    from causalrec.evaluation import ENV_FIELDS, evaluate_with_environments, record_environments, worst_environment
     from causalrec.quick_start import build
 
     config, trainer, (train_data, valid_data, test_data) = build(model, dataset, config_dict=params)
