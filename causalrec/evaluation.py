@@ -25,10 +25,15 @@ ENV_FIELDS = ("season", "region")
 _CASE_SINKS: dict[int, list[dict[str, Any]]] = {}
 
 
-def _worst(metric: str, values: list[float]) -> float:
+def smaller_is_better(metric: str) -> bool:
+    """RecBole's rule: whether smaller values of ``metric`` (``ndcg@10``, ``mae``, ...) are better."""
     from recbole.evaluator.register import smaller_metrics
 
-    return max(values) if metric.split("@")[0].lower() in smaller_metrics else min(values)
+    return metric.split("@")[0].lower() in smaller_metrics
+
+
+def _worst(metric: str, values: list[float]) -> float:
+    return max(values) if smaller_is_better(metric) else min(values)
 
 
 def worst_environment(per_env: Mapping[str, Any], metric: str, fields: Sequence[str], min_cases: int = 1,
@@ -37,9 +42,7 @@ def worst_environment(per_env: Mapping[str, Any], metric: str, fields: Sequence[
     (``per_env`` as ``evaluate_with_environments`` returns it); None when no group is that large. ``smaller``:
     whether smaller values are better (None: RecBole's rule for ``metric``)."""
     if smaller is None:
-        from recbole.evaluator.register import smaller_metrics
-
-        smaller = metric.split("@")[0].lower() in smaller_metrics
+        smaller = smaller_is_better(metric)
     found = []
     for env_field in fields:
         for label, metrics in (per_env.get(env_field) or {}).items():

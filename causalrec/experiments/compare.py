@@ -378,8 +378,7 @@ def compare(
     config = CompareConfig(
         models=models, dataset=dataset, splits=splits, seeds=seeds, out=out, config_files=config_files,
         params=dict(params or {}), baseline=baseline, report_metrics=report_metrics, min_env_cases=min_env_cases,
-        retry_failed=retry_failed,
-        keep_checkpoints=keep_checkpoints, plots=plots, show_progress=show_progress,
+        retry_failed=retry_failed, keep_checkpoints=keep_checkpoints, plots=plots, show_progress=show_progress,
     )
     return run_comparison(config)
 

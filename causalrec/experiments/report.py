@@ -27,12 +27,6 @@ SIGNIFICANCE_COLUMNS = ["split", "metric", "model", "baseline", "mean", "baselin
                         "ttest_stat", "ttest_p", "n_pairs", "wilcoxon_stat", "wilcoxon_p"]
 
 
-def _smaller_is_better(metric: str) -> bool:
-    from recbole.evaluator.register import smaller_metrics
-
-    return metric.split("@")[0].lower() in smaller_metrics
-
-
 def summary(results, metric: str, environment: str = "all"):
     """Mean, sample std and seed count per (model, split) of one metric in one environment."""
     part = results[(results["metric"] == metric) & (results["environment"] == environment)]
@@ -48,8 +42,10 @@ def metric_table(results, metric: str, models: Sequence[str], splits: Sequence[s
                  environment: str = "all", drops: bool = True) -> str:
     """A markdown table: models x splits of mean ± std, the best mean of each column in bold, and the drop
     from ``iid`` of every other split in % (when ``iid`` is among the splits)."""
+    from causalrec.evaluation import smaller_is_better  # lazily: a report from files needs no torch
+
     stats = {(r.model, r.split): r for r in summary(results, metric, environment).itertuples()}
-    smaller = _smaller_is_better(metric)
+    smaller = smaller_is_better(metric)
     ood = [s for s in splits if s != "iid"] if drops and "iid" in splits else []
     header = ["model", *splits, *(f"{s} vs iid" for s in ood)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
