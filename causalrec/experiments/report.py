@@ -42,7 +42,7 @@ def metric_table(results, metric: str, models: Sequence[str], splits: Sequence[s
                  environment: str = "all", drops: bool = True) -> str:
     """A markdown table: models x splits of mean ± std, the best mean of each column in bold, and the drop
     from ``iid`` of every other split in % (when ``iid`` is among the splits)."""
-    from causalrec.evaluation import smaller_is_better  # lazily: a report from files needs no torch
+    from causalrec.evaluation import smaller_is_better
 
     stats = {(r.model, r.split): r for r in summary(results, metric, environment).itertuples()}
     smaller = smaller_is_better(metric)
