@@ -134,6 +134,30 @@ def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
     assert code == 0
 
 
+def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, in_tmp):
+    import shutil
+
+    out, frame = grid
+    shutil.copytree(out / "cells", in_tmp / "o" / "cells")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trained a cell")
+
+    monkeypatch.setattr("causalrec.quick_start.run", no_training)
+    from causalrec.cli import main
+
+    code = main(["compare", "--models", "Pop,ItemKNN,BPR", "--splits", "iid,seasonal", "--seeds", "2", "--baseline",
+                 "Pop", "--out", str(in_tmp / "o"), "--report-only", "--no-progress", "--no-plots",
+                 *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []), "-p", "BPR.learning_rate=0.01"])
+    assert code == 0
+    again = pd.read_csv(in_tmp / "o" / "results.csv")
+    pd.testing.assert_frame_equal(again, frame.reset_index(drop=True), check_dtype=False)
+    report = (in_tmp / "o" / "report.md").read_text()
+    assert "8 of 12 cells finished, 4 not run (3 models x 2 splits x 2 seeds" in report
+    assert "| ItemKNN | not run | not run | n/a |" in report and "failed" not in report
+    assert sorted((in_tmp / "o" / "cells").glob("ItemKNN*")) == []
+
+
 def test_plots_are_written(grid):
     out, frame = grid
     plots = sorted(Path(p).name for p in frame.attrs["files"]["plots"])

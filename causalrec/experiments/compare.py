@@ -77,6 +77,8 @@ class CompareConfig:
         min_env_cases: the worst-environment rows consider only groups with at least this many test cases (a
             region with three test cases is at 0 or 1 by chance and would be every model's worst).
         retry_failed: re-run cells recorded as failed (finished cells are never re-run).
+        report_only: train nothing: write the report from the cells already cached under ``out`` (e.g. after
+            several processes ran disjoint parts of the grid); cells without a record are reported as not run.
         keep_checkpoints: keep each cell's model checkpoint under ``<out>/checkpoints`` (off: deleted after
             testing). LLM training stages are shared through ``<out>/stages`` unless ``stage_cache_dir`` is set.
         plots: write PNG plots.
@@ -94,6 +96,7 @@ class CompareConfig:
     report_metrics: Sequence[str] = ("ndcg@10", "recall@10")
     min_env_cases: int = 20
     retry_failed: bool = True
+    report_only: bool = False
     keep_checkpoints: bool = False
     plots: bool = True
     show_progress: bool = True
@@ -290,16 +293,19 @@ def _empty_device_cache() -> None:
 
 
 def run_cells(cells: Sequence[Cell], config: CompareConfig) -> tuple[list[dict[str, Any]], int]:
-    """Records of every cell (cached or run) and how many were run now."""
+    """Records of every cell (cached or run; under ``report_only`` the cached ones) and how many were run now."""
     from tqdm.auto import tqdm
 
     records, trained = [], 0
     bar = tqdm(cells, desc="compare", unit="cell", disable=not config.show_progress)
     for cell in bar:
         record = load_cell(cell, config.out)
-        if record is not None and (record.get("status") == "ok" or not config.retry_failed):
+        if record is not None and (record.get("status") == "ok" or not config.retry_failed or config.report_only):
             _log.debug("cell %s: cached (%s)", cell.name, record.get("status"))
             bar.set_postfix_str(f"{cell.name}: cached")
+        elif config.report_only:
+            bar.set_postfix_str(f"{cell.name}: not run")
+            continue
         else:
             record = run_cell(cell, config.dataset, config.out, config.keep_checkpoints)
             trained += 1
@@ -360,6 +366,7 @@ def compare(
     report_metrics: Sequence[str] = ("ndcg@10", "recall@10"),
     min_env_cases: int = 20,
     retry_failed: bool = True,
+    report_only: bool = False,
     keep_checkpoints: bool = False,
     plots: bool = True,
     show_progress: bool = True,
@@ -368,7 +375,8 @@ def compare(
 
     Returns the long results table (``results.csv``): columns model, split, seed, environment, metric, value.
     ``frame.attrs`` carries ``failures`` (a DataFrame of failed cells with their errors), ``significance``
-    (a DataFrame, empty without a baseline), ``trained`` (cells run now, not loaded) and ``files`` (paths).
+    (a DataFrame, empty without a baseline), ``trained`` (cells run now, not loaded), ``not_run`` ((model,
+    split, seed) of the cells ``report_only`` found no record of) and ``files`` (paths).
 
     Example::
 
@@ -378,7 +386,8 @@ def compare(
     config = CompareConfig(
         models=models, dataset=dataset, splits=splits, seeds=seeds, out=out, config_files=config_files,
         params=dict(params or {}), baseline=baseline, report_metrics=report_metrics, min_env_cases=min_env_cases,
-        retry_failed=retry_failed, keep_checkpoints=keep_checkpoints, plots=plots, show_progress=show_progress,
+        retry_failed=retry_failed, report_only=report_only, keep_checkpoints=keep_checkpoints, plots=plots,
+        show_progress=show_progress,
     )
     return run_comparison(config)
 
@@ -392,6 +401,11 @@ def run_comparison(config: CompareConfig):
     _log.info("compare: %d cells (%d models x %d splits x %d seeds) in %s", len(cells), len(config.models),
               len(config.splits), len(config.seed_list()), config.out)
     records, trained = run_cells(cells, config)
+    done = {(r["model"], r["split"], r["seed"]) for r in records}
+    not_run = [(c.model, c.split, c.seed) for c in cells if (c.model, c.split, c.seed) not in done]
+    if not_run:
+        _log.warning("compare --report-only: %d of %d cells have no record under %s (not run)", len(not_run),
+                     len(cells), config.out)
     results, failures = results_frame(records, config.min_env_cases), failures_frame(records)
     files = {"results": config.out / "results.csv", "failures": config.out / "failures.csv"}
     write_atomic(files["results"], results.to_csv(index=False))
@@ -401,7 +415,7 @@ def run_comparison(config: CompareConfig):
     write_atomic(config.out / "significance.csv", significance.to_csv(index=False))
     files["significance"] = config.out / "significance.csv"
     protocol = next((r["result"].get("protocol") for r in records if r.get("status") == "ok"), None)
-    text = report.markdown(results, failures, significance, config, protocol=protocol)
+    text = report.markdown(results, failures, significance, config, protocol=protocol, not_run=not_run)
     files["report"] = config.out / "report.md"
     write_atomic(files["report"], text)
     if config.plots:
@@ -409,7 +423,7 @@ def run_comparison(config: CompareConfig):
                                       cases=report.environment_cases(records))
     _log.info("compare: %d cells run now, %d loaded, %d failed; report %s", trained, len(records) - trained,
               len(failures), files["report"])
-    results.attrs.update(failures=failures, significance=significance, trained=trained,
+    results.attrs.update(failures=failures, significance=significance, trained=trained, not_run=not_run,
                          files={k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()})
     return results
 
@@ -434,6 +448,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-env-cases", type=int, default=20,
                    help="worst-environment rows: only groups with at least this many test cases (default 20)")
     p.add_argument("--no-retry-failed", action="store_true", help="keep failed cells as they are")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: report the cells already cached under --out (the others: not run)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -457,7 +473,7 @@ def _cmd_compare(args) -> int:
         args.models, args.dataset, splits=args.splits, seeds=_parse_seeds(args.seeds), out=args.out,
         config_files=args.config_files, params=parse_params(args.param), baseline=args.baseline,
         report_metrics=args.report_metrics.split(","), min_env_cases=args.min_env_cases, retry_failed=not args.no_retry_failed,
-        keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
+        report_only=args.report_only, keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
     )
     files = frame.attrs["files"]
     print(Path(files["report"]).read_text(encoding="utf-8"))

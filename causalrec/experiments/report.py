@@ -17,7 +17,7 @@ import logging
 import math
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -39,9 +39,10 @@ def _fmt(mean: float, std: float) -> str:
 
 
 def metric_table(results, metric: str, models: Sequence[str], splits: Sequence[str], n_seeds: int,
-                 environment: str = "all", drops: bool = True) -> str:
+                 environment: str = "all", drops: bool = True, not_run: Collection[tuple[str, str]] = ()) -> str:
     """A markdown table: models x splits of mean ± std, the best mean of each column in bold, and the drop
-    from ``iid`` of every other split in % (when ``iid`` is among the splits)."""
+    from ``iid`` of every other split in % (when ``iid`` is among the splits). A (model, split) without a
+    value reads "not run" when it is in ``not_run``, else "failed"."""
     from causalrec.evaluation import smaller_is_better
 
     stats = {(r.model, r.split): r for r in summary(results, metric, environment).itertuples()}
@@ -59,7 +60,7 @@ def metric_table(results, metric: str, models: Sequence[str], splits: Sequence[s
         for split in splits:
             r = stats.get((model, split))
             if r is None:
-                row.append("failed" if n_seeds else "–")
+                row.append("not run" if (model, split) in not_run else "failed")
                 continue
             text = _fmt(r.mean, r.std)
             if r.n < n_seeds:
@@ -170,32 +171,35 @@ def significance_table(table) -> str:
 
 
 # ----------------------------------------------------------------------------------------- markdown
-def markdown(results, failures, significance_frame, config, protocol: str | None = None) -> str:
-    """The whole ``report.md`` of a comparison."""
+def markdown(results, failures, significance_frame, config, protocol: str | None = None,
+             not_run: Sequence[tuple[str, str, int]] = ()) -> str:
+    """The whole ``report.md`` of a comparison; ``not_run``: (model, split, seed) of cells with no record."""
     seeds = config.seed_list()
     models, splits = list(config.models), list(config.splits)
     n_cells = len(models) * len(splits) * len(seeds)
+    missing = f", {len(not_run)} not run" if not_run else ""
     parts = [
         f"# Comparison on {config.dataset}",
         "",
-        f"{n_cells - len(failures)} of {n_cells} cells finished ({len(models)} models x {len(splits)} splits x "
-        f"{len(seeds)} seeds: {', '.join(map(str, seeds))}). Test metrics, mean ± sample std over seeds; "
-        "bold: best per column; \"vs iid\": change of the mean from the iid split.",
+        f"{n_cells - len(failures) - len(not_run)} of {n_cells} cells finished{missing} ({len(models)} models x "
+        f"{len(splits)} splits x {len(seeds)} seeds: {', '.join(map(str, seeds))}). Test metrics, mean ± sample "
+        "std over seeds; bold: best per column; \"vs iid\": change of the mean from the iid split.",
     ]
     if protocol:
         parts += ["", f"Protocol: {protocol}."]
+    unrun = {(model, split) for model, split, _ in not_run}
     env_fields = sorted({e.split("=", 1)[0] for e in results["environment"].unique() if "=" in e})
     for metric in config.report_metrics:
         if results.empty or metric not in set(results["metric"]):
             parts += ["", f"## {metric}", "", "no finished cell reports this metric"]
             continue
-        parts += ["", f"## {metric}", "", metric_table(results, metric, models, splits, len(seeds))]
+        parts += ["", f"## {metric}", "", metric_table(results, metric, models, splits, len(seeds), not_run=unrun)]
         for env_field in env_fields:
             parts += ["", f"### {metric}, worst {env_field}", "",
                       f"The {env_field} group with the lowest value in each cell among the groups with at least "
                       f"{config.min_env_cases} test cases (group sizes: the per-environment plots).", "",
                       metric_table(results, metric, models, splits, len(seeds), environment=f"{env_field}=<worst>",
-                                   drops=False)]
+                                   drops=False, not_run=unrun)]
     if config.baseline:
         parts += ["", f"## Significance against {config.baseline}", "",
                   "Wilcoxon signed-rank over (seed, user) pairs pooled across seeds; paired t-test over seeds.", "",
