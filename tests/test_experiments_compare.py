@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,8 @@ def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, 
 
     out, frame = grid
     shutil.copytree(out / "cells", in_tmp / "o" / "cells")
+    for cell in (in_tmp / "o" / "cells").glob("Pop-seasonal-*.json"):  # the baseline has no seasonal cell
+        cell.unlink()
 
     def no_training(*args, **kwargs):
         raise AssertionError("--report-only trained a cell")
@@ -151,11 +154,15 @@ def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, 
                  *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []), "-p", "BPR.learning_rate=0.01"])
     assert code == 0
     again = pd.read_csv(in_tmp / "o" / "results.csv")
-    pd.testing.assert_frame_equal(again, frame.reset_index(drop=True), check_dtype=False)
+    kept = frame[~((frame.model == "Pop") & (frame.split == "seasonal"))].reset_index(drop=True)
+    pd.testing.assert_frame_equal(again, kept, check_dtype=False)
     report = (in_tmp / "o" / "report.md").read_text()
-    assert "8 of 12 cells finished, 4 not run (3 models x 2 splits x 2 seeds" in report
+    assert "6 of 12 cells finished, 6 not run (3 models x 2 splits x 2 seeds" in report
     assert "| ItemKNN | not run | not run | n/a |" in report and "failed" not in report
+    assert re.search(r"^\| Pop \| \*?\*?[0-9.]+ ± [0-9.]+\*?\*? \| not run \| n/a \|$", report, re.M)
     assert sorted((in_tmp / "o" / "cells").glob("ItemKNN*")) == []
+    significance = pd.read_csv(in_tmp / "o" / "significance.csv")  # no pairs without the baseline's cells
+    assert set(zip(significance.model, significance.split)) == {("BPR", "iid")}
 
 
 def test_plots_are_written(grid):

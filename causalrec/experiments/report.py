@@ -114,7 +114,8 @@ def paired_users(cases, model: str, baseline: str, split: str, metric: str, seed
 
 
 def significance(results, records: Sequence[Mapping[str, Any]], baseline: str, metrics: Sequence[str]):
-    """Each model against ``baseline`` per split and metric (columns ``SIGNIFICANCE_COLUMNS``)."""
+    """Each model against ``baseline`` per split and metric (columns ``SIGNIFICANCE_COLUMNS``), on the seeds
+    both finished; a split where they share none has no row."""
     import pandas as pd
     from scipy import stats
 
@@ -131,6 +132,8 @@ def significance(results, records: Sequence[Mapping[str, Any]], baseline: str, m
                     continue
                 mine = at[at["model"] == model].set_index("seed")["value"]
                 seeds = sorted(set(mine.index) & set(base.index))
+                if not seeds:  # the baseline has no finished cell on this split: nothing to pair
+                    continue
                 a, b = mine.loc[seeds].to_numpy(float), base.loc[seeds].to_numpy(float)
                 t_stat = t_p = w_stat = w_p = float("nan")
                 with warnings.catch_warnings():
