@@ -173,6 +173,16 @@ def test_plots_are_written(grid):
     assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
 
 
+def test_environment_plots_leave_out_small_groups():
+    from causalrec.experiments.report import shown_groups
+
+    cases = {("regional", "region=France"): 42, ("regional", "region=Malta"): 3, ("regional", "region=Spain"): 20,
+             ("seasonal", "region=Malta"): 50}
+    assert shown_groups(["France", "Malta", "Spain"], cases, "regional", "region", 20) == (["France", "Spain"], 1)
+    assert shown_groups(["Malta"], cases, "regional", "region", 20) == (["Malta"], 0)  # all small: all shown
+    assert shown_groups(["France", "Malta"], None, "regional", "region", 20) == (["France", "Malta"], 0)
+
+
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(in_tmp):
     # SASRec with 3 heads over a hidden size of 16 passes every config check and fails building the model
     params = {**TINY, "SASRec.hidden_size": 16, "SASRec.n_heads": 3}

@@ -420,7 +420,7 @@ def run_comparison(config: CompareConfig):
     write_atomic(files["report"], text)
     if config.plots:
         files["plots"] = report.plots(results, config.report_metrics, config.out / "plots",
-                                      cases=report.environment_cases(records))
+                                      cases=report.environment_cases(records), min_cases=config.min_env_cases)
     _log.info("compare: %d cells run now, %d loaded, %d failed; report %s", trained, len(records) - trained,
               len(failures), files["report"])
     results.attrs.update(failures=failures, significance=significance, trained=trained, not_run=not_run,

@@ -240,11 +240,19 @@ def environment_cases(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, s
     return out
 
 
+def shown_groups(labels: Sequence[str], cases: Mapping[tuple[str, str], int] | None, split: str, env_field: str,
+                 min_cases: int) -> tuple[list[str], int]:
+    """The environment labels a plot shows (those with at least ``min_cases`` test cases; all of them when none
+    has, or when the counts are unknown) and how many it leaves out."""
+    big = [lb for lb in labels if not cases or cases.get((split, f"{env_field}={lb}"), 0) >= min_cases]
+    return (big, len(labels) - len(big)) if big else (list(labels), 0)
+
+
 def plots(results, metrics: Sequence[str], folder: Path,
-          cases: Mapping[tuple[str, str], int] | None = None) -> list[str]:
+          cases: Mapping[tuple[str, str], int] | None = None, min_cases: int = 1) -> list[str]:
     """``<metric>_by_split.png`` (mean ± std per model and split) and ``<metric>_<split>_environments.png``
-    (per-environment bars for each split, labelled with their test cases when ``cases`` is given). Returns the
-    written paths."""
+    (per-environment bars for each split, labelled with their test cases when ``cases`` is given; groups with
+    fewer than ``min_cases`` are left out, as in the worst-environment rows). Returns the written paths."""
     from matplotlib.figure import Figure
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -268,7 +276,7 @@ def plots(results, metrics: Sequence[str], folder: Path,
         _bars(ax, splits, series)
         ax.set_ylabel(metric)
         ax.set_title(f"test {metric} per split (mean ± std over seeds)")
-        ax.legend(fontsize="small", ncols=min(len(models), 5))
+        fig.legend(loc="outside lower center", fontsize="small", ncols=min(len(models), 5))  # off the bars
         path = folder / f"{_safe(metric)}_by_split.png"
         fig.savefig(path, dpi=120)
         written.append(str(path))
@@ -283,6 +291,7 @@ def plots(results, metrics: Sequence[str], folder: Path,
             for ax, env_field in zip(axes, env_fields):
                 mine = at[at["environment"].str.startswith(f"{env_field}=")]
                 labels = sorted({e.split("=", 1)[1] for e in mine["environment"]})
+                labels, dropped = shown_groups(labels, cases, split, env_field, min_cases)
                 agg = mine.groupby(["model", "environment"])["value"].agg(["mean", lambda v: v.std(ddof=1)])
                 agg.columns = ["mean", "std"]
                 series = {}
@@ -292,9 +301,11 @@ def plots(results, metrics: Sequence[str], folder: Path,
                 shown = [f"{label}\n(n={cases[(split, f'{env_field}={label}')]})"
                          if cases and (split, f"{env_field}={label}") in cases else label for label in labels]
                 _bars(ax, shown, series)
-                ax.set_title(f"{split}: test {metric} per {env_field}")
+                small = f"\n({dropped} with < {min_cases} test cases not shown)" if dropped else ""
+                ax.set_title(f"{split}: test {metric} per {env_field}{small}")
                 ax.set_ylabel(metric)
-            axes[0].legend(fontsize="small")
+            fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize="small",
+                       ncols=min(len(models), 5))
             path = folder / f"{_safe(metric)}_{split}_environments.png"
             fig.savefig(path, dpi=120)
             written.append(str(path))
