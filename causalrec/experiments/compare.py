@@ -472,8 +472,9 @@ def _cmd_compare(args) -> int:
     frame = compare(
         args.models, args.dataset, splits=args.splits, seeds=_parse_seeds(args.seeds), out=args.out,
         config_files=args.config_files, params=parse_params(args.param), baseline=args.baseline,
-        report_metrics=args.report_metrics.split(","), min_env_cases=args.min_env_cases, retry_failed=not args.no_retry_failed,
-        report_only=args.report_only, keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
+        report_metrics=args.report_metrics.split(","), min_env_cases=args.min_env_cases,
+        retry_failed=not args.no_retry_failed, report_only=args.report_only, keep_checkpoints=args.keep_checkpoints,
+        plots=not args.no_plots, show_progress=not args.no_progress,
     )
     files = frame.attrs["files"]
     print(Path(files["report"]).read_text(encoding="utf-8"))
