@@ -114,6 +114,32 @@ def test_significance_matches_scipy_on_the_stored_cases(grid):
         assert row.diff == pytest.approx((a - b).mean())
 
 
+def test_case_file_keeps_the_paired_values_and_pools_like_the_report(grid):
+    out, _ = grid
+    cases = pd.read_csv(out / "cases.csv.gz", dtype={"user": str})
+    records = _records(out)
+    csv = pd.read_csv(out / "results.csv")
+    assert list(cases.columns) == ["model", "split", "seed", "user", "metric", "value"]
+    assert set(cases.metric) == {"ndcg@10", "recall@10"}  # the report metrics, not all ten
+    assert len(cases) == sum(len(r["cases"]["user"]) for r in records) * 2
+    for rec in records:
+        mine = cases[(cases.model == rec["model"]) & (cases.split == rec["split"]) & (cases.seed == rec["seed"])]
+        for metric in ("ndcg@10", "recall@10"):
+            rows = mine[mine.metric == metric]
+            stored = dict(zip(rec["cases"]["user"], rec["cases"]["metrics"][metric]))
+            assert dict(zip(rows.user, rows.value)) == pytest.approx(stored)
+            overall = csv[(csv.model == rec["model"]) & (csv.split == rec["split"]) & (csv.seed == rec["seed"])
+                          & (csv.environment == "all") & (csv.metric == metric)].value.item()
+            assert rows.value.mean() == pytest.approx(overall, abs=6e-5)
+    # the file alone reproduces the report's pooled Wilcoxon test
+    table = pd.read_csv(out / "significance.csv")
+    row = table[(table.split == "seasonal") & (table.metric == "ndcg@10")].iloc[0]
+    wide = cases[(cases.split == "seasonal") & (cases.metric == "ndcg@10")].pivot(
+        index=["seed", "user"], columns="model", values="value").dropna()
+    assert len(wide) == row.n_pairs
+    assert stats.wilcoxon(wide["BPR"], wide["Pop"]).pvalue == pytest.approx(row.wilcoxon_p, rel=1e-9)
+
+
 def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
     out, frame = grid
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}

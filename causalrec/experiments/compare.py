@@ -9,7 +9,8 @@ on and the report lists it.
 
 Outputs under ``<out>``: ``results.csv`` (model, split, seed, environment, metric, value), ``report.md``
 (mean ± std tables, OOD drop from iid, worst environments, significance against ``baseline``, failed cells),
-``significance.csv``, ``failures.csv`` and ``plots/*.png``.
+``significance.csv``, ``cases.csv.gz`` (the per-case test values the tests pair), ``failures.csv`` and
+``plots/*.png``.
 
 Config layering, later wins: causalrec's evaluation defaults < ``config_files`` < ``params``; in files and
 params a top-level key naming a model holds settings for that model only (``SASRec: {hidden_size: 64}``,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import gzip
 import json
 import logging
 import shutil
@@ -414,6 +416,9 @@ def run_comparison(config: CompareConfig):
         if config.baseline else report.empty_significance()
     write_atomic(config.out / "significance.csv", significance.to_csv(index=False))
     files["significance"] = config.out / "significance.csv"
+    files["cases"] = config.out / "cases.csv.gz"
+    cases = report.case_frame(records, config.report_metrics).to_csv(index=False)
+    write_atomic(files["cases"], gzip.compress(cases.encode("utf-8"), mtime=0))
     protocol = next((r["result"].get("protocol") for r in records if r.get("status") == "ok"), None)
     text = report.markdown(results, failures, significance, config, protocol=protocol, not_run=not_run)
     files["report"] = config.out / "report.md"

@@ -99,6 +99,27 @@ def _case_values(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, i
     return out
 
 
+CASE_COLUMNS = ["model", "split", "seed", "user", "metric", "value"]
+
+
+def case_frame(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]):
+    """Every finished cell's per-case test values of ``metrics`` (columns ``CASE_COLUMNS``, one row per
+    (model, split, seed, user, metric)): what the Wilcoxon tests pair, kept beside the report so that cells run
+    in other folders or on other machines can be pooled later without their cell cache."""
+    import pandas as pd
+
+    frames = []
+    for (model, split, seed), by_metric in _case_values(records).items():
+        for metric in metrics:
+            values = by_metric.get(metric)
+            if values:
+                frames.append(pd.DataFrame({"model": model, "split": split, "seed": seed, "user": list(values),
+                                            "metric": metric, "value": list(values.values())}))
+    if not frames:
+        return pd.DataFrame(columns=CASE_COLUMNS)
+    return pd.concat(frames, ignore_index=True).sort_values(CASE_COLUMNS[:5], kind="stable", ignore_index=True)
+
+
 def paired_users(cases, model: str, baseline: str, split: str, metric: str, seeds: Sequence[int]):
     """``(x, y)``: the model's and the baseline's values on every (seed, user) both were tested on."""
     x, y = [], []
