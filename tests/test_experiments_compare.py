@@ -315,3 +315,17 @@ def test_worst_environment_rows_ignore_groups_with_few_cases():
     assert sorted(frame.environment) == ["all", "region=<worst>", "region=A", "region=B", "region=C"]
     with pytest.raises(ConfigError, match="min_env_cases"):
         CompareConfig(models=["Pop"], splits=["iid"], seeds=1, min_env_cases=0)
+
+
+def test_outputs_are_written_with_the_umask_not_mkstemps_0600(tmp_path):
+    from causalrec.experiments.configs import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.csv", "x\n")
+        write_atomic(tmp_path / "b.gz", b"\x1f\x8b")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.csv").read_text() == "x\n" and (tmp_path / "b.gz").read_bytes() == b"\x1f\x8b"
+    assert {oct((tmp_path / n).stat().st_mode & 0o777) for n in ("a.csv", "b.gz")} == {oct(0o644)}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
