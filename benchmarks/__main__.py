@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.common import SCHEMA_VERSION, machine_info, set_threads, write_json
 
-BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator")
+BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator", "item_tokens")
 _log = logging.getLogger("benchmarks")
 
 

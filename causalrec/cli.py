@@ -131,8 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(run)
     run.add_argument("--no-save", action="store_true", help="do not save checkpoints (evaluate the last model)")
     run.add_argument("--resume", action="store_true",
-                     help="LLM models: write step checkpoints and continue an interrupted training stage from its "
-                          "last one (use it on the first run too); finished stages are reused anyway")
+                     help="continue an interrupted run (use it on the first run too): LLM models write step "
+                          "checkpoints and continue an interrupted training stage from its last one (finished stages "
+                          "are reused anyway); RecBole's classical models write a checkpoint after every epoch and "
+                          "continue at the next one")
     run.add_argument("--output", "-o", help="also write the result as JSON here")
     run.set_defaults(func=_cmd_run)
 

@@ -98,7 +98,7 @@ def _kind(value: Any) -> str | None:
 
 
 # Keys whose YAML default has one type but that take another too (LoRA: "all-linear" or a list of module names).
-_ALSO_ACCEPTED = {"target_modules": {"list"}}
+_ALSO_ACCEPTED = {"target_modules": {"list"}, "num_negatives": {"str"}}
 
 _WANTED = {"bool": "true or false", "int": "an integer", "float": "a number", "dict": "a mapping (key: value)",
            "list": "a list", "str": "a single value"}
@@ -118,12 +118,13 @@ def _type_ok(value: Any, kinds: set[str]) -> bool:
 
 
 # Values RecBole, TRL or causalrec would only trip over deep inside training (None is always allowed).
-_POSITIVE = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step", "eval_step", "num_negatives",
+_POSITIVE = ("epochs", "train_batch_size", "eval_batch_size", "stopping_step", "eval_step",
              "n_environments", "sft_max_samples", "dpo_max_samples", "rank_batch_size", "max_history_items",
              "resume_save_steps", "tiny_hidden_size", "tiny_layers", "tiny_heads", "max_seq_length",
              "MAX_ITEM_LIST_LENGTH", "num_threads")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: (lambda v: v >= 1, ">= 1") for key in _POSITIVE},
+    "num_negatives": (lambda v: v == "all" or (isinstance(v, int) and v >= 1), ">= 1, or 'all' (item tokens)"),
     "learning_rate": (lambda v: v > 0, "> 0"),
     "beta": (lambda v: v > 0, "> 0"),
     "tau": (lambda v: v > 0, "> 0"),
@@ -140,12 +141,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 def _choices() -> dict[str, tuple[str, ...]]:
     """causalrec's keys with a fixed set of values (checked before any data or training work)."""
     from causalrec.data.prompts import ENVIRONMENTS, NEGATIVE_STRATEGIES
-    from causalrec.models.llm_recommender import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS
+    from causalrec.llm.items import ITEM_REPRS
+    from causalrec.models.llm_recommender import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, SFT_POSITIONS
     from causalrec.trainer import VALIDATE_STAGES
 
-    return {"prompt_environment": ENVIRONMENTS, "environment_prior": ENVIRONMENT_PRIORS,
+    return {"item_repr": ITEM_REPRS, "prompt_environment": ENVIRONMENTS, "environment_prior": ENVIRONMENT_PRIORS,
             "environment_inference": ENVIRONMENT_INFERENCE, "validate_stages": VALIDATE_STAGES,
-            "negative_strategy": NEGATIVE_STRATEGIES}
+            "negative_strategy": NEGATIVE_STRATEGIES, "sft_positions": SFT_POSITIONS}
 
 
 def check_values(params: dict[str, Any]) -> None:
@@ -251,7 +253,12 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None):
     loaders = quick_start.data_preparation(config, data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     recommender = get_model(config["model"])(config, loaders[0]._dataset).to(config["device"])
-    return config, get_trainer(config["MODEL_TYPE"], config["model"])(config, recommender), loaders
+    trainer_cls = get_trainer(config["MODEL_TYPE"], config["model"])
+    if config["resume"]:  # classical models: a last-epoch checkpoint after every epoch (causalrec.classical_trainer)
+        from causalrec.classical_trainer import resumable
+
+        trainer_cls = resumable(trainer_cls)
+    return config, trainer_cls(config, recommender), loaders
 
 
 def run(
@@ -268,6 +275,9 @@ def run(
 
     ``resume=True`` (config key ``resume``) makes the LLM models' TRL stages write step checkpoints and
     continue an interrupted stage from its last one; finished stages are reused either way (``stage_cache``).
+    RecBole's classical models (trained by its ``Trainer.fit`` epoch loop) then write a last-epoch checkpoint after
+    every epoch and continue at the next epoch (``causalrec.classical_trainer``); it is deleted once the test
+    result exists, and the result gets ``epochs`` (``trained`` here, ``resumed_from``, ``last``, ``best``).
 
     Returns RecBole's result dict (``best_valid_score``, ``best_valid_result``, ``test_result``)
     plus ``protocol`` (one line), when enabled ``test_env_result`` (metrics per environment) and, for the
@@ -280,6 +290,9 @@ def run(
         config_dict = {**(config_dict or {}), "resume": True}
     config, trainer, (train_data, valid_data, test_data) = build(model, dataset, config_file_list, config_dict)
     show = bool(config["show_progress"])
+    discard_last_epoch = getattr(trainer, "discard_last_epoch", None)
+    if discard_last_epoch is not None:  # keep a finished last-epoch checkpoint until the test result exists
+        trainer.keep_finished_checkpoint = True
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=show, callback_fn=callback_fn
     )
@@ -305,5 +318,9 @@ def run(
     }
     if getattr(trainer, "stage_results", None) is not None:
         result["stages"] = trainer.stage_results
+    if discard_last_epoch is not None:
+        if trainer.last_epoch_file:  # it checkpointed (models of one epoch do not)
+            result["epochs"] = dict(trainer.epoch_summary)
+        discard_last_epoch()
     _log.info("test result: %s", result["test_result"])
     return result

@@ -60,6 +60,7 @@ RUN_KEYS: dict[str, Any] = {
     "resume_save_steps": 100,  # (int) With resume, a checkpoint every this many optimizer steps if the args save none.
     "validate_stages": "all",  # (str) all: validate after every stage (Optuna pruning sees SFT); last: the final stage only.
 }
+SEQUENCE_PATIENCE = 5  # sft_patience's default for sequence SFT (sft_positions: all)
 VALIDATE_STAGES = ("all", "last")
 
 
@@ -86,6 +87,39 @@ def _broadcast(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- trainer
+def _epoch_validation(score: Callable[[], float], patience: int, bigger: bool):
+    """A ``TrainerCallback`` that validates after every epoch, keeps the best epoch's weights (``best_state``) and
+    stops training after ``patience`` epochs without a better score: SFT's early stopping, as RecBole's
+    ``stopping_step`` does for the classical models."""
+    import torch
+    from transformers import TrainerCallback
+
+    class EpochValidation(TrainerCallback):
+        def __init__(self):
+            self.scores: list[float] = []
+            self.best_epoch, self.best_state = None, None
+
+        def on_epoch_end(self, args, state, control, model=None, **kwargs):
+            value = float(score())
+            self.scores.append(value)
+            best = None if self.best_epoch is None else self.scores[self.best_epoch]
+            if best is None or (value > best if bigger else value < best):
+                self.best_epoch = len(self.scores) - 1
+                self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif len(self.scores) - 1 - self.best_epoch >= patience:
+                control.should_training_stop = True
+            _log.info("SFT epoch %d: valid %.4f (best %.4f at epoch %d)", len(self.scores), value,
+                      self.scores[self.best_epoch], self.best_epoch + 1)
+            return control
+
+        def restore_best(self, model) -> None:
+            if self.best_state is not None:
+                with torch.no_grad():
+                    model.load_state_dict(self.best_state)
+
+    return EpochValidation()
+
+
 @dataclasses.dataclass
 class _Stage:
     name: str
@@ -105,7 +139,8 @@ class LLMTrainer(Trainer):
     Attributes:
         stage_results: after ``fit``, one dict per stage: ``stage``, ``key`` (16 hex), ``reused`` (loaded from
             the stage cache), ``resumed_from_step``, ``global_step``, ``training_loss``, ``train_seconds``,
-            ``valid_score``, ``valid_result``, ``directory`` (the stage checkpoint).
+            ``valid_score``, ``valid_result``, ``directory`` (the stage checkpoint); with SFT's epoch validation
+            (``sft_patience``) also ``epoch_valid_scores`` and ``best_epoch`` (1-based, the weights kept).
     """
 
     stage_results: list[dict[str, Any]]
@@ -116,7 +151,8 @@ class LLMTrainer(Trainer):
 
     # ---------------------------------------------------------------------------- records
     def _records(self, dataset, show_progress: bool = False):
-        """One ``PreferenceRecord`` per training row (history titles, target title, season, region)."""
+        """One ``PreferenceRecord`` per training row (history and target written as the model's ``item_repr``
+        says, season, region)."""
         import numpy as np
         from tqdm.auto import tqdm
 
@@ -135,12 +171,35 @@ class LLMTrainer(Trainer):
                 envs[name] = ["all"] * len(targets)
         records = []
         for r in tqdm(range(len(targets)), desc="building records", unit="row", disable=not show_progress):
-            history = [model.titles[i] for i in seqs[r, : int(lens[r])] if i]
+            history = [model.item_texts[i] for i in seqs[r, : int(lens[r])] if i]
             records.append(
-                PreferenceRecord(history=history, target=model.titles[int(targets[r])],
+                PreferenceRecord(history=history, target=model.answers[int(targets[r])],
                                  season=envs["season"][r], region=envs["region"][r])
             )
         return records, np.asarray(targets, dtype=np.int64)
+
+    def _sequence_windows(self, dataset) -> "np.ndarray":
+        """Rows whose histories tile each user's training sequence (``sft_positions: all``): the user's last row,
+        then the row ``max_history_items`` positions before it, and so on (rows are in time order per user)."""
+        import numpy as np
+
+        feat, cfg = dataset.inter_feat, self.config
+        users = feat[cfg["USER_ID_FIELD"]].numpy()
+        lengths = feat[cfg["ITEM_LIST_LENGTH_FIELD"]].numpy()
+        time_field = cfg["TIME_FIELD"]
+        times = feat[time_field].numpy() if time_field in feat.columns else np.zeros(len(users))
+        order = np.lexsort((np.arange(len(users)), lengths, times, users))  # by user, then time order
+        window = self.model.prompt_format.max_history_items
+        keep = []
+        starts = np.flatnonzero(np.r_[True, users[order][1:] != users[order][:-1]])
+        for rows in np.split(order, starts[1:]):
+            keep.extend(rows[::-1][::window].tolist())
+        return np.sort(np.asarray(keep, dtype=np.int64))
+
+    def _valid_identity(self, valid_data) -> str:
+        """Digest of the validation cases (users, histories, targets, environments)."""
+        feat = valid_data._dataset.inter_feat
+        return digest({c: feat[c].tolist() for c in sorted(feat.columns)})
 
     def _capped(self, records, targets, key: str):
         """At most ``config[key]`` rows (a seeded sample in time order); all rows when the key is None."""
@@ -206,6 +265,9 @@ class LLMTrainer(Trainer):
         from causalrec.training import build_sft_config
 
         stage_args = self._stage_args("sft_args")
+        user = getattr(self.config, "external_config_dict", {}).get("sft_args") or {}  # the user's, not the YAML's
+        if self.model.sft_positions == "all" and "num_train_epochs" not in user:
+            stage_args["num_train_epochs"] = int(self.config["sequence_sft_epochs"])
         args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **stage_args,
                 **self._checkpointing(stage_args)}
         check_field_types(SFTConfig, args, where="sft_args")
@@ -229,6 +291,8 @@ class LLMTrainer(Trainer):
             "records": records_digest(records),
             "rows": len(records),
             "titles": digest(list(model.titles)),
+            "item_repr": model.item_repr,
+            "positions": model.sft_positions,
             "prompt": dataclasses.asdict(model.prompt_format),
             "backbone": backbone_identity(model.backbone_config),
             "args": training_args_key(args),
@@ -251,17 +315,40 @@ class LLMTrainer(Trainer):
         }
 
     # ----------------------------------------------------------------------------- stages
-    def _sft(self, records, args, resume_from: str | None) -> tuple[int, float]:
+    def _sft_patience(self, valid_data) -> int | None:
+        """``sft_patience``: epochs without a better validation score before SFT stops (None: no epoch validation).
+        Unset: ``SEQUENCE_PATIENCE`` for sequence SFT (its validation costs one forward per case), none for titles
+        (a title-trie validation per epoch costs minutes). One process only: every process would have to agree."""
+        value = self.config["sft_patience"]
+        if value is None:
+            value = SEQUENCE_PATIENCE if self.model.sft_positions == "all" else None
+        if value is None or not valid_data or process_rank()[1] > 1:
+            return None
+        return int(value)
+
+    def _sft(self, records, args, resume_from: str | None, valid_data=None) -> tuple[int, float]:
         from trl import SFTTrainer
 
         from causalrec.training import sft_dataset
+        from causalrec.training.records import sft_sequence_dataset
 
-        trainer = SFTTrainer(
-            model=self.model.llm, args=args, train_dataset=sft_dataset(records, self.model.prompt_format),
-            processing_class=self.model.tokenizer,
-        )
+        model = self.model
+        if model.sft_positions == "all":
+            data = sft_sequence_dataset(records, model.prompt_format, model.tokenizer, model.item_token_ids)
+        else:
+            data = sft_dataset(records, model.prompt_format)
+        patience = self._sft_patience(valid_data)
+        stopper = None
+        if patience is not None:
+            stopper = _epoch_validation(lambda: self._valid_epoch(valid_data)[0], patience,
+                                        bool(self.config["valid_metric_bigger"]))
+        trainer = SFTTrainer(model=model.llm, args=args, train_dataset=data, processing_class=model.tokenizer,
+                             callbacks=[stopper] if stopper else None)
         guard_training_losses(trainer, "SFT")
         result = trainer.train(resume_from_checkpoint=resume_from)
+        if stopper is not None:
+            stopper.restore_best(trainer.model)
+            self._stage_extra = {"epoch_valid_scores": stopper.scores, "best_epoch": stopper.best_epoch + 1}
         self.model.llm = trainer.model
         return trainer.state.global_step, float(result.training_loss)
 
@@ -271,6 +358,8 @@ class LLMTrainer(Trainer):
         from causalrec.data.prompts import ENVIRONMENT_NEGATIVES, sample_negatives
 
         cfg, model = self.config, self.model
+        if cfg["num_negatives"] == "all":  # every other catalog item, scored by the trainer's own forward
+            return None
         rng = np.random.default_rng(int(cfg["seed"]))
         n_items = len(model.titles)
         scorer = None
@@ -296,15 +385,16 @@ class LLMTrainer(Trainer):
         from causalrec.training import CausalDPOTrainer, PreferenceRecord, SDPOTrainer, preference_dataset
 
         negatives = self._negatives(records, targets, show_progress)
-        titles = self.model.titles
-        records = [
-            PreferenceRecord(r.history, r.target, [titles[j] for j in neg], r.season, r.region)
-            for r, neg in zip(records, negatives.tolist())
-        ]
+        answers = self.model.answers
+        if negatives is not None:
+            records = [
+                PreferenceRecord(r.history, r.target, [answers[j] for j in neg], r.season, r.region)
+                for r, neg in zip(records, negatives.tolist())
+            ]
         trainer_cls = CausalDPOTrainer if self.model.alignment == "causal_dpo" else SDPOTrainer
         trainer = trainer_cls(
             self.model.llm, args=args, train_dataset=preference_dataset(records, self.model.prompt_format),
-            processing_class=self.model.tokenizer,
+            processing_class=self.model.tokenizer, item_token_ids=self.model.item_token_ids or None,
         )
         guard_training_losses(trainer, trainer_cls._name)
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -382,6 +472,7 @@ class LLMTrainer(Trainer):
         start = time.perf_counter()
         global_step, loss = stage.train(stage.args, resume_from)
         info.update(global_step=global_step, training_loss=loss, train_seconds=time.perf_counter() - start)
+        info.update(self.__dict__.pop("_stage_extra", {}))  # SFT's per-epoch validation, if it ran
         if install:
             if self._setting("stage_cache"):
                 meta = {"model": self.config["model"], "inputs": stage.inputs, "global_step": global_step,
@@ -442,12 +533,20 @@ class LLMTrainer(Trainer):
         rank, processes = self._processes()  # after the TRL arguments, which create the process group
         main = rank == 0
         records, targets = self._records(train_data._dataset, show_progress)
-        sft_records, _ = self._capped(records, targets, "sft_max_samples")
+        if self.model.sft_positions == "all":  # one row per window of each user's sequence
+            windows = self._sequence_windows(train_data._dataset)
+            sft_records, _ = self._capped([records[i] for i in windows], targets[windows], "sft_max_samples")
+        else:
+            sft_records, _ = self._capped(records, targets, "sft_max_samples")
         sft_inputs = self._sft_inputs(sft_records, sft_args)
+        patience = self._sft_patience(valid_data)
+        if patience is not None:  # the trained weights then depend on the validation cases too
+            sft_inputs["early_stopping"] = {"patience": patience, "metric": self.valid_metric,
+                                            "valid": self._valid_identity(valid_data)}
         if processes > 1:  # N processes train on N times the global batch: other weights than one process
             sft_inputs["processes"] = processes
         sft_key = digest(sft_inputs)
-        stages = [_Stage("sft", sft_key, sft_inputs, sft_args, lambda a, r: self._sft(sft_records, a, r))]
+        stages = [_Stage("sft", sft_key, sft_inputs, sft_args, lambda a, r: self._sft(sft_records, a, r, valid_data))]
         if align_args is not None:
             dpo_records, dpo_targets = self._capped(records, targets, "dpo_max_samples")
             inputs = self._align_inputs(sft_key, dpo_records, align_args)

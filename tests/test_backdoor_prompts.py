@@ -72,7 +72,7 @@ def test_ranking_is_the_backdoor_sum_over_training_seasons(backdoor_run):
     batch = next(iter(valid))[0][:3]
     scores = model.full_sort_predict(batch)
     assert scores.shape == (3, len(model.titles)) and torch.isneginf(scores[:, 0]).all()
-    histories = model.history_titles(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    histories = model.history_texts(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
     brute = torch.zeros(3, len(model.titles) - 1, dtype=torch.float64)
     for e, p_e in zip(model.environments, prior.tolist()):
         ids = model.encode_prompts([model.prompt_format.prompt(h, e) for h in histories])
@@ -100,7 +100,7 @@ def test_observed_inference_conditions_on_a_known_environment(backdoor_run):
     torch.testing.assert_close(weights[1], model.env_log_prior)
     assert len(model.prompts(batch)) == 1 + len(model.environments)  # one prompt for the known row, K otherwise
     scores = model.full_sort_predict(batch)
-    history = model.history_titles(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
+    history = model.history_texts(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])[0]
     own = naive_scores(model.llm, model.encode_prompts([model.prompt_format.prompt(history, "winter")]), model.trie)
     torch.testing.assert_close(scores[0, 1:], own[0], atol=1e-4, rtol=0)
     model.environment_inference = "marginal"

@@ -206,3 +206,36 @@ def test_allocator_compares_both_mallocs_on_sasrec():
     assert payload["goals"][0]["passed"] is None  # not the stated size: reported, not judged
     assert not compat.heap_allocator_active()  # the benchmark leaves glibc's defaults behind
     assert "| heap_b15 |" in "\n".join(allocator.summary(payload))
+
+
+def test_item_tokens_compares_id_ranking_with_the_trie_sasrec_and_sdpo_steps():
+    """Tiny sizes: the id path against the title trie (synthetic catalog; real titles skipped with a note),
+    SASRec's full_sort_predict and the S-DPO step with every item vs 3 items as negatives."""
+    from benchmarks import item_tokens
+
+    opts = item_tokens.Options(real_source=None, real_users=8, synthetic_items=300, synthetic_users=16,
+                               synthetic_title_users=1, synthetic_rounds=1, check_users=4,
+                               sasrec_config={"sim_users": 120, "sim_items": 50, "hidden_size": 16, "inner_size": 32},
+                               sasrec_cases=64, sasrec_rounds=1, step_items=60, step_prompts=4, step_history=10,
+                               step_repeats=1, step_warmup=0, step_memory_repeats=1)
+    payload = item_tokens.run(opts)
+    res = payload["results"]
+    assert "not found" in res["real"]["skipped"]
+    syn = res["synthetic"]
+    assert syn["items"] == 300 and syn["id"]["cases"] == 16 and syn["title"]["cases"] == 1
+    assert syn["id"]["per_case_s"] > 0 and syn["title"]["per_case_s"] > 0 and syn["speedup"] > 0
+    check = syn["same_scores"]
+    assert check["max_abs_diff"] <= 1e-5 and check["score_std"] > 0.5  # same scores, on scores that differ
+    v = res["sasrec"]["variants"]
+    assert set(v) == {"sasrec", "id", "id_with_prompts"} and res["sasrec"]["cases"] == 64
+    assert all(d["per_case_s"] > 0 for d in v.values()) and v["id"]["vs_sasrec"] > 0
+    step = res["sdpo_step"]["variants"]
+    assert step["all"]["negatives_per_prompt"] == 59 and step["3"]["negatives_per_prompt"] == 3
+    assert step["all"]["batch_shape"][0] == 4 and step["3"]["batch_shape"][0] == 4 * (1 + 3)
+    assert step["all"]["forwards_per_step"] == step["3"]["forwards_per_step"] == 2  # policy + reference
+    assert step["3"]["time_ratio"] == 1.0 and all(d["step_peak_bytes"] > 0 for d in step.values())
+    goals = {g["name"]: g for g in payload["goals"]}
+    assert len(goals) == 3 and [g["passed"] for g in payload["goals"]][:2] == [None, None]  # not the stated sizes
+    text = "\n".join(item_tokens.summary(payload))
+    assert "| synthetic |" in text and "SASRec full_sort_predict" in text and "| all |" in text
+    assert "skipped" in text

@@ -16,6 +16,8 @@ from scipy import stats
 import causalrec
 from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.experiments.compare import CompareConfig, cell_params, plan
+from causalrec.experiments.report import SIGNIFICANCE_COLUMNS
+from causalrec.experiments.statistics import hierarchical_bootstrap, holm
 
 TINY = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "epochs": 2}
 GRID = dict(splits="iid,seasonal", seeds=2, baseline="Pop", show_progress=False,
@@ -112,6 +114,31 @@ def test_significance_matches_scipy_on_the_stored_cases(grid):
         t = stats.ttest_rel(a, b)
         assert row.n_seeds == 2 and row.ttest_p == pytest.approx(t.pvalue, rel=1e-9)
         assert row.diff == pytest.approx((a - b).mean())
+        assert (row.diff_ci_low, row.diff_ci_high) == pytest.approx(tuple(t.confidence_interval()), rel=1e-9)
+        assert row.rel_change == pytest.approx(a.mean() / b.mean() - 1)
+        d = a - b
+        assert row.cohens_dz == pytest.approx(d.mean() / d.std(ddof=1))
+        # the bootstrap interval resamples the stored per-user values, seeds then users
+        pairs = {}
+        for seed in (2020, 2021):
+            mine = dict(zip(records["BPR", row.split, seed]["cases"]["user"],
+                            records["BPR", row.split, seed]["cases"]["metrics"][row.metric]))
+            base = dict(zip(records["Pop", row.split, seed]["cases"]["user"],
+                            records["Pop", row.split, seed]["cases"]["metrics"][row.metric]))
+            users = sorted(mine.keys() & base.keys())
+            pairs[seed] = ([mine[u] for u in users], [base[u] for u in users])
+        boot = hierarchical_bootstrap(pairs, n_boot=2000, seed=0)
+        assert (row.rel_ci_low, row.rel_ci_high) == pytest.approx((boot.low, boot.high), rel=1e-9)
+        assert row.rel_ci_low <= boot.estimate <= row.rel_ci_high
+        assert boot.estimate == pytest.approx(row.rel_change, abs=1e-3)  # per-case values are rounded to 1e-6
+    # Holm over the whole table's family (splits x metrics), in the table's order
+    assert len(table) == 4 and table.holm_p.to_numpy() == pytest.approx(holm(table.ttest_p.to_numpy()))
+    report = (out / "report.md").read_text()
+    section = report.split("## Significance against Pop\n")[1]
+    assert "| n seeds |" in section
+    assert "| Holm p | d_z | secondary: pooled (seed, user) Wilcoxon p (n pairs) |" in section
+    assert "Holm-Bonferroni adjusted over the 4 tests of this table" in section
+    assert list(table.columns) == SIGNIFICANCE_COLUMNS
 
 
 def test_case_file_keeps_the_paired_values_and_pools_like_the_report(grid):
@@ -207,6 +234,92 @@ def test_environment_plots_leave_out_small_groups():
     assert shown_groups(["France", "Malta", "Spain"], cases, "regional", "region", 20) == (["France", "Spain"], 1)
     assert shown_groups(["Malta"], cases, "regional", "region", 20) == (["Malta"], 0)  # all small: all shown
     assert shown_groups(["France", "Malta"], None, "regional", "region", 20) == (["France", "Malta"], 0)
+
+
+def _env_results(n_envs: int, seeds, models=("Pop", "BPR")):
+    """A long results table of one split with ``n_envs`` regions; BPR beats Pop by 0.01 * region index."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for model in models:
+        for seed in seeds:
+            rows.append((model, "regional", seed, "all", "ndcg@10", 0.1))
+            for i in range(n_envs):
+                value = 0.1 + 0.002 * i + (0.01 * i if model == "BPR" else 0.0) + rng.normal(0, 0.002)
+                rows.append((model, "regional", seed, f"region=Country number {i:02d}", "ndcg@10", value))
+    return pd.DataFrame(rows, columns=["model", "split", "seed", "environment", "metric", "value"])
+
+
+def _errorbars(ax):
+    from matplotlib.container import ErrorbarContainer
+
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
+def _overlap(boxes) -> bool:
+    boxes = sorted(boxes, key=lambda b: b.y0)
+    return any(a.y1 > b.y0 + 0.5 for a, b in zip(boxes, boxes[1:]))
+
+
+@pytest.mark.parametrize("seeds", [[2020], [2020, 2021, 2022]])
+def test_environment_plot_is_a_sorted_dot_plot_with_error_bars_only_over_seeds(seeds):
+    from causalrec.experiments.report import environment_figure
+
+    results = _env_results(30, seeds)
+    cases = {("regional", f"region=Country number {i:02d}"): 25 + i for i in range(30)}
+    fig = environment_figure(results, "regional", "ndcg@10", ["Pop", "BPR"], cases=cases, min_cases=1,
+                             baseline="Pop")
+    (ax,) = fig.axes
+    fig.draw_without_rendering()
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 30 and labels[0].startswith("Country number 00 (n=25)")
+    assert labels[-1] == "Country number 29 (n=54)"  # sorted by BPR - Pop, the largest effect on top
+    assert not _overlap([t.get_window_extent() for t in ax.get_yticklabels()])
+    bars = _errorbars(ax)
+    if len(seeds) == 1:
+        assert bars == [] and not ax.collections  # no error bars, no zero-length caps
+        assert sorted(len(line.get_xdata()) for line in ax.lines) == [30, 30]
+        assert "1 seed, no error bars" in ax.get_title()
+    else:
+        assert len(bars) == 2 and all(c.has_xerr and not c.has_yerr for c in bars)
+        assert all(len(c.lines[2][0].get_segments()) == 30 for c in bars)
+        assert "mean ± std over seeds" in ax.get_title() and "sorted by effect vs Pop" in ax.get_title()
+    assert fig.get_figheight() > 2.5 * environment_figure(_env_results(5, seeds), "regional", "ndcg@10",
+                                                          ["Pop", "BPR"]).get_figheight()
+
+
+def test_split_bars_draw_error_bars_only_over_two_or_more_seeds():
+    from matplotlib.figure import Figure
+
+    from causalrec.experiments.report import _bars
+
+    ax = Figure().subplots()
+    _bars(ax, ["iid", "seasonal"], {"Pop": ([0.1, 0.2], [np.nan, np.nan], [1, 1]),
+                                    "BPR": ([0.3, 0.4], [0.01, 0.02], [3, 1])})
+    (bars,) = _errorbars(ax)
+    assert len(bars.lines[2][0].get_segments()) == 1  # BPR on iid only
+
+
+def test_significance_without_per_case_values_or_with_one_seed():
+    """Cells from before per-case values were kept: the seed-level test, not the bootstrap; one seed: no test."""
+    from causalrec.experiments.compare import results_frame
+    from causalrec.experiments.report import significance, significance_table
+
+    values = {("Pop", 2020): 0.10, ("Pop", 2021): 0.12, ("Pop", 2022): 0.11,
+              ("BPR", 2020): 0.13, ("BPR", 2021): 0.14, ("BPR", 2022): 0.15}
+    records = [{"status": "ok", "model": m, "split": split, "seed": seed,
+                "result": {"test_result": {"ndcg@10": v}, "test_env_result": {}}}
+               for (m, seed), v in values.items() for split in ("iid", "regional") if split == "iid" or seed == 2020]
+    table = significance(results_frame(records), records, "Pop", ["ndcg@10"])
+    iid, regional = table[table.split == "iid"].iloc[0], table[table.split == "regional"].iloc[0]
+    t = stats.ttest_rel([0.13, 0.14, 0.15], [0.10, 0.12, 0.11])
+    assert iid.n_seeds == 3 and iid.ttest_p == pytest.approx(t.pvalue) and iid.holm_p == pytest.approx(t.pvalue)
+    assert iid.rel_change == pytest.approx(0.14 / 0.11 - 1) and iid.n_pairs == 0
+    assert math.isnan(iid.rel_ci_low) and math.isnan(iid.rel_ci_high) and math.isnan(iid.wilcoxon_p)
+    assert regional.n_seeds == 1 and regional.rel_change == pytest.approx(0.3)
+    assert all(math.isnan(regional[c]) for c in ("ttest_p", "holm_p", "cohens_dz", "diff_ci_low", "rel_ci_low"))
+    text = significance_table(table)
+    assert f"| ndcg@10 | iid | BPR | 3 | +0.0300 [" in text and "| +27.3 % |" in text
+    assert "| ndcg@10 | regional | BPR | 1 | +0.0300 | +30.0 % | n/a | n/a | n/a | n/a (0) |" in text
 
 
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(in_tmp):

@@ -13,6 +13,7 @@ import causalrec
 from causalrec.errors import CausalRecError
 
 TINY = {
+    "item_repr": "title",  # the title trie path; item tokens: tests/test_models_item_tokens.py
     "sim_users": 120,
     "sim_items": 60,
     "sim_inter_per_user": 8.0,

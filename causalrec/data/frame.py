@@ -7,7 +7,7 @@ Columns (docs/contracts.md): ``user_id`` str, ``item_id`` str, ``timestamp`` int
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -118,6 +118,35 @@ def k_core(frame: pd.DataFrame, min_user_inter: int, min_item_inter: int) -> pd.
     return out.reset_index(drop=True)
 
 
+# Above this share of items whose text is not unique, ranking by title ties too many items to be trusted.
+TIE_WARNING_SHARE = 0.05
+
+
+def text_sharing(texts: Sequence[str]) -> dict[str, Any]:
+    """How many items share their text (compared case- and whitespace-insensitively) with another item:
+    ``items``, ``distinct_texts``, ``items_sharing`` (items whose text is not unique), ``largest_group`` and
+    ``share`` (items_sharing / items)."""
+    counts: dict[str, int] = {}
+    for t in texts:
+        key = " ".join(str(t).lower().split())
+        counts[key] = counts.get(key, 0) + 1
+    sharing = sum(c for c in counts.values() if c > 1)
+    return {"items": len(texts), "distinct_texts": len(counts), "items_sharing": sharing,
+            "largest_group": max(counts.values(), default=0), "share": sharing / len(texts) if texts else 0.0}
+
+
+def warn_if_texts_tie(texts: Sequence[str], where: str) -> dict[str, Any]:
+    """Log a warning naming ``item_repr: id`` / ``title+id`` when many items share a text; returns the counts."""
+    stats = text_sharing(texts)
+    if stats["share"] > TIE_WARNING_SHARE:
+        _log.warning(
+            "%s: %d of %d items share their text with another item (%d distinct texts, up to %d items per text); "
+            "an LLM model with item_repr: title scores items with the same text identically, so its ranking ties "
+            "them: use item_repr: id or title+id", where, stats["items_sharing"], stats["items"],
+            stats["distinct_texts"], stats["largest_group"])
+    return stats
+
+
 def describe(frame: pd.DataFrame) -> dict[str, Any]:
     """Users, items, interactions, regions, months, sparsity, date range, interactions per user."""
     users, items, n = frame["user_id"].nunique(), frame["item_id"].nunique(), len(frame)
@@ -142,6 +171,8 @@ def describe(frame: pd.DataFrame) -> dict[str, Any]:
                              frame.drop_duplicates("user_id")["region"].value_counts().items()},
         "interactions_per_month": {str(k): int(v) for k, v in when.to_period("M").value_counts().sort_index().items()},
     }
+    if "item_text" in frame.columns and n:
+        out["item_texts"] = text_sharing(frame.drop_duplicates("item_id")["item_text"].tolist())
     if "cleaning" in frame.attrs:
         out["cleaning"] = dict(frame.attrs["cleaning"])
     return out
@@ -169,6 +200,10 @@ def format_stats(stats: dict[str, Any]) -> str:
     months = stats.get("interactions_per_month") or {}
     if months:
         lines.append("rows/month    " + ", ".join(f"{k} {v:,}" for k, v in months.items()))
+    texts = stats.get("item_texts")
+    if texts:
+        lines.append(f"item texts    {texts['distinct_texts']:>10,}  distinct; {texts['items_sharing']:,} items share "
+                     f"theirs with another (up to {texts['largest_group']} per text)")
     cleaning = stats.get("cleaning") or {}
     if cleaning:
         lines.append("cleaning      " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"

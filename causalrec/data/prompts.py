@@ -16,6 +16,9 @@ import numpy as np
 from causalrec.errors import ConfigError
 
 DEFAULT_TEMPLATE = "A customer bought, in order: {history}. Next the customer buys:"
+# Item tokens: the answer follows the last history item directly, so predicting it is the same task as predicting
+# each history item from the items before it (the sequence objective of SFT, ``sft_positions: all``).
+ITEM_TOKEN_TEMPLATE = "A customer bought, in order: {history}"
 DEFAULT_ENVIRONMENT_TEMPLATE = "{name} {value}. "
 ENVIRONMENTS = ("season", "region")
 NEGATIVE_STRATEGIES = ("uniform", "popularity", "season_popularity", "region_popularity", "hard")
@@ -34,6 +37,9 @@ class PromptFormat:
         environment: ``None``, or the environment label (``season`` | ``region``) written before the template
             with ``environment_template``, so that a model learns ``p(item | history, environment)``.
         environment_template: the environment's text, with ``{name}`` and ``{value}`` fields.
+        environment_last: write the environment after the history, right before the answer, instead of before
+            the template (item tokens: the history is then a plain item sequence whose every position can be a
+            training target, and the environment conditions only the answer it belongs to).
     """
 
     template: str = DEFAULT_TEMPLATE
@@ -41,6 +47,7 @@ class PromptFormat:
     separator: str = "; "
     environment: str | None = None
     environment_template: str = DEFAULT_ENVIRONMENT_TEMPLATE
+    environment_last: bool = False
 
     def __post_init__(self):
         if "{history}" not in self.template:
@@ -53,15 +60,16 @@ class PromptFormat:
         if self.environment is not None and "{value}" not in self.environment_template:
             raise ConfigError(f"environment_template must contain '{{value}}'; got {self.environment_template!r}")
 
-    def prompt(self, history_titles: Sequence[str], environment: str | None = None) -> str:
+    def prompt(self, history: Sequence[str], environment: str | None = None) -> str:
         """The prompt for a history; ``environment`` is the label value, required when ``self.environment`` is set."""
-        shown = list(history_titles)[-self.max_history_items :]
+        shown = list(history)[-self.max_history_items :]
         text = self.template.format(history=self.separator.join(shown))
         if self.environment is None:
             return text
         if environment is None:
             raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
-        return self.environment_template.format(name=self.environment, value=environment) + text
+        label = self.environment_template.format(name=self.environment, value=environment)
+        return f"{text} {label.strip()}" if self.environment_last else label + text
 
 
 def completion_text(title: str) -> str:

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from causalrec.data.frame import describe
+from causalrec.data.frame import describe, warn_if_texts_tie
 from causalrec.data.shifts import Split, split_frame
 from causalrec.data.sources import input_files, load_frame
 from causalrec.data.spec import DataSpec
@@ -218,6 +218,7 @@ def write_split(split: Split, frame: pd.DataFrame, spec: DataSpec, directory: Pa
                             "season": rows["season"].to_numpy(), "region": rows["region"].to_numpy()})
         _write_tsv(seq, SEQ_COLUMNS, directory / names[f"seq_{part}.inter"])
     catalog = f.drop_duplicates("item_id").sort_values("item_id")
+    warn_if_texts_tie(catalog["item_text"].tolist(), spec.dataset)
     _write_tsv(catalog[["item_id"]], ("item_id:token",), directory / names["item"])
     items = pd.DataFrame({"item_id": catalog["item_id"], "item_text": catalog["item_text"],
                           "category": catalog["category"] if "category" in catalog.columns else ""})

@@ -9,8 +9,8 @@ on and the report lists it.
 
 Outputs under ``<out>``: ``results.csv`` (model, split, seed, environment, metric, value), ``report.md``
 (mean ± std tables, OOD drop from iid, worst environments, significance against ``baseline``, failed cells),
-``significance.csv``, ``cases.csv.gz`` (the per-case test values the tests pair), ``failures.csv`` and
-``plots/*.png``.
+``significance.csv``, ``cases.csv.gz`` (the per-case test values the bootstrap and the pooled test resample),
+``failures.csv`` and ``plots/*.png``.
 
 Config layering, later wins: causalrec's evaluation defaults < ``config_files`` < ``params``; in files and
 params a top-level key naming a model holds settings for that model only (``SASRec: {hidden_size: 64}``,
@@ -73,8 +73,9 @@ class CompareConfig:
         config_files: RecBole YAML files for every cell (top-level model-name keys: that model only).
         params: config keys for every cell, over the files (``"Model.key"`` or ``{"Model": {...}}``: that
             model only; ``"sft_args.max_steps"``: one field of a dict-valued key).
-        baseline: model every other model is tested against (paired per-user Wilcoxon, paired t-test over
-            seeds); None: no significance section.
+        baseline: model every other model is tested against (paired t-test over seeds with Holm's correction,
+            hierarchical-bootstrap interval of the relative change, Cohen's d_z; a pooled per-user Wilcoxon as a
+            secondary figure); None: no significance section.
         report_metrics: metrics of the markdown tables, plots and tests (RecBole names, e.g. ``ndcg@10``).
         min_env_cases: the worst-environment rows consider only groups with at least this many test cases (a
             region with three test cases is at 0 or 1 by chance and would be every model's worst).
@@ -425,7 +426,8 @@ def run_comparison(config: CompareConfig):
     write_atomic(files["report"], text)
     if config.plots:
         files["plots"] = report.plots(results, config.report_metrics, config.out / "plots",
-                                      cases=report.environment_cases(records), min_cases=config.min_env_cases)
+                                      cases=report.environment_cases(records), min_cases=config.min_env_cases,
+                                      baseline=config.baseline)
     _log.info("compare: %d cells run now, %d loaded, %d failed; report %s", trained, len(records) - trained,
               len(failures), files["report"])
     results.attrs.update(failures=failures, significance=significance, trained=trained, not_run=not_run,

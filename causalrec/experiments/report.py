@@ -1,14 +1,18 @@
 """Tables, significance tests and plots of a comparison's long results table.
 
 Everything here is a function of ``results.csv`` (columns model, split, seed, environment, metric, value) and,
-for the per-user test, of the per-case metric values stored in the cell records, so a report can be rebuilt
-from the files alone.
+for the bootstrap and the per-user test, of the per-case metric values stored in the cell records
+(``cases.csv.gz``), so a report can be rebuilt from the files alone.
 
 * mean ± std: over seeds, ``std`` the sample standard deviation (ddof = 1);
 * OOD drop: ``(mean on the split - mean on iid) / mean on iid`` in %;
-* significance of each model against the baseline, per split and metric: a Wilcoxon signed-rank test over
-  (seed, user) pairs pooled across the seeds both models finished (scipy's default ``zero_method="wilcox"``
-  drops zero differences: ``n_pairs`` counts all pairs), and a paired t-test over the per-seed test metrics.
+* significance of each model against the baseline, per split and metric, with the training run (seed) as the
+  unit of replication (``causalrec.experiments.statistics``): a paired t-test over the seeds both models
+  finished, its 95 % t interval of the mean difference and Cohen's d_z, the relative change of the means with a
+  hierarchical-bootstrap 95 % interval (seeds, then users within seed), and Holm's correction over every row of
+  the table; a Wilcoxon signed-rank test over (seed, user) pairs pooled across seeds (scipy's default
+  ``zero_method="wilcox"`` drops zero differences: ``n_pairs`` counts all pairs) is a secondary figure only, as
+  it treats the users of different runs as independent replicates.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ import numpy as np
 
 _log = logging.getLogger(__name__)
 
-SIGNIFICANCE_COLUMNS = ["split", "metric", "model", "baseline", "mean", "baseline_mean", "diff", "n_seeds",
-                        "ttest_stat", "ttest_p", "n_pairs", "wilcoxon_stat", "wilcoxon_p"]
+SIGNIFICANCE_COLUMNS = [
+    "split", "metric", "model", "baseline", "n_seeds", "mean", "baseline_mean", "diff", "diff_ci_low",
+    "diff_ci_high", "rel_change", "rel_ci_low", "rel_ci_high", "ttest_stat", "ttest_p", "holm_p", "cohens_dz",
+    "n_pairs", "wilcoxon_stat", "wilcoxon_p",
+]
+BOOTSTRAP_REPLICATES = 2000
+BOOTSTRAP_SEED = 0
 
 
 def summary(results, metric: str, environment: str = "all"):
@@ -120,25 +129,72 @@ def case_frame(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]):
     return pd.concat(frames, ignore_index=True).sort_values(CASE_COLUMNS[:5], kind="stable", ignore_index=True)
 
 
-def paired_users(cases, model: str, baseline: str, split: str, metric: str, seeds: Sequence[int]):
-    """``(x, y)``: the model's and the baseline's values on every (seed, user) both were tested on."""
-    x, y = [], []
+def paired_cases(cases, model: str, baseline: str, split: str, metric: str, seeds: Sequence[int]):
+    """seed -> ``(x, y)``: the model's and the baseline's values on the users both were tested on, for each of
+    ``seeds`` where both cells kept their per-case values."""
+    out = {}
     for seed in seeds:
         a = cases.get((model, split, seed), {}).get(metric)
         b = cases.get((baseline, split, seed), {}).get(metric)
         if a is None or b is None:
             continue
-        for user in sorted(set(a) & set(b)):
-            x.append(a[user])
-            y.append(b[user])
-    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        users = sorted(set(a) & set(b))
+        if not users:
+            continue
+        out[seed] = (np.array([a[u] for u in users], dtype=np.float64),
+                     np.array([b[u] for u in users], dtype=np.float64))
+    return out
 
 
-def significance(results, records: Sequence[Mapping[str, Any]], baseline: str, metrics: Sequence[str]):
-    """Each model against ``baseline`` per split and metric (columns ``SIGNIFICANCE_COLUMNS``), on the seeds
-    both finished; a split where they share none has no row."""
-    import pandas as pd
+def paired_users(cases, model: str, baseline: str, split: str, metric: str, seeds: Sequence[int]):
+    """``(x, y)``: the model's and the baseline's values on every (seed, user) both were tested on."""
+    pairs = paired_cases(cases, model, baseline, split, metric, seeds)
+    if not pairs:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate([x for x, _ in pairs.values()]), np.concatenate([y for _, y in pairs.values()])
+
+
+def _pooled_wilcoxon(x, y) -> tuple[float, float]:
+    """Wilcoxon signed-rank over pooled (seed, user) pairs: (statistic, p); (0, 1) when every pair ties."""
     from scipy import stats
+
+    if not len(x):
+        return float("nan"), float("nan")
+    if not np.any(x != y):
+        return 0.0, 1.0  # every pair tied: no evidence of a difference
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w = stats.wilcoxon(x, y)
+    return float(w.statistic), float(w.pvalue)
+
+
+def compare_pair(a, b, pairs, n_boot: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """One row of the significance table (without its names and Holm p) from the per-seed metrics ``a``
+    (model) and ``b`` (baseline), paired by position, and ``pairs`` (seed -> per-user values; the bootstrap
+    runs only when it covers every seed of ``a``, so that both figures speak of the same runs)."""
+    from causalrec.experiments.statistics import hierarchical_bootstrap, paired_seed_test
+
+    test = paired_seed_test(a, b)
+    boot_low = boot_high = float("nan")
+    if len(pairs) == test.n_seeds >= 2:
+        boot = hierarchical_bootstrap(pairs, n_boot=n_boot, seed=seed)
+        boot_low, boot_high = boot.low, boot.high
+    x = np.concatenate([v[0] for v in pairs.values()]) if pairs else np.zeros(0)
+    y = np.concatenate([v[1] for v in pairs.values()]) if pairs else np.zeros(0)
+    w_stat, w_p = _pooled_wilcoxon(x, y)
+    return {"n_seeds": test.n_seeds, "mean": test.mean, "baseline_mean": test.baseline_mean, "diff": test.diff,
+            "diff_ci_low": test.diff_low, "diff_ci_high": test.diff_high, "rel_change": test.rel_change,
+            "rel_ci_low": boot_low, "rel_ci_high": boot_high, "ttest_stat": test.t, "ttest_p": test.p,
+            "cohens_dz": test.dz, "n_pairs": int(len(x)), "wilcoxon_stat": w_stat, "wilcoxon_p": w_p}
+
+
+def significance(results, records: Sequence[Mapping[str, Any]], baseline: str, metrics: Sequence[str],
+                 n_boot: int = BOOTSTRAP_REPLICATES):
+    """Each model against ``baseline`` per split and metric (columns ``SIGNIFICANCE_COLUMNS``), on the seeds
+    both finished; a split where they share none has no row. ``holm_p`` adjusts ``ttest_p`` over every row."""
+    import pandas as pd
+
+    from causalrec.experiments.statistics import holm
 
     cases = _case_values(records)
     overall = results[results["environment"] == "all"]
@@ -155,28 +211,12 @@ def significance(results, records: Sequence[Mapping[str, Any]], baseline: str, m
                 seeds = sorted(set(mine.index) & set(base.index))
                 if not seeds:  # the baseline has no finished cell on this split: nothing to pair
                     continue
-                a, b = mine.loc[seeds].to_numpy(float), base.loc[seeds].to_numpy(float)
-                t_stat = t_p = w_stat = w_p = float("nan")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # identical values: scipy warns, gives nan
-                    if len(seeds) >= 2:
-                        t = stats.ttest_rel(a, b)
-                        t_stat, t_p = float(t.statistic), float(t.pvalue)
-                    x, y = paired_users(cases, model, baseline, split, metric, seeds)
-                    if len(x) and np.any(x != y):
-                        w = stats.wilcoxon(x, y)
-                        w_stat, w_p = float(w.statistic), float(w.pvalue)
-                    elif len(x):
-                        w_stat, w_p = 0.0, 1.0  # every pair tied: no evidence of a difference
-                rows.append({
-                    "split": split, "metric": metric, "model": model, "baseline": baseline,
-                    "mean": float(a.mean()) if len(a) else float("nan"),
-                    "baseline_mean": float(b.mean()) if len(b) else float("nan"),
-                    "diff": float((a - b).mean()) if len(a) else float("nan"),
-                    "n_seeds": len(seeds), "ttest_stat": t_stat, "ttest_p": t_p,
-                    "n_pairs": int(len(x)), "wilcoxon_stat": w_stat, "wilcoxon_p": w_p,
-                })
-    return pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
+                pairs = paired_cases(cases, model, baseline, split, metric, seeds)
+                row = compare_pair(mine.loc[seeds].to_numpy(float), base.loc[seeds].to_numpy(float), pairs, n_boot)
+                rows.append({"split": split, "metric": metric, "model": model, "baseline": baseline, **row})
+    frame = pd.DataFrame(rows, columns=SIGNIFICANCE_COLUMNS)
+    frame["holm_p"] = holm(frame["ttest_p"].to_numpy(float)) if len(frame) else []
+    return frame
 
 
 def _p(value: float) -> str:
@@ -185,13 +225,41 @@ def _p(value: float) -> str:
     return f"{value:.2g}" if value >= 1e-4 else "<1e-4"
 
 
+def _interval(low: float, high: float, fmt: str) -> str:
+    return "" if math.isnan(low) or math.isnan(high) else f" [{low:{fmt}}, {high:{fmt}}]"
+
+
 def significance_table(table) -> str:
-    header = ["metric", "split", "model", "Δ mean", "Wilcoxon p (n pairs)", "paired t p (n seeds)"]
+    """The markdown table of ``significance``'s frame: the seed-level columns first, the pooled Wilcoxon last."""
+    header = ["metric", "split", "model", "n seeds", "Δ mean [95 % t CI]", "rel. change [95 % bootstrap CI]",
+              "paired t p", "Holm p", "d_z", "secondary: pooled (seed, user) Wilcoxon p (n pairs)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
-        lines.append(f"| {r.metric} | {r.split} | {r.model} | {r.diff:+.4f} | {_p(r.wilcoxon_p)} ({r.n_pairs}) | "
-                     f"{_p(r.ttest_p)} ({r.n_seeds}) |")
+        diff = f"{r.diff:+.4f}{_interval(r.diff_ci_low, r.diff_ci_high, '+.4f')}"
+        rel = "n/a" if math.isnan(r.rel_change) else \
+            f"{r.rel_change * 100:+.1f} %{_interval(r.rel_ci_low * 100, r.rel_ci_high * 100, '+.1f')}"
+        dz = "n/a" if math.isnan(r.cohens_dz) else f"{r.cohens_dz:+.2f}"
+        lines.append(f"| {r.metric} | {r.split} | {r.model} | {r.n_seeds} | {diff} | {rel} | {_p(r.ttest_p)} | "
+                     f"{_p(r.holm_p)} | {dz} | {_p(r.wilcoxon_p)} ({r.n_pairs}) |")
     return "\n".join(lines)
+
+
+def significance_text(table, n_boot: int = BOOTSTRAP_REPLICATES) -> str:
+    """What the columns of ``significance_table`` mean (the family size of the Holm correction included)."""
+    family = int(table["ttest_p"].notna().sum()) if len(table) else 0
+    return (
+        "The unit of replication is the training run (seed): tests and intervals are over the seeds both models "
+        "finished (n seeds). Δ mean: mean over seeds of model - baseline, with its 95 % t interval. "
+        "rel. change: mean over seeds of the model / that of the baseline - 1, with a 95 % percentile interval "
+        f"from a hierarchical bootstrap ({n_boot} replicates: seeds resampled with replacement, then users with "
+        "replacement within each drawn seed, the same users for both models; blank under 2 seeds or when a seed's "
+        "per-case values were not kept; with 3-5 seeds it is too narrow, so read it with the t test). "
+        "paired t p: paired t-test over seeds; Holm p: Holm-Bonferroni adjusted over the "
+        f"{family} tests of this table (splits x metrics x models); d_z: Cohen's d_z, mean / sd of the seeds' "
+        "differences. Secondary, for reference only: a Wilcoxon signed-rank test over (seed, user) pairs pooled "
+        "across seeds, which treats the users of different runs as independent replicates and so overstates "
+        "the evidence."
+    )
 
 
 # ----------------------------------------------------------------------------------------- markdown
@@ -225,8 +293,7 @@ def markdown(results, failures, significance_frame, config, protocol: str | None
                       metric_table(results, metric, models, splits, len(seeds), environment=f"{env_field}=<worst>",
                                    drops=False, not_run=unrun)]
     if config.baseline:
-        parts += ["", f"## Significance against {config.baseline}", "",
-                  "Wilcoxon signed-rank over (seed, user) pairs pooled across seeds; paired t-test over seeds.", "",
+        parts += ["", f"## Significance against {config.baseline}", "", significance_text(significance_frame), "",
                   significance_table(significance_frame) if len(significance_frame) else "no pairs to test"]
     if len(failures):
         parts += ["", "## Failed cells", "", "| model | split | seed | error |", "|---|---|---|---|"]
@@ -237,15 +304,26 @@ def markdown(results, failures, significance_frame, config, protocol: str | None
 
 
 # -------------------------------------------------------------------------------------------- plots
-def _bars(ax, groups: Sequence[str], series: Mapping[str, tuple[list[float], list[float]]]) -> None:
-    """Grouped bars: one group per entry of ``groups``, one bar per series (mean, std), std as error bar."""
+def _spread(stds, counts) -> np.ndarray:
+    """Which points get an error bar: a finite std over at least 2 seeds."""
+    stds, counts = np.asarray(stds, dtype=float), np.asarray(counts, dtype=float)
+    return np.isfinite(stds) & (np.nan_to_num(counts) >= 2)
+
+
+def _bars(ax, groups: Sequence[str], series: Mapping[str, tuple[list[float], list[float], list[int]]]) -> None:
+    """Grouped bars: one group per entry of ``groups``, one bar per series (mean, std, seeds); the std is an
+    error bar only where at least 2 seeds give one."""
     n = max(len(series), 1)
     width = 0.8 / n
     x = np.arange(len(groups))
-    for i, (name, (means, stds)) in enumerate(series.items()):
-        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=np.nan_to_num(stds), capsize=2, label=name)
-    ax.set_xticks(x)
-    ax.set_xticklabels(groups, rotation=20 if len(groups) > 4 else 0)
+    for i, (name, (means, stds, counts)) in enumerate(series.items()):
+        at, means, stds = x - 0.4 + width * (i + 0.5), np.asarray(means, dtype=float), np.asarray(stds, dtype=float)
+        ax.bar(at, means, width, label=name, color=f"C{i % 10}")
+        err = _spread(stds, counts)
+        if err.any():
+            ax.errorbar(at[err], means[err], yerr=stds[err], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
+    tilt = len(groups) > 4
+    ax.set_xticks(x, groups, rotation=30 if tilt else 0, ha="right" if tilt else "center")
 
 
 def environment_cases(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
@@ -269,11 +347,115 @@ def shown_groups(labels: Sequence[str], cases: Mapping[tuple[str, str], int] | N
     return (big, len(labels) - len(big)) if big else (list(labels), 0)
 
 
-def plots(results, metrics: Sequence[str], folder: Path,
-          cases: Mapping[tuple[str, str], int] | None = None, min_cases: int = 1) -> list[str]:
-    """``<metric>_by_split.png`` (mean ± std per model and split) and ``<metric>_<split>_environments.png``
-    (per-environment bars for each split, labelled with their test cases when ``cases`` is given; groups with
-    fewer than ``min_cases`` are left out, as in the worst-environment rows). Returns the written paths."""
+def _env_stats(part, env_field: str):
+    """Mean, sample std and seed count per (model, environment) of one environment field's rows."""
+    mine = part[part["environment"].str.startswith(f"{env_field}=")]
+    return mine.groupby(["model", "environment"])["value"].agg(mean="mean", std=lambda v: v.std(ddof=1), n="count")
+
+
+def sorts_by_effect(stats, env_field: str, labels: Sequence[str], models: Sequence[str],
+                    baseline: str | None) -> bool:
+    """Whether ``environment_order`` sorts by the effect against ``baseline`` (it has a value, and others exist)."""
+    return (baseline is not None and any(m != baseline for m in models)
+            and any((baseline, f"{env_field}={lb}") in stats.index for lb in labels))
+
+
+def environment_order(stats, env_field: str, labels: Sequence[str], models: Sequence[str],
+                      baseline: str | None = None) -> list[str]:
+    """``labels`` sorted ascending (the plot's top row is the last) by the mean over ``models`` of their mean
+    value, or, when ``baseline`` has values, by the mean effect of the other models against it; environments
+    without a value come first (at the bottom)."""
+    means = stats["mean"]
+
+    def value(model, label):
+        return means.get((model, f"{env_field}={label}"), np.nan)
+
+    others = [m for m in models if m != baseline]
+    by_effect = sorts_by_effect(stats, env_field, labels, models, baseline)
+
+    def key(label):
+        if by_effect:
+            values = [value(m, label) - value(baseline, label) for m in others]
+        else:
+            values = [value(m, label) for m in models]
+        values = [v for v in values if np.isfinite(v)]
+        return float(np.mean(values)) if values else -np.inf
+
+    return sorted(labels, key=key)
+
+
+def _dots(ax, stats, env_field: str, labels: Sequence[str], names: Sequence[str], models: Sequence[str],
+          baseline: str | None) -> None:
+    """One row per environment (``names``: its tick labels), one dot per model, dodged vertically; a horizontal
+    std bar only where at least 2 seeds give one."""
+    y = np.arange(len(labels), dtype=float)
+    step = min(0.8 / max(len(models), 1), 0.25)
+    for i, model in enumerate(models):
+        keys = [(model, f"{env_field}={label}") for label in labels]
+        mean, std, n = (np.array([stats[c].get(k, np.nan) for k in keys], dtype=float) for c in ("mean", "std", "n"))
+        at = y + (i - (len(models) - 1) / 2) * step
+        err, shown = _spread(std, n), np.isfinite(mean)
+        style = {"color": f"C{i % 10}", "marker": "D" if model == baseline else "o", "markersize": 4}
+        if (err & shown).any():
+            ax.errorbar(mean[err & shown], at[err & shown], xerr=std[err & shown], linestyle="none", elinewidth=1,
+                        capsize=0, label=model, **style)
+        if (~err & shown).any():
+            ax.plot(mean[~err & shown], at[~err & shown], linestyle="none",
+                    label=None if (err & shown).any() else model, **style)
+    ax.set_yticks(y, names, fontsize="small")
+    ax.set_ylim(-0.6, len(labels) - 0.4)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def environment_figure(part, split: str, metric: str, models: Sequence[str],
+                       cases: Mapping[tuple[str, str], int] | None = None, min_cases: int = 1,
+                       baseline: str | None = None):
+    """A horizontal dot plot of one split's per-environment test values of one metric (``part``: its rows of
+    the results table), one panel per environment field, environments on the y axis sorted by
+    ``environment_order``, mean over seeds with a std bar where at least 2 seeds give one; the figure grows with
+    the number of environments, so labels never overlap. None when the split has no per-environment rows."""
+    from matplotlib.figure import Figure
+
+    at = part[(part["split"] == split) & (part["metric"] == metric) & part["environment"].str.contains("=")
+              & ~part["environment"].str.endswith("=<worst>")]
+    if at.empty:
+        return None
+    models = [m for m in models if m in set(at["model"])]
+    panels = []
+    for env_field in sorted({e.split("=", 1)[0] for e in at["environment"]}):
+        stats = _env_stats(at, env_field)
+        labels = sorted({e.split("=", 1)[1] for e in at["environment"] if e.startswith(f"{env_field}=")})
+        labels, dropped = shown_groups(labels, cases, split, env_field, min_cases)
+        panels.append((env_field, stats, environment_order(stats, env_field, labels, models, baseline), dropped))
+    row = 0.2 + 0.04 * len(models)  # inches per environment: dots of every model and one line of small text
+    heights = [len(labels) * row + 0.9 for _, _, labels, _ in panels]
+    fig = Figure(figsize=(8, sum(heights) + 0.6 + 0.25 * math.ceil(len(models) / 5)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    n_seeds = at.groupby("model")["seed"].nunique().max()
+    for ax, (env_field, stats, labels, dropped) in zip(axes, panels):
+        names = [f"{lb} (n={cases[(split, f'{env_field}={lb}')]})" if cases and (split, f"{env_field}={lb}") in cases
+                 else lb for lb in labels]
+        _dots(ax, stats, env_field, labels, names, models, baseline)
+        order = f"effect vs {baseline}" if sorts_by_effect(stats, env_field, labels, models, baseline) else metric
+        small = f"; {dropped} with < {min_cases} test cases not shown" if dropped else ""
+        spread = "mean ± std over seeds" if n_seeds >= 2 else "1 seed, no error bars"
+        ax.set_title(f"{split}: test {metric} per {env_field} ({spread}; sorted by {order}{small})", fontsize="medium")
+        ax.set_xlabel(metric)
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize="small",
+               ncols=min(len(handles), 5))
+    return fig
+
+
+def plots(results, metrics: Sequence[str], folder: Path, cases: Mapping[tuple[str, str], int] | None = None,
+          min_cases: int = 1, baseline: str | None = None) -> list[str]:
+    """``<metric>_by_split.png`` (bars: mean per model and split, ± std where 2 or more seeds) and
+    ``<metric>_<split>_environments.png`` (``environment_figure``: per-environment dots for each split, labelled
+    with their test cases when ``cases`` is given; groups with fewer than ``min_cases`` are left out, as in the
+    worst-environment rows). Returns the written paths."""
     from matplotlib.figure import Figure
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,40 +475,19 @@ def plots(results, metrics: Sequence[str], folder: Path,
         series = {}
         for model in models:
             rows = stats[stats["model"] == model].set_index("split")
-            series[model] = ([rows["mean"].get(s, np.nan) for s in splits], [rows["std"].get(s, np.nan) for s in splits])
+            series[model] = tuple([rows[c].get(s, np.nan) for s in splits] for c in ("mean", "std", "n"))
         _bars(ax, splits, series)
         ax.set_ylabel(metric)
-        ax.set_title(f"test {metric} per split (mean ± std over seeds)")
+        spread = "mean ± std over seeds" if stats["n"].max() >= 2 else "1 seed, no error bars"
+        ax.set_title(f"test {metric} per split ({spread})")
         fig.legend(loc="outside lower center", fontsize="small", ncols=min(len(models), 5))  # off the bars
         path = folder / f"{_safe(metric)}_by_split.png"
         fig.savefig(path, dpi=120)
         written.append(str(path))
         for split in splits:
-            at = part[(part["split"] == split) & part["environment"].str.contains("=")
-                      & ~part["environment"].str.endswith("=<worst>")]
-            if at.empty:
+            fig = environment_figure(part, split, metric, models, cases, min_cases, baseline)
+            if fig is None:
                 continue
-            env_fields = sorted({e.split("=", 1)[0] for e in at["environment"]})
-            fig = Figure(figsize=(6 * len(env_fields), 4), layout="constrained")
-            axes = np.atleast_1d(fig.subplots(1, len(env_fields)))
-            for ax, env_field in zip(axes, env_fields):
-                mine = at[at["environment"].str.startswith(f"{env_field}=")]
-                labels = sorted({e.split("=", 1)[1] for e in mine["environment"]})
-                labels, dropped = shown_groups(labels, cases, split, env_field, min_cases)
-                agg = mine.groupby(["model", "environment"])["value"].agg(["mean", lambda v: v.std(ddof=1)])
-                agg.columns = ["mean", "std"]
-                series = {}
-                for model in models:
-                    keys = [(model, f"{env_field}={label}") for label in labels]
-                    series[model] = ([agg["mean"].get(k, np.nan) for k in keys], [agg["std"].get(k, np.nan) for k in keys])
-                shown = [f"{label}\n(n={cases[(split, f'{env_field}={label}')]})"
-                         if cases and (split, f"{env_field}={label}") in cases else label for label in labels]
-                _bars(ax, shown, series)
-                small = f"\n({dropped} with < {min_cases} test cases not shown)" if dropped else ""
-                ax.set_title(f"{split}: test {metric} per {env_field}{small}")
-                ax.set_ylabel(metric)
-            fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize="small",
-                       ncols=min(len(models), 5))
             path = folder / f"{_safe(metric)}_{split}_environments.png"
             fig.savefig(path, dpi=120)
             written.append(str(path))

@@ -1,8 +1,10 @@
-"""``LLMRecommender``: a RecBole sequential recommender whose scores are an LLM's exact title log-likelihoods.
+"""``LLMRecommender``: a RecBole sequential recommender whose scores are an LLM's exact item log-likelihoods.
 
-The model reads item titles from the prepared dataset (``<prepared_dir>/<dataset>.items.tsv``), turns a
-case's history into a prompt (``causalrec.data.prompts``) and ranks the whole catalog with
-``causalrec.llm.ranking.score_catalog``. It is not trained by RecBole's loop: ``causalrec.trainer.LLMTrainer``
+The model reads item titles from the prepared dataset (``<prepared_dir>/<dataset>.items.tsv``), writes each item
+as ``item_repr`` says (``causalrec.llm.items``: its title, one added item token, or both), turns a case's history
+into a prompt (``causalrec.data.prompts``) and ranks the whole catalog exactly: one forward per prompt batch for
+item tokens (``causalrec.llm.items.score_item_tokens``), the title trie walk for titles
+(``causalrec.llm.ranking.score_catalog``). It is not trained by RecBole's loop: ``causalrec.trainer.LLMTrainer``
 runs the TRL stages (SFT, then S-DPO or CausalDPO) on ``self.llm``.
 """
 
@@ -17,12 +19,15 @@ import torch
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from causalrec.data.prompts import DEFAULT_ENVIRONMENT_TEMPLATE, PromptFormat
+from causalrec.data.prompts import DEFAULT_ENVIRONMENT_TEMPLATE, DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat
 from causalrec.errors import ConfigError, DataError, UnknownNameError
 
 _log = logging.getLogger(__name__)
 
 PAD_TITLE = "[padding item]"
+DEFAULT_TITLE_HISTORY = 10  # history items shown in a prompt of titles (max_history_items: ~)
+SEPARATORS = {"title": "; ", "id": " ", "title+id": "; "}  # between history items in the prompt
+SFT_POSITIONS = ("last", "all")
 ENVIRONMENT_PRIORS = ("train", "uniform")
 ENVIRONMENT_INFERENCE = ("marginal", "observed")
 
@@ -49,8 +54,13 @@ class LLMRecommender(SequentialRecommender):
         llm: the Hugging Face causal LM (a ``PeftModel`` when ``lora_r > 0``).
         tokenizer: its tokenizer.
         titles: title per RecBole internal item id (id 0 is padding and gets a placeholder).
+        item_repr: ``title`` | ``id`` | ``title+id`` (``causalrec.llm.items``).
+        item_texts: how each item is written in a history (its title, its token, or both).
+        answers: each item's answer text (its title, or its token).
         prompt_format: how a history becomes a prompt.
-        trie: the titles' token trie over items ``1..n_items-1`` (trie item j is RecBole item j + 1).
+        item_token_ids: token id of items ``1..n_items-1`` (item tokens; empty for titles).
+        trie: the titles' token trie over items ``1..n_items-1`` (trie item j is RecBole item j + 1); None for
+            item tokens.
     """
 
     input_type = InputType.POINTWISE
@@ -59,24 +69,47 @@ class LLMRecommender(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        from causalrec.llm.backbone import BackboneConfig, load_backbone
+        from causalrec.llm.backbone import TINY, BackboneConfig, load_backbone
+        from causalrec.llm.items import ITEM_REPRS, item_token, item_token_ids, uses_item_tokens, warn_if_titles_tie
         from causalrec.llm.ranking import TitleTrie, title_token_ids
 
         self.titles = self._load_titles(config, dataset)
+        self.item_repr = config["item_repr"] or ITEM_REPRS[0]
+        if self.item_repr not in ITEM_REPRS:
+            raise UnknownNameError("item_repr", self.item_repr, ITEM_REPRS)
+        item_ids = range(1, len(self.titles))
+        tokens = uses_item_tokens(self.item_repr)
+        if self.item_repr == "id":
+            self.item_texts = [PAD_TITLE] + [item_token(j) for j in item_ids]
+        elif self.item_repr == "title+id":
+            self.item_texts = [PAD_TITLE] + [f"{self.titles[j]} {item_token(j)}" for j in item_ids]
+        else:
+            self.item_texts = list(self.titles)
+            warn_if_titles_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
+        self.answers = [PAD_TITLE] + [item_token(j) for j in item_ids] if tokens else list(self.titles)
         self.prompt_format = PromptFormat(
-            template=config["prompt_template"], max_history_items=int(config["max_history_items"]),
-            environment=config["prompt_environment"] or None,
+            template=config["prompt_template"] or (ITEM_TOKEN_TEMPLATE if self.item_repr == "id" else DEFAULT_TEMPLATE),
+            max_history_items=self._history_length(config),
+            separator=SEPARATORS[self.item_repr], environment=config["prompt_environment"] or None,
             environment_template=config["environment_template"] or DEFAULT_ENVIRONMENT_TEMPLATE,
+            environment_last=self.item_repr == "id",
         )
         self._init_environments(config, dataset)
-        self.rank_batch_size = int(config["rank_batch_size"])
+        self.sft_positions = self._sft_positions(config)
+        self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
         values: dict[str, Any] = dict(config.final_config_dict)
         values["device"] = str(config["device"])
         self.backbone_config = BackboneConfig.from_dict(values)
-        corpus = self.titles[1:] + [self.prompt_format.template] + self._empty_prompts()
-        self.llm, self.tokenizer = load_backbone(self.backbone_config, corpus=corpus)
-        self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self._empty_prompts()[0])
-        self.trie = TitleTrie.from_token_ids(self.title_tokens)
+        # the tiny tokenizer learns the words it will see: titles only where prompts show them
+        corpus = (self.titles[1:] if self.item_repr != "id" else []) + [self.prompt_format.template] + self._empty_prompts()
+        init_texts = self.titles[1:] if self.item_repr == "title+id" and self.backbone_config.backbone != TINY else None
+        self.llm, self.tokenizer = load_backbone(self.backbone_config, corpus=corpus,
+                                                 items=list(item_ids) if tokens else (), item_init_texts=init_texts)
+        self.item_token_ids: list[int] = item_token_ids(self.tokenizer, item_ids) if tokens else []
+        self.trie = None
+        if not tokens:
+            self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self._empty_prompts()[0])
+            self.trie = TitleTrie.from_token_ids(self.title_tokens)
 
     # ------------------------------------------------------------------------------------ data
     @staticmethod
@@ -95,6 +128,29 @@ class LLMRecommender(SequentialRecommender):
                 f"{len(missing)} item(s) have no title in {prepared_dir} (e.g. {missing[:3]}); prepare the dataset again"
             )
         return [PAD_TITLE] + [by_token[str(t)] for t in tokens[1:]]
+
+    def _history_length(self, config) -> int:
+        """``max_history_items``; unset: RecBole's ``MAX_ITEM_LIST_LENGTH`` for item tokens (cheap, as long as
+        SASRec's), 10 items for prompts that show titles."""
+        value = config["max_history_items"]
+        if value is not None:
+            return int(value)
+        return int(config["MAX_ITEM_LIST_LENGTH"]) if self.item_repr == "id" else DEFAULT_TITLE_HISTORY
+
+    def _sft_positions(self, config) -> str:
+        """``sft_positions``: ``all`` (every item token of a sequence is a target) needs a history of item tokens
+        (``item_repr: id``, whose prompts write the environment after the history, so it conditions only the
+        answer); default: ``all`` where it applies, else ``last``."""
+        value = config["sft_positions"]
+        applies = self.item_repr == "id"
+        if value is None:
+            return "all" if applies else "last"
+        if value not in SFT_POSITIONS:
+            raise UnknownNameError("sft_positions", value, SFT_POSITIONS)
+        if value == "all" and not applies:
+            raise ConfigError(f"sft_positions: all needs item_repr: id (each history item is a target given the "
+                              f"items before it); got item_repr: {self.item_repr}")
+        return value
 
     def _init_environments(self, config, dataset) -> None:
         """``environments`` (the label values seen in training), ``env_log_prior`` (``log P(e)``: their shares of
@@ -136,10 +192,11 @@ class LLMRecommender(SequentialRecommender):
         """The prompt of an empty history, once per training environment (once without environments)."""
         return [self.prompt_format.prompt([], e) for e in self.environments] or [self.prompt_format.prompt([])]
 
-    def history_titles(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> list[list[str]]:
-        """Titles of each row's history, oldest first (RecBole left-aligns sequences, padding 0 after)."""
+    def history_texts(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> list[list[str]]:
+        """Each row's history as the prompt writes it (``item_texts``), oldest first (RecBole left-aligns
+        sequences, padding 0 after)."""
         seqs, lens = item_seq.tolist(), item_seq_len.tolist()
-        return [[self.titles[i] for i in seq[: int(n)] if i] for seq, n in zip(seqs, lens)]
+        return [[self.item_texts[i] for i in seq[: int(n)] if i] for seq, n in zip(seqs, lens)]
 
     def environment_weights(self, interaction) -> torch.Tensor:
         """``[B, K]`` ``log`` weights of the training environments in each row's ranking: ``log P(e)`` (the
@@ -165,7 +222,7 @@ class LLMRecommender(SequentialRecommender):
     def prompts(self, interaction) -> list[str]:
         """One prompt per row; with ``prompt_environment``, one per (row, environment) the ranking sums over
         (all K training environments per row under ``environment_inference: marginal``), row-major."""
-        histories = self.history_titles(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        histories = self.history_texts(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         pairs, _ = self._environment_rows(interaction)
         return [self.prompt_format.prompt(histories[r], self.environments[e] if e >= 0 else None) for r, e in pairs]
 
@@ -179,10 +236,17 @@ class LLMRecommender(SequentialRecommender):
 
     # ------------------------------------------------------------------------------ scoring
     def score_prompts(self, prompt_ids: list[list[int]], show_progress: bool = False) -> torch.Tensor:
-        """``[B, n_items]`` log p(title | prompt); column 0 (padding) is ``-inf``."""
-        from causalrec.llm.ranking import score_catalog
+        """``[B, n_items]`` log p(item | prompt); column 0 (padding) is ``-inf``."""
+        if self.item_token_ids:
+            from causalrec.llm.items import score_item_tokens
 
-        scores = score_catalog(self.llm, prompt_ids, self.trie, batch_size=self.rank_batch_size, show_progress=show_progress)
+            scores = score_item_tokens(self.llm, prompt_ids, self.item_token_ids, batch_size=self.rank_batch_size,
+                                       pad_token_id=self.tokenizer.pad_token_id, show_progress=show_progress)
+        else:
+            from causalrec.llm.ranking import score_catalog
+
+            scores = score_catalog(self.llm, prompt_ids, self.trie, batch_size=self.rank_batch_size,
+                                   show_progress=show_progress)
         pad = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device, dtype=scores.dtype)
         return torch.cat([pad, scores], dim=1)
 
@@ -210,7 +274,10 @@ class LLMRecommender(SequentialRecommender):
         pairs, _ = self._environment_rows(interaction)
         scores = torch.full((len(prompts),), float("-inf"), device=items.device)
         real = [p for p, (r, _) in enumerate(pairs) if int(items[r]) > 0]  # padding candidates stay -inf
-        if real:
+        if real and self.item_token_ids:  # one forward gives every item: read the candidates off it
+            rows = torch.tensor([int(items[pairs[p][0]]) for p in real])
+            scores[real] = self.score_prompts([prompts[p] for p in real])[torch.arange(len(real)), rows].to(scores.device)
+        elif real:
             found = score_pairs(self.llm, [prompts[p] for p in real], [int(items[pairs[p][0]]) - 1 for p in real], self.trie)
             scores[real] = found.to(scores.device)
         return self._combine(scores, interaction)

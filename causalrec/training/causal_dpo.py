@@ -25,7 +25,6 @@ With K = 1 and ``lambda_inv = 0`` the loss is exactly the S-DPO loss (and TRL's 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from causalrec.training.environments import (
     vrex_penalty,
 )
 from causalrec.training.preference import PreferenceBatch, SDPOConfig, SDPOTrainer, env_id_column, require_numbers
-from causalrec.training.trl_compat import backbone_module, pad
+from causalrec.training.trl_compat import backbone_module, capture_last_hidden_state, pad
 
 logger = logging.getLogger(__name__)
 
@@ -160,23 +159,6 @@ class CausalDPOConfig(SDPOConfig):
         super().__post_init__()
 
 
-@contextlib.contextmanager
-def capture_last_hidden_state(module: torch.nn.Module):
-    """Record the ``last_hidden_state`` of ``module``'s first forward inside the block (``store["hidden"]``)."""
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_module, _args, output):
-        if "hidden" not in store:
-            store["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-        return None  # returning a tensor would replace the module's output and break TRL's fused LM head
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
 class _PrototypeGradients(TrainerCallback):
     """Gradient bookkeeping for a module that is not part of ``model``: ``Trainer`` zeroes only ``model``'s
     gradients (the prototypes' would accumulate across steps) and DDP all-reduces only ``model``'s."""
@@ -244,7 +226,7 @@ class CausalDPOTrainer(SDPOTrainer):
 
     # --------------------------------------------------------------------------- representations
     def _policy_forward(self, model, inputs):
-        if self.environment_model is None:
+        if self.environment_model is None or self.args.all_negatives:  # the catalog forward returns prompt_states
             return super()._policy_forward(model, inputs)
         with capture_last_hidden_state(backbone_module(self.accelerator.unwrap_model(model))) as store:
             logps, extras = super()._policy_forward(model, inputs)
@@ -266,7 +248,7 @@ class CausalDPOTrainer(SDPOTrainer):
         model = self.accelerator.unwrap_model(self.model)
         backbone, device = backbone_module(model), self.accelerator.device
         pad_id = self.data_collator.pad_token_id
-        batch_size = max(1, self.args.per_device_train_batch_size * (1 + self.args.num_negatives))
+        batch_size = max(1, self.args.per_device_train_batch_size * self.args.rows_per_prompt)
         states = []
         was_training = model.training
         model.eval()

@@ -11,6 +11,11 @@ with π/ref the summed log-probabilities of the completion tokens only (never pr
 this is TRL's sigmoid DPO loss. The batch reduction is ``reduce_losses`` (the mean here), which
 ``CausalDPOTrainer`` overrides.
 
+``num_negatives="all"`` (item tokens, ``causalrec.llm.items``): every other catalog item is a negative. The
+answer is one item token, so ONE policy forward over the B prompt+chosen rows gives, at each prompt's last
+position, ``log π(item | prompt)`` for every item (``trainer(..., item_token_ids=...)``), and one reference
+forward the same; the loss above then runs over all N - 1 other items (no ``rejected`` column needed).
+
 Reference model: an explicit ``ref_model``; else, under LoRA (``peft_config``), the policy with adapters
 disabled; else a frozen copy of ``model`` made at construction (the SFT model).
 """
@@ -29,8 +34,11 @@ from trl import DPOConfig, DPOTrainer
 from trl.data_utils import is_conversational
 
 from causalrec.errors import ConfigError, DataError, TrainingError
+from causalrec.llm.items import MASKED_LOGIT, item_logps_at
 from causalrec.training.losses import sdpo_logits, sdpo_loss_from_logits
 from causalrec.training.trl_compat import (
+    backbone_module,
+    capture_last_hidden_state,
     common_prefix_length,
     is_peft_model,
     pad,
@@ -43,6 +51,8 @@ from causalrec.training.trl_compat import (
 logger = logging.getLogger(__name__)
 
 ENV_COLUMNS = ("season", "region")
+ALL_NEGATIVES = "all"
+CHOSEN_ITEM = "chosen_item"  # column of the chosen item's index in item_token_ids (num_negatives="all")
 
 
 def env_id_column(name: str) -> str:
@@ -72,9 +82,10 @@ class SDPOConfig(DPOConfig):
     `precompute_ref_log_probs` off.
 
     Parameters:
-        num_negatives (`int`, *optional*, defaults to `3`):
+        num_negatives (`int` or `"all"`, *optional*, defaults to `3`):
             Number J of rejected completions per prompt; every row's `rejected` list must have this length. With
-            `1` the loss is TRL's sigmoid DPO loss.
+            `1` the loss is TRL's sigmoid DPO loss. `"all"`: every other catalog item (item-token answers; the
+            trainer needs `item_token_ids`).
 
     > Defaults that differ from [`~trl.DPOConfig`]:
     > - `bf16` and `gradient_checkpointing`: on only on a GPU (bf16 only where the GPU supports it), so the same
@@ -82,9 +93,10 @@ class SDPOConfig(DPOConfig):
     > - `report_to="none"`, `save_strategy="epoch"`, `save_total_limit=1`, `dataloader_pin_memory` only with CUDA.
     """
 
-    num_negatives: int = field(
+    num_negatives: int | str = field(
         default=3,
-        metadata={"help": "Number J of rejected completions per prompt (1 gives TRL's sigmoid DPO loss)."},
+        metadata={"help": "Number J of rejected completions per prompt (1 gives TRL's sigmoid DPO loss), or 'all' "
+                          "(every other catalog item; item-token answers only)."},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -103,9 +115,9 @@ class SDPOConfig(DPOConfig):
 
     def __post_init__(self):
         resolve_device_defaults(self)
-        require_numbers(self, integers=("num_negatives",), numbers=("beta",))
-        if self.num_negatives < 1:
-            raise ConfigError(f"num_negatives must be >= 1; got {self.num_negatives}")
+        require_numbers(self, integers=() if self.all_negatives else ("num_negatives",), numbers=("beta",))
+        if not self.all_negatives and self.num_negatives < 1:
+            raise ConfigError(f"num_negatives must be >= 1 or 'all'; got {self.num_negatives}")
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0; got {self.beta}")
         loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
@@ -125,6 +137,16 @@ class SDPOConfig(DPOConfig):
             )
         super().__post_init__()
 
+    @property
+    def all_negatives(self) -> bool:
+        """Whether every other catalog item is a negative (``num_negatives="all"``)."""
+        return self.num_negatives == ALL_NEGATIVES
+
+    @property
+    def rows_per_prompt(self) -> int:
+        """Sequences one prompt puts through a forward: the chosen one and its J rejected ones (1 with "all")."""
+        return 1 if self.all_negatives else 1 + int(self.num_negatives)
+
 
 @dataclass
 class DataCollatorForMultiPreference(DataCollatorMixin):
@@ -132,13 +154,15 @@ class DataCollatorForMultiPreference(DataCollatorMixin):
 
     Rows are ordered ``[chosen(B); rejected_1(B); ...; rejected_J(B)]`` (TRL's order for J = 1). Returns
     ``input_ids``, ``attention_mask``, ``completion_mask`` (1 on completion tokens only), ``prompt_lengths [B]``
-    and, when present in the examples, the integer environment columns ``[B]`` (e.g. ``season_id``).
+    and, when present in the examples, the integer columns ``[B]`` ``int_columns`` (environments such as
+    ``season_id``, and ``chosen_item``). With no rejected completions (``num_negatives="all"``) the batch is the
+    B chosen rows.
     """
 
     pad_token_id: int
     max_length: int | None = None
     pad_to_multiple_of: int | None = None
-    env_columns: tuple[str, ...] = tuple(env_id_column(c) for c in ENV_COLUMNS)
+    env_columns: tuple[str, ...] = tuple(env_id_column(c) for c in ENV_COLUMNS) + (CHOSEN_ITEM,)
     return_tensors: str = "pt"
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -175,8 +199,9 @@ class PreferenceBatch:
 
     Attributes:
         chosen_logratios: ``[B]`` policy minus reference summed log-prob of the chosen completion.
-        rejected_logratios: ``[B, J]`` the same for each rejected completion.
-        logits: ``[B, J]`` S-DPO logits ``β (rejected - chosen)``.
+        rejected_logratios: ``[B, J]`` the same for each rejected completion (``[B, N]`` over the catalog with
+            ``num_negatives="all"``, where ``rejected_mask`` marks the negatives).
+        logits: ``[B, J]`` S-DPO logits ``β (rejected - chosen)`` (``MASKED_LOGIT`` where not a negative).
         policy_chosen_logps / policy_rejected_logps: ``[B]`` / ``[B, J]`` policy summed log-probs.
         env: integer environment labels by column (``season_id`` ... ``[B]``), -1 for an unseen value.
         extras: whatever the policy forward captured (``CausalDPOTrainer``: ``prompt_states [B, H]``).
@@ -189,6 +214,20 @@ class PreferenceBatch:
     policy_rejected_logps: torch.Tensor
     env: dict[str, torch.Tensor]
     extras: dict[str, torch.Tensor]
+    rejected_mask: torch.Tensor | None = None
+
+    def rejected_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]`` mean of ``[B, J]`` values over each row's negatives."""
+        if self.rejected_mask is None:
+            return values.mean(dim=1)
+        m = self.rejected_mask.to(values.dtype)
+        return (values.masked_fill(~self.rejected_mask, 0.0) * m).sum(1) / m.sum(1)
+
+    def rejected_max(self, values: torch.Tensor) -> torch.Tensor:
+        """``[B]`` max of ``[B, J]`` values over each row's negatives."""
+        if self.rejected_mask is None:
+            return values.max(dim=1).values
+        return values.masked_fill(~self.rejected_mask, float("-inf")).max(dim=1).values
 
 
 def environment_vocabularies(dataset) -> dict[str, list[str]]:
@@ -198,6 +237,11 @@ def environment_vocabularies(dataset) -> dict[str, list[str]]:
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(model)
+    # TRL's trainers (SFT first) patch ``model.forward`` with a closure over the ORIGINAL model's forward; the
+    # copy's patched forward would run the policy's weights whenever it is called without ``fused_lm_head``.
+    # Drop it: the copy gets its class forward, and DPOTrainer patches the copy itself.
+    if "forward" in vars(ref):
+        del ref.forward
     ref.eval()
     ref.requires_grad_(False)
     return ref
@@ -213,6 +257,8 @@ class SDPOTrainer(DPOTrainer):
         train_dataset / eval_dataset: see the module docstring (``make_preference_dataset`` builds them).
         processing_class: the tokenizer (required: nothing is downloaded).
         data_collator, callbacks, optimizers, peft_config: as for ``DPOTrainer``.
+        item_token_ids: the catalog's item-token ids (``num_negatives="all"``: the answer of every row is one of
+            them and all the others are its negatives).
 
     Example::
 
@@ -236,6 +282,7 @@ class SDPOTrainer(DPOTrainer):
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        item_token_ids=None,
     ):
         if not isinstance(args, SDPOConfig):
             raise ConfigError(f"{type(self).__name__} needs an SDPOConfig; got {type(args).__name__}")
@@ -246,6 +293,13 @@ class SDPOTrainer(DPOTrainer):
         if train_dataset is None or isinstance(train_dataset, IterableDataset) or len(train_dataset) == 0:
             raise DataError("the preference training set is missing or empty (a map-style Dataset is required)")
         self.env_vocabs = environment_vocabularies(train_dataset)
+        self.item_token_ids = None
+        if args.all_negatives:
+            if not item_token_ids or len(item_token_ids) < 2:
+                raise ConfigError("num_negatives: all needs item tokens (item_repr: id or title+id) and a catalog of "
+                                  "at least 2 items: with titles, use a number of sampled negatives")
+            self.item_token_ids = torch.as_tensor(list(item_token_ids), dtype=torch.long)
+            self._item_column = {int(t): c for c, t in enumerate(self.item_token_ids.tolist())}
         if ref_model is None and peft_config is None and not is_peft_model(model):
             ref_model = _frozen_copy(model)  # the reference is the model as it is now: the SFT model
         if data_collator is None:
@@ -274,7 +328,8 @@ class SDPOTrainer(DPOTrainer):
             raise DataError(f"{dataset_name}: S-DPO needs a map-style datasets.Dataset")
         if "prompt_ids" in dataset.column_names:  # already prepared
             return dataset
-        missing = {"prompt", "chosen", "rejected"} - set(dataset.column_names)
+        required = {"prompt", "chosen"} | (set() if args.all_negatives else {"rejected"})
+        missing = required - set(dataset.column_names)
         if missing:
             raise DataError(f"{dataset_name} preference dataset lacks column(s) {sorted(missing)}")
         if len(dataset) and is_conversational(dataset[0]):
@@ -283,6 +338,8 @@ class SDPOTrainer(DPOTrainer):
         eos, n_neg, vocabs = tokenizer.eos_token, args.num_negatives, self.env_vocabs
 
         def tokenize(example):
+            if args.all_negatives:
+                return self._tokenize_catalog_row(example, dataset_name)
             rejected = example["rejected"]
             rejected = [rejected] if isinstance(rejected, str) else list(rejected)
             if len(rejected) != n_neg:
@@ -315,24 +372,82 @@ class SDPOTrainer(DPOTrainer):
                                dataset_name, before - len(dataset), args.max_length)
         return dataset
 
+    def _tokenize_catalog_row(self, example, dataset_name: str) -> dict[str, Any]:
+        """``num_negatives="all"``: prompt and chosen ids (item token + EOS), the chosen item's column, env ids."""
+        tokenizer = self._tokenizer
+        eos = tokenizer.eos_token
+        prompt_ids = tokenize_text(tokenizer, example["prompt"])
+        chosen = example["chosen"]
+        full = tokenize_text(tokenizer, example["prompt"] + (chosen if chosen.endswith(eos) else chosen + eos))
+        n_prompt = common_prefix_length(prompt_ids, full)
+        answer = full[n_prompt:]
+        if n_prompt != len(prompt_ids) or not answer or answer[0] not in self._item_column:
+            raise DataError(f"{dataset_name}: with num_negatives: all the chosen completion must be one item token "
+                            f"right after the prompt; {chosen!r} is not")
+        out = {"prompt_ids": prompt_ids, "chosen_ids": answer, "rejected_ids": [], CHOSEN_ITEM: self._item_column[answer[0]]}
+        for col, vocab in self.env_vocabs.items():
+            value = str(example[col]) if col in example else None
+            out[env_id_column(col)] = vocab.index(value) if value in vocab else -1
+        return out
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [env_id_column(c) for c in self.env_vocabs]
+        extra = [env_id_column(c) for c in self.env_vocabs] + ([CHOSEN_ITEM] if self.args.all_negatives else [])
         self._signature_columns = list(self._signature_columns) + [c for c in extra if c not in self._signature_columns]
 
     # ----------------------------------------------------------------------------------------- loss
+    def _catalog_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num_negatives="all"``: ``log p(item | prompt)`` of every item ``[B, N]`` and the prompt states
+        ``[B, H]`` (last hidden state at each prompt's last token), from one forward of ``model``. The model's own
+        logits are computed at the last position only; the output layer is applied at the prompt ends."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        with capture_last_hidden_state(backbone_module(unwrapped)) as store:
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                  logits_to_keep=1)
+        ends = inputs["prompt_lengths"] - 1
+        logps = item_logps_at(store["hidden"], ends, unwrapped.get_output_embeddings(), self.item_token_ids)
+        return logps, store["hidden"][torch.arange(ends.size(0), device=ends.device), ends]
+
     def _policy_forward(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The one policy forward: summed completion log-probs ``[(1 + J) B]`` and captured extras."""
+        """The one policy forward: summed completion log-probs ``[(1 + J) B]`` and captured extras; with
+        ``num_negatives="all"`` the item log-probs ``[B, N]`` and ``prompt_states``."""
+        if self.args.all_negatives:
+            logps, states = self._catalog_logps(model, inputs)
+            return logps, {"prompt_states": states}
         logps, _ = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         return logps, {}
 
     def _reference_forward(self, inputs) -> torch.Tensor:
-        """The one reference forward (no grad): summed completion log-probs ``[(1 + J) B]``."""
+        """The one reference forward (no grad): summed completion log-probs ``[(1 + J) B]`` (``[B, N]`` item
+        log-probs with ``num_negatives="all"``)."""
         with reference_context(self) as ref:
+            if self.args.all_negatives:
+                return self._catalog_logps(ref, inputs)[0]
             logps, _ = sequence_logps(ref, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         return logps
 
+    def _catalog_batch(self, model, inputs) -> PreferenceBatch:
+        """``num_negatives="all"``: the chosen item against every other item of the catalog."""
+        policy, extras = self._policy_forward(model, inputs)
+        ratios = policy - self._reference_forward(inputs)  # [B, N]
+        rows, chosen_col = torch.arange(ratios.size(0), device=ratios.device), inputs[CHOSEN_ITEM]
+        others = torch.ones_like(ratios, dtype=torch.bool)
+        others[rows, chosen_col] = False
+        chosen = ratios[rows, chosen_col]
+        return PreferenceBatch(
+            chosen_logratios=chosen,
+            rejected_logratios=ratios,
+            logits=sdpo_logits(chosen, ratios, self.beta).masked_fill(~others, MASKED_LOGIT),
+            policy_chosen_logps=policy[rows, chosen_col],
+            policy_rejected_logps=policy,
+            env={env_id_column(c): inputs[env_id_column(c)] for c in self.env_vocabs if env_id_column(c) in inputs},
+            extras=extras,
+            rejected_mask=others,
+        )
+
     def _preference_batch(self, model, inputs) -> PreferenceBatch:
+        if self.args.all_negatives:
+            return self._catalog_batch(model, inputs)
         n_prompts = inputs["prompt_lengths"].size(0)
         policy, extras = self._policy_forward(model, inputs)
         reference = self._reference_forward(inputs)
@@ -371,11 +486,11 @@ class SDPOTrainer(DPOTrainer):
         rejected = self.beta * batch.rejected_logratios.detach()
         metrics = self._metrics[mode]
         metrics["rewards/chosen"].append(gather(chosen).mean().item())
-        metrics["rewards/rejected"].append(gather(rejected.mean(dim=1)).mean().item())
-        metrics["rewards/accuracies"].append(gather((chosen > rejected.max(dim=1).values).float()).mean().item())
-        metrics["rewards/margins"].append(gather(chosen - rejected.mean(dim=1)).mean().item())
+        metrics["rewards/rejected"].append(gather(batch.rejected_mean(rejected)).mean().item())
+        metrics["rewards/accuracies"].append(gather((chosen > batch.rejected_max(rejected)).float()).mean().item())
+        metrics["rewards/margins"].append(gather(chosen - batch.rejected_mean(rejected)).mean().item())
         metrics["logps/chosen"].append(gather(batch.policy_chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(gather(batch.policy_rejected_logps.detach().mean(dim=1)).mean().item())
+        metrics["logps/rejected"].append(gather(batch.rejected_mean(batch.policy_rejected_logps.detach())).mean().item())
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss only (the fused LM head builds no logits)."""
@@ -388,20 +503,23 @@ class SDPOTrainer(DPOTrainer):
 def make_preference_dataset(
     prompts: Sequence[str],
     chosen: Sequence[str],
-    rejected: Sequence[Sequence[str]],
+    rejected: Sequence[Sequence[str]] | None,
     season: Sequence[str] | None = None,
     region: Sequence[str] | None = None,
 ) -> Dataset:
-    """A preference ``Dataset``: ``prompt``, ``chosen``, ``rejected`` (list of str) and optional env columns."""
+    """A preference ``Dataset``: ``prompt``, ``chosen``, ``rejected`` (list of str) and optional env columns.
+    ``rejected=None``: no ``rejected`` column (``num_negatives="all"``, where the catalog supplies them)."""
     n = len(prompts)
     if not n:
         raise DataError("the preference dataset is empty; the training split has no rows with a history")
-    if len(chosen) != n or len(rejected) != n:
+    if len(chosen) != n or (rejected is not None and len(rejected) != n):
         raise DataError(f"{n} prompts, {len(chosen)} chosen and {len(rejected)} rejected lists; they must pair up")
-    rejected = [[r] if isinstance(r, str) else list(r) for r in rejected]
-    if len({len(r) for r in rejected}) != 1 or not rejected[0]:
-        raise DataError("every row needs the same, non-zero number of rejected completions")
-    columns: dict[str, list] = {"prompt": list(prompts), "chosen": list(chosen), "rejected": rejected}
+    columns: dict[str, list] = {"prompt": list(prompts), "chosen": list(chosen)}
+    if rejected is not None:
+        rejected = [[r] if isinstance(r, str) else list(r) for r in rejected]
+        if len({len(r) for r in rejected}) != 1 or not rejected[0]:
+            raise DataError("every row needs the same, non-zero number of rejected completions")
+        columns["rejected"] = rejected
     for name, values in (("season", season), ("region", region)):
         if values is not None:
             if len(values) != n:

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 from datasets import Dataset
 
 from causalrec.data.prompts import PromptFormat, completion_text
+from causalrec.errors import DataError
 from causalrec.training.preference import make_preference_dataset
 from causalrec.training.sft import make_sft_dataset
 
@@ -46,14 +47,44 @@ def sft_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | None = 
     )
 
 
+def sft_sequence_dataset(
+    records: Iterable[PreferenceRecord], fmt: PromptFormat, tokenizer, item_token_ids: Sequence[int]
+) -> Dataset:
+    """Tokenised SFT rows whose loss covers every item token of the sequence, not only the answer: each history
+    item is a target given the items before it (SASRec's next-item objective) and the answer (+ EOS) given all
+    of them. ``input_ids`` / ``completion_mask`` in TRL's pre-tokenised format; the prompt's template words and
+    its first item are never targets (nothing of the customer precedes the first item)."""
+    from causalrec.training.trl_compat import tokenize_text
+
+    items, eos = set(int(t) for t in item_token_ids), tokenizer.eos_token
+    rows: dict[str, list] = {"input_ids": [], "completion_mask": []}
+    for r in records:
+        ids = tokenize_text(tokenizer, r.prompt(fmt) + completion_text(r.target) + eos)
+        positions = [k for k, t in enumerate(ids) if t in items]
+        if not positions or positions[-1] != len(ids) - 2 or ids[-1] != tokenizer.eos_token_id:
+            raise DataError(f"a sequence SFT row does not end with one item token and EOS: {r.prompt(fmt)!r} "
+                            f"+ {r.target!r}")
+        mask = [0] * len(ids)
+        for k in positions[1:]:
+            mask[k] = 1
+        mask[-1] = 1
+        rows["input_ids"].append(ids)
+        rows["completion_mask"].append(mask)
+    if not rows["input_ids"]:
+        raise DataError("the SFT dataset is empty; the training split has no rows with a history")
+    return Dataset.from_dict(rows)
+
+
 def preference_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | None = None) -> Dataset:
     """``prompt``/``chosen``/``rejected`` (+ ``season``/``region``) rows for S-DPO and CausalDPO."""
     fmt = fmt or PromptFormat()
     records = list(records)
+    # no negatives on any row: num_negatives="all", the trainer takes the whole catalog
+    rejected = [[completion_text(t) for t in r.negatives] for r in records] if any(r.negatives for r in records) else None
     return make_preference_dataset(
         [r.prompt(fmt) for r in records],
         [completion_text(r.target) for r in records],
-        [[completion_text(t) for t in r.negatives] for r in records],
+        rejected,
         season=[r.season for r in records],
         region=[r.region for r in records],
     )

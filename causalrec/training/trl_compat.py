@@ -23,6 +23,7 @@ __all__ = [
     "COMPUTE_LOSS_PARAMS",
     "PREPARE_DATASET_PARAMS",
     "backbone_module",
+    "capture_last_hidden_state",
     "common_prefix_length",
     "device_defaults",
     "disable_gradient_checkpointing",
@@ -133,3 +134,20 @@ def reference_context(trainer) -> Iterator[torch.nn.Module]:
                 yield trainer.model
         else:  # pragma: no cover - SDPOTrainer always provides a reference
             raise RuntimeError("no reference model: pass ref_model or a peft_config")
+
+
+@contextlib.contextmanager
+def capture_last_hidden_state(module: torch.nn.Module):
+    """Record the ``last_hidden_state`` of ``module``'s first forward inside the block (``store["hidden"]``)."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        if "hidden" not in store:
+            store["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        return None  # returning a tensor would replace the module's output and break TRL's fused LM head
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()

@@ -1,0 +1,153 @@
+"""How an item is written for the LLM (``item_repr``), and exact full-catalog scores for item tokens.
+
+* ``title``: the item's title; ranked exactly by the title trie (``causalrec.llm.ranking``).
+* ``id``: one added token per item (``<item_j>``, j the RecBole internal item id). The history in the prompt is
+  item tokens and the answer is one token, so ONE forward of a prompt gives the log-probability of every item:
+  full-catalog ranking costs what SASRec's does, and S-DPO can take the whole catalog as negatives.
+* ``title+id``: the history shows each item as its title followed by its token; the answer is the token.
+
+The score of an item token is ``log p(<item_j> | prompt)`` under the model's softmax over its whole vocabulary,
+the same distribution SFT trains (TRL's cross-entropy over the vocabulary) and DPO reads. TRL appends EOS to
+every completion; the EOS after an item token is the same prediction for every item, so it is trained but not
+part of the ranking score.
+
+Item tokens are ``AddedToken(lstrip=True, normalized=False)``: matched before the tokenizer's normaliser (the
+tiny tokenizer lower-cases) and absorbing the space before them, so ``prompt + " <item_j>"`` tokenises as the
+prompt's tokens followed by exactly one token, with word-level and BPE tokenizers alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from causalrec.errors import BackboneError
+
+_log = logging.getLogger(__name__)
+
+ITEM_REPRS = ("title", "id", "title+id")
+# Logit of an excluded item (the chosen one among "all" negatives): exp of it underflows to exactly 0 next to any
+# real logit in float32 and float64, and 0 * it stays 0 (IRM's closed form), where -inf would give NaN.
+MASKED_LOGIT = -1e4
+
+
+def uses_item_tokens(item_repr: str) -> bool:
+    return item_repr != "title"
+
+
+def item_token(item_id: int) -> str:
+    """The added token of RecBole internal item ``item_id``."""
+    return f"<item_{int(item_id)}>"
+
+
+def add_item_tokens(tokenizer, item_ids: Sequence[int]) -> list[int]:
+    """Add one token per item to ``tokenizer`` (in place); returns their ids in the order of ``item_ids``."""
+    from tokenizers import AddedToken
+
+    names = [item_token(j) for j in item_ids]
+    clash = [n for n in names if n in tokenizer.get_vocab()]
+    if clash:
+        raise BackboneError(f"the tokenizer already has item token(s) {clash[:3]}; pass a tokenizer without them")
+    tokenizer.add_tokens([AddedToken(n, lstrip=True, rstrip=False, normalized=False, single_word=False) for n in names])
+    ids = tokenizer.convert_tokens_to_ids(names)
+    if len(set(ids)) != len(ids) or any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise BackboneError("adding item tokens to the tokenizer failed: some did not get their own id")
+    return list(ids)
+
+
+def item_token_ids(tokenizer, item_ids: Sequence[int]) -> list[int]:
+    """Ids of the item tokens of ``item_ids`` in ``tokenizer`` (a BackboneError if one is missing)."""
+    names = [item_token(j) for j in item_ids]
+    ids = tokenizer.convert_tokens_to_ids(names)
+    missing = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
+    if missing:
+        raise BackboneError(f"the tokenizer lacks item token(s) {missing[:3]}: it was not built for this catalog")
+    return list(ids)
+
+
+def resize_for_items(model, tokenizer, token_ids: Sequence[int], init_texts: Sequence[str] | None = None) -> None:
+    """Grow ``model``'s embeddings to ``len(tokenizer)``. New rows start at the mean of the old ones
+    (transformers' ``mean_resizing``), or, with ``init_texts``, each item's rows at the mean of its text's token
+    rows (input and, for untied models, output embeddings)."""
+    n_old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > n_old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    if init_texts is None:
+        return
+    if len(init_texts) != len(token_ids):
+        raise ValueError(f"{len(init_texts)} texts for {len(token_ids)} item tokens")
+    tables = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
+        tables.append(out.weight)
+    pieces = tokenizer(list(init_texts), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        for token, ids in zip(token_ids, pieces):
+            ids = [i for i in ids if i < n_old]  # the text's own pieces, never other item tokens
+            if ids:
+                for table in tables:
+                    table[token] = table[ids].float().mean(0).to(table.dtype)
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device):
+    """Left-padded ids, mask and position ids that restart at 0 on each row's first real token (so a padded row
+    sees exactly the positions of its unpadded prompt)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+def score_item_tokens(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    item_token_ids: Sequence[int],
+    *,
+    batch_size: int = 64,
+    pad_token_id: int = 0,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """``[len(prompt_ids), len(item_token_ids)]`` float32 ``log p(<item> | prompt)`` for every prompt and item.
+
+    One forward per batch of prompts (left-padded, positions restarting per row), the output layer applied at the
+    last position only (``logits_to_keep=1``), log-softmax over the whole vocabulary.
+    """
+    from causalrec.llm.ranking import _eval_mode  # the one place that sets eval mode and no-grad for scoring
+
+    if any(len(p) == 0 for p in prompt_ids):
+        raise BackboneError("cannot score an empty prompt: it has no position to predict the item from")
+    device = next(model.parameters()).device
+    columns = torch.as_tensor(list(item_token_ids), dtype=torch.long, device=device)
+    out = []
+    with _eval_mode(model):
+        for b0 in tqdm(range(0, len(prompt_ids), batch_size), desc="ranking catalog", unit="batch",
+                       disable=not show_progress):
+            ids, mask, positions = _left_padded(prompt_ids[b0:b0 + batch_size], pad_token_id, device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=1).logits[:, -1]
+            out.append(torch.log_softmax(logits.float(), dim=-1).index_select(1, columns))
+    if not out:
+        return torch.empty(0, len(columns), device=device)
+    return torch.cat(out)
+
+
+def item_logps_at(hidden: torch.Tensor, positions: torch.Tensor, output_layer, item_token_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, n_items]`` log-probabilities of the item tokens predicted at ``positions [B]`` of ``hidden [B, T, H]``
+    (a decoder's last hidden state) through ``output_layer``, normalised over the whole vocabulary."""
+    rows = torch.arange(hidden.size(0), device=hidden.device)
+    logits = output_layer(hidden[rows, positions])
+    return torch.log_softmax(logits.float(), dim=-1).index_select(1, item_token_ids.to(logits.device))
+
+
+def warn_if_titles_tie(texts: Sequence[str], where: str) -> dict[str, float]:
+    """``causalrec.data.frame.warn_if_texts_tie`` for an LLM model that ranks by title."""
+    from causalrec.data.frame import warn_if_texts_tie
+
+    return warn_if_texts_tie(texts, where)

@@ -1,0 +1,110 @@
+"""GenRec / SDPORec / CausalDPO with item tokens (item_repr id, title+id) end to end through RecBole."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+
+import causalrec
+from causalrec.errors import CausalRecError
+
+from test_models_llm import TINY, _rebuild
+
+
+@pytest.fixture(scope="module")
+def id_run(tmp_path_factory):
+    import os
+
+    where = tmp_path_factory.mktemp("genrec_id")
+    old = os.getcwd()
+    os.chdir(where)
+    try:
+        result = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id"))
+        (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
+    finally:
+        os.chdir(old)
+    return result, checkpoint
+
+
+def test_id_model_ranks_by_one_forward_equal_to_brute_force(id_run, in_tmp):
+    from causalrec.llm.items import item_token
+    from causalrec.llm.ranking import naive_scores
+
+    result, checkpoint = id_run
+    assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())
+    config, model, fresh, _, valid, _ = _rebuild(checkpoint)
+    assert model.trie is None and len(model.item_token_ids) == len(model.titles) - 1
+    batch = next(iter(valid))[0][:5]
+    prompts = model.prompts(batch)
+    # the history is item tokens, oldest first, as long as MAX_ITEM_LIST_LENGTH allows
+    seq, n = batch[model.ITEM_SEQ][0].tolist(), int(batch[model.ITEM_SEQ_LEN][0])
+    assert " ".join(item_token(j) for j in seq[:n]) in prompts[0]
+    assert model.prompt_format.max_history_items == config["MAX_ITEM_LIST_LENGTH"]
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (5, len(model.titles)) and torch.isneginf(scores[:, 0]).all()
+    brute = naive_scores(model.llm, model.prompt_ids(batch), [[t] for t in model.item_token_ids])
+    torch.testing.assert_close(scores[:, 1:], brute, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.predict(batch), scores[torch.arange(5), batch[model.ITEM_ID]], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model,extra", [
+    ("SDPORec", {"num_negatives": "all", "lora_r": 4}),
+    ("CausalDPO", {"num_negatives": "all"}),
+    ("CausalDPO", {"item_repr": "title+id", "num_negatives": 2, "env_source": "latent", "n_environments": 2}),
+])
+def test_preference_models_with_item_tokens(in_tmp, model, extra):
+    config = {**TINY, "item_repr": "id", **extra}
+    result = causalrec.run(model, "retail-sim", config_dict=config)
+    assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())
+    (checkpoint,) = glob.glob(str(in_tmp / "saved" / f"{model}-*.pth"))
+    _, reloaded, fresh, *_ = _rebuild(checkpoint)
+    changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(fresh[k], v)]
+    assert changed
+    if extra.get("lora_r"):  # LoRA weights and the embeddings peft trains beside them, nothing else
+        assert all("lora_" in k or "modules_to_save" in k for k in changed)
+        assert any("modules_to_save" in k for k in changed)
+
+
+def test_all_negatives_with_titles_is_refused_before_training(in_tmp):
+    with pytest.raises(CausalRecError, match="item tokens"):
+        causalrec.run("SDPORec", "retail-sim", config_dict=dict(TINY, num_negatives="all"))
+
+
+def test_unknown_item_repr_names_the_choices(in_tmp):
+    with pytest.raises(CausalRecError, match="title\\+id"):
+        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="ids"))
+
+
+def test_backdoor_sum_with_item_tokens_and_the_environment_after_the_history(in_tmp):
+    """CausalDPO's default prompts with item tokens: the season after the history, ranking = sum_e P(e) p(y|x,e)."""
+    from causalrec.llm.ranking import naive_scores
+
+    causalrec.run("GenRec", "retail-sim", config_dict={**TINY, "item_repr": "id", "prompt_environment": "season"})
+    (checkpoint,) = glob.glob(str(in_tmp / "saved" / "GenRec-*.pth"))
+    _, model, _, _, valid, _ = _rebuild(checkpoint)
+    assert model.prompt_format.environment_last and model.sft_positions == "all"
+    batch = next(iter(valid))[0][:3]
+    histories = model.history_texts(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
+    prior = model.env_log_prior.exp().double()
+    brute = torch.zeros(3, len(model.titles) - 1, dtype=torch.float64)
+    for e, p_e in zip(model.environments, prior.tolist()):
+        prompts = [model.prompt_format.prompt(h, e) for h in histories]
+        assert all(p.endswith(f"season {e}.") for p in prompts)
+        brute += p_e * naive_scores(model.llm, model.encode_prompts(prompts), [[t] for t in model.item_token_ids]).double().exp()
+    torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute.log(), atol=1e-5, rtol=0)
+
+
+def test_sequence_sft_validates_every_epoch_and_keeps_the_best(in_tmp):
+    config = {**TINY, "item_repr": "id", "sft_args": {"num_train_epochs": 4, "learning_rate": 3e-3,
+                                                      "per_device_train_batch_size": 32, "save_strategy": "no"},
+              "sft_patience": 1}
+    result = causalrec.run("GenRec", "retail-sim", config_dict=config)
+    (sft,) = result["stages"]
+    scores = sft["epoch_valid_scores"]
+    assert 1 <= len(scores) <= 4 and sft["best_epoch"] == 1 + max(range(len(scores)), key=scores.__getitem__)
+    # the model kept is the best epoch's: its validation equals that epoch's score
+    assert result["best_valid_score"] == pytest.approx(max(scores), abs=1e-6)
+    if len(scores) < 4:  # stopped early: patience 1 after the best
+        assert len(scores) - sft["best_epoch"] == 1
