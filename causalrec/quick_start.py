@@ -145,7 +145,9 @@ def _choices() -> dict[str, tuple[str, ...]]:
     from causalrec.models.llm_recommender import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, SFT_POSITIONS
     from causalrec.trainer import VALIDATE_STAGES
 
-    return {"item_repr": ITEM_REPRS, "prompt_environment": ENVIRONMENTS, "environment_prior": ENVIRONMENT_PRIORS,
+    from causalrec.context_rerank import CONTEXTS
+
+    return {"context_rerank": CONTEXTS, "item_repr": ITEM_REPRS, "prompt_environment": ENVIRONMENTS, "environment_prior": ENVIRONMENT_PRIORS,
             "environment_inference": ENVIRONMENT_INFERENCE, "validate_stages": VALIDATE_STAGES,
             "negative_strategy": NEGATIVE_STRATEGIES, "sft_positions": SFT_POSITIONS}
 
@@ -258,7 +260,13 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None):
         from causalrec.classical_trainer import resumable
 
         trainer_cls = resumable(trainer_cls)
-    return config, trainer_cls(config, recommender), loaders
+    trainer = trainer_cls(config, recommender)
+    if config["context_rerank"]:  # the case's environment at test time, for any model (causalrec.context_rerank)
+        from causalrec import context_rerank
+
+        context_rerank.install(trainer, loaders[0]._dataset, config["context_rerank"],
+                               float(config["context_rerank_alpha"] or 1.0))
+    return config, trainer, loaders
 
 
 def run(
