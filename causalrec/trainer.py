@@ -211,21 +211,28 @@ class LLMTrainer(Trainer):
         keep = np.sort(np.random.default_rng(int(self.config["seed"])).choice(len(records), int(cap), replace=False))
         return [records[i] for i in keep], targets[keep]
 
+    def _user_value(self, key: str) -> Any:
+        """What the user set for ``key`` (config files, ``--param``, ``config_dict``), not the YAML's default."""
+        external = getattr(self.config, "external_config_dict", None)
+        return external.get(key) if external is not None else self.config[key]
+
     def _stage_args(self, key: str) -> dict[str, Any]:
-        """``sft_args`` / ``dpo_args``: the model YAML's defaults updated by the user's dict.
+        """``sft_args`` / ``dpo_args``: the model YAML's defaults, the backbone preset's fields over them
+        (``causalrec.llm.presets``: a pretrained backbone's learning rates and batches), the user's dict over both.
 
         RecBole replaces a dict-valued key wholesale, so a user who sets only ``num_train_epochs``
         would otherwise silently lose the YAML's learning rate and fall back to TRL's default.
         """
         from causalrec.errors import ConfigError
+        from causalrec.llm.presets import stage_overlay
         from causalrec.registry import model_defaults
 
         defaults = model_defaults(type(self.model)).get(key)
-        user = self.config[key]
+        user = self._user_value(key)
         if user is not None and not isinstance(user, dict):
             raise ConfigError(f"{key} must be a mapping of TRL config fields to values, e.g. "
                               f"{{num_train_epochs: 1}}; got {user!r}")
-        return {**(defaults or {}), **(user or {})}
+        return {**(defaults or {}), **stage_overlay(self.config["backbone"], key), **(user or {})}
 
     def _checkpointing(self, stage_args: dict[str, Any]) -> dict[str, Any]:
         """With ``resume``, step checkpoints for a stage whose arguments save none (the model YAMLs say "no",
@@ -265,7 +272,7 @@ class LLMTrainer(Trainer):
         from causalrec.training import build_sft_config
 
         stage_args = self._stage_args("sft_args")
-        user = getattr(self.config, "external_config_dict", {}).get("sft_args") or {}  # the user's, not the YAML's
+        user = self._user_value("sft_args") or {}
         if self.model.sft_positions == "all" and "num_train_epochs" not in user:
             stage_args["num_train_epochs"] = int(self.config["sequence_sft_epochs"])
         args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **stage_args,

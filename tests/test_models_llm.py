@@ -160,8 +160,9 @@ def test_user_stage_args_update_the_yaml_defaults_instead_of_replacing_them():
     from causalrec.trainer import LLMTrainer
 
     defaults = yaml.safe_load((properties_dir() / "model" / "LLMRecommender.yaml").read_text())["sft_args"]
-    fake = types.SimpleNamespace(config={"model": "GenRec", "sft_args": {"num_train_epochs": 7}},
+    fake = types.SimpleNamespace(config={"model": "GenRec", "backbone": "tiny", "sft_args": {"num_train_epochs": 7}},
                                  model=object.__new__(GenRec))
+    fake._user_value = lambda key: fake.config[key]
     merged = LLMTrainer._stage_args(fake, "sft_args")
     assert merged["num_train_epochs"] == 7
     assert merged["learning_rate"] == defaults["learning_rate"]

@@ -97,7 +97,9 @@ class LLMRecommender(SequentialRecommender):
         self._init_environments(config, dataset)
         self.sft_positions = self._sft_positions(config)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
-        values: dict[str, Any] = dict(config.final_config_dict)
+        from causalrec.llm.presets import backbone_settings
+
+        values: dict[str, Any] = backbone_settings(dict(config.final_config_dict))  # unset keys: the preset's
         values["device"] = str(config["device"])
         self.backbone_config = BackboneConfig.from_dict(values)
         # the tiny tokenizer learns the words it will see: titles only where prompts show them
