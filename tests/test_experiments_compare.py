@@ -442,3 +442,229 @@ def test_outputs_are_written_with_the_umask_not_mkstemps_0600(tmp_path):
     assert (tmp_path / "a.csv").read_text() == "x\n" and (tmp_path / "b.gz").read_bytes() == b"\x1f\x8b"
     assert {oct((tmp_path / n).stat().st_mode & 0o777) for n in ("a.csv", "b.gz")} == {oct(0o644)}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+# ----------------------------------------------------------------------------------- publishing, pooling
+USERS = [f"cust-{17850 + i}" for i in range(40)]  # customer-id-like strings that no metric or label can contain
+
+
+def _hand_cell(model: str, split: str, seed: int, shift: float, status: str = "ok") -> dict:
+    """A cell record as ``run_cell`` writes it, per-case values keyed by customer ids included."""
+    from causalrec.experiments.configs import digest
+
+    key = digest({"model": model, "split": split, "seed": seed, "hand": 1})
+    rng = np.random.default_rng(int(key[:8], 16))
+    record = {"format": 1, "key": key, "model": model, "dataset": "retail-sim", "split": split, "seed": seed,
+              "params": {"metrics": ["NDCG", "Recall"], "topk": [10], "stage_cache_dir": "/home/alice/runs/x/stages",
+                         "split": split, "seed": seed}, "status": status, "seconds": 1.5,
+              "finished": "2026-12-05T00:00:00+0000"}
+    if status != "ok":
+        record.update(error="ValueError: boom", traceback="Traceback ... /home/alice/causalrec/x.py")
+        return record
+    regions = ["north"] * 22 + ["south"] * 18
+    ndcg = np.clip(rng.normal(0.2 + shift, 0.1, len(USERS)), 0, 1).round(6)
+    recall = (ndcg > 0.15).astype(float)
+    metrics = {"ndcg@10": ndcg, "recall@10": recall}
+    per_region = {r: {m: round(float(v[[g == r for g in regions]].mean()), 4) for m, v in metrics.items()}
+                  for r in ("north", "south")}
+    env = {r: {**per_region[r], "cases": regions.count(r)} for r in per_region}
+    env["<worst>"] = {m: min(per_region[r][m] for r in per_region) for m in metrics}
+    record["result"] = {
+        "model": model, "dataset": "retail-sim", "best_valid_score": 0.3, "valid_score_bigger": True,
+        "best_valid_result": {"ndcg@10": 0.3, "recall@10": 0.5},
+        "test_result": {m: round(float(v.mean()), 4) for m, v in metrics.items()},
+        "test_env_result": {"region": env}, "protocol": "full ranking (hand-built)",
+        "stages": [{"stage": "sft", "train_seconds": 12.5, "directory": "/home/alice/runs/x/stages/sft-1"}],
+    }
+    record["cases"] = {"user": USERS, "metrics": {m: v.tolist() for m, v in metrics.items()},
+                       "environments": {"region": regions}}
+    return record
+
+
+def _write_cells(folder: Path, records) -> None:
+    from causalrec.experiments.compare import cell_file_name
+
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        (folder / "cells" / cell_file_name(rec)).write_text(json.dumps(rec, indent=1))
+
+
+def _hand_grid(models=("Pop", "BPR"), seeds=(2020, 2021, 2022)):
+    return [_hand_cell(m, s, seed, 0.05 * (m == "BPR") - 0.03 * (s == "seasonal") + 0.01 * (seed - 2020))
+            for s in ("iid", "seasonal") for seed in seeds for m in models]
+
+
+def _table(report: str, metric: str) -> str:
+    """The report's ``## <metric>`` section (the models x splits table and its worst-environment table)."""
+    return report.split(f"## {metric}\n")[1].split("\n## ")[0]
+
+
+@pytest.fixture
+def no_training_or_data(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a report over stored cells planned, prepared data or trained")
+
+    for name in ("causalrec.quick_start.run", "causalrec.quick_start.make_config",
+                 "causalrec.experiments.compare.plan", "causalrec.experiments.compare.run_cell"):
+        monkeypatch.setattr(name, forbidden)
+
+
+def test_published_cells_hold_no_user_ids_and_rebuild_the_same_table(in_tmp, no_training_or_data):
+    import shutil
+
+    from causalrec.cli import main
+
+    raw, pub = in_tmp / "run", in_tmp / "docs" / "results" / "x"
+    records = _hand_grid() + [_hand_cell("ItemKNN", "iid", 2020, 0.0, status="failed")]
+    _write_cells(raw, records)
+    # the run's own report (from the raw cells, bootstrap included), published on the way
+    code = main(["compare", "--report-only", "--from", str(raw), "--out", str(raw), "--publish", str(pub),
+                 "--models", "Pop,ItemKNN,BPR", "--baseline", "Pop", "--no-progress"])
+    assert code == 1  # the failed cell
+    assert (raw / "cases.csv.gz").is_file()  # the run folder keeps its per-case file ...
+    assert not (pub / "cases.csv.gz").exists()  # ... the published one never gets it
+    names = sorted(p.relative_to(pub).as_posix() for p in pub.rglob("*") if p.is_file())
+    assert len([n for n in names if n.startswith("cells/")]) == 13
+    assert {"compare.json", "report.md", "results.csv", "significance.csv", "failures.csv",
+            "plots/ndcg_at_10_by_split.png"} <= set(names)
+    for path in pub.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            leaked = [u for u in USERS if u.encode() in data]
+            assert not leaked, f"{path} holds user ids {leaked[:3]}"
+            assert b"/home/alice" not in data, path
+    cell = json.loads(next((pub / "cells").glob("BPR-seasonal-seed2021-*.json")).read_text())
+    original = next(r for r in records if (r["model"], r["split"], r["seed"]) == ("BPR", "seasonal", 2021))
+    assert "cases" not in cell and cell["n_cases"] == len(USERS) and cell["published"] == 1
+    assert cell["key"] == original["key"] and cell["status"] == "ok" and cell["seconds"] == 1.5
+    assert cell["result"]["test_result"] == original["result"]["test_result"]
+    assert cell["result"]["test_env_result"] == original["result"]["test_env_result"]
+    assert cell["result"]["stages"] == [{"stage": "sft", "train_seconds": 12.5}]
+    assert "stage_cache_dir" not in cell["params"] and cell["params"]["topk"] == [10]
+    failed = json.loads(next((pub / "cells").glob("ItemKNN-*.json")).read_text())
+    assert failed["error"] == "ValueError: boom" and "traceback" not in failed
+    manifest = json.loads((pub / "compare.json").read_text())
+    assert manifest["models"] == ["Pop", "ItemKNN", "BPR"] and manifest["seeds"] == [2020, 2021, 2022]
+    assert manifest["baseline"] == "Pop" and manifest["dataset"] == "retail-sim"
+
+    # the published report: the same metric tables; seed-level tests only, and it says why
+    first, published = (raw / "report.md").read_text(), (pub / "report.md").read_text()
+    for metric in ("ndcg@10", "recall@10"):
+        assert _table(published, metric) == _table(first, metric)
+    assert "bootstrap: per-case values not published (12 of 12 finished cells" in published
+    assert "per-case values not published" not in first
+    assert "| ItemKNN | not run | not run | n/a |" in published
+    assert "| ItemKNN | iid | 2020 | ValueError: boom |" in published
+    pd.testing.assert_frame_equal(pd.read_csv(pub / "results.csv"), pd.read_csv(raw / "results.csv"))
+    full, seed_level = pd.read_csv(raw / "significance.csv"), pd.read_csv(pub / "significance.csv")
+    same = ["split", "metric", "model", "n_seeds", "mean", "baseline_mean", "diff", "diff_ci_low", "diff_ci_high",
+            "rel_change", "ttest_p", "holm_p", "cohens_dz"]
+    pd.testing.assert_frame_equal(seed_level[same], full[same])
+    assert full.rel_ci_low.notna().all() and seed_level.rel_ci_low.isna().all() and (seed_level.n_pairs == 0).all()
+
+    # --report-only on the published folder alone (a new machine: no run folder, no data): the same report
+    (pub / "report.md").unlink()
+    shutil.rmtree(raw)
+    assert main(["compare", "--report-only", "--out", str(pub), "--no-progress"]) == 1
+    assert (pub / "report.md").read_text() == published
+    assert not (pub / "cases.csv.gz").exists()
+    # the grid of compare.json: a cell never run reads "not run"
+    (next((pub / "cells").glob("BPR-iid-seed2022-*.json"))).unlink()
+    assert main(["compare", "--report-only", "--out", str(pub), "--no-progress", "--no-plots"]) == 1
+    assert re.search(r"^\| BPR \| \S+ ± \S+ \(2/3 seeds\)", (pub / "report.md").read_text(), re.M)
+    assert "11 of 18 cells finished, 6 not run" in (pub / "report.md").read_text()
+
+
+def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog):
+    import logging
+
+    from causalrec.cli import main
+
+    records = _hand_grid(models=("Pop", "BPR", "SASRec"))
+    full = in_tmp / "full"
+    _write_cells(full, records)
+    assert main(["compare", "--report-only", "--from", str(full), "--out", str(full), "--baseline", "Pop",
+                 "--no-progress", "--no-plots"]) == 0
+    # two processes, two published folders: Pop and BPR in one, SASRec (and a copy of a Pop cell) in the other
+    classical = [r for r in records if r["model"] != "SASRec"]
+    llm = [r for r in records if r["model"] == "SASRec"] + [records[0]]
+    _write_cells(in_tmp / "run-a", classical)
+    _write_cells(in_tmp / "run-b", llm)
+    for run, pub, models in (("run-a", "pub-a", "Pop,BPR"), ("run-b", "pub-b", "SASRec,Pop")):
+        assert main(["compare", "--report-only", "--from", str(in_tmp / run), "--out", str(in_tmp / run),
+                     "--publish", str(in_tmp / pub), "--models", models, "--baseline", "Pop", "--no-progress",
+                     "--no-plots"]) == 0
+    with caplog.at_level(logging.INFO, logger="causalrec.experiments.compare"):
+        code = main(["compare", "--report-only", "--from", str(in_tmp / "pub-a"), "--from", str(in_tmp / "pub-b"),
+                     "--out", str(in_tmp / "readme"), "--no-progress", "--no-plots"])
+    assert code == 0
+    assert any("is a copy of" in r.getMessage() and "pub-a" in r.getMessage() for r in caplog.records)
+    pooled = (in_tmp / "readme" / "report.md").read_text()
+    first = (full / "report.md").read_text()
+    for metric in ("ndcg@10", "recall@10"):
+        section = _table(pooled, metric)
+        assert section == _table(first, metric)  # the same numbers, models in the folders' order
+        assert [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and
+                "model" not in line][:3] == ["Pop", "BPR", "SASRec"]
+    assert "18 of 18 cells finished" in pooled and "## Significance against Pop" in pooled
+    assert not (in_tmp / "readme" / "cases.csv.gz").exists()  # published cells have no per-case values
+    sig = pd.read_csv(in_tmp / "readme" / "significance.csv")
+    assert sorted(set(sig.model)) == ["BPR", "SASRec"] and (sig.n_seeds == 3).all()
+    pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "readme" / "results.csv"), pd.read_csv(full / "results.csv"))
+    # --models selects from the pool
+    assert main(["compare", "--report-only", "--from", str(in_tmp / "pub-a"), "--from", str(in_tmp / "pub-b"),
+                 "--out", str(in_tmp / "two"), "--models", "Pop,SASRec", "--no-progress", "--no-plots"]) == 0
+    assert set(pd.read_csv(in_tmp / "two" / "results.csv").model) == {"Pop", "SASRec"}
+
+
+def test_publish_refuses_a_run_cache_and_a_run_into_a_published_folder(in_tmp, no_training_or_data):
+    from causalrec.experiments.compare import report_cells
+
+    records = _hand_grid(seeds=(2020,))
+    _write_cells(in_tmp / "run", records)
+    with pytest.raises(ConfigError, match="per-user values"):
+        report_cells([in_tmp / "run"], in_tmp / "out", publish=in_tmp / "run")  # would drop the run's cases
+    report_cells([in_tmp / "run"], in_tmp / "run", publish=in_tmp / "pub", plots=False)
+    with pytest.raises(ConfigError, match="published folder"):
+        causalrec.compare(["Pop"], "retail-sim", splits="iid", seeds=1, out=in_tmp / "pub", show_progress=False)
+    with pytest.raises(ConfigError, match="--report-only"):
+        causalrec.compare(["Pop"], "retail-sim", out=in_tmp / "x", sources=[in_tmp / "pub"])
+    # a published cell of the same model, split and seed with other settings is replaced, not kept beside it
+    newer = _hand_cell("Pop", "iid", 2020, 0.1)
+    newer["key"] = "f" * 64
+    _write_cells(in_tmp / "run2", [newer])
+    report_cells([in_tmp / "run2"], in_tmp / "run2", publish=in_tmp / "pub", plots=False)
+    pops = sorted(p.name for p in (in_tmp / "pub" / "cells").glob("Pop-iid-seed2020-*.json"))
+    assert pops == [f"Pop-iid-seed2020-{'f' * 16}.json"]
+    # ... and a finished published cell is not replaced by a failed copy of itself
+    failed = {**newer, "status": "failed", "error": "RuntimeError: out of memory"}
+    del failed["result"], failed["cases"]
+    _write_cells(in_tmp / "run3", [failed])
+    report_cells([in_tmp / "run3"], in_tmp / "run3", publish=in_tmp / "pub", plots=False)
+    kept = json.loads((in_tmp / "pub" / "cells" / pops[0]).read_text())
+    assert kept["status"] == "ok" and kept["result"]["test_result"] == newer["result"]["test_result"]
+
+
+def test_publishing_after_a_run_keeps_the_cached_report(grid, in_tmp, monkeypatch):
+    """``--publish`` on a real (cached) grid: no user id of the cells in the published folder, same tables."""
+    import shutil
+
+    from causalrec.cli import main
+
+    out, _ = grid
+    shutil.copytree(out / "cells", in_tmp / "o" / "cells")
+    monkeypatch.setattr("causalrec.quick_start.run", lambda *a, **k: pytest.fail("trained a cached cell"))
+    code = main(["compare", "--models", "Pop,BPR", "--splits", "iid,seasonal", "--seeds", "2", "--baseline", "Pop",
+                 "--out", str(in_tmp / "o"), "--report-only", "--publish", str(in_tmp / "pub"), "--no-progress",
+                 "--no-plots", *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []), "-p", "BPR.learning_rate=0.01"])
+    assert code == 0
+    users = {str(u) for rec in _records(out) for u in rec["cases"]["user"]}
+    assert len(users) > 100
+    for path in (in_tmp / "pub").rglob("*"):
+        if path.is_file():
+            text = path.read_text()
+            tokens = set(re.findall(r'"([^"]*)"', text)) | set(re.findall(r"[\w.@<>=-]+", text))
+            assert not tokens & users, path
+    first, published = (in_tmp / "o" / "report.md").read_text(), (in_tmp / "pub" / "report.md").read_text()
+    assert _table(published, "ndcg@10") == _table(first, "ndcg@10")
+    assert len(list((in_tmp / "pub" / "cells").glob("*.json"))) == 8

@@ -12,6 +12,12 @@ Outputs under ``<out>``: ``results.csv`` (model, split, seed, environment, metri
 ``significance.csv``, ``cases.csv.gz`` (the per-case test values the bootstrap and the pooled test resample),
 ``failures.csv`` and ``plots/*.png``.
 
+``publish`` (``--publish PUB``) copies every recorded cell into ``PUB/cells/`` without its per-user values
+(``published_cell``: metrics overall and per environment, stage timings, params without paths; no ``cases``) and
+writes ``PUB/compare.json`` (the grid) and a report from those cells alone (no ``cases.csv.gz``), so a folder
+meant to be committed holds no user ids. ``report_cells`` (``--report-only --from DIR ...``, or ``--report-only``
+on a published ``--out``) assembles a report from stored cells alone: no planning, data preparation or training.
+
 Config layering, later wins: causalrec's evaluation defaults < ``config_files`` < ``params``; in files and
 params a top-level key naming a model holds settings for that model only (``SASRec: {hidden_size: 64}``,
 ``--param SASRec.hidden_size=64``) and wins over the shared keys of the same source.
@@ -56,6 +62,15 @@ VOLATILE_KEYS = frozenset({
 })
 CELL_FORMAT = 1
 MAX_SEED_COUNT = 100
+DEFAULT_REPORT_METRICS = ("ndcg@10", "recall@10")
+DEFAULT_MIN_ENV_CASES = 20
+DEFAULT_SEEDS = 3
+# A published cell: what a report needs, without per-user values (``published_cell``).
+PUBLISHED_FORMAT = 1
+MANIFEST = "compare.json"  # a published folder's grid and report settings
+PUBLISHED_RESULT_KEYS = ("model", "dataset", "best_valid_score", "valid_score_bigger", "best_valid_result",
+                         "test_result", "test_env_result", "protocol", "stages", "epochs")
+PUBLISHED_STAGE_DROP = frozenset({"directory"})  # a path on the machine that ran it
 
 
 @dataclass
@@ -357,48 +372,80 @@ def failures_frame(records: Sequence[Mapping[str, Any]]):
 
 
 def compare(
-    models: str | Sequence[str] = DEFAULT_MODELS,
-    dataset: str = "retail-sim",
+    models: str | Sequence[str] | None = None,
+    dataset: str | None = None,
     *,
-    splits: str | Sequence[str] = DEFAULT_SPLITS,
-    seeds: int | Sequence[int] = 3,
+    splits: str | Sequence[str] | None = None,
+    seeds: int | Sequence[int] | None = None,
     out: str | Path = "compare-results",
     config_files: Sequence[str | Path] = (),
     params: Mapping[str, Any] | None = None,
     baseline: str | None = None,
-    report_metrics: Sequence[str] = ("ndcg@10", "recall@10"),
-    min_env_cases: int = 20,
+    report_metrics: Sequence[str] | None = None,
+    min_env_cases: int | None = None,
     retry_failed: bool = True,
     report_only: bool = False,
     keep_checkpoints: bool = False,
     plots: bool = True,
     show_progress: bool = True,
+    publish: str | Path | None = None,
+    sources: Sequence[str | Path] = (),
 ):
     """Run (or load from ``out``) every model x split x seed cell and write the comparison's outputs.
+
+    Defaults: ``models`` ``DEFAULT_MODELS``, ``dataset`` retail-sim, ``splits`` ``DEFAULT_SPLITS``, ``seeds`` 3,
+    ``report_metrics`` ndcg@10 and recall@10, ``min_env_cases`` 20.
+
+    ``publish``: a folder (e.g. ``docs/results/<name>``) that gets every recorded cell without its per-user
+    values, a grid file and a report of its own (``publish_cells``). ``sources`` (needs ``report_only``):
+    folders whose ``cells/`` are pooled into the report under ``out`` (``report_cells``); ``report_only`` on a
+    published ``out`` reads its cells the same way. There, the grid, ``baseline``, report metrics and
+    ``min_env_cases`` left at None come from the folders' ``compare.json`` and cells, and the others select.
 
     Returns the long results table (``results.csv``): columns model, split, seed, environment, metric, value.
     ``frame.attrs`` carries ``failures`` (a DataFrame of failed cells with their errors), ``significance``
     (a DataFrame, empty without a baseline), ``trained`` (cells run now, not loaded), ``not_run`` ((model,
-    split, seed) of the cells ``report_only`` found no record of) and ``files`` (paths).
+    split, seed) of the cells ``report_only`` found no record of), ``files`` (paths) and, with ``publish``,
+    ``published`` (the published report's files).
 
     Example::
 
         frame = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="iid,seasonal", seeds=3,
                                   params={"epochs": 50, "SASRec.hidden_size": 64}, out="runs/cmp")
     """
+    if sources and not report_only:
+        raise ConfigError("sources (--from) are read by a report-only comparison; add --report-only")
+    if sources or (report_only and is_published(out)):
+        if config_files or params:
+            _log.info("compare --report-only over stored cells: --config-files/--param are not used (the cells "
+                      "keep the settings they ran with)")
+        return report_cells(sources or [out], out, models=models, dataset=dataset, splits=splits, seeds=seeds,
+                            baseline=baseline, report_metrics=report_metrics, min_env_cases=min_env_cases,
+                            plots=plots, publish=publish)
     config = CompareConfig(
-        models=models, dataset=dataset, splits=splits, seeds=seeds, out=out, config_files=config_files,
-        params=dict(params or {}), baseline=baseline, report_metrics=report_metrics, min_env_cases=min_env_cases,
+        models=DEFAULT_MODELS if models is None else models, dataset=dataset or "retail-sim",
+        splits=DEFAULT_SPLITS if splits is None else splits, seeds=DEFAULT_SEEDS if seeds is None else seeds,
+        out=out, config_files=config_files, params=dict(params or {}), baseline=baseline,
+        report_metrics=DEFAULT_REPORT_METRICS if report_metrics is None else report_metrics,
+        min_env_cases=DEFAULT_MIN_ENV_CASES if min_env_cases is None else min_env_cases,
         retry_failed=retry_failed, report_only=report_only, keep_checkpoints=keep_checkpoints, plots=plots,
         show_progress=show_progress,
     )
-    return run_comparison(config)
+    return run_comparison(config, publish=publish)
 
 
-def run_comparison(config: CompareConfig):
-    """``compare`` for a ``CompareConfig``."""
-    from causalrec.experiments import report
-
+def run_comparison(config: CompareConfig, publish: str | Path | None = None):
+    """``compare`` for a ``CompareConfig``: plan, run or load the cells of ``config.out``, write the report and,
+    with ``publish``, publish the cells (``publish_cells``)."""
+    if is_published(config.out) and not config.report_only:
+        raise ConfigError(f"--out {config.out} is a published folder (it has {MANIFEST}): its cells hold no "
+                          "per-user values and it is meant to be committed; run into a folder of its own (e.g. "
+                          f"runs/...) and add --publish {config.out}")
+    if publish is not None:
+        if _same_folder(publish, config.out):
+            raise ConfigError(f"--publish {publish} is the --out folder: the published cells would replace the "
+                              "cached ones; publish into a folder of its own (e.g. docs/results/<name>)")
+        _check_publish_target(Path(publish))
     config.out.mkdir(parents=True, exist_ok=True)
     cells = plan(config)
     _log.info("compare: %d cells (%d models x %d splits x %d seeds) in %s", len(cells), len(config.models),
@@ -409,29 +456,341 @@ def run_comparison(config: CompareConfig):
     if not_run:
         _log.warning("compare --report-only: %d of %d cells have no record under %s (not run)", len(not_run),
                      len(cells), config.out)
+    results = write_report(records, config, not_run=not_run, trained=trained, cases_file=True)
+    if publish is not None:
+        published = publish_cells(records, publish, config)
+        results.attrs["published"] = published.attrs["files"]
+    return results
+
+
+def write_report(records: Sequence[Mapping[str, Any]], config: CompareConfig, *,
+                 not_run: Sequence[tuple[str, str, int]] = (), trained: int = 0, cases_file: bool = True):
+    """Write ``results.csv``, ``failures.csv``, ``significance.csv``, ``report.md``, the plots and (with
+    ``cases_file``) ``cases.csv.gz`` of ``records`` under ``config.out``; return the results table (attrs as
+    ``compare``'s)."""
+    from causalrec.experiments import report
+
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
     results, failures = results_frame(records, config.min_env_cases), failures_frame(records)
-    files = {"results": config.out / "results.csv", "failures": config.out / "failures.csv"}
+    files = {"results": out / "results.csv", "failures": out / "failures.csv"}
     write_atomic(files["results"], results.to_csv(index=False))
     write_atomic(files["failures"], failures.to_csv(index=False))
     significance = report.significance(results, records, config.baseline, config.report_metrics) \
         if config.baseline else report.empty_significance()
-    write_atomic(config.out / "significance.csv", significance.to_csv(index=False))
-    files["significance"] = config.out / "significance.csv"
-    files["cases"] = config.out / "cases.csv.gz"
-    cases = report.case_frame(records, config.report_metrics).to_csv(index=False)
-    write_atomic(files["cases"], gzip.compress(cases.encode("utf-8"), mtime=0))
+    write_atomic(out / "significance.csv", significance.to_csv(index=False))
+    files["significance"] = out / "significance.csv"
+    if cases_file:
+        files["cases"] = out / "cases.csv.gz"
+        cases = report.case_frame(records, config.report_metrics).to_csv(index=False)
+        write_atomic(files["cases"], gzip.compress(cases.encode("utf-8"), mtime=0))
     protocol = next((r["result"].get("protocol") for r in records if r.get("status") == "ok"), None)
-    text = report.markdown(results, failures, significance, config, protocol=protocol, not_run=not_run)
-    files["report"] = config.out / "report.md"
+    text = report.markdown(results, failures, significance, config, protocol=protocol, not_run=not_run,
+                           significance_notes=_case_notes(records))
+    files["report"] = out / "report.md"
     write_atomic(files["report"], text)
     if config.plots:
-        files["plots"] = report.plots(results, config.report_metrics, config.out / "plots",
+        files["plots"] = report.plots(results, config.report_metrics, out / "plots",
                                       cases=report.environment_cases(records), min_cases=config.min_env_cases,
                                       baseline=config.baseline)
     _log.info("compare: %d cells run now, %d loaded, %d failed; report %s", trained, len(records) - trained,
               len(failures), files["report"])
-    results.attrs.update(failures=failures, significance=significance, trained=trained, not_run=not_run,
+    results.attrs.update(failures=failures, significance=significance, trained=trained, not_run=list(not_run),
                          files={k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()})
+    return results
+
+
+def _case_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The significance section's note on finished cells without per-case values (no bootstrap, no Wilcoxon)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    published = sum(1 for r in ok if not r.get("cases") and r.get("published"))
+    lost = sum(1 for r in ok if not r.get("cases") and not r.get("published"))
+    notes = []
+    if published:
+        notes.append(f"bootstrap: per-case values not published ({published} of {len(ok)} finished cells are "
+                     "published summaries without per-user values): the bootstrap interval of the relative change "
+                     "and the pooled Wilcoxon test are left empty where they would need them; the seed-level "
+                     "t-test, its interval, Holm p and d_z use the cells' test metrics and are complete.")
+    if lost:
+        notes.append(f"bootstrap: per-case values not kept by {lost} of {len(ok)} finished cells (run before "
+                     "causalrec kept them): the bootstrap interval and the pooled Wilcoxon test are left empty "
+                     "where they would need them.")
+    return notes
+
+
+# ----------------------------------------------------------------------------------- publishing, pooling
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """A published folder's ``compare.json`` (its grid and report settings); None when it has none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); restore it from git or delete it") from None
+    return data if isinstance(data, dict) and data.get("published") else None
+
+
+def is_published(folder: str | Path) -> bool:
+    """Whether ``folder`` is a published folder (``publish_cells`` wrote its ``compare.json``)."""
+    return read_manifest(folder) is not None
+
+
+def _cell_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """``(path, record)`` of every readable cell under ``folder/cells`` (name order)."""
+    out = []
+    for path in sorted((folder / "cells").glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            _log.warning("cell file %s is unreadable (%s); left out", path, err)
+            continue
+        if not isinstance(record, dict) or not all(k in record for k in ("key", "model", "split", "seed")):
+            _log.warning("%s is not a compare cell (no key/model/split/seed); left out", path)
+            continue
+        out.append((path, record))
+    return out
+
+
+def _check_publish_target(folder: Path) -> None:
+    """A publish target may hold published cells only: publishing over a run's cache would drop its cases."""
+    raw = [p.name for p, rec in _cell_files(folder) if not rec.get("published")]
+    if raw:
+        raise ConfigError(f"--publish {folder}: {folder / 'cells'} holds cells with per-user values ({raw[0]}, "
+                          f"{len(raw)} in all), i.e. a run's cache; publish into a folder of its own")
+
+
+def cell_file_name(record: Mapping[str, Any]) -> str:
+    """``<model>-<split>-seed<seed>-<key16>.json``, the name ``Cell.path`` gives the cell."""
+    return f"{record['model']}-{record['split']}-seed{int(record['seed'])}-{str(record['key'])[:16]}.json"
+
+
+def published_cell(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A cell record without per-user values, for a folder that is committed: its key, model, dataset, split,
+    seed, params (without the paths and devices of ``VOLATILE_KEYS``), status, result (test and validation
+    metrics, per-environment metrics with their case counts, protocol, stages without their directories,
+    epochs), the number of test cases, the error of a failed cell, seconds and finish time. ``cases`` (values
+    per user id) and anything not listed are left out; the seed-level statistics need only the overall test
+    metrics."""
+    out: dict[str, Any] = {"format": record.get("format", CELL_FORMAT), "published": PUBLISHED_FORMAT}
+    for k in ("key", "model", "dataset", "split", "seed"):
+        out[k] = record.get(k)
+    out["params"] = {k: v for k, v in (record.get("params") or {}).items() if k not in VOLATILE_KEYS}
+    out["status"] = record.get("status")
+    if record.get("status") == "ok":
+        result = record.get("result") or {}
+        dropped = sorted(set(result) - set(PUBLISHED_RESULT_KEYS))
+        if dropped:
+            _log.debug("publish %s: result keys %s left out", cell_file_name(record), dropped)
+        out["result"] = {k: result[k] for k in PUBLISHED_RESULT_KEYS if k in result}
+        if out["result"].get("stages"):
+            out["result"]["stages"] = [{k: v for k, v in stage.items() if k not in PUBLISHED_STAGE_DROP}
+                                       if isinstance(stage, Mapping) else stage for stage in out["result"]["stages"]]
+        cases = record.get("cases")
+        if cases and cases.get("user") is not None:
+            out["n_cases"] = len(cases["user"])
+        elif "n_cases" in record:
+            out["n_cases"] = record["n_cases"]
+    else:
+        out["error"] = record.get("error", "")
+    for k in ("seconds", "finished"):
+        if k in record:
+            out[k] = record[k]
+    return json.loads(json.dumps(out, default=str))
+
+
+def _strings(value: Any):
+    """Every string in a JSON value, mapping keys included."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield str(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def _user_ids(records: Sequence[Mapping[str, Any]]) -> set[str]:
+    users: set[str] = set()
+    for rec in records:
+        cases = rec.get("cases")
+        if cases and cases.get("user") is not None:
+            users.update(str(u) for u in cases["user"])
+    return users
+
+
+def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, config: CompareConfig):
+    """Write ``published_cell`` of every record to ``folder/cells/`` (atomically; a published cell of the same
+    model, split and seed with other settings is replaced, a finished one is not replaced by a failed copy of
+    itself), merge the grid and ``config``'s report settings into
+    ``folder/compare.json``, and write the report of every cell in ``folder`` there (``report_cells``: results,
+    failures, significance, report.md, plots; never ``cases.csv.gz``). Returns that report's results table."""
+    folder = Path(folder)
+    _check_publish_target(folder)
+    users = _user_ids(records)
+    existing: dict[tuple[str, str, int], list[tuple[Path, str]]] = {}
+    finished: dict[tuple[str, str, int], tuple[str, str]] = {}
+    for path, rec in _cell_files(folder):
+        ident = (rec["model"], rec["split"], int(rec["seed"]))
+        existing.setdefault(ident, []).append((path, rec["key"]))
+        if rec.get("status") == "ok":
+            finished[ident] = (rec["key"], path.name)
+    manifest = read_manifest(folder) or {}
+    if manifest.get("dataset") not in (None, config.dataset):
+        raise ConfigError(f"--publish {folder} holds {manifest['dataset']} cells; publish {config.dataset} cells "
+                          "into another folder")
+    for rec in records:
+        ident = (rec["model"], rec["split"], int(rec["seed"]))
+        if rec.get("status") != "ok" and finished.get(ident, ("",))[0] == rec["key"]:
+            _log.warning("publish: %s failed here; %s keeps its finished copy", cell_file_name(rec), folder)
+            continue
+        cell = published_cell(rec)
+        leaked = sorted({s for s in _strings(cell) if s in users})
+        if leaked:  # a guard on published_cell: never reached unless a new result field carries user ids
+            raise RuntimeError(f"published cell {cell_file_name(rec)} would hold {len(leaked)} user ids; not written")
+        for path, key in existing.get(ident, []):
+            if key != rec["key"] and path.exists():
+                _log.warning("publish: %s replaces %s (the same cell with other settings)", cell_file_name(rec),
+                             path.name)
+                path.unlink()
+        write_atomic(folder / "cells" / cell_file_name(rec), json.dumps(cell, indent=1))
+    seeds = sorted(set(manifest.get("seeds", [])) | set(config.seed_list()))
+    manifest = {
+        "published": PUBLISHED_FORMAT,
+        "dataset": config.dataset,
+        "models": list(dict.fromkeys([*manifest.get("models", []), *config.models])),
+        "splits": list(dict.fromkeys([*manifest.get("splits", []), *config.splits])),
+        "seeds": seeds,
+        "baseline": config.baseline,
+        "report_metrics": list(config.report_metrics),
+        "min_env_cases": config.min_env_cases,
+        "about": "written by causalrec compare --publish: cells/ holds one JSON per model, split and seed with "
+                 "test metrics overall and per environment, without per-user values; rebuild the report with "
+                 "causalrec compare --report-only --out <this folder>",
+    }
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    _log.info("compare --publish: %d cells written to %s", len(records), folder / "cells")
+    return report_cells([folder], folder, plots=config.plots)
+
+
+def _pooled(sources: Sequence[Path]) -> list[dict[str, Any]]:
+    """The cells of ``sources``, one per (model, split, seed): a finished cell over a failed one, then the
+    earlier source, then the later ``finished`` time. Every record left out is logged (a copy of the same cell
+    key at info level, a cell with other settings as a warning)."""
+    chosen: dict[tuple[str, str, int], tuple[tuple, dict[str, Any], Path]] = {}
+    for index, folder in enumerate(sources):
+        if not (folder / "cells").is_dir():
+            raise ConfigError(f"{folder} holds no cells/ folder (neither a compare --out nor a --publish folder)")
+        for path, rec in _cell_files(folder):
+            ident = (rec["model"], rec["split"], int(rec["seed"]))
+            rank = (rec.get("status") == "ok", -index, str(rec.get("finished", "")))
+            if ident not in chosen:
+                chosen[ident] = (rank, rec, path)
+                continue
+            old_rank, old, old_path = chosen[ident]
+            best, other = sorted([(old_rank, old, old_path), (rank, rec, path)], key=lambda t: t[0], reverse=True)
+            chosen[ident], kept, left = best, best[2], other[2]
+            if rec["key"] == old["key"]:
+                _log.info("%s/%s/seed %s: %s is a copy of %s; ignored", *ident, left, kept)
+            else:
+                _log.warning("%s/%s/seed %s: %s and %s hold it with other settings; reporting %s, ignoring %s",
+                             *ident, old_path, path, kept, left)
+    return [rec for _, rec, _ in chosen.values()]
+
+
+def _ordered(names, manifest_lists: Sequence[Sequence[str]], defaults: Sequence[str]) -> list[str]:
+    """The manifests' order first, then ``defaults``' order, then by name."""
+    first = list(dict.fromkeys(x for lst in manifest_lists for x in lst))
+    rest = sorted(set(names) - set(first), key=lambda n: (defaults.index(n) if n in defaults else len(defaults), n))
+    return first + rest
+
+
+def report_cells(
+    sources: Sequence[str | Path],
+    out: str | Path,
+    *,
+    models: str | Sequence[str] | None = None,
+    dataset: str | None = None,
+    splits: str | Sequence[str] | None = None,
+    seeds: int | Sequence[int] | None = None,
+    baseline: str | None = None,
+    report_metrics: Sequence[str] | None = None,
+    min_env_cases: int | None = None,
+    plots: bool = True,
+    publish: str | Path | None = None,
+):
+    """The report of the cells stored under ``sources`` (``compare --out`` folders or published folders),
+    written to ``out``; nothing is planned, prepared or trained, and cells are taken by their stored fields.
+
+    Cells are pooled (``_pooled``: one per model, split and seed). The grid is ``models`` x ``splits`` x
+    ``seeds`` when given (other cells are left out), else the union of the sources' ``compare.json`` grids and
+    their cells; cells of the grid without a record are "not run". ``baseline``, ``report_metrics``,
+    ``min_env_cases``: given, else the first source's ``compare.json``, else the defaults. ``cases.csv.gz`` is
+    written only when some cell has per-case values and ``out`` is not a published folder. ``publish``: also
+    publish the pooled cells there (``publish_cells``). Returns the results table (attrs as ``compare``'s).
+    """
+    sources = [Path(s) for s in sources]
+    out = Path(out)
+    if publish is not None:
+        _check_publish_target(Path(publish))
+    records = _pooled(sources)
+    manifests = [m for m in (read_manifest(s) for s in sources) if m]
+    if not records and not manifests:
+        raise ConfigError(f"no cells under {', '.join(str(s / 'cells') for s in sources)}: nothing to report")
+    datasets = list(dict.fromkeys(str(r.get("dataset")) for r in records))
+    if dataset is None:
+        if len(datasets) > 1:
+            raise ConfigError(f"the cells of {', '.join(map(str, sources))} are of {len(datasets)} datasets "
+                              f"({', '.join(datasets)}); choose one with --dataset")
+        dataset = datasets[0] if datasets else next((m["dataset"] for m in manifests if m.get("dataset")),
+                                                    "retail-sim")
+    kept = [r for r in records if str(r.get("dataset")) == dataset]
+    if len(kept) < len(records):
+        _log.info("compare --report-only: %d cells of other datasets left out", len(records) - len(kept))
+    if models is None:
+        models = _ordered({r["model"] for r in kept}, [m.get("models", []) for m in manifests], DEFAULT_MODELS)
+    if splits is None:
+        splits = _ordered({r["split"] for r in kept}, [m.get("splits", []) for m in manifests], DEFAULT_SPLITS)
+    if seeds is None:
+        seeds = sorted({int(r["seed"]) for r in kept} | {int(s) for m in manifests for s in m.get("seeds", [])})
+    first = manifests[0] if manifests else {}
+    if baseline is None and first.get("baseline"):
+        baseline = first["baseline"]
+        if baseline not in (models.split(",") if isinstance(models, str) else models):
+            _log.warning("compare --report-only: baseline %s (from %s) is not among the reported models; no "
+                         "significance section", baseline, MANIFEST)
+            baseline = None
+    config = CompareConfig(
+        models=models, dataset=dataset, splits=splits, seeds=seeds, out=out,
+        baseline=baseline, report_metrics=report_metrics or first.get("report_metrics") or DEFAULT_REPORT_METRICS,
+        min_env_cases=min_env_cases or first.get("min_env_cases") or DEFAULT_MIN_ENV_CASES, report_only=True,
+        plots=plots, show_progress=False)
+    grid = {(m, s, seed) for m in config.models for s in config.splits for seed in config.seed_list()}
+    chosen = [r for r in kept if (r["model"], r["split"], int(r["seed"])) in grid]
+    if len(chosen) < len(kept):
+        _log.info("compare --report-only: %d cells outside the grid (models x splits x seeds) left out",
+                  len(kept) - len(chosen))
+    order = {(m, s, seed): i for i, (s, seed, m) in enumerate(
+        (s, seed, m) for s in config.splits for seed in config.seed_list() for m in config.models)}
+    chosen.sort(key=lambda r: order[(r["model"], r["split"], int(r["seed"]))])  # plan's order
+    done = {(r["model"], r["split"], int(r["seed"])) for r in chosen}
+    not_run = [ident for ident in sorted(grid, key=order.__getitem__) if ident not in done]
+    if not_run:
+        _log.warning("compare --report-only: %d of %d cells have no record under %s (not run)", len(not_run),
+                     len(grid), ", ".join(map(str, sources)))
+    _log.info("compare --report-only: %d cells from %s", len(chosen), ", ".join(map(str, sources)))
+    if publish is not None and _same_folder(publish, out):  # one report, from the published cells
+        return publish_cells(chosen, publish, config)
+    cases_file = any(r.get("cases") for r in chosen) and not is_published(out)
+    results = write_report(chosen, config, not_run=not_run, cases_file=cases_file)
+    if publish is not None:
+        results.attrs["published"] = publish_cells(chosen, publish, config).attrs["files"]
     return results
 
 
@@ -444,26 +803,38 @@ def add_parser(subparsers) -> None:
         "compare", help="models x splits x seeds -> results.csv, mean ± std tables, significance, plots",
         description="Train and test every model on every split with every seed through causalrec run "
                     "(same data, evaluator and protocol), caching finished cells under --out.")
-    p.add_argument("--dataset", "-d", default="retail-sim")
-    p.add_argument("--models", "-m", default=",".join(DEFAULT_MODELS), help="comma-separated model names")
-    p.add_argument("--splits", "-s", default=",".join(DEFAULT_SPLITS), help="comma-separated splits")
-    p.add_argument("--seeds", default="3", help="a count N (seeds 2020..2020+N-1) or a comma-separated list")
+    p.add_argument("--dataset", "-d", help="default retail-sim (--report-only over stored cells: theirs)")
+    p.add_argument("--models", "-m", help=f"comma-separated model names (default {','.join(DEFAULT_MODELS)})")
+    p.add_argument("--splits", "-s", help=f"comma-separated splits (default {','.join(DEFAULT_SPLITS)})")
+    p.add_argument("--seeds", help=f"a count N (seeds 2020..2020+N-1) or a comma-separated list (default "
+                                   f"{DEFAULT_SEEDS})")
     _add_config_options(p)
     p.add_argument("--out", "-o", required=True, help="output folder (cells are cached here)")
     p.add_argument("--baseline", help="model every other model is tested against (e.g. SDPORec)")
-    p.add_argument("--report-metrics", default="ndcg@10,recall@10", help="metrics of the tables, tests and plots")
-    p.add_argument("--min-env-cases", type=int, default=20,
-                   help="worst-environment rows: only groups with at least this many test cases (default 20)")
+    p.add_argument("--report-metrics", help="metrics of the tables, tests and plots (default "
+                                            f"{','.join(DEFAULT_REPORT_METRICS)})")
+    p.add_argument("--min-env-cases", type=int,
+                   help="worst-environment rows: only groups with at least this many test cases (default "
+                        f"{DEFAULT_MIN_ENV_CASES})")
     p.add_argument("--no-retry-failed", action="store_true", help="keep failed cells as they are")
     p.add_argument("--report-only", action="store_true",
-                   help="train nothing: report the cells already cached under --out (the others: not run)")
+                   help="train nothing: report the cells already cached under --out (the others: not run); on a "
+                        "published --out, or with --from, from the stored cells alone (no data preparation)")
+    p.add_argument("--from", dest="sources", action="append", default=[], metavar="DIR",
+                   help="with --report-only: pool the cells of this compare --out or published folder "
+                        "(repeatable; the first holding a cell wins) and report them under --out")
+    p.add_argument("--publish", metavar="DIR",
+                   help="also write every recorded cell without per-user values to DIR/cells, with DIR/compare.json "
+                        "and a report from those cells (a folder to commit, e.g. docs/results/<name>)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
 
 
-def _parse_seeds(text: str) -> int | list[int]:
+def _parse_seeds(text: str | None) -> int | list[int] | None:
+    if text is None:
+        return None
     try:
         values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -479,16 +850,20 @@ def _cmd_compare(args) -> int:
     frame = compare(
         args.models, args.dataset, splits=args.splits, seeds=_parse_seeds(args.seeds), out=args.out,
         config_files=args.config_files, params=parse_params(args.param), baseline=args.baseline,
-        report_metrics=args.report_metrics.split(","), min_env_cases=args.min_env_cases,
-        retry_failed=not args.no_retry_failed, report_only=args.report_only, keep_checkpoints=args.keep_checkpoints,
-        plots=not args.no_plots, show_progress=not args.no_progress,
+        report_metrics=args.report_metrics.split(",") if args.report_metrics else None,
+        min_env_cases=args.min_env_cases, retry_failed=not args.no_retry_failed, report_only=args.report_only,
+        keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
+        publish=args.publish, sources=args.sources,
     )
     files = frame.attrs["files"]
     print(Path(files["report"]).read_text(encoding="utf-8"))
     print(f"results: {files['results']}  ({len(frame)} rows; {frame.attrs['trained']} cells run now, "
           f"{len(frame.attrs['failures'])} failed)")
+    if frame.attrs.get("published"):
+        print(f"published: {Path(frame.attrs['published']['report']).parent}")
     return 1 if len(frame.attrs["failures"]) else 0
 
 
 __all__ = ["CompareConfig", "Cell", "compare", "run_comparison", "plan", "run_cell", "results_frame",
+           "write_report", "publish_cells", "published_cell", "report_cells", "is_published",
            "DEFAULT_MODELS", "DEFAULT_SPLITS", "EVAL_DEFAULTS"]

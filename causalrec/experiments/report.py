@@ -264,8 +264,9 @@ def significance_text(table, n_boot: int = BOOTSTRAP_REPLICATES) -> str:
 
 # ----------------------------------------------------------------------------------------- markdown
 def markdown(results, failures, significance_frame, config, protocol: str | None = None,
-             not_run: Sequence[tuple[str, str, int]] = ()) -> str:
-    """The whole ``report.md`` of a comparison; ``not_run``: (model, split, seed) of cells with no record."""
+             not_run: Sequence[tuple[str, str, int]] = (), significance_notes: Sequence[str] = ()) -> str:
+    """The whole ``report.md`` of a comparison; ``not_run``: (model, split, seed) of cells with no record;
+    ``significance_notes``: lines printed above the significance table (e.g. per-case values not published)."""
     seeds = config.seed_list()
     models, splits = list(config.models), list(config.splits)
     n_cells = len(models) * len(splits) * len(seeds)
@@ -293,8 +294,10 @@ def markdown(results, failures, significance_frame, config, protocol: str | None
                       metric_table(results, metric, models, splits, len(seeds), environment=f"{env_field}=<worst>",
                                    drops=False, not_run=unrun)]
     if config.baseline:
-        parts += ["", f"## Significance against {config.baseline}", "", significance_text(significance_frame), "",
-                  significance_table(significance_frame) if len(significance_frame) else "no pairs to test"]
+        parts += ["", f"## Significance against {config.baseline}", "", significance_text(significance_frame), ""]
+        for note in significance_notes:
+            parts += [note, ""]
+        parts += [significance_table(significance_frame) if len(significance_frame) else "no pairs to test"]
     if len(failures):
         parts += ["", "## Failed cells", "", "| model | split | seed | error |", "|---|---|---|---|"]
         for r in failures.itertuples():
