@@ -373,16 +373,16 @@ def load_backbone(
     else:
         model, tokenizer = _load_pretrained(cfg, device)
         if items:
-            if hasattr(model, "peft_config"):
-                raise BackboneError(f"backbone {cfg.backbone!r} carries a LoRA adapter; item tokens are added to a "
-                                    "plain model (save the item-token model with save_backbone and load that)")
-            if not any(t.startswith("<item_") for t in tokenizer.get_vocab()):
-                item_ids = add_item_tokens(tokenizer, items)
-                resize_for_items(model, tokenizer, item_ids, item_init_texts)
-            else:  # a directory saved by save_backbone already holds them
+            if any(t.startswith("<item_") for t in tokenizer.get_vocab()):  # saved by save_backbone with them
                 from causalrec.llm.items import item_token_ids
 
                 item_ids = item_token_ids(tokenizer, items)
+            elif hasattr(model, "peft_config"):
+                raise BackboneError(f"backbone {cfg.backbone!r} carries a LoRA adapter; item tokens are added to a "
+                                    "plain model (save the item-token model with save_backbone and load that)")
+            else:
+                item_ids = add_item_tokens(tokenizer, items)
+                resize_for_items(model, tokenizer, item_ids, item_init_texts)
     check_tokenizer(tokenizer, model)
     if apply_lora_adapters and not hasattr(model, "peft_config"):
         model = apply_lora(model, cfg, trainable_tokens=item_ids)
@@ -404,9 +404,11 @@ def save_backbone(model, tokenizer, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         base = model.get_base_model()
-        # The wrapped base holds "<m>.base_layer.weight" and "lora_*" tensors; write the plain names.
+        # The wrapped base holds "<m>.base_layer.weight" and "lora_*" tensors, and for embeddings trained in full
+        # beside the adapters (item tokens: peft's modules_to_save) "<m>.original_module.weight" (the base's rows) and
+        # "<m>.modules_to_save.<adapter>.weight" (the trained copy, saved with the adapter); write the plain names.
         state = {
-            k.replace(".base_layer", ""): v
+            k.replace(".base_layer", "").replace(".original_module", ""): v
             for k, v in base.state_dict().items()
             if "lora_" not in k and "modules_to_save" not in k
         }

@@ -69,27 +69,55 @@ def item_token_ids(tokenizer, item_ids: Sequence[int]) -> list[int]:
 
 
 def resize_for_items(model, tokenizer, token_ids: Sequence[int], init_texts: Sequence[str] | None = None) -> None:
-    """Grow ``model``'s embeddings to ``len(tokenizer)``. New rows start at the mean of the old ones
-    (transformers' ``mean_resizing``), or, with ``init_texts``, each item's rows at the mean of its text's token
-    rows (input and, for untied models, output embeddings)."""
+    """Give every item token its own embedding rows and initialise them (input and, if untied, output embedding).
+
+    The embeddings grow to ``len(tokenizer)`` when the item tokens need more rows. A checkpoint's embedding may
+    already have more rows than its tokenizer has tokens (Qwen2.5: 151,936 rows for 151,665 tokens, padded for
+    speed); item tokens then land in those spare rows, which no token ever used and training never shaped. So
+    every item row is set here, wherever it is: to the mean of the rows of the tokenizer's own tokens (what
+    transformers' ``mean_resizing`` gives added rows, without its small noise), or, with ``init_texts``, to the
+    mean of the rows of its text's tokens as a prompt shows the text (after a space: ``title_token_ids`` without
+    its EOS, e.g. ``ĠWHITE`` rather than the bare ``WHITE`` of a byte-level BPE tokenizer).
+    """
+    token_ids = [int(t) for t in token_ids]
+    if init_texts is not None and len(init_texts) != len(token_ids):
+        raise ValueError(f"{len(init_texts)} texts for {len(token_ids)} item tokens")
     n_old = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > n_old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-    if init_texts is None:
-        return
-    if len(init_texts) != len(token_ids):
-        raise ValueError(f"{len(init_texts)} texts for {len(token_ids)} item tokens")
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the new rows are all set below
     tables = [model.get_input_embeddings().weight]
     out = model.get_output_embeddings()
     if out is not None and out.weight.data_ptr() != tables[0].data_ptr():
         tables.append(out.weight)
-    pieces = tokenizer(list(init_texts), add_special_tokens=False)["input_ids"]
+    n_new = tables[0].shape[0]
+    items = set(token_ids)
+    real = torch.zeros(n_new, dtype=torch.bool)  # rows of the tokenizer's own tokens
+    own = [i for i in set(tokenizer.get_vocab().values()) if i not in items and 0 <= i < n_old]
+    if not own:
+        raise BackboneError("the tokenizer has no token of its own with an embedding row besides the item tokens")
+    real[own] = True
+    targets = torch.tensor(sorted(items | set(range(n_old, n_new))))  # item rows, and any other row the resize added
+    pieces: list[list[int]] = [[] for _ in token_ids]
+    if init_texts is not None:
+        from causalrec.llm.ranking import title_token_ids
+
+        pieces = [[i for i in seq[:-1] if i < n_new and real[i]] for seq in title_token_ids(tokenizer, list(init_texts))]
     with torch.no_grad():
-        for token, ids in zip(token_ids, pieces):
-            ids = [i for i in ids if i < n_old]  # the text's own pieces, never other item tokens
-            if ids:
-                for table in tables:
+        for table in tables:
+            table[targets.to(table.device)] = _mean_rows(table, real).to(table.dtype)
+            for token, ids in zip(token_ids, pieces):
+                if ids:  # the text's own pieces, never other item tokens
                     table[token] = table[ids].float().mean(0).to(table.dtype)
+
+
+def _mean_rows(table: torch.Tensor, rows: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """float32 mean of the rows of ``table`` where ``rows`` (bool) is set, a block at a time (a 150k-row bf16
+    embedding is never copied whole in float32)."""
+    total = torch.zeros(table.shape[1], dtype=torch.float32, device=table.device)
+    for r0 in range(0, table.shape[0], block):
+        keep = rows[r0:r0 + block].to(table.device)
+        total += table[r0:r0 + block][keep].float().sum(0)
+    return total / int(rows.sum())
 
 
 def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device):
