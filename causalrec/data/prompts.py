@@ -40,6 +40,8 @@ class PromptFormat:
         environment_last: write the environment after the history, right before the answer, instead of before
             the template (item tokens: the history is then a plain item sequence whose every position can be a
             training target, and the environment conditions only the answer it belongs to).
+        prefix / suffix: text around the whole prompt; a tokenizer's chat template rendered around a user
+            message (``causalrec.llm.chat``), so the answer follows the assistant's turn marker.
     """
 
     template: str = DEFAULT_TEMPLATE
@@ -48,6 +50,8 @@ class PromptFormat:
     environment: str | None = None
     environment_template: str = DEFAULT_ENVIRONMENT_TEMPLATE
     environment_last: bool = False
+    prefix: str = ""
+    suffix: str = ""
 
     def __post_init__(self):
         if "{history}" not in self.template:
@@ -64,12 +68,12 @@ class PromptFormat:
         """The prompt for a history; ``environment`` is the label value, required when ``self.environment`` is set."""
         shown = list(history)[-self.max_history_items :]
         text = self.template.format(history=self.separator.join(shown))
-        if self.environment is None:
-            return text
-        if environment is None:
-            raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
-        label = self.environment_template.format(name=self.environment, value=environment)
-        return f"{text} {label.strip()}" if self.environment_last else label + text
+        if self.environment is not None:
+            if environment is None:
+                raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
+            label = self.environment_template.format(name=self.environment, value=environment)
+            text = f"{text} {label.strip()}" if self.environment_last else label + text
+        return self.prefix + text + self.suffix
 
 
 def completion_text(title: str) -> str:

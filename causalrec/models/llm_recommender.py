@@ -107,6 +107,7 @@ class LLMRecommender(SequentialRecommender):
         init_texts = self.titles[1:] if self.item_repr == "title+id" and self.backbone_config.backbone != TINY else None
         self.llm, self.tokenizer = load_backbone(self.backbone_config, corpus=corpus,
                                                  items=list(item_ids) if tokens else (), item_init_texts=init_texts)
+        self._apply_chat_template(config["use_chat_template"])
         self.item_token_ids: list[int] = item_token_ids(self.tokenizer, item_ids) if tokens else []
         self.trie = None
         if not tokens:
@@ -130,6 +131,17 @@ class LLMRecommender(SequentialRecommender):
                 f"{len(missing)} item(s) have no title in {prepared_dir} (e.g. {missing[:3]}); prepare the dataset again"
             )
         return [PAD_TITLE] + [by_token[str(t)] for t in tokens[1:]]
+
+    def _apply_chat_template(self, mode) -> None:
+        """Wrap every prompt in the tokenizer's chat template (``use_chat_template``, ``causalrec.llm.chat``)."""
+        import dataclasses
+
+        from causalrec.llm.chat import chat_wrapping
+
+        prefix, suffix = chat_wrapping(self.tokenizer, mode)
+        if prefix or suffix:
+            self.prompt_format = dataclasses.replace(self.prompt_format, prefix=prefix, suffix=suffix)
+            _log.info("prompts follow the tokenizer's chat template: %r ... %r", prefix, suffix)
 
     def _history_length(self, config) -> int:
         """``max_history_items``; unset: RecBole's ``MAX_ITEM_LIST_LENGTH`` for item tokens (cheap, as long as
