@@ -124,14 +124,19 @@ def test_gpt2_directory_loads_as_a_causal_lm(tmp_path):
     assert torch.allclose(_logits(model, ltok), _logits(gpt.eval(), tok), atol=1e-6)
 
 
-def test_missing_pad_becomes_eos_and_missing_eos_is_an_error(tiny, tmp_path):
+def test_missing_pad_gets_a_real_token_and_missing_eos_is_an_error(tiny, tmp_path):
+    from causalrec.llm.backbone import ADDED_PAD
+
     model, tok = tiny
     model.save_pretrained(tmp_path)
     tok2 = build_tokenizer(CORPUS)
     tok2.pad_token = None
     tok2.save_pretrained(tmp_path)
-    _, loaded = load_backbone(BackboneConfig(backbone=str(tmp_path)))
-    assert loaded.pad_token_id == loaded.eos_token_id == tok.eos_token_id
+    llm, loaded = load_backbone(BackboneConfig(backbone=str(tmp_path), lora_r=0))
+    assert loaded.pad_token == ADDED_PAD and loaded.pad_token_id != loaded.eos_token_id
+    emb = llm.get_input_embeddings().weight
+    assert emb.shape[0] == len(loaded) == len(tok) + 1  # one new row: the exact mean of the old ones
+    torch.testing.assert_close(emb[loaded.pad_token_id], emb[:-1].mean(0))
 
     tok2.eos_token = None
     tok2.save_pretrained(tmp_path)

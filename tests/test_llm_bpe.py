@@ -396,13 +396,19 @@ def test_title_init_sets_each_item_row_to_the_mean_of_its_title_token_rows(bpe, 
             torch.testing.assert_close(table[t], old[p].mean(0), atol=1e-6, rtol=0)
 
 
-def test_missing_pad_token_falls_back_to_eos_and_scores_stay_exact(bpe):
-    """A Llama 3-style tokenizer without a pad token: padding with EOS is masked, scores equal brute force."""
+def test_missing_pad_token_gets_a_real_one_and_scores_stay_exact(bpe):
+    """A Llama 3-style tokenizer without a pad token: a real pad token is added (not EOS) with its own embedding
+    row, and padded scoring equals brute force."""
+    from causalrec.llm.backbone import ADDED_PAD
+
     tok = wrap(bpe, "llama", pad=False)
     model = random_model(tok, "llama", seed=7)
+    rows = model.get_input_embeddings().weight.shape[0]
     assert tok.pad_token_id is None and model.config.pad_token_id is None
     check_tokenizer(tok, model)
-    assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id
+    assert tok.pad_token == ADDED_PAD and tok.pad_token_id != tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id < model.get_input_embeddings().weight.shape[0]
+    assert model.get_input_embeddings().weight.shape[0] >= rows
     prompts, trie = _prompts(tok, False), _trie(tok, False)
     naive = naive_scores(model, prompts, trie, batch_size=16)
     torch.testing.assert_close(score_catalog(model, prompts, trie, batch_size=3), naive, atol=1e-4, rtol=0)

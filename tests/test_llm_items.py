@@ -22,21 +22,14 @@ from causalrec.llm.items import (
 from causalrec.data.frame import text_sharing
 from causalrec.llm.ranking import TitleTrie, naive_scores, score_catalog, marginalize_environments
 
+from test_llm_ranking import _sharpen  # random init is near-uniform; sharper weights make the tests bite
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 N_ITEMS = 12  # RecBole items 1..12
 ITEMS = list(range(1, N_ITEMS + 1))
 FMT = PromptFormat(separator=" ", max_history_items=50)
 HISTORIES = [[3], [1, 5, 7, 7, 2, 12], [9, 9, 4], list(range(1, 13)) * 2]
-
-
-def _sharpen(model, scale=4.0, seed=0):
-    """Random init gives near-uniform next-token distributions; sharper ones make the tests bite."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale / max(p.shape[-1], 1) ** 0.5)
-    return model
 
 
 def _prompt(history, env=None, fmt=FMT):

@@ -81,7 +81,7 @@ def test_causal_dpo_with_item_tokens_on_a_pretrained_directory(in_tmp, backbone_
     tok = model.tokenizer
     if backbone_dir.name == "llama3":
         assert type(model.llm.get_base_model()).__name__ == "LlamaForCausalLM"
-        assert tok.pad_token_id == tok.eos_token_id  # the saved tokenizer had none: EOS pads (masked everywhere)
+        assert tok.pad_token == "<|causalrec_pad|>" != tok.eos_token  # the saved tokenizer had none: a real one added
     else:
         assert type(model.llm.get_base_model()).__name__ == "Qwen2ForCausalLM"
         assert tok.pad_token == "<|endoftext|>" != tok.eos_token

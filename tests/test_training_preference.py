@@ -233,3 +233,31 @@ def test_frozen_copy_reference_and_training_lowers_the_loss(tmp_path):
     assert end < 0.8 * start
     for n, p in trainer.ref_model.named_parameters():
         assert torch.equal(p, ref_before[n]), n
+
+
+def test_lora_reference_is_the_sft_model_without_a_second_backbone(tmp_path):
+    """A PEFT policy whose adapter SFT trained: the reference is TRL's frozen "ref" copy of that adapter on the same
+    base weights (no deep copy of the model), its log-probabilities equal the SFT model's before the first update,
+    and they stay the SFT model's while the policy trains."""
+    from peft import get_peft_model
+
+    from causalrec.training.trl_compat import reference_context, sequence_logps
+
+    tok = tiny_tokenizer()
+    sft = get_peft_model(tiny_model(tok), _lora())
+    _perturb_lora(sft, seed=3)  # the SFT stage's adapter
+    trainer = SDPOTrainer(sft, args=_config(tmp_path, max_steps=10), processing_class=tok,
+                          train_dataset=preference_dataset(_records()))
+    assert trainer.ref_model is None and "ref" in trainer.model.peft_config  # no second model
+    batch = _batch(trainer)
+    with torch.no_grad():
+        sft_logps, _ = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    ref_logps = trainer._reference_forward(batch)
+    torch.testing.assert_close(ref_logps, sft_logps)
+    with torch.no_grad(), reference_context(trainer) as ref:
+        assert ref is trainer.model  # the same module, switched to the "ref" adapter
+    trainer.train()
+    with torch.no_grad():
+        policy_after, _ = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    assert (policy_after - sft_logps).abs().max() > 1e-3  # the policy moved...
+    torch.testing.assert_close(trainer._reference_forward(batch), sft_logps)  # ...the reference did not

@@ -264,19 +264,32 @@ def _load_pretrained(cfg: BackboneConfig, device: torch.device):
     return model, tokenizer
 
 
+ADDED_PAD = "<|causalrec_pad|>"
+
+
 def check_tokenizer(tokenizer, model=None) -> None:
-    """Every generative recommender needs an EOS token (it ends each title); a missing pad becomes EOS."""
+    """Every generative recommender needs an EOS token (it ends each title). A tokenizer without a pad token (Llama 3)
+    gets a real one (``ADDED_PAD``, its embedding row the mean of the others), not EOS: padding is always masked,
+    but a pad id equal to EOS lets any collator that masks labels by id drop the EOS every answer ends with."""
     if tokenizer.eos_token_id is None:
         raise BackboneError(
             f"tokenizer {type(tokenizer).__name__} has no eos_token: titles must end with one; "
             "set tokenizer.eos_token to a token of its vocabulary before use"
         )
     if tokenizer.pad_token_id is None:
-        _log.info("tokenizer has no pad token; using its eos token %r for padding", tokenizer.eos_token)
-        tokenizer.pad_token = tokenizer.eos_token
+        _log.info("tokenizer has no pad token; adding %r", ADDED_PAD)
+        tokenizer.add_special_tokens({"pad_token": ADDED_PAD})
     if model is not None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if base.config.pad_token_id is None:
+        n_old = base.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > n_old and tokenizer.pad_token == ADDED_PAD:
+            # deterministic: the exact mean of the old rows (transformers' mean_resizing samples around it)
+            base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            with torch.no_grad():
+                for table in {id(t): t for t in (base.get_input_embeddings().weight,
+                                                  getattr(base.get_output_embeddings(), "weight", None)) if t is not None}.values():
+                    table[n_old:] = table[:n_old].float().mean(0).to(table.dtype)
+        if base.config.pad_token_id is None or tokenizer.pad_token == ADDED_PAD:
             base.config.pad_token_id = tokenizer.pad_token_id
         n_vocab = base.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > n_vocab:

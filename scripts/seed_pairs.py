@@ -1,0 +1,64 @@
+"""Seed-level comparisons between cells of different `causalrec compare` folders (e.g. two information classes).
+
+    python scripts/seed_pairs.py "runs/a CausalDPO runs/b GenRec seasonal" "runs/a CausalDPO runs/b GenRec regional"
+
+Each argument is "FOLDER_A MODEL_A FOLDER_B MODEL_B SPLIT": the cells of both for the seeds they share are paired
+(test NDCG@10): paired t-test over seeds, hierarchical bootstrap of the relative change from the cells' per-case
+values (seeds, then users within seed), Holm over all arguments, Cohen's d_z
+(causalrec.experiments.statistics). Reads FOLDER/cells/*.json as `compare --out FOLDER` writes them.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+
+import numpy as np
+
+from causalrec.experiments.statistics import hierarchical_bootstrap, holm, paired_seed_test
+
+METRIC = "ndcg@10"
+
+
+def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:
+    out = {}
+    for path in glob.glob(f"{folder}/cells/{model}-{split}-seed*.json"):
+        with open(path) as fh:
+            cell = json.load(fh)
+        if cell.get("status") == "ok" and "cases" in cell:
+            out[cell["seed"]] = cell
+    return out
+
+
+def per_user(cell: dict) -> dict[str, float]:
+    return dict(zip(cell["cases"]["user"], cell["cases"]["metrics"][METRIC]))
+
+
+def compare(folder_a: str, model_a: str, folder_b: str, model_b: str, split: str) -> dict:
+    a, b = finished_cells(folder_a, model_a, split), finished_cells(folder_b, model_b, split)
+    seeds = sorted(set(a) & set(b))
+    test = paired_seed_test({s: a[s]["result"]["test_result"][METRIC] for s in seeds},
+                            {s: b[s]["result"]["test_result"][METRIC] for s in seeds})
+    cases = {}
+    for s in seeds:
+        ua, ub = per_user(a[s]), per_user(b[s])
+        users = sorted(set(ua) & set(ub))
+        cases[s] = (np.array([ua[u] for u in users]), np.array([ub[u] for u in users]))
+    return {"name": f"{model_a} ({folder_a}) vs {model_b} ({folder_b})", "split": split, "test": test,
+            "boot": hierarchical_bootstrap(cases)}
+
+
+def main(argv: list[str]) -> int:
+    rows = [compare(*arg.split()) for arg in argv]
+    adjusted = holm([r["test"].p for r in rows])
+    for r, p_holm in zip(rows, adjusted):
+        t, b = r["test"], r["boot"]
+        print(f"{r['name']}  {r['split']}  n={t.n_seeds}  {t.mean:.4f} vs {t.baseline_mean:.4f}  "
+              f"rel {t.rel_change * 100:+.1f}% [{b.low * 100:+.1f}, {b.high * 100:+.1f}]  t p={t.p:.3g}  "
+              f"Holm p={p_holm:.3g}  d_z={t.dz:+.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
