@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.common import SCHEMA_VERSION, machine_info, set_threads, write_json
 
-BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator", "item_tokens")
+BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator", "item_tokens", "pretrained")
 _log = logging.getLogger("benchmarks")
 
 

@@ -239,3 +239,36 @@ def test_item_tokens_compares_id_ranking_with_the_trie_sasrec_and_sdpo_steps():
     text = "\n".join(item_tokens.summary(payload))
     assert "| synthetic |" in text and "SASRec full_sort_predict" in text and "| all |" in text
     assert "skipped" in text
+
+
+def test_pretrained_compares_reference_memory_and_steps_a_larger_qwen2():
+    """Tiny sizes: S-DPO with LoRA + adapter reference vs full FT + deep-copy reference vs LoRA + deep copy on a
+    random Qwen2 with a byte-level BPE tokenizer, and the SFT / S-DPO steps of the "large" model."""
+    from benchmarks import pretrained
+
+    opts = pretrained.Options(prompts=2, history_items=3, bpe_vocab=400, small=pretrained.Size(32, 1, 4, 2, 64),
+                              repeats=1, warmup=1, large=pretrained.Size(32, 1, 4, 2, 64, vocab_rows=512, tied=True),
+                              large_threads=(1,), large_repeats=1, sft_rows=2, judged=False)
+    payload = pretrained.run(opts)
+    v = payload["results"]["reference"]["variants"]
+    assert set(v) == {"lora_adapter_ref", "full_deepcopy_ref", "lora_deepcopy_ref"}
+    a, b, c = v["lora_adapter_ref"], v["full_deepcopy_ref"], v["lora_deepcopy_ref"]
+    assert "adapter" in a["reference"] and a["reference_model_bytes"] == 0 and a["reference_adapter_bytes"] > 0
+    assert b["reference_model_bytes"] == b["policy_bytes"]  # the deep copy: as large as the policy
+    assert c["reference_model_bytes"] > 0 and c["trainable_parameters"] == a["trainable_parameters"]
+    assert a["trainable_parameters"] < b["trainable_parameters"] == b["parameters"]
+    assert b["optimizer_state_bytes"] == 2 * b["policy_bytes"]  # AdamW: two moments per trainable weight
+    assert b["total_bytes_vs_full"] == 1.0 and a["reference_bytes_vs_full"] < 0.55
+    for d in v.values():
+        assert d["median_s"] > 0 and d["step_peak_bytes"] > 0 and d["tensor_peak_bytes"] > 0
+        assert d["total_bytes"] == d["resident_bytes"] + d["tensor_peak_bytes"]
+    assert payload["results"]["reference"]["batch_shape"][0] == 2 * (1 + 3)
+    large = payload["results"]["large"]
+    assert large["parameters"] > 0 and large["vocabulary_rows"] == 512
+    steps = large["threads"]["1"]
+    assert set(steps) == {"sft_lora", "sdpo_lora_adapter_ref"}
+    assert all(d["median_s"] > 0 and d["tensor_peak_bytes"] > 0 for d in steps.values())
+    assert large["shapes"]["sft_lora"][0] == 2 and large["shapes"]["sdpo_lora_adapter_ref"][0] == 8
+    assert [g["passed"] for g in payload["goals"]] == [None, None]  # not the stated sizes: reported, not judged
+    text = "\n".join(pretrained.summary(payload))
+    assert "(a) LoRA, adapter reference" in text and "| sft_lora | 1 |" in text
