@@ -333,7 +333,8 @@ class LLMTrainer(Trainer):
             return None
         return int(value)
 
-    def _sft(self, records, args, resume_from: str | None, valid_data=None) -> tuple[int, float]:
+    def _sft(self, records, args, resume_from: str | None, valid_data=None, patience: int | None = None
+             ) -> tuple[int, float]:
         from trl import SFTTrainer
 
         from causalrec.training import sft_dataset
@@ -344,7 +345,6 @@ class LLMTrainer(Trainer):
             data = sft_sequence_dataset(records, model.prompt_format, model.tokenizer, model.item_token_ids)
         else:
             data = sft_dataset(records, model.prompt_format)
-        patience = self._sft_patience(valid_data)
         stopper = None
         if patience is not None:
             stopper = _epoch_validation(lambda: self._valid_epoch(valid_data)[0], patience,
@@ -553,7 +553,8 @@ class LLMTrainer(Trainer):
         if processes > 1:  # N processes train on N times the global batch: other weights than one process
             sft_inputs["processes"] = processes
         sft_key = digest(sft_inputs)
-        stages = [_Stage("sft", sft_key, sft_inputs, sft_args, lambda a, r: self._sft(sft_records, a, r, valid_data))]
+        stages = [_Stage("sft", sft_key, sft_inputs, sft_args,
+                         lambda a, r: self._sft(sft_records, a, r, valid_data, patience))]
         if align_args is not None:
             dpo_records, dpo_targets = self._capped(records, targets, "dpo_max_samples")
             inputs = self._align_inputs(sft_key, dpo_records, align_args)

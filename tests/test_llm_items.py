@@ -17,9 +17,8 @@ from causalrec.llm.items import (
     item_token_ids,
     resize_for_items,
     score_item_tokens,
-    warn_if_titles_tie,
 )
-from causalrec.data.frame import text_sharing
+from causalrec.data.frame import text_sharing, warn_if_texts_tie
 from causalrec.llm.ranking import TitleTrie, naive_scores, score_catalog, marginalize_environments
 
 from test_llm_ranking import _sharpen  # random init is near-uniform; sharper weights make the tests bite
@@ -178,11 +177,11 @@ def test_text_sharing_counts_and_warns(caplog):
     stats = text_sharing(texts)
     assert stats == {"items": 7, "distinct_texts": 4, "items_sharing": 5, "largest_group": 3, "share": 5 / 7}
     with caplog.at_level("WARNING"):
-        warn_if_titles_tie(texts, "shop")
+        warn_if_texts_tie(texts, "shop")
     assert "5 of 7 items share" in caplog.text and "item_repr: id" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING"):
-        warn_if_titles_tie(["a", "b", "c"], "shop")
+        warn_if_texts_tie(["a", "b", "c"], "shop")
     assert caplog.text == ""
 
 

@@ -15,16 +15,12 @@ from test_models_llm import TINY, _rebuild
 
 @pytest.fixture(scope="module")
 def id_run(tmp_path_factory):
-    import os
+    import contextlib
 
     where = tmp_path_factory.mktemp("genrec_id")
-    old = os.getcwd()
-    os.chdir(where)
-    try:
+    with contextlib.chdir(where):  # RecBole writes ./saved, ./log
         result = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id"))
-        (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
-    finally:
-        os.chdir(old)
+    (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
     return result, checkpoint
 
 

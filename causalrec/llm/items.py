@@ -120,19 +120,6 @@ def _mean_rows(table: torch.Tensor, rows: torch.Tensor, block: int = 8192) -> to
     return total / int(rows.sum())
 
 
-def _left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device):
-    """Left-padded ids, mask and position ids that restart at 0 on each row's first real token (so a padded row
-    sees exactly the positions of its unpadded prompt)."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
 def score_item_tokens(
     model,
     prompt_ids: Sequence[Sequence[int]],
@@ -147,7 +134,7 @@ def score_item_tokens(
     One forward per batch of prompts (left-padded, positions restarting per row), the output layer applied at the
     last position only (``logits_to_keep=1``), log-softmax over the whole vocabulary.
     """
-    from causalrec.llm.ranking import _eval_mode  # the one place that sets eval mode and no-grad for scoring
+    from causalrec.llm.ranking import _eval_mode, _pad_left  # scoring's eval mode / no-grad, and left padding
 
     if any(len(p) == 0 for p in prompt_ids):
         raise BackboneError("cannot score an empty prompt: it has no position to predict the item from")
@@ -157,7 +144,8 @@ def score_item_tokens(
     with _eval_mode(model):
         for b0 in tqdm(range(0, len(prompt_ids), batch_size), desc="ranking catalog", unit="batch",
                        disable=not show_progress):
-            ids, mask, positions = _left_padded(prompt_ids[b0:b0 + batch_size], pad_token_id, device)
+            ids, mask = _pad_left(prompt_ids[b0:b0 + batch_size], pad_token_id, device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)  # restart at 0 on each row's first real token
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                            logits_to_keep=1).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), dim=-1).index_select(1, columns))
@@ -173,9 +161,3 @@ def item_logps_at(hidden: torch.Tensor, positions: torch.Tensor, output_layer, i
     logits = output_layer(hidden[rows, positions])
     return torch.log_softmax(logits.float(), dim=-1).index_select(1, item_token_ids.to(logits.device))
 
-
-def warn_if_titles_tie(texts: Sequence[str], where: str) -> dict[str, float]:
-    """``causalrec.data.frame.warn_if_texts_tie`` for an LLM model that ranks by title."""
-    from causalrec.data.frame import warn_if_texts_tie
-
-    return warn_if_texts_tie(texts, where)

@@ -70,7 +70,8 @@ class LLMRecommender(SequentialRecommender):
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         from causalrec.llm.backbone import TINY, BackboneConfig, load_backbone
-        from causalrec.llm.items import ITEM_REPRS, item_token, item_token_ids, uses_item_tokens, warn_if_titles_tie
+        from causalrec.data.frame import warn_if_texts_tie
+        from causalrec.llm.items import ITEM_REPRS, item_token, item_token_ids, uses_item_tokens
         from causalrec.llm.ranking import TitleTrie, title_token_ids
 
         self.titles = self._load_titles(config, dataset)
@@ -85,7 +86,7 @@ class LLMRecommender(SequentialRecommender):
             self.item_texts = [PAD_TITLE] + [f"{self.titles[j]} {item_token(j)}" for j in item_ids]
         else:
             self.item_texts = list(self.titles)
-            warn_if_titles_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
+            warn_if_texts_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
         self.answers = [PAD_TITLE] + [item_token(j) for j in item_ids] if tokens else list(self.titles)
         self.prompt_format = PromptFormat(
             template=config["prompt_template"] or (ITEM_TOKEN_TEMPLATE if self.item_repr == "id" else DEFAULT_TEMPLATE),

@@ -335,7 +335,7 @@ class SDPOTrainer(DPOTrainer):
         if len(dataset) and is_conversational(dataset[0]):
             raise DataError(f"{dataset_name}: conversational preference data is not supported; use plain text")
         tokenizer = self._tokenizer
-        eos, n_neg, vocabs = tokenizer.eos_token, args.num_negatives, self.env_vocabs
+        eos, n_neg = tokenizer.eos_token, args.num_negatives
 
         def tokenize(example):
             if args.all_negatives:
@@ -358,10 +358,7 @@ class SDPOTrainer(DPOTrainer):
                 "chosen_ids": full[0][n_prompt:],
                 "rejected_ids": [ids[n_prompt:] for ids in full[1:]],
             }
-            for col, vocab in vocabs.items():
-                value = str(example[col]) if col in example else None
-                out[env_id_column(col)] = vocab.index(value) if value in vocab else -1
-            return out
+            return {**out, **self._environment_ids(example)}
 
         dataset = dataset.map(tokenize, num_proc=args.dataset_num_proc, desc=f"Tokenizing {dataset_name} dataset")
         if args.max_length is not None:  # keep_start truncation would leave no completion token
@@ -385,10 +382,15 @@ class SDPOTrainer(DPOTrainer):
             raise DataError(f"{dataset_name}: with num_negatives: all the chosen completion must be one item token "
                             f"right after the prompt; {chosen!r} is not")
         out = {"prompt_ids": prompt_ids, "chosen_ids": answer, "rejected_ids": [], CHOSEN_ITEM: self._item_column[answer[0]]}
+        return {**out, **self._environment_ids(example)}
+
+    def _environment_ids(self, example) -> dict[str, int]:
+        """Each environment column's index in its vocabulary (-1 for a value not seen in training)."""
+        ids = {}
         for col, vocab in self.env_vocabs.items():
             value = str(example[col]) if col in example else None
-            out[env_id_column(col)] = vocab.index(value) if value in vocab else -1
-        return out
+            ids[env_id_column(col)] = vocab.index(value) if value in vocab else -1
+        return ids
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -426,6 +428,10 @@ class SDPOTrainer(DPOTrainer):
             logps, _ = sequence_logps(ref, inputs["input_ids"], inputs["attention_mask"], inputs["completion_mask"])
         return logps
 
+    def _batch_environments(self, inputs) -> dict[str, torch.Tensor]:
+        """The batch's integer environment columns (``season_id`` ...) that the dataset has."""
+        return {env_id_column(c): inputs[env_id_column(c)] for c in self.env_vocabs if env_id_column(c) in inputs}
+
     def _catalog_batch(self, model, inputs) -> PreferenceBatch:
         """``num_negatives="all"``: the chosen item against every other item of the catalog."""
         policy, extras = self._policy_forward(model, inputs)
@@ -440,7 +446,7 @@ class SDPOTrainer(DPOTrainer):
             logits=sdpo_logits(chosen, ratios, self.beta).masked_fill(~others, MASKED_LOGIT),
             policy_chosen_logps=policy[rows, chosen_col],
             policy_rejected_logps=policy,
-            env={env_id_column(c): inputs[env_id_column(c)] for c in self.env_vocabs if env_id_column(c) in inputs},
+            env=self._batch_environments(inputs),
             extras=extras,
             rejected_mask=others,
         )
@@ -459,7 +465,7 @@ class SDPOTrainer(DPOTrainer):
             logits=sdpo_logits(chosen, rejected, self.beta),
             policy_chosen_logps=policy[0],
             policy_rejected_logps=policy[1:].t(),
-            env={env_id_column(c): inputs[env_id_column(c)] for c in self.env_vocabs if env_id_column(c) in inputs},
+            env=self._batch_environments(inputs),
             extras=extras,
         )
 
