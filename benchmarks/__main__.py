@@ -46,9 +46,16 @@ def run_benchmark(name: str, quick: bool = False, opts: Any = None) -> dict[str,
     machine = machine_info()
     t0 = time.perf_counter()
     result = mod.run(opts)
-    result.update({"schema_version": SCHEMA_VERSION, "quick": quick, "machine": machine,
-                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-                   "wall_s": time.perf_counter() - t0, "load_avg_after": [round(x, 2) for x in os.getloadavg()]})
+    result.update(
+        {
+            "schema_version": SCHEMA_VERSION,
+            "quick": quick,
+            "machine": machine,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "wall_s": time.perf_counter() - t0,
+            "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+        }
+    )
     return result
 
 
@@ -56,17 +63,28 @@ def render_summary(results: list[dict[str, Any]], command: str) -> str:
     lines = ["# Benchmark summary", "", f"Command: `{command}`", ""]
     if results:
         m = results[0]["machine"]
-        lines += [f"Machine: {m['cpu'] or 'unknown CPU'}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, "
-                  f"nice {m['nice']}, load average at start {m['load_avg']}; "
-                  f"torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}, "
-                  f"trl {m['versions'].get('trl', '?')}, faiss {m['versions'].get('faiss-cpu', '?')}.", ""]
-        lines += ["## Goals", "", "(met –: measured at other sizes than the goal's, e.g. with --quick: reported, not judged)",
-                  "", "| benchmark | goal | target | measured | met |", "|---|---|---|---|---|"]
+        lines += [
+            f"Machine: {m['cpu'] or 'unknown CPU'}, {m['cpu_count']} cores, torch threads {m['torch_threads']}, "
+            f"nice {m['nice']}, load average at start {m['load_avg']}; "
+            f"torch {m['versions'].get('torch', '?')}, transformers {m['versions'].get('transformers', '?')}, "
+            f"trl {m['versions'].get('trl', '?')}, faiss {m['versions'].get('faiss-cpu', '?')}.",
+            "",
+        ]
+        lines += [
+            "## Goals",
+            "",
+            "(met –: measured at other sizes than the goal's, e.g. with --quick: reported, not judged)",
+            "",
+            "| benchmark | goal | target | measured | met |",
+            "|---|---|---|---|---|",
+        ]
         for r in results:
             for g in r.get("goals", []):
                 met = {True: "yes", False: "**no**", None: "–"}[g.get("passed")]
                 measured = g.get("measured")
-                shown = f"{measured:.3g}" if isinstance(measured, float) else ("–" if measured is None else str(measured))
+                shown = (
+                    f"{measured:.3g}" if isinstance(measured, float) else ("–" if measured is None else str(measured))
+                )
                 lines.append(f"| {r['benchmark']} | {g['name']} | {g['target']} | {shown} | {met} |")
         lines.append("")
     for r in results:
@@ -85,19 +103,38 @@ def render_summary(results: list[dict[str, Any]], command: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run of about 1-2 minutes")
-    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}"
+    )
     parser.add_argument("--out", default="benchmarks/results", help="output folder (JSON per benchmark, summary.md)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch/faiss intra-op threads in this process (default 1: on a shared 2-core machine "
-                             "more threads than free cores slows tiny models down badly; e2e/prepare children "
-                             "use their own defaults)")
-    parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
-                        help="e2e: extra --param for `causalrec run` (repeatable)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/faiss intra-op threads in this process (default 1: on a shared 2-core machine "
+        "more threads than free cores slows tiny models down badly; e2e/prepare children "
+        "use their own defaults)",
+    )
+    parser.add_argument(
+        "--param",
+        "-p",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e2e: extra --param for `causalrec run` (repeatable)",
+    )
     parser.add_argument("--e2e-timeout", type=float, default=None, help="e2e: kill the run after this many seconds")
-    parser.add_argument("--render", action="store_true",
-                        help="only write DIR/summary.md again from the JSON files in DIR (no benchmark runs)")
-    parser.add_argument("--e2e-threads", type=int, default=None,
-                        help="e2e: torch threads of the child (default: torch's own, all cores)")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only write DIR/summary.md again from the JSON files in DIR (no benchmark runs)",
+    )
+    parser.add_argument(
+        "--e2e-threads",
+        type=int,
+        default=None,
+        help="e2e: torch threads of the child (default: torch's own, all cores)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):

@@ -48,8 +48,13 @@ def median(values: Sequence[float]) -> float:
 def timings(values: Sequence[float]) -> dict[str, Any]:
     """Summary of repeated timings in seconds: median, min, max, n (and the raw values)."""
     vals = [float(v) for v in values]
-    return {"median_s": median(vals), "min_s": min(vals) if vals else None, "max_s": max(vals) if vals else None,
-            "n": len(vals), "values_s": [round(v, 6) for v in vals]}
+    return {
+        "median_s": median(vals),
+        "min_s": min(vals) if vals else None,
+        "max_s": max(vals) if vals else None,
+        "n": len(vals),
+        "values_s": [round(v, 6) for v in vals],
+    }
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -66,8 +71,9 @@ def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def interleaved(variants: dict[str, Callable[[], Any]], repeats: int,
-                warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def interleaved(
+    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Time each variant ``repeats`` times, rotating the order every round (A B C, B C A, ...), after
     ``warmup`` untimed rounds; returns (wall seconds, CPU seconds) per variant."""
     names = list(variants)
@@ -77,7 +83,7 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int,
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             w, c, _ = timed_cpu(variants[name])
             wall[name].append(w)
@@ -179,8 +185,13 @@ sys.exit(code if code >= 0 else 128 - code)
 """
 
 
-def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-              timeout: float | None = None) -> ChildResult:
+def run_child(
+    cmd: Sequence[str],
+    *,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float | None = None,
+) -> ChildResult:
     """Run ``cmd`` (output to a temp file, no pipe deadlock); peak RSS and CPU time are those of that command and
     its own children (``os.wait4`` in a small wrapper process, see ``_WRAPPER``). On timeout the wrapper's whole
     process group (wrapper and command) is killed."""
@@ -191,11 +202,18 @@ def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str
         report = Path(tmp) / "rusage.json"
         with open(Path(tmp) / "output.log", "w+b") as log:
             start = time.perf_counter()  # the child inherits this process's niceness
-            proc = subprocess.Popen([sys.executable, "-c", _WRAPPER, str(report), *cmd], stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _WRAPPER, str(report), *cmd],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=cwd,
+                start_new_session=True,
+            )
             killed = threading.Event()
             timer = None
             if timeout:
+
                 def kill():
                     killed.set()
                     with contextlib.suppress(ProcessLookupError):
@@ -212,15 +230,27 @@ def run_child(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str
             log.seek(0)
             output = log.read().decode("utf-8", errors="replace")
         usage = json.loads(report.read_text()) if report.is_file() else {}
-    return ChildResult(int(usage.get("returncode", proc.returncode)), wall, int(usage.get("maxrss_kb", 0)) * 1024,
-                       output, killed.is_set(), float(usage.get("cpu_s", 0.0)))
+    return ChildResult(
+        int(usage.get("returncode", proc.returncode)),
+        wall,
+        int(usage.get("maxrss_kb", 0)) * 1024,
+        output,
+        killed.is_set(),
+        float(usage.get("cpu_s", 0.0)),
+    )
 
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": os.pathsep.join(
-                    [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])),
+        }
+    )
     env.update(extra)
     return env
 
@@ -245,10 +275,16 @@ def machine_info() -> dict[str, Any]:
 
             versions[name] = md.version(name)
     return {
-        "cpu": model, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
-        "memory_bytes": mem, "python": platform.python_version(), "platform": platform.platform(),
-        "torch_threads": torch.get_num_threads(), "load_avg": [round(x, 2) for x in os.getloadavg()],
-        "nice": os.nice(0), "versions": versions,
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
+        "nice": os.nice(0),
+        "versions": versions,
     }
 
 

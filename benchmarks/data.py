@@ -12,7 +12,9 @@ from causalrec.data.sources.retail_sim import ADJECTIVES, CATEGORIES, MATERIALS,
 def catalog_titles(n: int, seed: int = 0) -> list[str]:
     """``n`` distinct titles built like retail-sim's ("LARGE RED CERAMIC MUG"): size, colour/pattern, material,
     noun of one of its 20 categories. A fixed seeded order, so smaller catalogs are prefixes of larger ones."""
-    table = [f"{s}{a} {m} {noun}" for cat in CATEGORIES for s, a, m, noun in product(SIZES, ADJECTIVES, MATERIALS, cat.nouns)]
+    table = [
+        f"{s}{a} {m} {noun}" for cat in CATEGORIES for s, a, m, noun in product(SIZES, ADJECTIVES, MATERIALS, cat.nouns)
+    ]
     if n > len(table):
         raise ValueError(f"at most {len(table)} distinct synthetic titles; asked for {n}")
     order = np.random.default_rng(seed).permutation(len(table))[:n]

@@ -79,23 +79,40 @@ def _records(opts: Options, titles: list[str]):
     for i in range(opts.prompts):
         picks = rng.choice(len(titles), 1 + opts.negatives, replace=False)
         history = [titles[j] for j in rng.integers(0, len(titles), opts.history_items)]
-        out.append(PreferenceRecord(history, titles[picks[0]], [titles[j] for j in picks[1:]],
-                                    SEASONS[i % len(SEASONS)], REGIONS[(i // 2) % len(REGIONS)]))
+        out.append(
+            PreferenceRecord(
+                history,
+                titles[picks[0]],
+                [titles[j] for j in picks[1:]],
+                SEASONS[i % len(SEASONS)],
+                REGIONS[(i // 2) % len(REGIONS)],
+            )
+        )
     return out
 
 
 def _trainer(kind: str, model, tok, dataset, opts: Options, out_dir: str):
     from causalrec.training import CausalDPOConfig, CausalDPOTrainer, SDPOConfig, SDPOTrainer
 
-    common = dict(output_dir=out_dir, per_device_train_batch_size=opts.prompts, num_negatives=opts.negatives,
-                  beta=0.1, learning_rate=5e-4, report_to="none", save_strategy="no", disable_tqdm=True,
-                  logging_steps=10_000, seed=0)
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=opts.prompts,
+        num_negatives=opts.negatives,
+        beta=0.1,
+        learning_rate=5e-4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=10_000,
+        seed=0,
+    )
     if kind == "sdpo" or kind.startswith("per_env"):
         trainer = SDPOTrainer(model, args=SDPOConfig(**common), train_dataset=dataset, processing_class=tok)
     else:
-        extra = {"env_source": "season"} if kind == "causal_dpo_season" else {}
-        trainer = CausalDPOTrainer(model, args=CausalDPOConfig(**common, **extra), train_dataset=dataset,
-                                   processing_class=tok)
+        extra = {"env_source": "season" if kind == "causal_dpo_season" else "latent"}
+        trainer = CausalDPOTrainer(
+            model, args=CausalDPOConfig(**common, **extra), train_dataset=dataset, processing_class=tok
+        )
         trainer.initialize_environments()
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
@@ -108,7 +125,9 @@ def _trainer_step(trainer, inputs) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def per_environment_step(trainer, inputs: dict[str, torch.Tensor], n_environments: int, lambda_inv: float = 0.1) -> float:
+def per_environment_step(
+    trainer, inputs: dict[str, torch.Tensor], n_environments: int, lambda_inv: float = 0.1
+) -> float:
     """The per-environment-forward design (reference only): prompt i is in environment ``i % K``; each
     environment's rows get their own policy and reference forward (sliced out of the batch and cut to their own
     longest row, as a per-environment collate would pad them); loss = mean of environment risks + lambda * MMD of
@@ -197,25 +216,36 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             else:
                 steps[kind] = (lambda t: lambda: _trainer_step(t, inputs))(trainer)
         forwards = {kind: _count_forwards(trainers[kind], steps[kind]) for kind in kinds}
-        log_progress("dpo_step: batch %s tokens, timing %d variants x %d repeats", tuple(inputs["input_ids"].shape),
-                     len(kinds), opts.repeats)
+        log_progress(
+            "dpo_step: batch %s tokens, timing %d variants x %d repeats",
+            tuple(inputs["input_ids"].shape),
+            len(kinds),
+            opts.repeats,
+        )
         times, cpu = interleaved(steps, opts.repeats, warmup=opts.warmup)
         memory = {kind: [] for kind in kinds}
         tensor_peak = {kind: tensor_peak_bytes(steps[kind])[0] for kind in kinds}  # deterministic: once
         for r in range(opts.memory_repeats):
-            for kind in kinds[r % len(kinds):] + kinds[: r % len(kinds)]:
+            for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                 memory[kind].append(rss_peak_delta_bytes(steps[kind])[0])
         resident = {kind: _resident_bytes(trainers[kind]) for kind in kinds}
     base_t, base_m, base_c = median(times["sdpo"]), median(memory["sdpo"]), median(cpu["sdpo"])
     variants = {}
     for kind in kinds:
         t, m = median(times[kind]), median(memory[kind])
-        variants[kind] = {"forwards_per_step": forwards[kind], **timings(times[kind]), "time_ratio": ratio(t, base_t),
-                          "cpu_median_s": median(cpu[kind]), "cpu_time_ratio": ratio(median(cpu[kind]), base_c),
-                          "step_peak_bytes": m, "step_peak_values": memory[kind], "memory_ratio": ratio(m, base_m),
-                          "tensor_peak_bytes": tensor_peak[kind],
-                          "tensor_memory_ratio": ratio(tensor_peak[kind], tensor_peak["sdpo"]),
-                          "resident_bytes": resident[kind]}
+        variants[kind] = {
+            "forwards_per_step": forwards[kind],
+            **timings(times[kind]),
+            "time_ratio": ratio(t, base_t),
+            "cpu_median_s": median(cpu[kind]),
+            "cpu_time_ratio": ratio(median(cpu[kind]), base_c),
+            "step_peak_bytes": m,
+            "step_peak_values": memory[kind],
+            "memory_ratio": ratio(m, base_m),
+            "tensor_peak_bytes": tensor_peak[kind],
+            "tensor_memory_ratio": ratio(tensor_peak[kind], tensor_peak["sdpo"]),
+            "resident_bytes": resident[kind],
+        }
     c = variants["causal_dpo"]
     at_goal = opts.prompts == 32 and opts.negatives == 3  # the setting the goals are stated for
 
@@ -224,14 +254,26 @@ def run(opts: Options | None = None) -> dict[str, Any]:
 
     return {
         "benchmark": NAME,
-        "config": {**opts.__dict__, "batch_shape": list(inputs["input_ids"].shape),
-                   "backbone": "tiny (Llama hidden 64, 2 layers, 4 heads), full fine-tuning, frozen reference copy",
-                   "optimizer": "AdamW (Trainer default)", "causal_dpo": "latent, K=4, mmd, lambda_inv 0.1 (defaults)"},
+        "config": {
+            **opts.__dict__,
+            "batch_shape": list(inputs["input_ids"].shape),
+            "backbone": "tiny (Llama hidden 64, 2 layers, 4 heads), full fine-tuning, frozen reference copy",
+            "optimizer": "AdamW (Trainer default)",
+            "causal_dpo": "latent, K=4, mmd, lambda_inv 0.1 (defaults)",
+        },
         "goals": [
-            {"name": "CausalDPO / S-DPO step time", "target": f"<= {GOAL_TIME}x", "measured": c["time_ratio"],
-             "passed": met(c["time_ratio"] <= GOAL_TIME)},
-            {"name": "CausalDPO / S-DPO step peak memory", "target": f"<= {GOAL_MEMORY}x", "measured": c["memory_ratio"],
-             "passed": met(c["memory_ratio"] <= GOAL_MEMORY)},
+            {
+                "name": "CausalDPO / S-DPO step time",
+                "target": f"<= {GOAL_TIME}x",
+                "measured": c["time_ratio"],
+                "passed": met(c["time_ratio"] <= GOAL_TIME),
+            },
+            {
+                "name": "CausalDPO / S-DPO step peak memory",
+                "target": f"<= {GOAL_MEMORY}x",
+                "measured": c["memory_ratio"],
+                "passed": met(c["memory_ratio"] <= GOAL_MEMORY),
+            },
         ],
         "results": {"variants": variants},
         "notes": [
@@ -250,14 +292,38 @@ def run(opts: Options | None = None) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> list[str]:
     v = result["results"]["variants"]
-    rows = [[k, d["forwards_per_step"], d["median_s"] * 1e3, f"{fmt(d['time_ratio'])}x",
-             f"{fmt(d['cpu_time_ratio'])}x", mib(d["step_peak_bytes"]),
-             f"{fmt(d['memory_ratio'])}x", mib(d["tensor_peak_bytes"]), f"{fmt(d['tensor_memory_ratio'])}x",
-             mib(d["resident_bytes"])]
-            for k, d in v.items()]
+    rows = [
+        [
+            k,
+            d["forwards_per_step"],
+            d["median_s"] * 1e3,
+            f"{fmt(d['time_ratio'])}x",
+            f"{fmt(d['cpu_time_ratio'])}x",
+            mib(d["step_peak_bytes"]),
+            f"{fmt(d['memory_ratio'])}x",
+            mib(d["tensor_peak_bytes"]),
+            f"{fmt(d['tensor_memory_ratio'])}x",
+            mib(d["resident_bytes"]),
+        ]
+        for k, d in v.items()
+    ]
     shape = result["config"]["batch_shape"]
-    return [f"Batch: {result['config']['prompts']} prompts x (1 + {result['config']['negatives']}) completions = "
-            f"{shape[0]} rows x {shape[1]} tokens.", ""] + md_table(
-        ["variant", "backbone forwards / step", "median ms", "time vs S-DPO", "CPU time vs S-DPO",
-         "step peak MiB (touched)",
-         "vs S-DPO", "tensor peak MiB (allocated)", "vs S-DPO", "resident MiB"], rows)
+    return [
+        f"Batch: {result['config']['prompts']} prompts x (1 + {result['config']['negatives']}) completions = "
+        f"{shape[0]} rows x {shape[1]} tokens.",
+        "",
+    ] + md_table(
+        [
+            "variant",
+            "backbone forwards / step",
+            "median ms",
+            "time vs S-DPO",
+            "CPU time vs S-DPO",
+            "step peak MiB (touched)",
+            "vs S-DPO",
+            "tensor peak MiB (allocated)",
+            "vs S-DPO",
+            "resident MiB",
+        ],
+        rows,
+    )

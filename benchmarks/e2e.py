@@ -22,8 +22,10 @@ from benchmarks.common import child_env, fmt, log_progress, md_table, mib, run_c
 NAME = "e2e"
 GOAL_SECONDS = 300.0
 # "stage sft: 1234 training rows, trained in 12.3s; valid NDCG@10 0.0123 in 4.5s"
-_STAGE_LINE = re.compile(r"stage (\w+): (\d+) training rows, (?:trained in ([\d.]+)s|loaded from the stage cache)"
-                         r"(?:; valid \S+ ([-\d.]+) in ([\d.]+)s)?")
+_STAGE_LINE = re.compile(
+    r"stage (\w+): (\d+) training rows, (?:trained in ([\d.]+)s|loaded from the stage cache)"
+    r"(?:; valid \S+ ([-\d.]+) in ([\d.]+)s)?"
+)
 
 
 @dataclass
@@ -37,14 +39,36 @@ class Options:
     @classmethod
     def quick(cls) -> "Options":
         """A tiny run through the same code path (checks the plumbing, says nothing about the goal)."""
-        return cls(params=["sim_users=150", "sim_items=60", "sft_args={max_steps: 5}", "dpo_args={max_steps: 3}",
-                           "tiny_hidden_size=16", "tiny_layers=1"], timeout_s=600.0)
+        return cls(
+            params=[
+                "sim_users=150",
+                "sim_items=60",
+                "sft_args={max_steps: 5}",
+                "dpo_args={max_steps: 3}",
+                "tiny_hidden_size=16",
+                "tiny_layers=1",
+            ],
+            timeout_s=600.0,
+        )
 
 
 def command(opts: Options, tmp: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "causalrec", "run", "--model", opts.model, "--dataset", opts.dataset,
-           "--param", f"data_cache_dir={tmp / 'cache'}", "--param", f"checkpoint_dir={tmp / 'saved'}",
-           "--output", str(tmp / "result.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "causalrec",
+        "run",
+        "--model",
+        opts.model,
+        "--dataset",
+        opts.dataset,
+        "--param",
+        f"data_cache_dir={tmp / 'cache'}",
+        "--param",
+        f"checkpoint_dir={tmp / 'saved'}",
+        "--output",
+        str(tmp / "result.json"),
+    ]
     for p in opts.params:
         cmd += ["--param", p]
     return cmd
@@ -53,10 +77,15 @@ def command(opts: Options, tmp: Path) -> list[str]:
 def parse_stages(output: str) -> list[dict[str, Any]]:
     stages = []
     for m in _STAGE_LINE.finditer(output):
-        stages.append({"stage": m.group(1), "rows": int(m.group(2)),
-                       "train_s": float(m.group(3)) if m.group(3) else None,
-                       "valid_score": float(m.group(4)) if m.group(4) else None,
-                       "valid_s": float(m.group(5)) if m.group(5) else None})
+        stages.append(
+            {
+                "stage": m.group(1),
+                "rows": int(m.group(2)),
+                "train_s": float(m.group(3)) if m.group(3) else None,
+                "valid_score": float(m.group(4)) if m.group(4) else None,
+                "valid_s": float(m.group(5)) if m.group(5) else None,
+            }
+        )
     return stages
 
 
@@ -68,8 +97,9 @@ def run(opts: Options | None = None) -> dict[str, Any]:
         shown = "causalrec " + " ".join(cmd[3:]).replace(str(tmp), "$TMP")
         log_progress("e2e: %s", shown)
         extra = {"OMP_NUM_THREADS": str(opts.threads)} if opts.threads else {}
-        child = run_child(cmd, env=child_env(CAUSALREC_CACHE=str(tmp / "cache"), **extra), cwd=tmp,
-                          timeout=opts.timeout_s)
+        child = run_child(
+            cmd, env=child_env(CAUSALREC_CACHE=str(tmp / "cache"), **extra), cwd=tmp, timeout=opts.timeout_s
+        )
         result = json.loads((tmp / "result.json").read_text()) if (tmp / "result.json").is_file() else {}
     stages = parse_stages(child.output)
     accounted = sum((s["train_s"] or 0) + (s["valid_s"] or 0) for s in stages)
@@ -77,16 +107,25 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     return {
         "benchmark": NAME,
         "config": {**opts.__dict__, "command": shown},
-        "goals": [{"name": f"{opts.model} on {opts.dataset} end to end" + (" (quick params)" if opts.params else ""),
-                   "target": f"< {GOAL_SECONDS:g} s", "measured": child.wall_s if ok else None,
-                   # judged for the README command only; with extra --params (e.g. --quick's) just reported
-                   "passed": ((child.wall_s < GOAL_SECONDS) if not opts.params else None) if ok else False}],
+        "goals": [
+            {
+                "name": f"{opts.model} on {opts.dataset} end to end" + (" (quick params)" if opts.params else ""),
+                "target": f"< {GOAL_SECONDS:g} s",
+                "measured": child.wall_s if ok else None,
+                # judged for the README command only; with extra --params (e.g. --quick's) just reported
+                "passed": ((child.wall_s < GOAL_SECONDS) if not opts.params else None) if ok else False,
+            }
+        ],
         "results": {
-            "returncode": child.returncode, "timed_out": child.timed_out, "wall_s": child.wall_s,
+            "returncode": child.returncode,
+            "timed_out": child.timed_out,
+            "wall_s": child.wall_s,
             "cpu_s": child.cpu_s,
-            "peak_rss_bytes": child.peak_rss_bytes, "stages": stages,
+            "peak_rss_bytes": child.peak_rss_bytes,
+            "stages": stages,
             "other_s": child.wall_s - accounted,
-            "stage_results": result.get("stages"), "test_result": result.get("test_result"),
+            "stage_results": result.get("stages"),
+            "test_result": result.get("test_result"),
             "output_tail": child.output[-4000:],
         },
         "notes": [
@@ -103,13 +142,18 @@ def run(opts: Options | None = None) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> list[str]:
     r = result["results"]
-    lines = [f"`{result['config']['command']}`: exit {r['returncode']}{' (timed out)' if r['timed_out'] else ''}, "
-             f"wall {fmt(r['wall_s'])} s, CPU {fmt(r.get('cpu_s'))} s (user + system), peak RSS "
-             f"{fmt(mib(r['peak_rss_bytes']))} MiB.", ""]
+    lines = [
+        f"`{result['config']['command']}`: exit {r['returncode']}{' (timed out)' if r['timed_out'] else ''}, "
+        f"wall {fmt(r['wall_s'])} s, CPU {fmt(r.get('cpu_s'))} s (user + system), peak RSS "
+        f"{fmt(mib(r['peak_rss_bytes']))} MiB.",
+        "",
+    ]
     if r["stages"]:
-        lines += md_table(["stage", "training rows", "train s", "valid s", "valid score"],
-                          [[s["stage"], s["rows"], s["train_s"], s["valid_s"], s["valid_score"]] for s in r["stages"]]
-                          + [["other (start, data, model build, test)", "", r["other_s"], "", ""]])
+        lines += md_table(
+            ["stage", "training rows", "train s", "valid s", "valid score"],
+            [[s["stage"], s["rows"], s["train_s"], s["valid_s"], s["valid_score"]] for s in r["stages"]]
+            + [["other (start, data, model build, test)", "", r["other_s"], "", ""]],
+        )
     if r.get("test_result"):
         lines += ["", "test: " + ", ".join(f"{k} {v:.4f}" for k, v in r["test_result"].items())]
     if r["returncode"] != 0:

@@ -68,12 +68,17 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     rows = []
     for dim in opts.dims:
         data = embeddings(opts.items + opts.queries, dim, opts.clusters, opts.spread, seed=dim)
-        items, queries = data[: opts.items], data[opts.items:]
+        items, queries = data[: opts.items], data[opts.items :]
         log_progress("grounding: %d items, dim %d: building indexes", opts.items, dim)
         flat_build, flat = timed(lambda: EmbeddingIndex(items, kind="flat", metric="cosine"))
         flat_s, truth = _search_times(flat, queries, opts.k, opts.repeats)
-        row = {"dim": dim, "items": opts.items, "queries": opts.queries,
-               "flat": {"build_s": flat_build, "search_s": flat_s, "qps": opts.queries / flat_s}, "indexes": []}
+        row = {
+            "dim": dim,
+            "items": opts.items,
+            "queries": opts.queries,
+            "flat": {"build_s": flat_build, "search_s": flat_s, "qps": opts.queries / flat_s},
+            "indexes": [],
+        }
         for kind, knob, values in (("hnsw", "ef_search", opts.hnsw_ef), ("ivf", "nprobe", opts.ivf_nprobe)):
             build_s, index = timed(lambda: EmbeddingIndex(items, kind=kind, metric="cosine"))
             default = _knob(index, kind)
@@ -81,21 +86,35 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             for value in sorted(set(values) | {default}):
                 _set_knob(index, kind, value)
                 search_s, ids = _search_times(index, queries, opts.k, opts.repeats)
-                row["indexes"].append({
-                    "kind": kind, knob: value, "default": value == default, "build_s": build_s,
-                    "calibration_recall": calibration if value == default else None,
-                    "params": _params(index, kind), "search_s": search_s, "qps": opts.queries / search_s,
-                    "speedup_vs_flat": ratio(flat_s, search_s), "recall_at_k": recall_at_k(ids, truth)})
+                row["indexes"].append(
+                    {
+                        "kind": kind,
+                        knob: value,
+                        "default": value == default,
+                        "build_s": build_s,
+                        "calibration_recall": calibration if value == default else None,
+                        "params": _params(index, kind),
+                        "search_s": search_s,
+                        "qps": opts.queries / search_s,
+                        "speedup_vs_flat": ratio(flat_s, search_s),
+                        "recall_at_k": recall_at_k(ids, truth),
+                    }
+                )
             _set_knob(index, kind, default)
         rows.append(row)
     goals = []
     for row in rows:
         for e in row["indexes"]:
             if e["default"]:
-                goals.append({"name": f"recall@{opts.k} {e['kind']} defaults, dim {row['dim']}, {row['items']:,} items",
-                              "target": f">= {GOAL_RECALL}", "measured": e["recall_at_k"],
-                              # judged at the goal's 100k items only (e.g. not --quick's 20k)
-                              "passed": e["recall_at_k"] >= GOAL_RECALL if row["items"] >= 100_000 else None})
+                goals.append(
+                    {
+                        "name": f"recall@{opts.k} {e['kind']} defaults, dim {row['dim']}, {row['items']:,} items",
+                        "target": f">= {GOAL_RECALL}",
+                        "measured": e["recall_at_k"],
+                        # judged at the goal's 100k items only (e.g. not --quick's 20k)
+                        "passed": e["recall_at_k"] >= GOAL_RECALL if row["items"] >= 100_000 else None,
+                    }
+                )
     return {
         "benchmark": NAME,
         "config": {**opts.__dict__, "metric": "cosine"},
@@ -137,21 +156,37 @@ def _params(index, kind: str) -> dict[str, int]:
 
     base = faiss.downcast_index(index.index.index)
     if kind == "hnsw":
-        return {"M": int(base.hnsw.nb_neighbors(1)), "efConstruction": int(base.hnsw.efConstruction),
-                "efSearch": int(base.hnsw.efSearch)}
+        return {
+            "M": int(base.hnsw.nb_neighbors(1)),
+            "efConstruction": int(base.hnsw.efConstruction),
+            "efSearch": int(base.hnsw.efSearch),
+        }
     return {"nlist": int(base.nlist), "nprobe": int(base.nprobe)}
 
 
 def summary(result: dict[str, Any]) -> list[str]:
     lines = []
     for row in result["results"]["dims"]:
-        lines += [f"dim {row['dim']}, {row['items']:,} items, {row['queries']:,} queries; exact flat: "
-                  f"{fmt(row['flat']['qps'])} queries/s (build {fmt(row['flat']['build_s'])} s).", ""]
+        lines += [
+            f"dim {row['dim']}, {row['items']:,} items, {row['queries']:,} queries; exact flat: "
+            f"{fmt(row['flat']['qps'])} queries/s (build {fmt(row['flat']['build_s'])} s).",
+            "",
+        ]
         lines += md_table(
             ["index", "parameters", "default", "build s", "queries/s", "speed-up vs flat", "recall@10"],
-            [[e["kind"], ", ".join(f"{k}={v}" for k, v in e["params"].items() if k in ("M", "nlist"))
-              + f", {'ef_search' if e['kind'] == 'hnsw' else 'nprobe'}={e.get('ef_search', e.get('nprobe'))}",
-              e["default"], e["build_s"], e["qps"], f"{fmt(e['speedup_vs_flat'])}x", f"{e['recall_at_k']:.4f}"]
-             for e in row["indexes"]])
+            [
+                [
+                    e["kind"],
+                    ", ".join(f"{k}={v}" for k, v in e["params"].items() if k in ("M", "nlist"))
+                    + f", {'ef_search' if e['kind'] == 'hnsw' else 'nprobe'}={e.get('ef_search', e.get('nprobe'))}",
+                    e["default"],
+                    e["build_s"],
+                    e["qps"],
+                    f"{fmt(e['speedup_vs_flat'])}x",
+                    f"{e['recall_at_k']:.4f}",
+                ]
+                for e in row["indexes"]
+            ],
+        )
         lines.append("")
     return lines

@@ -90,10 +90,24 @@ class Options:
 
     @classmethod
     def quick(cls) -> "Options":
-        return cls(real_users=64, real_title_users=2, real_rounds=1, synthetic_items=5000, synthetic_users=64,
-                   synthetic_title_users=1, synthetic_rounds=1, check_users=8,
-                   sasrec_config={"sim_users": 300, "sim_items": 120}, sasrec_cases=128, sasrec_rounds=2,
-                   step_items=500, step_prompts=8, step_repeats=2, step_warmup=1, step_memory_repeats=1)
+        return cls(
+            real_users=64,
+            real_title_users=2,
+            real_rounds=1,
+            synthetic_items=5000,
+            synthetic_users=64,
+            synthetic_title_users=1,
+            synthetic_rounds=1,
+            check_users=8,
+            sasrec_config={"sim_users": 300, "sim_items": 120},
+            sasrec_cases=128,
+            sasrec_rounds=2,
+            step_items=500,
+            step_prompts=8,
+            step_repeats=2,
+            step_warmup=1,
+            step_memory_repeats=1,
+        )
 
 
 # ------------------------------------------------------------------------------------------ models, prompts
@@ -132,7 +146,7 @@ def id_prompts(tok, histories: list[list[int]]) -> list[list[int]]:
 def title_model(titles: list[str]):
     """Tiny default backbone on the titles, the catalog's trie and the title prompt format (last 10 titles)."""
     from causalrec.data.prompts import PromptFormat
-    from causalrec.llm.ranking import TitleTrie, title_token_ids
+    from causalrec.llm.trie import TitleTrie, title_token_ids
 
     fmt_ = PromptFormat(max_history_items=TITLE_HISTORY)
     model, tok = tiny_backbone(titles + [fmt_.template, fmt_.prompt([])])
@@ -154,18 +168,30 @@ def _trie_rank(model, prompts, trie, batch):
 
 def same_scores(model, tok, prompts, ids, batch) -> dict[str, Any]:
     """Trie walk over one-token items vs the one-forward scores, same id model, same prompts."""
-    from causalrec.llm.ranking import TitleTrie
+    from causalrec.llm.trie import TitleTrie
 
     trie = TitleTrie.from_token_ids([[t] for t in ids])
     fast = _id_rank(model, tok, prompts, ids, batch)
     walked = _trie_rank(model, prompts, trie, 8)
-    return {"cases": len(prompts), "items": len(ids), "max_abs_diff": float((fast - walked).abs().max()),
-            "score_std": float(fast.std()), "score_min": float(fast.min())}
+    return {
+        "cases": len(prompts),
+        "items": len(ids),
+        "max_abs_diff": float((fast - walked).abs().max()),
+        "score_std": float(fast.std()),
+        "score_min": float(fast.min()),
+    }
 
 
 # ------------------------------------------------------------------------------------- 1. id vs title trie
-def compare_ranking(label: str, titles: list[str], id_hist: list[list[int]], title_hist: list[list[str]],
-                    n_title: int, rounds: int, opts: Options) -> dict[str, Any]:
+def compare_ranking(
+    label: str,
+    titles: list[str],
+    id_hist: list[list[int]],
+    title_hist: list[list[str]],
+    n_title: int,
+    rounds: int,
+    opts: Options,
+) -> dict[str, Any]:
     """Per-case seconds of the id model (all ``id_hist`` cases per round) and of the title trie (the first
     ``n_title`` cases per round), interleaved; plus the same-scores check on the id model."""
     n_items = len(titles)
@@ -173,26 +199,56 @@ def compare_ranking(label: str, titles: list[str], id_hist: list[list[int]], tit
     id_p = id_prompts(id_tok, id_hist)
     t_model, t_tok, trie, t_fmt, trie_build_s = title_model(titles)
     t_p = [list(x) for x in t_tok([t_fmt.prompt(h) for h in title_hist[:n_title]])["input_ids"]]
-    log_progress("item_tokens: %s: %d items (trie %d nodes), id %d cases, title %d cases, %d rounds", label, n_items,
-                 trie.n_nodes, len(id_p), len(t_p), rounds)
+    log_progress(
+        "item_tokens: %s: %d items (trie %d nodes), id %d cases, title %d cases, %d rounds",
+        label,
+        n_items,
+        trie.n_nodes,
+        len(id_p),
+        len(t_p),
+        rounds,
+    )
     # warm-up: the id path on one batch, the trie on one case over a small part of the catalog (a full walk of a
     # large catalog would cost a measured round)
     _id_rank(id_model, id_tok, id_p[: opts.id_batch], ids, opts.id_batch)
     _trie_rank(t_model, t_p[:1], trie.subtrie(list(range(min(200, n_items)))), opts.title_batch)
-    wall, cpu = interleaved({"id": lambda: _id_rank(id_model, id_tok, id_p, ids, opts.id_batch),
-                             "title": lambda: _trie_rank(t_model, t_p, trie, opts.title_batch)}, rounds, warmup=0)
+    wall, cpu = interleaved(
+        {
+            "id": lambda: _id_rank(id_model, id_tok, id_p, ids, opts.id_batch),
+            "title": lambda: _trie_rank(t_model, t_p, trie, opts.title_batch),
+        },
+        rounds,
+        warmup=0,
+    )
     n = {"id": len(id_p), "title": len(t_p)}
-    per = {k: {"per_case_s": median(wall[k]) / n[k], "cpu_per_case_s": median(cpu[k]) / n[k], "cases": n[k],
-               "rounds_s": wall[k]} for k in wall}
+    per = {
+        k: {
+            "per_case_s": median(wall[k]) / n[k],
+            "cpu_per_case_s": median(cpu[k]) / n[k],
+            "cases": n[k],
+            "rounds_s": wall[k],
+        }
+        for k in wall
+    }
     per["id"]["prompt_tokens_mean"] = sum(map(len, id_p)) / len(id_p)
     per["title"]["prompt_tokens_mean"] = sum(map(len, t_p)) / len(t_p)
     check = same_scores(id_model, id_tok, id_p[: opts.check_users], ids, opts.id_batch)
-    return {"label": label, "items": n_items, "id_vocabulary": len(id_tok), "title_vocabulary": len(t_tok),
-            "trie_nodes": trie.n_nodes, "trie_evaluated_nodes": int(sum(len(lv.expanded) for lv in trie.levels)),
-            "trie_build_s": trie_build_s, "id_model_build_s": build_id_s, "rounds": rounds,
-            "id": per["id"], "title": per["title"],
-            "speedup": ratio(per["title"]["per_case_s"], per["id"]["per_case_s"]),
-            "speedup_cpu": ratio(per["title"]["cpu_per_case_s"], per["id"]["cpu_per_case_s"]), "same_scores": check}
+    return {
+        "label": label,
+        "items": n_items,
+        "id_vocabulary": len(id_tok),
+        "title_vocabulary": len(t_tok),
+        "trie_nodes": trie.n_nodes,
+        "trie_evaluated_nodes": int(sum(len(lv.expanded) for lv in trie.levels)),
+        "trie_build_s": trie_build_s,
+        "id_model_build_s": build_id_s,
+        "rounds": rounds,
+        "id": per["id"],
+        "title": per["title"],
+        "speedup": ratio(per["title"]["per_case_s"], per["id"]["per_case_s"]),
+        "speedup_cpu": ratio(per["title"]["cpu_per_case_s"], per["id"]["cpu_per_case_s"]),
+        "same_scores": check,
+    }
 
 
 def online_retail_ids(source: str, split: str, n_users: int) -> list[list[int]]:
@@ -222,8 +278,13 @@ def run_real(opts: Options) -> dict[str, Any]:
     titles, title_hist = online_retail_catalog(opts.real_source, opts.real_split, opts.real_users)
     id_hist = online_retail_ids(opts.real_source, opts.real_split, opts.real_users)
     row = compare_ranking("Online Retail", titles, id_hist, title_hist, opts.real_title_users, opts.real_rounds, opts)
-    row.update({"source": opts.real_source, "split": opts.real_split,
-                "history_items_mean": sum(map(len, id_hist)) / max(1, len(id_hist))})
+    row.update(
+        {
+            "source": opts.real_source,
+            "split": opts.real_split,
+            "history_items_mean": sum(map(len, id_hist)) / max(1, len(id_hist)),
+        }
+    )
     return row
 
 
@@ -232,8 +293,9 @@ def run_synthetic(opts: Options) -> dict[str, Any]:
     rng = np.random.default_rng(opts.synthetic_items)
     hist = [rng.integers(1, len(titles) + 1, ID_HISTORY).tolist() for _ in range(opts.synthetic_users)]
     title_hist = [[titles[j - 1] for j in h] for h in hist]  # the same purchases, written as titles
-    return compare_ranking("synthetic", titles, hist, title_hist, opts.synthetic_title_users, opts.synthetic_rounds,
-                           opts)
+    return compare_ranking(
+        "synthetic", titles, hist, title_hist, opts.synthetic_title_users, opts.synthetic_rounds, opts
+    )
 
 
 # ------------------------------------------------------------------------------------------ 2. id vs SASRec
@@ -242,9 +304,16 @@ def run_sasrec(opts: Options) -> dict[str, Any]:
     import causalrec
 
     with tempfile.TemporaryDirectory(prefix="bench-item-tokens-") as tmp:
-        config, trainer, (_train, _valid, test) = causalrec.quick_start.build("SASRec", "retail-sim", config_dict={
-            "show_progress": False, "checkpoint_dir": tmp, "num_threads": torch.get_num_threads(),
-            **opts.sasrec_config})
+        config, trainer, (_train, _valid, test) = causalrec.recbole.quick_start.build(
+            "SASRec",
+            "retail-sim",
+            config_dict={
+                "show_progress": False,
+                "checkpoint_dir": tmp,
+                "num_threads": torch.get_num_threads(),
+                **opts.sasrec_config,
+            },
+        )
     sasrec = trainer.model.eval()
     inter = test._dataset.inter_feat
     cases = min(opts.sasrec_cases, len(inter))
@@ -267,26 +336,44 @@ def run_sasrec(opts: Options) -> dict[str, Any]:
         out = []
         for b0 in range(0, cases, bs):
             s, n = seq[b0 : b0 + bs].tolist(), lengths[b0 : b0 + bs].tolist()
-            out.append(_id_rank(model, tok, id_prompts(tok, [[i for i in r[: int(k)] if i] for r, k in zip(s, n)]),
-                                ids, bs))
+            out.append(
+                _id_rank(model, tok, id_prompts(tok, [[i for i in r[: int(k)] if i] for r, k in zip(s, n)]), ids, bs)
+            )
         return torch.cat(out)
 
     assert torch.equal(id_rank_with_prompts(), id_rank())
-    log_progress("item_tokens: SASRec vs id on retail-sim: %d items, %d cases, batch %d, %d rounds", n_items, cases,
-                 bs, opts.sasrec_rounds)
-    wall, cpu = interleaved({"sasrec": sasrec_rank, "id": id_rank, "id_with_prompts": id_rank_with_prompts},
-                            opts.sasrec_rounds, warmup=1)
-    per = {k: {"per_case_s": median(wall[k]) / cases, "cpu_per_case_s": median(cpu[k]) / cases, "rounds_s": wall[k]}
-           for k in wall}
+    log_progress(
+        "item_tokens: SASRec vs id on retail-sim: %d items, %d cases, batch %d, %d rounds",
+        n_items,
+        cases,
+        bs,
+        opts.sasrec_rounds,
+    )
+    wall, cpu = interleaved(
+        {"sasrec": sasrec_rank, "id": id_rank, "id_with_prompts": id_rank_with_prompts}, opts.sasrec_rounds, warmup=1
+    )
+    per = {
+        k: {"per_case_s": median(wall[k]) / cases, "cpu_per_case_s": median(cpu[k]) / cases, "rounds_s": wall[k]}
+        for k in wall
+    }
     for k in ("id", "id_with_prompts"):
         per[k]["vs_sasrec"] = ratio(per[k]["per_case_s"], per["sasrec"]["per_case_s"])
         per[k]["vs_sasrec_cpu"] = ratio(per[k]["cpu_per_case_s"], per["sasrec"]["cpu_per_case_s"])
-    return {"items": n_items, "cases": cases, "batch": bs, "rounds": opts.sasrec_rounds,
-            "sasrec_hidden": int(config["hidden_size"]), "sasrec_layers": int(config["n_layers"]),
-            "max_len": int(config["MAX_ITEM_LIST_LENGTH"]), "history_items_mean": sum(map(len, histories)) / cases,
-            "id_prompt_tokens_mean": sum(map(len, prompts)) / cases, "id_vocabulary": len(tok),
-            "sasrec_parameters": sum(p.numel() for p in sasrec.parameters()),
-            "id_parameters": sum(p.numel() for p in model.parameters()), "variants": per}
+    return {
+        "items": n_items,
+        "cases": cases,
+        "batch": bs,
+        "rounds": opts.sasrec_rounds,
+        "sasrec_hidden": int(config["hidden_size"]),
+        "sasrec_layers": int(config["n_layers"]),
+        "max_len": int(config["MAX_ITEM_LIST_LENGTH"]),
+        "history_items_mean": sum(map(len, histories)) / cases,
+        "id_prompt_tokens_mean": sum(map(len, prompts)) / cases,
+        "id_vocabulary": len(tok),
+        "sasrec_parameters": sum(p.numel() for p in sasrec.parameters()),
+        "id_parameters": sum(p.numel() for p in model.parameters()),
+        "variants": per,
+    }
 
 
 # --------------------------------------------------------------------------------------- 3. S-DPO step
@@ -294,7 +381,7 @@ def _step_trainer(kind: str, model, tok, ids, opts: Options, rows, out_dir: str)
     from causalrec.data.prompts import completion_text
     from causalrec.llm.items import item_token
     from causalrec.training import SDPOConfig, SDPOTrainer
-    from causalrec.training.preference import make_preference_dataset
+    from causalrec.training.sdpo_trainer import make_preference_dataset
 
     fmt_ = id_format()
     prompts = [fmt_.prompt([item_token(j) for j in h]) for h, _, _ in rows]
@@ -302,11 +389,21 @@ def _step_trainer(kind: str, model, tok, ids, opts: Options, rows, out_dir: str)
     all_neg = kind == "all"
     rejected = None if all_neg else [[completion_text(item_token(j)) for j in neg] for _, _, neg in rows]
     ds = make_preference_dataset(prompts, chosen, rejected)
-    args = SDPOConfig(output_dir=out_dir, per_device_train_batch_size=opts.step_prompts,
-                      num_negatives="all" if all_neg else opts.step_negatives, beta=0.1, learning_rate=5e-4,
-                      report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=10_000, seed=0)
-    trainer = SDPOTrainer(model, args=args, train_dataset=ds, processing_class=tok,
-                          item_token_ids=ids if all_neg else None)
+    args = SDPOConfig(
+        output_dir=out_dir,
+        per_device_train_batch_size=opts.step_prompts,
+        num_negatives="all" if all_neg else opts.step_negatives,
+        beta=0.1,
+        learning_rate=5e-4,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=10_000,
+        seed=0,
+    )
+    trainer = SDPOTrainer(
+        model, args=args, train_dataset=ds, processing_class=tok, item_token_ids=ids if all_neg else None
+    )
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))]))
@@ -321,42 +418,64 @@ def run_step(opts: Options) -> dict[str, Any]:
     rows = []
     for _ in range(opts.step_prompts):
         picks = rng.choice(opts.step_items, 1 + opts.step_negatives, replace=False) + 1
-        rows.append((rng.integers(1, opts.step_items + 1, opts.step_history).tolist(), int(picks[0]),
-                     [int(j) for j in picks[1:]]))
+        rows.append(
+            (
+                rng.integers(1, opts.step_items + 1, opts.step_history).tolist(),
+                int(picks[0]),
+                [int(j) for j in picks[1:]],
+            )
+        )
     kinds = ["all", f"{opts.step_negatives}"]
     with tempfile.TemporaryDirectory(prefix="bench-item-step-") as tmp:
         trainers, inputs, steps = {}, {}, {}
         for kind in kinds:
-            trainers[kind], inputs[kind] = _step_trainer(kind, copy.deepcopy(base), tok, ids, opts, rows,
-                                                         f"{tmp}/{kind}")
+            trainers[kind], inputs[kind] = _step_trainer(
+                kind, copy.deepcopy(base), tok, ids, opts, rows, f"{tmp}/{kind}"
+            )
             steps[kind] = (lambda t, x: lambda: _trainer_step(t, x))(trainers[kind], inputs[kind])
         forwards = {k: _count_forwards(trainers[k], steps[k]) for k in kinds}
-        log_progress("item_tokens: S-DPO step, %d items, batch all %s / %s %s, %d repeats", opts.step_items,
-                     tuple(inputs["all"]["input_ids"].shape), kinds[1], tuple(inputs[kinds[1]]["input_ids"].shape),
-                     opts.step_repeats)
+        log_progress(
+            "item_tokens: S-DPO step, %d items, batch all %s / %s %s, %d repeats",
+            opts.step_items,
+            tuple(inputs["all"]["input_ids"].shape),
+            kinds[1],
+            tuple(inputs[kinds[1]]["input_ids"].shape),
+            opts.step_repeats,
+        )
         wall, cpu = interleaved(steps, opts.step_repeats, warmup=opts.step_warmup)
         tensor_peak = {k: tensor_peak_bytes(steps[k])[0] for k in kinds}  # deterministic: once
         touched: dict[str, list[int]] = {k: [] for k in kinds}
         for r in range(opts.step_memory_repeats):
-            for k in kinds[r % 2:] + kinds[: r % 2]:
+            for k in kinds[r % 2 :] + kinds[: r % 2]:
                 touched[k].append(rss_peak_delta_bytes(steps[k])[0])
         resident = {k: _resident_bytes(trainers[k]) for k in kinds}
     ref = kinds[1]
     variants = {}
     for k in kinds:
-        variants[k] = {"negatives_per_prompt": opts.step_items - 1 if k == "all" else opts.step_negatives,
-                       "batch_shape": list(inputs[k]["input_ids"].shape), "forwards_per_step": forwards[k],
-                       **timings(wall[k]), "cpu_median_s": median(cpu[k]),
-                       "step_peak_bytes": median(touched[k]), "step_peak_values": touched[k],
-                       "tensor_peak_bytes": tensor_peak[k], "resident_bytes": resident[k]}
+        variants[k] = {
+            "negatives_per_prompt": opts.step_items - 1 if k == "all" else opts.step_negatives,
+            "batch_shape": list(inputs[k]["input_ids"].shape),
+            "forwards_per_step": forwards[k],
+            **timings(wall[k]),
+            "cpu_median_s": median(cpu[k]),
+            "step_peak_bytes": median(touched[k]),
+            "step_peak_values": touched[k],
+            "tensor_peak_bytes": tensor_peak[k],
+            "resident_bytes": resident[k],
+        }
     for k in kinds:
         v = variants[k]
         v["time_ratio"] = ratio(v["median_s"], variants[ref]["median_s"])
         v["cpu_time_ratio"] = ratio(v["cpu_median_s"], variants[ref]["cpu_median_s"])
         v["memory_ratio"] = ratio(v["step_peak_bytes"], variants[ref]["step_peak_bytes"])
         v["tensor_memory_ratio"] = ratio(v["tensor_peak_bytes"], variants[ref]["tensor_peak_bytes"])
-    return {"items": opts.step_items, "prompts": opts.step_prompts, "history_items": opts.step_history,
-            "vocabulary": len(tok), "variants": variants}
+    return {
+        "items": opts.step_items,
+        "prompts": opts.step_prompts,
+        "history_items": opts.step_history,
+        "vocabulary": len(tok),
+        "variants": variants,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -375,16 +494,32 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     judged_sasrec = not opts.sasrec_config  # the goal is stated for retail-sim's defaults
     return {
         "benchmark": NAME,
-        "config": {**opts.__dict__, "backbone": "tiny (Llama hidden 64, 2 layers, 4 heads), default init "
-                   "re-drawn with std 4/sqrt(fan_in) for ranking (no shape change), fresh init for the step",
-                   "id_history_items": ID_HISTORY, "title_history_items": TITLE_HISTORY},
+        "config": {
+            **opts.__dict__,
+            "backbone": "tiny (Llama hidden 64, 2 layers, 4 heads), default init "
+            "re-drawn with std 4/sqrt(fan_in) for ranking (no shape change), fresh init for the step",
+            "id_history_items": ID_HISTORY,
+            "title_history_items": TITLE_HISTORY,
+        },
         "goals": [
-            {"name": f"id vs title trie, time per case at {GOAL_ITEMS:,} real items", "target": f">= {GOAL_SPEEDUP:g}x",
-             "measured": speedup, "passed": None if speedup is None else speedup >= GOAL_SPEEDUP},
-            {"name": "id / SASRec full_sort_predict, time per case (retail-sim)", "target": f"<= {GOAL_SASREC:g}x",
-             "measured": sas, "passed": (sas is not None and sas <= GOAL_SASREC) if judged_sasrec else None},
-            {"name": "same scores: trie over one-token items vs score_item_tokens (max abs diff)",
-             "target": f"<= {GOAL_DIFF:g}", "measured": max_diff, "passed": max_diff <= GOAL_DIFF},
+            {
+                "name": f"id vs title trie, time per case at {GOAL_ITEMS:,} real items",
+                "target": f">= {GOAL_SPEEDUP:g}x",
+                "measured": speedup,
+                "passed": None if speedup is None else speedup >= GOAL_SPEEDUP,
+            },
+            {
+                "name": "id / SASRec full_sort_predict, time per case (retail-sim)",
+                "target": f"<= {GOAL_SASREC:g}x",
+                "measured": sas,
+                "passed": (sas is not None and sas <= GOAL_SASREC) if judged_sasrec else None,
+            },
+            {
+                "name": "same scores: trie over one-token items vs score_item_tokens (max abs diff)",
+                "target": f"<= {GOAL_DIFF:g}",
+                "measured": max_diff,
+                "passed": max_diff <= GOAL_DIFF,
+            },
         ],
         "results": {"real": real, "synthetic": synthetic, "sasrec": sasrec, "sdpo_step": step},
         "notes": [
@@ -395,7 +530,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             "per-case time = median round time / cases. CPU-time ratios (one thread) are less sensitive to other jobs.",
             "Same scores: on the id model, score_catalog over the trie of one-token items "
             "(TitleTrie.from_token_ids([[tok] for tok in ids])) vs score_item_tokens, the same prompts.",
-            "SASRec: RecBole's SASRec built by causalrec.quick_start.build on retail-sim (untrained), "
+            "SASRec: RecBole's SASRec built by causalrec.recbole.quick_start.build on retail-sim (untrained), "
             "full_sort_predict on test-split batches under no_grad; id: the id model over the same catalog and cases "
             "(histories from the same RecBole sequences). 'id' is timed on tokenised prompts, 'id + prompts' also "
             "builds the prompt text from the sequence and tokenises it.",
@@ -417,36 +552,94 @@ def summary(result: dict[str, Any]) -> list[str]:
         r = res[key]
         if r.get("skipped"):
             continue
-        rows.append([r["label"], r["items"], f"{r['trie_nodes']:,} ({r['trie_evaluated_nodes']:,})",
-                     f"{fmt(r['id']['per_case_s'] * 1e3)} ({r['id']['cases']})",
-                     f"{fmt(r['title']['per_case_s'] * 1e3)} ({r['title']['cases']})",
-                     f"{fmt(r['speedup'])}x", f"{fmt(r['speedup_cpu'])}x",
-                     f"{r['id']['prompt_tokens_mean']:.0f} / {r['title']['prompt_tokens_mean']:.0f}",
-                     f"{r['same_scores']['max_abs_diff']:.1e}"])
-    lines += md_table(["catalog", "items", "trie nodes (evaluated)", "id ms/case (cases)", "title ms/case (cases)",
-                       "speed-up", "CPU-time speed-up", "prompt tokens id / title",
-                       "trie of one-token items vs id, max abs diff"], rows)
+        rows.append(
+            [
+                r["label"],
+                r["items"],
+                f"{r['trie_nodes']:,} ({r['trie_evaluated_nodes']:,})",
+                f"{fmt(r['id']['per_case_s'] * 1e3)} ({r['id']['cases']})",
+                f"{fmt(r['title']['per_case_s'] * 1e3)} ({r['title']['cases']})",
+                f"{fmt(r['speedup'])}x",
+                f"{fmt(r['speedup_cpu'])}x",
+                f"{r['id']['prompt_tokens_mean']:.0f} / {r['title']['prompt_tokens_mean']:.0f}",
+                f"{r['same_scores']['max_abs_diff']:.1e}",
+            ]
+        )
+    lines += md_table(
+        [
+            "catalog",
+            "items",
+            "trie nodes (evaluated)",
+            "id ms/case (cases)",
+            "title ms/case (cases)",
+            "speed-up",
+            "CPU-time speed-up",
+            "prompt tokens id / title",
+            "trie of one-token items vs id, max abs diff",
+        ],
+        rows,
+    )
     if res["real"].get("skipped"):
         lines += ["", f"Online Retail real titles: skipped ({res['real']['skipped']})."]
     s = res["sasrec"]
     v = s["variants"]
-    lines += ["", f"id vs RecBole SASRec full_sort_predict, retail-sim ({s['items']:,} items, {s['cases']:,} test "
-              f"cases, batches of {s['batch']}; SASRec hidden {s['sasrec_hidden']}, {s['sasrec_layers']} layers, max "
-              f"length {s['max_len']}; id prompts {s['id_prompt_tokens_mean']:.0f} tokens):", ""]
-    lines += md_table(["variant", "ms/case", "CPU ms/case", "vs SASRec", "CPU time vs SASRec"],
-                      [["SASRec full_sort_predict", v["sasrec"]["per_case_s"] * 1e3,
-                        v["sasrec"]["cpu_per_case_s"] * 1e3, "1x", "1x"]]
-                      + [[name, v[k]["per_case_s"] * 1e3, v[k]["cpu_per_case_s"] * 1e3, f"{fmt(v[k]['vs_sasrec'])}x",
-                          f"{fmt(v[k]['vs_sasrec_cpu'])}x"]
-                         for k, name in (("id", "id (score_item_tokens)"), ("id_with_prompts", "id + prompts"))])
+    lines += [
+        "",
+        f"id vs RecBole SASRec full_sort_predict, retail-sim ({s['items']:,} items, {s['cases']:,} test "
+        f"cases, batches of {s['batch']}; SASRec hidden {s['sasrec_hidden']}, {s['sasrec_layers']} layers, max "
+        f"length {s['max_len']}; id prompts {s['id_prompt_tokens_mean']:.0f} tokens):",
+        "",
+    ]
+    lines += md_table(
+        ["variant", "ms/case", "CPU ms/case", "vs SASRec", "CPU time vs SASRec"],
+        [["SASRec full_sort_predict", v["sasrec"]["per_case_s"] * 1e3, v["sasrec"]["cpu_per_case_s"] * 1e3, "1x", "1x"]]
+        + [
+            [
+                name,
+                v[k]["per_case_s"] * 1e3,
+                v[k]["cpu_per_case_s"] * 1e3,
+                f"{fmt(v[k]['vs_sasrec'])}x",
+                f"{fmt(v[k]['vs_sasrec_cpu'])}x",
+            ]
+            for k, name in (("id", "id (score_item_tokens)"), ("id_with_prompts", "id + prompts"))
+        ],
+    )
     st = res["sdpo_step"]
-    lines += ["", f"S-DPO step on the id model, {st['items']:,} items, {st['prompts']} prompts of "
-              f"{st['history_items']} item tokens:", ""]
-    lines += md_table(["num_negatives", "negatives / prompt", "batch rows x tokens", "forwards / step", "median ms",
-                       "time ratio", "CPU time ratio", "step peak MiB (touched)", "ratio",
-                       "tensor peak MiB (allocated)", "ratio"],
-                      [[k, d["negatives_per_prompt"], "x".join(map(str, d["batch_shape"])), d["forwards_per_step"],
-                        d["median_s"] * 1e3, f"{fmt(d['time_ratio'])}x", f"{fmt(d['cpu_time_ratio'])}x",
-                        mib(d["step_peak_bytes"]), f"{fmt(d['memory_ratio'])}x", mib(d["tensor_peak_bytes"]),
-                        f"{fmt(d['tensor_memory_ratio'])}x"] for k, d in st["variants"].items()])
+    lines += [
+        "",
+        f"S-DPO step on the id model, {st['items']:,} items, {st['prompts']} prompts of "
+        f"{st['history_items']} item tokens:",
+        "",
+    ]
+    lines += md_table(
+        [
+            "num_negatives",
+            "negatives / prompt",
+            "batch rows x tokens",
+            "forwards / step",
+            "median ms",
+            "time ratio",
+            "CPU time ratio",
+            "step peak MiB (touched)",
+            "ratio",
+            "tensor peak MiB (allocated)",
+            "ratio",
+        ],
+        [
+            [
+                k,
+                d["negatives_per_prompt"],
+                "x".join(map(str, d["batch_shape"])),
+                d["forwards_per_step"],
+                d["median_s"] * 1e3,
+                f"{fmt(d['time_ratio'])}x",
+                f"{fmt(d['cpu_time_ratio'])}x",
+                mib(d["step_peak_bytes"]),
+                f"{fmt(d['memory_ratio'])}x",
+                mib(d["tensor_peak_bytes"]),
+                f"{fmt(d['tensor_memory_ratio'])}x",
+            ]
+            for k, d in st["variants"].items()
+        ],
+    )
     return lines

@@ -114,9 +114,17 @@ class Options:
 
     @classmethod
     def quick(cls) -> "Options":
-        return cls(prompts=2, bpe_vocab=600, small=Size(64, 2, 4, 2, 128), repeats=1, warmup=1,
-                   large=Size(96, 2, 6, 2, 192, vocab_rows=4096, tied=True), large_repeats=1,
-                   sft_rows=2, judged=False)
+        return cls(
+            prompts=2,
+            bpe_vocab=600,
+            small=Size(64, 2, 4, 2, 128),
+            repeats=1,
+            warmup=1,
+            large=Size(96, 2, 6, 2, 192, vocab_rows=4096, tied=True),
+            large_repeats=1,
+            sft_rows=2,
+            judged=False,
+        )
 
 
 # --------------------------------------------------------------------------------------------- builders
@@ -129,11 +137,16 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   model_max_length=512)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=512
+    )
 
 
 def qwen2(tok, size: Size, seed: int = 0):
@@ -141,11 +154,19 @@ def qwen2(tok, size: Size, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     rows = size.vocab_rows or -(-len(tok) // 64) * 64
-    config = Qwen2Config(vocab_size=rows, hidden_size=size.hidden, intermediate_size=size.intermediate,
-                         num_hidden_layers=size.layers, num_attention_heads=size.heads,
-                         num_key_value_heads=size.kv_heads, max_position_embeddings=512,
-                         tie_word_embeddings=size.tied, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         bos_token_id=None)
+    config = Qwen2Config(
+        vocab_size=rows,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=size.tied,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return Qwen2ForCausalLM(config)
@@ -154,8 +175,16 @@ def qwen2(tok, size: Size, seed: int = 0):
 def _lora(model, opts: Options):
     from causalrec.llm.backbone import BackboneConfig, apply_lora
 
-    return apply_lora(model, BackboneConfig(backbone="qwen2", lora_r=opts.lora_r, lora_alpha=opts.lora_alpha,
-                                            lora_dropout=opts.lora_dropout, target_modules="all-linear"))
+    return apply_lora(
+        model,
+        BackboneConfig(
+            backbone="qwen2",
+            lora_r=opts.lora_r,
+            lora_alpha=opts.lora_alpha,
+            lora_dropout=opts.lora_dropout,
+            target_modules="all-linear",
+        ),
+    )
 
 
 def _corpus(titles: list[str], fmt_) -> list[str]:
@@ -163,15 +192,22 @@ def _corpus(titles: list[str], fmt_) -> list[str]:
 
 
 def _common_args(prompts: int) -> dict[str, Any]:
-    return dict(per_device_train_batch_size=prompts, report_to="none", save_strategy="no", disable_tqdm=True,
-                logging_steps=10_000, seed=0)
+    return dict(
+        per_device_train_batch_size=prompts,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=10_000,
+        seed=0,
+    )
 
 
 def _sdpo_trainer(model, tok, dataset, opts: Options, out_dir: str, ref_model=None):
     from causalrec.training import SDPOConfig, SDPOTrainer
 
-    args = SDPOConfig(output_dir=out_dir, num_negatives=opts.negatives, beta=0.1, learning_rate=5e-6,
-                      **_common_args(opts.prompts))
+    args = SDPOConfig(
+        output_dir=out_dir, num_negatives=opts.negatives, beta=0.1, learning_rate=5e-6, **_common_args(opts.prompts)
+    )
     trainer = SDPOTrainer(model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
@@ -211,11 +247,16 @@ def _resident(trainer) -> dict[str, int]:
     ref = getattr(trainer, "ref_model", None)
     ref_model = list(ref.parameters()) if ref is not None else []
     state = [v for s in trainer.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
-    out = {"policy_bytes": tensor_bytes(policy), "reference_model_bytes": tensor_bytes(ref_model),
-           "reference_adapter_bytes": tensor_bytes(ref_adapter), "optimizer_state_bytes": tensor_bytes(state),
-           "parameters": sum(p.numel() for p in policy), "trainable_parameters": sum(p.numel() for p in trainable),
-           "reference_adapter_parameters": sum(p.numel() for p in ref_adapter),
-           "reference_model_parameters": sum(p.numel() for p in ref_model)}
+    out = {
+        "policy_bytes": tensor_bytes(policy),
+        "reference_model_bytes": tensor_bytes(ref_model),
+        "reference_adapter_bytes": tensor_bytes(ref_adapter),
+        "optimizer_state_bytes": tensor_bytes(state),
+        "parameters": sum(p.numel() for p in policy),
+        "trainable_parameters": sum(p.numel() for p in trainable),
+        "reference_adapter_parameters": sum(p.numel() for p in ref_adapter),
+        "reference_model_parameters": sum(p.numel() for p in ref_model),
+    }
     out["gradient_bytes"] = tensor_bytes(trainable)  # created in every step (zero_grad(set_to_none))
     out["reference_bytes"] = out["reference_model_bytes"] + out["reference_adapter_bytes"]
     out["resident_bytes"] = out["policy_bytes"] + out["reference_model_bytes"] + out["optimizer_state_bytes"]
@@ -231,7 +272,7 @@ def _measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) ->
             steps[name]()
     out = {name: {"wall": [], "cpu": [], "touched": []} for name in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             touched, (wall, cpu, _) = rss_peak_delta_bytes(lambda: timed_cpu(steps[name]))
             out[name]["wall"].append(wall)
             out[name]["cpu"].append(cpu)
@@ -240,8 +281,13 @@ def _measure(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) ->
 
 
 def _summarise(m: dict[str, list], tensor_peak: int | None) -> dict[str, Any]:
-    return {**timings(m["wall"]), "cpu_median_s": median(m["cpu"]), "step_peak_bytes": median(m["touched"]),
-            "step_peak_values": m["touched"], "tensor_peak_bytes": tensor_peak}
+    return {
+        **timings(m["wall"]),
+        "cpu_median_s": median(m["cpu"]),
+        "step_peak_bytes": median(m["touched"]),
+        "step_peak_values": m["touched"],
+        "tensor_peak_bytes": tensor_peak,
+    }
 
 
 def _records_and_format(opts: Options):
@@ -256,7 +302,7 @@ def _records_and_format(opts: Options):
 # ------------------------------------------------------------------------------------ 1. reference memory
 def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
     from causalrec.training import preference_dataset
-    from causalrec.training.preference import _frozen_copy
+    from causalrec.training.sdpo_trainer import _frozen_copy
 
     base = qwen2(tok, opts.small)
     dataset = preference_dataset(records, fmt_)
@@ -274,14 +320,24 @@ def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
         del base
         shape = list(inputs[VARIANTS[0]]["input_ids"].shape)
         assert all(list(x["input_ids"].shape) == shape for x in inputs.values())
-        log_progress("pretrained: reference memory, Qwen2 %s, batch %s, %d variants x %d repeats", opts.small,
-                     tuple(shape), len(VARIANTS), opts.repeats)
+        log_progress(
+            "pretrained: reference memory, Qwen2 %s, batch %s, %d variants x %d repeats",
+            opts.small,
+            tuple(shape),
+            len(VARIANTS),
+            opts.repeats,
+        )
         measured = _measure(steps, opts.repeats, opts.warmup)
         tensor_peak = {kind: tensor_peak_bytes(steps[kind])[0] for kind in VARIANTS}  # deterministic: once
         resident = {kind: _resident(trainers[kind]) for kind in VARIANTS}
-        ref_kind = {kind: ("TRL 'ref' adapter on the policy's base weights" if trainers[kind].ref_model is None
-                           else f"separate model ({type(trainers[kind].ref_model).__name__}, deep copy)")
-                    for kind in VARIANTS}
+        ref_kind = {
+            kind: (
+                "TRL 'ref' adapter on the policy's base weights"
+                if trainers[kind].ref_model is None
+                else f"separate model ({type(trainers[kind].ref_model).__name__}, deep copy)"
+            )
+            for kind in VARIANTS
+        }
         prompt_tokens = inputs[VARIANTS[0]]["prompt_lengths"].float().mean().item()
     variants = {}
     for kind in VARIANTS:
@@ -292,11 +348,25 @@ def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
         variants[kind] = v
     b = variants["full_deepcopy_ref"]
     for v in variants.values():
-        for key in ("median_s", "cpu_median_s", "reference_bytes", "resident_bytes", "model_state_bytes",
-                    "step_peak_bytes", "tensor_peak_bytes", "total_bytes", "total_touched_bytes"):
+        for key in (
+            "median_s",
+            "cpu_median_s",
+            "reference_bytes",
+            "resident_bytes",
+            "model_state_bytes",
+            "step_peak_bytes",
+            "tensor_peak_bytes",
+            "total_bytes",
+            "total_touched_bytes",
+        ):
             v[f"{key}_vs_full"] = ratio(v[key], b[key])
-    return {"model": opts.small.__dict__, "vocabulary": len(tok), "batch_shape": shape,
-            "prompt_tokens_mean": prompt_tokens, "variants": variants}
+    return {
+        "model": opts.small.__dict__,
+        "vocabulary": len(tok),
+        "batch_shape": shape,
+        "prompt_tokens_mean": prompt_tokens,
+        "variants": variants,
+    }
 
 
 # ------------------------------------------------------------------------------------ 2. ~100M parameters
@@ -311,21 +381,27 @@ def run_large(opts: Options, tok, fmt_, records) -> dict[str, Any]:
         sft_records = [records[i % len(records)] for i in range(opts.sft_rows)]
         sft_model = _lora(copy.deepcopy(base), opts)
         dpo_model = _lora(base, opts)  # the same initial weights, its own adapters
-        sft, sft_inputs = _sft_trainer(sft_model, tok, sft_dataset(sft_records, fmt_), opts,
-                                       f"{tmp}/sft")
+        sft, sft_inputs = _sft_trainer(sft_model, tok, sft_dataset(sft_records, fmt_), opts, f"{tmp}/sft")
         dpo, dpo_inputs = _sdpo_trainer(dpo_model, tok, preference_dataset(records, fmt_), opts, f"{tmp}/sdpo")
         steps = {"sft_lora": _step(sft, sft_inputs), "sdpo_lora_adapter_ref": _step(dpo, dpo_inputs)}
-        shapes = {"sft_lora": list(sft_inputs["input_ids"].shape),
-                  "sdpo_lora_adapter_ref": list(dpo_inputs["input_ids"].shape)}
+        shapes = {
+            "sft_lora": list(sft_inputs["input_ids"].shape),
+            "sdpo_lora_adapter_ref": list(dpo_inputs["input_ids"].shape),
+        }
         before = torch.get_num_threads()
         threads = tuple(opts.large_threads) or (before,)
         per_threads = {}
         try:
             for n in threads:
                 set_threads(n)
-                log_progress("pretrained: Qwen2 %.0fM parameters, %d thread(s), SFT %s + S-DPO %s, %d repeats",
-                             total / 1e6, n, tuple(shapes["sft_lora"]), tuple(shapes["sdpo_lora_adapter_ref"]),
-                             opts.large_repeats)
+                log_progress(
+                    "pretrained: Qwen2 %.0fM parameters, %d thread(s), SFT %s + S-DPO %s, %d repeats",
+                    total / 1e6,
+                    n,
+                    tuple(shapes["sft_lora"]),
+                    tuple(shapes["sdpo_lora_adapter_ref"]),
+                    opts.large_repeats,
+                )
                 measured = _measure(steps, opts.large_repeats, warmup=1)
                 per_threads[str(n)] = {k: _summarise(measured[k], None) for k in steps}
             if opts.large_profile:
@@ -335,11 +411,21 @@ def run_large(opts: Options, tok, fmt_, records) -> dict[str, Any]:
         finally:
             set_threads(before)
         resident = {"sft_lora": _resident(sft), "sdpo_lora_adapter_ref": _resident(dpo)}  # AdamW state exists now
-        tokens = {"sft_lora": int(sft_inputs["attention_mask"].sum()),
-                  "sdpo_lora_adapter_ref": int(dpo_inputs["attention_mask"].sum())}
-    return {"model": opts.large.__dict__, "parameters": total, "layer_parameters": layers,
-            "embedding_parameters": total - layers, "vocabulary_rows": rows, "shapes": shapes, "tokens": tokens,
-            "resident": resident, "threads": per_threads}
+        tokens = {
+            "sft_lora": int(sft_inputs["attention_mask"].sum()),
+            "sdpo_lora_adapter_ref": int(dpo_inputs["attention_mask"].sum()),
+        }
+    return {
+        "model": opts.large.__dict__,
+        "parameters": total,
+        "layer_parameters": layers,
+        "embedding_parameters": total - layers,
+        "vocabulary_rows": rows,
+        "shapes": shapes,
+        "tokens": tokens,
+        "resident": resident,
+        "threads": per_threads,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -351,7 +437,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     gc.collect()
     large = run_large(opts, tok, fmt_, records) if opts.large is not None else None
     v = reference["variants"]
-    a, b = v["lora_adapter_ref"], v["full_deepcopy_ref"]
+    a, _b = v["lora_adapter_ref"], v["full_deepcopy_ref"]
     judged = opts.judged and opts.prompts == 8 and opts.negatives == 3 and opts.small == SMALL
 
     def met(ok: bool) -> bool | None:
@@ -361,16 +447,27 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     ref_ratio = a["reference_bytes_vs_full"]
     return {
         "benchmark": NAME,
-        "config": {**{k: (val.__dict__ if isinstance(val, Size) else val) for k, val in opts.__dict__.items()},
-                   "architecture": "Qwen2ForCausalLM (random init, float32), byte-level BPE tokenizer trained on "
-                                   "the catalog titles and prompt text",
-                   "optimizer": "AdamW (Trainer default)", "gradient_checkpointing": False},
+        "config": {
+            **{k: (val.__dict__ if isinstance(val, Size) else val) for k, val in opts.__dict__.items()},
+            "architecture": "Qwen2ForCausalLM (random init, float32), byte-level BPE tokenizer trained on "
+            "the catalog titles and prompt text",
+            "optimizer": "AdamW (Trainer default)",
+            "gradient_checkpointing": False,
+        },
         "goals": [
-            {"name": "S-DPO step, total tensor memory at the peak (resident + allocated step peak), "
-                     "LoRA + adapter reference / full FT + deep-copy reference", "target": f"<= {GOAL_MEMORY}x",
-             "measured": total_ratio, "passed": met(total_ratio <= GOAL_MEMORY)},
-            {"name": "S-DPO reference weights alone, TRL 'ref' adapter / deep copy", "target": f"<= {GOAL_MEMORY}x",
-             "measured": ref_ratio, "passed": met(ref_ratio <= GOAL_MEMORY)},
+            {
+                "name": "S-DPO step, total tensor memory at the peak (resident + allocated step peak), "
+                "LoRA + adapter reference / full FT + deep-copy reference",
+                "target": f"<= {GOAL_MEMORY}x",
+                "measured": total_ratio,
+                "passed": met(total_ratio <= GOAL_MEMORY),
+            },
+            {
+                "name": "S-DPO reference weights alone, TRL 'ref' adapter / deep copy",
+                "target": f"<= {GOAL_MEMORY}x",
+                "measured": ref_ratio,
+                "passed": met(ref_ratio <= GOAL_MEMORY),
+            },
         ],
         "results": {"reference": reference, "large": large},
         "notes": [
@@ -397,8 +494,11 @@ def run(opts: Options | None = None) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ summary
-_LABELS = {"lora_adapter_ref": "(a) LoRA, adapter reference", "full_deepcopy_ref": "(b) full FT, deep-copy reference",
-           "lora_deepcopy_ref": "(c) LoRA, deep-copy reference"}
+_LABELS = {
+    "lora_adapter_ref": "(a) LoRA, adapter reference",
+    "full_deepcopy_ref": "(b) full FT, deep-copy reference",
+    "lora_deepcopy_ref": "(c) LoRA, deep-copy reference",
+}
 
 
 def summary(result: dict[str, Any]) -> list[str]:
@@ -407,37 +507,96 @@ def summary(result: dict[str, Any]) -> list[str]:
     shape = ref["batch_shape"]
     rows = []
     for kind, d in ref["variants"].items():
-        rows.append([_LABELS.get(kind, kind), f"{d['parameters'] / 1e6:.1f}M / {d['trainable_parameters'] / 1e6:.2f}M",
-                     mib(d["reference_bytes"]), mib(d["optimizer_state_bytes"]), mib(d["resident_bytes"]),
-                     mib(d["model_state_bytes"]), f"{fmt(d['model_state_bytes_vs_full'])}x",
-                     mib(d["tensor_peak_bytes"]), mib(d["total_bytes"]), f"{fmt(d['total_bytes_vs_full'])}x",
-                     mib(d["step_peak_bytes"]), f"{fmt(d['total_touched_bytes_vs_full'])}x",
-                     d["median_s"], f"{fmt(d['median_s_vs_full'])}x"])
-    lines = [f"1. S-DPO step, Qwen2 hidden {m['hidden']}, {m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, "
-             f"MLP {m['intermediate']}, vocabulary {ref['vocabulary']:,}; {result['config']['prompts']} prompts x "
-             f"(1 + {result['config']['negatives']}) = {shape[0]} rows x {shape[1]} tokens (prompts "
-             f"{ref['prompt_tokens_mean']:.0f} tokens). Model state = resident + gradients; total = resident + "
-             "allocated step peak (the goal); touched total = resident + touched step peak.", ""]
-    lines += md_table(["variant", "params / trainable", "reference weights MiB", "AdamW state MiB", "resident MiB",
-                       "model state MiB", "vs (b)", "step peak MiB (allocated)", "total MiB", "total vs (b)",
-                       "step peak MiB (touched)", "touched total vs (b)", "step s", "time vs (b)"], rows)
+        rows.append(
+            [
+                _LABELS.get(kind, kind),
+                f"{d['parameters'] / 1e6:.1f}M / {d['trainable_parameters'] / 1e6:.2f}M",
+                mib(d["reference_bytes"]),
+                mib(d["optimizer_state_bytes"]),
+                mib(d["resident_bytes"]),
+                mib(d["model_state_bytes"]),
+                f"{fmt(d['model_state_bytes_vs_full'])}x",
+                mib(d["tensor_peak_bytes"]),
+                mib(d["total_bytes"]),
+                f"{fmt(d['total_bytes_vs_full'])}x",
+                mib(d["step_peak_bytes"]),
+                f"{fmt(d['total_touched_bytes_vs_full'])}x",
+                d["median_s"],
+                f"{fmt(d['median_s_vs_full'])}x",
+            ]
+        )
+    lines = [
+        f"1. S-DPO step, Qwen2 hidden {m['hidden']}, {m['layers']} layers, {m['heads']}/{m['kv_heads']} heads, "
+        f"MLP {m['intermediate']}, vocabulary {ref['vocabulary']:,}; {result['config']['prompts']} prompts x "
+        f"(1 + {result['config']['negatives']}) = {shape[0]} rows x {shape[1]} tokens (prompts "
+        f"{ref['prompt_tokens_mean']:.0f} tokens). Model state = resident + gradients; total = resident + "
+        "allocated step peak (the goal); touched total = resident + touched step peak.",
+        "",
+    ]
+    lines += md_table(
+        [
+            "variant",
+            "params / trainable",
+            "reference weights MiB",
+            "AdamW state MiB",
+            "resident MiB",
+            "model state MiB",
+            "vs (b)",
+            "step peak MiB (allocated)",
+            "total MiB",
+            "total vs (b)",
+            "step peak MiB (touched)",
+            "touched total vs (b)",
+            "step s",
+            "time vs (b)",
+        ],
+        rows,
+    )
     large = result["results"].get("large")
     if large:
         lm = large["model"]
-        lines += ["", f"2. Qwen2 ~{large['parameters'] / 1e6:.0f}M parameters (hidden {lm['hidden']}, {lm['layers']} "
-                  f"layers, {lm['heads']}/{lm['kv_heads']} heads, MLP {lm['intermediate']}, {lm['vocab_rows']:,} "
-                  f"vocabulary rows, tied: {large['layer_parameters'] / 1e6:.1f}M in the layers, "
-                  f"{large['embedding_parameters'] / 1e6:.1f}M embedding), float32, LoRA r 16:", ""]
+        lines += [
+            "",
+            f"2. Qwen2 ~{large['parameters'] / 1e6:.0f}M parameters (hidden {lm['hidden']}, {lm['layers']} "
+            f"layers, {lm['heads']}/{lm['kv_heads']} heads, MLP {lm['intermediate']}, {lm['vocab_rows']:,} "
+            f"vocabulary rows, tied: {large['layer_parameters'] / 1e6:.1f}M in the layers, "
+            f"{large['embedding_parameters'] / 1e6:.1f}M embedding), float32, LoRA r 16:",
+            "",
+        ]
         rows = []
         for n, per in large["threads"].items():
             for k, d in per.items():
                 r = large["resident"][k]
                 peak = d["tensor_peak_bytes"]
-                rows.append([k, n, "x".join(map(str, large["shapes"][k])), large["tokens"][k],
-                             f"{r['trainable_parameters'] / 1e6:.2f}M", d["median_s"], d["cpu_median_s"],
-                             mib(r["resident_bytes"]), mib(peak),
-                             mib(None if peak is None else peak + r["resident_bytes"]), mib(d["step_peak_bytes"])])
-        lines += md_table(["step", "threads", "batch rows x tokens", "real tokens", "trainable", "median s",
-                           "CPU s", "resident MiB", "step peak MiB (allocated)", "total MiB",
-                           "step peak MiB (touched)"], rows)
+                rows.append(
+                    [
+                        k,
+                        n,
+                        "x".join(map(str, large["shapes"][k])),
+                        large["tokens"][k],
+                        f"{r['trainable_parameters'] / 1e6:.2f}M",
+                        d["median_s"],
+                        d["cpu_median_s"],
+                        mib(r["resident_bytes"]),
+                        mib(peak),
+                        mib(None if peak is None else peak + r["resident_bytes"]),
+                        mib(d["step_peak_bytes"]),
+                    ]
+                )
+        lines += md_table(
+            [
+                "step",
+                "threads",
+                "batch rows x tokens",
+                "real tokens",
+                "trainable",
+                "median s",
+                "CPU s",
+                "resident MiB",
+                "step peak MiB (allocated)",
+                "total MiB",
+                "step peak MiB (touched)",
+            ],
+            rows,
+        )
     return lines

@@ -5,23 +5,20 @@
 causalrec's models, trainers, YAML properties and datasets.
 """
 
-from causalrec import compat as _compat
+import importlib.util as _importlib_util
 
-_compat.apply()  # before anything imports recbole.quick_start (numpy aliases for ray)
-
-from causalrec import registry as _registry  # noqa: E402
-from causalrec.errors import CausalRecError  # noqa: E402
+from causalrec.errors import CausalRecError
 
 __version__ = "0.1.0"
 
-_registry.install()
-for _name, _module in (("GenRec", "causalrec.models.genrec"), ("SDPORec", "causalrec.models.sdporec"), ("CausalDPO", "causalrec.models.causaldpo")):
-    _registry.register_model(_name, _module, flops=False)
-from causalrec.trainer import LLMTrainer as _LLMTrainer  # noqa: E402
-for _name in ("GenRec", "SDPORec", "CausalDPO"):
-    _registry.register_trainer(_name, _LLMTrainer)
-
-from causalrec.quick_start import run  # noqa: E402
+# The RecBole plugin installs itself when RecBole is there, so that ``import causalrec`` is all RecBole's own
+# entry points need; without RecBole, the data, LLM and training layers still import (they never import it).
+try:
+    _HAS_RECBOLE = _importlib_util.find_spec("recbole") is not None
+except (ImportError, ValueError):  # blocked or half-installed
+    _HAS_RECBOLE = False
+if _HAS_RECBOLE:
+    from causalrec.recbole import run  # noqa: E402  (installs patches, models, trainers and properties)
 
 __all__ = ["CausalRecError", "compare", "run", "tune", "__version__"]
 

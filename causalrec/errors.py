@@ -60,3 +60,18 @@ class TrainingError(CausalRecError):
     """Training diverged (NaN/inf loss) or cannot proceed."""
 
     exit_code = 6
+
+
+class PreflightError(CausalRecError):
+    """Several problems found before any work started, each a ``CausalRecError``; all are reported at once.
+
+    The message is one line per problem; the exit code is that of the first problem in the order config (2),
+    data (3), backbone (4), checkpoint (5), so a script can tell which kind of input to fix first."""
+
+    def __init__(self, problems: Iterable[CausalRecError]):
+        self.problems = sorted(problems, key=lambda p: p.exit_code)
+        if not self.problems:
+            raise ValueError("PreflightError needs at least one problem")
+        self.exit_code = self.problems[0].exit_code
+        lines = "\n".join(f"- {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problems found before any work started:\n{lines}")

@@ -38,15 +38,21 @@ def per_user(cell: dict) -> dict[str, float]:
 def compare(folder_a: str, model_a: str, folder_b: str, model_b: str, split: str) -> dict:
     a, b = finished_cells(folder_a, model_a, split), finished_cells(folder_b, model_b, split)
     seeds = sorted(set(a) & set(b))
-    test = paired_seed_test({s: a[s]["result"]["test_result"][METRIC] for s in seeds},
-                            {s: b[s]["result"]["test_result"][METRIC] for s in seeds})
+    test = paired_seed_test(
+        {s: a[s]["result"]["test_result"][METRIC] for s in seeds},
+        {s: b[s]["result"]["test_result"][METRIC] for s in seeds},
+    )
     cases = {}
     for s in seeds:
         ua, ub = per_user(a[s]), per_user(b[s])
         users = sorted(set(ua) & set(ub))
         cases[s] = (np.array([ua[u] for u in users]), np.array([ub[u] for u in users]))
-    return {"name": f"{model_a} ({folder_a}) vs {model_b} ({folder_b})", "split": split, "test": test,
-            "boot": hierarchical_bootstrap(cases)}
+    return {
+        "name": f"{model_a} ({folder_a}) vs {model_b} ({folder_b})",
+        "split": split,
+        "test": test,
+        "boot": hierarchical_bootstrap(cases),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -54,9 +60,11 @@ def main(argv: list[str]) -> int:
     adjusted = holm([r["test"].p for r in rows])
     for r, p_holm in zip(rows, adjusted):
         t, b = r["test"], r["boot"]
-        print(f"{r['name']}  {r['split']}  n={t.n_seeds}  {t.mean:.4f} vs {t.baseline_mean:.4f}  "
-              f"rel {t.rel_change * 100:+.1f}% [{b.low * 100:+.1f}, {b.high * 100:+.1f}]  t p={t.p:.3g}  "
-              f"Holm p={p_holm:.3g}  d_z={t.dz:+.2f}")
+        print(
+            f"{r['name']}  {r['split']}  n={t.n_seeds}  {t.mean:.4f} vs {t.baseline_mean:.4f}  "
+            f"rel {t.rel_change * 100:+.1f}% [{b.low * 100:+.1f}, {b.high * 100:+.1f}]  t p={t.p:.3g}  "
+            f"Holm p={p_holm:.3g}  d_z={t.dz:+.2f}"
+        )
     return 0
 
 

@@ -9,6 +9,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from test_models_llm import TINY, _rebuild
 
 import causalrec
 from causalrec.data.prompts import PromptFormat
@@ -16,12 +17,13 @@ from causalrec.errors import CausalRecError, ConfigError
 from causalrec.llm.ranking import marginalize_environments, naive_scores
 from causalrec.training import PreferenceRecord, preference_dataset, sft_dataset
 
-from test_models_llm import TINY, _rebuild
-
 
 def test_environment_is_written_before_the_template():
     fmt = PromptFormat(environment="season", max_history_items=2)
-    assert fmt.prompt(["A", "B", "C"], "summer") == "season summer. A customer bought, in order: B; C. Next the customer buys:"
+    assert (
+        fmt.prompt(["A", "B", "C"], "summer")
+        == "season summer. A customer bought, in order: B; C. Next the customer buys:"
+    )
     assert PromptFormat().prompt(["A"]) == "A customer bought, in order: A. Next the customer buys:"
     with pytest.raises(ConfigError, match="season"):
         fmt.prompt(["A"])  # an environment-conditioned prompt without its environment
@@ -33,8 +35,10 @@ def test_environment_is_written_before_the_template():
 
 def test_training_rows_carry_their_own_environment():
     fmt = PromptFormat(environment="region", environment_template="[{name}={value}] ")
-    records = [PreferenceRecord(["A"], "B", ["C"], season="winter", region="north"),
-               PreferenceRecord(["B"], "C", ["A"], season="summer", region="south")]
+    records = [
+        PreferenceRecord(["A"], "B", ["C"], season="winter", region="north"),
+        PreferenceRecord(["B"], "C", ["A"], season="summer", region="south"),
+    ]
     prompts = sft_dataset(records, fmt)["prompt"]
     assert [p.split("]")[0] for p in prompts] == ["[region=north", "[region=south"]
     assert preference_dataset(records, fmt)["prompt"] == prompts
@@ -107,9 +111,16 @@ def test_observed_inference_conditions_on_a_known_environment(backdoor_run):
     torch.testing.assert_close(scores[1], model.full_sort_predict(batch)[1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("key,value", [("prompt_environment", "weather"), ("environment_prior", "flat"),
-                                       ("environment_inference", "oracle"), ("negative_strategy", "seasonal"),
-                                       ("validate_stages", "none")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("prompt_environment", "weather"),
+        ("environment_prior", "flat"),
+        ("environment_inference", "oracle"),
+        ("negative_strategy", "seasonal"),
+        ("validate_stages", "none"),
+    ],
+)
 def test_unknown_choices_fail_before_training(in_tmp, key, value):
     with pytest.raises(CausalRecError, match=f"unknown {key} '{value}'"):
         causalrec.run("SDPORec", "retail-sim", config_dict=dict(TINY, **{key: value}))

@@ -22,8 +22,16 @@ from benchmarks.common import rss_peak_delta_bytes, run_child, tensor_peak_bytes
 
 torch.set_num_threads(1)
 
-TINY_RANKING = ranking.Options(sizes=(120,), users=2, history_lengths=(3,), history_catalog=120, batch_sizes=(1, 2),
-                               rounds=1, naive_batch=64, real_source=None)  # real titles: tests/test_llm_ranking_real.py
+TINY_RANKING = ranking.Options(
+    sizes=(120,),
+    users=2,
+    history_lengths=(3,),
+    history_catalog=120,
+    batch_sizes=(1, 2),
+    rounds=1,
+    naive_batch=64,
+    real_source=None,
+)  # real titles: tests/test_llm_ranking_real.py
 
 
 def _check_common(payload: dict, name: str) -> None:
@@ -82,12 +90,16 @@ def test_dpo_step_counts_forwards_and_measures_every_variant():
     for d in v.values():
         assert d["median_s"] > 0 and d["step_peak_bytes"] > 0 and d["tensor_peak_bytes"] > 0
     assert payload["config"]["batch_shape"][0] == 4 * (1 + 3)
-    assert [g["name"] for g in payload["goals"]] == ["CausalDPO / S-DPO step time", "CausalDPO / S-DPO step peak memory"]
+    assert [g["name"] for g in payload["goals"]] == [
+        "CausalDPO / S-DPO step time",
+        "CausalDPO / S-DPO step peak memory",
+    ]
 
 
 def test_grounding_default_index_meets_recall_on_a_small_catalog():
-    opts = grounding.Options(items=4000, dims=(16,), queries=100, clusters=40, repeats=1, hnsw_ef=(16,),
-                             ivf_nprobe=(2,))
+    opts = grounding.Options(
+        items=4000, dims=(16,), queries=100, clusters=40, repeats=1, hnsw_ef=(16,), ivf_nprobe=(2,)
+    )
     payload = grounding.run(opts)
     (row,) = payload["results"]["dims"]
     defaults = [e for e in row["indexes"] if e["default"]]
@@ -122,9 +134,17 @@ def test_e2e_stage_lines_are_parsed():
 def test_prepare_without_the_shared_data_is_skipped_with_a_message(tmp_path):
     payload = prepare.run(prepare.Options(source=str(tmp_path / "missing.csv.gz")))
     assert "not found" in payload["skipped"] and payload["goals"] == []
-    assert "Skipped" in bench_main.render_summary([{**payload, "wall_s": 0.0, "load_avg_after": [0, 0, 0],
-                                                    "machine": {"cpu": "", "cpu_count": 1, "torch_threads": 1,
-                                                                "nice": 0, "load_avg": [0], "versions": {}}}], "x")
+    assert "Skipped" in bench_main.render_summary(
+        [
+            {
+                **payload,
+                "wall_s": 0.0,
+                "load_avg_after": [0, 0, 0],
+                "machine": {"cpu": "", "cpu_count": 1, "torch_threads": 1, "nice": 0, "load_avg": [0], "versions": {}},
+            }
+        ],
+        "x",
+    )
 
 
 # ------------------------------------------------------------------------------------ measuring tools
@@ -193,12 +213,16 @@ def test_embedding_index_calibrates_its_search_breadth_unless_given(tmp_path):
 
 def test_allocator_compares_both_mallocs_on_sasrec():
     from benchmarks import allocator
-    from causalrec import compat
+    from causalrec import allocator as compat
 
     if compat._glibc() is None:
         pytest.skip("not glibc, or malloc tuned by the user: B15 is a no-op")
-    opts = allocator.Options(config={"sim_users": 120, "sim_items": 50, "train_batch_size": 256, "hidden_size": 16,
-                                     "inner_size": 32}, repeats=1, warmup=0, judged=False)
+    opts = allocator.Options(
+        config={"sim_users": 120, "sim_items": 50, "train_batch_size": 256, "hidden_size": 16, "inner_size": 32},
+        repeats=1,
+        warmup=0,
+        judged=False,
+    )
     payload = allocator.run(opts)
     v = payload["results"]["variants"]
     assert set(v) == {"glibc_default", "heap_b15"}
@@ -213,11 +237,24 @@ def test_item_tokens_compares_id_ranking_with_the_trie_sasrec_and_sdpo_steps():
     SASRec's full_sort_predict and the S-DPO step with every item vs 3 items as negatives."""
     from benchmarks import item_tokens
 
-    opts = item_tokens.Options(real_source=None, real_users=8, synthetic_items=300, synthetic_users=16,
-                               synthetic_title_users=1, synthetic_rounds=1, check_users=4,
-                               sasrec_config={"sim_users": 120, "sim_items": 50, "hidden_size": 16, "inner_size": 32},
-                               sasrec_cases=64, sasrec_rounds=1, step_items=60, step_prompts=4, step_history=10,
-                               step_repeats=1, step_warmup=0, step_memory_repeats=1)
+    opts = item_tokens.Options(
+        real_source=None,
+        real_users=8,
+        synthetic_items=300,
+        synthetic_users=16,
+        synthetic_title_users=1,
+        synthetic_rounds=1,
+        check_users=4,
+        sasrec_config={"sim_users": 120, "sim_items": 50, "hidden_size": 16, "inner_size": 32},
+        sasrec_cases=64,
+        sasrec_rounds=1,
+        step_items=60,
+        step_prompts=4,
+        step_history=10,
+        step_repeats=1,
+        step_warmup=0,
+        step_memory_repeats=1,
+    )
     payload = item_tokens.run(opts)
     res = payload["results"]
     assert "not found" in res["real"]["skipped"]
@@ -246,9 +283,19 @@ def test_pretrained_compares_reference_memory_and_steps_a_larger_qwen2():
     random Qwen2 with a byte-level BPE tokenizer, and the SFT / S-DPO steps of the "large" model."""
     from benchmarks import pretrained
 
-    opts = pretrained.Options(prompts=2, history_items=3, bpe_vocab=400, small=pretrained.Size(32, 1, 4, 2, 64),
-                              repeats=1, warmup=1, large=pretrained.Size(32, 1, 4, 2, 64, vocab_rows=512, tied=True),
-                              large_threads=(1,), large_repeats=1, sft_rows=2, judged=False)
+    opts = pretrained.Options(
+        prompts=2,
+        history_items=3,
+        bpe_vocab=400,
+        small=pretrained.Size(32, 1, 4, 2, 64),
+        repeats=1,
+        warmup=1,
+        large=pretrained.Size(32, 1, 4, 2, 64, vocab_rows=512, tied=True),
+        large_threads=(1,),
+        large_repeats=1,
+        sft_rows=2,
+        judged=False,
+    )
     payload = pretrained.run(opts)
     v = payload["results"]["reference"]["variants"]
     assert set(v) == {"lora_adapter_ref", "full_deepcopy_ref", "lora_deepcopy_ref"}

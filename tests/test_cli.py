@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
 
 def causalrec(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "causalrec", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "causalrec", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["run", "--model", "SASRecc", "--dataset", "ml-100k"], ["unknown model 'SASRecc'", "Did you mean 'SASRec'", "BPR"]),
+        (
+            ["run", "--model", "SASRecc", "--dataset", "ml-100k"],
+            ["unknown model 'SASRecc'", "Did you mean 'SASRec'", "BPR"],
+        ),
         (["run", "--model", "Pop", "--dataset", "nowhere"], ["unknown dataset 'nowhere'", "retail-sim"]),
-        (["run", "--model", "Pop", "--dataset", "ml-100k", "--param", "epochz=1"], ["unknown config key 'epochz'", "Did you mean 'epochs'"]),
-        (["run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "missing.yaml"], ["cannot read config file 'missing.yaml'"]),
-        (["run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "bad.yaml"], ["bad.yaml' is not valid YAML"]),
+        (
+            ["run", "--model", "Pop", "--dataset", "ml-100k", "--param", "epochz=1"],
+            ["unknown config key 'epochz'", "Did you mean 'epochs'"],
+        ),
+        (
+            ["run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "missing.yaml"],
+            ["cannot read config file 'missing.yaml'"],
+        ),
+        (
+            ["run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "bad.yaml"],
+            ["bad.yaml' is not valid YAML"],
+        ),
         (["run", "--model", "Pop", "--dataset", "ml-100k", "--param", "novalue"], ["--param expects key=value"]),
     ],
 )
@@ -37,8 +51,20 @@ def test_bad_input_is_one_line_exit_2(args, expected, tmp_path):
 
 def test_run_from_cli_with_config_file(tmp_path):
     (tmp_path / "small.yaml").write_text("epochs: 1\nshow_progress: false\n")
-    out = causalrec("run", "--model", "Pop", "--dataset", "ml-100k", "--config-files", "small.yaml",
-                    "--param", "topk=[5,10]", "--output", "result.json", cwd=tmp_path)
+    out = causalrec(
+        "run",
+        "--model",
+        "Pop",
+        "--dataset",
+        "ml-100k",
+        "--config-files",
+        "small.yaml",
+        "--param",
+        "topk=[5,10]",
+        "--output",
+        "result.json",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ndcg@5=" in out.stdout and "ndcg@10=" in out.stdout
     assert (tmp_path / "result.json").is_file()
@@ -49,8 +75,14 @@ def test_data_prepare_and_stats(tmp_path):
     import os
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "causalrec", *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, env={**os.environ, **env_cache})
+        return subprocess.run(
+            [sys.executable, "-m", "causalrec", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **env_cache},
+        )
 
     out = run("data", "prepare", "--dataset", "retail-sim", "--split", "seasonal", "-p", "sim_users=150")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -58,7 +90,36 @@ def test_data_prepare_and_stats(tmp_path):
     assert (folder / "retail-sim.seq_test.inter").is_file() and "shift evidence" in out.stdout
     stats = run("data", "stats", "--dataset", "retail-sim", "-p", "sim_users=150")
     assert stats.returncode == 0 and "users" in stats.stdout and "sparsity" in stats.stdout
-    bad = run("data", "prepare", "--dataset", "csv", "--source", "missing.csv", "--user", "u", "--item", "i",
-              "--time", "t", "--split", "iid")
+    bad = run(
+        "data",
+        "prepare",
+        "--dataset",
+        "csv",
+        "--source",
+        "missing.csv",
+        "--user",
+        "u",
+        "--item",
+        "i",
+        "--time",
+        "t",
+        "--split",
+        "iid",
+    )
     assert bad.returncode == 3 and bad.stderr.strip().startswith("causalrec: error:") and "missing.csv" in bad.stderr
     assert not (tmp_path / "cache" / "csv").exists() or not any((tmp_path / "cache" / "csv").rglob("*.inter"))
+
+
+def test_one_module_per_command():
+    from causalrec.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == ["run", "data", "keys", "compare", "tune", "headroom", "check"]
+    data = next(a for a in sub.choices["data"]._actions if a.dest == "data_command")
+    commands = {
+        **{n: p for n, p in sub.choices.items() if n != "data"},
+        **{f"data {n}": p for n, p in data.choices.items()},
+    }
+    for name, parser in commands.items():
+        module = parser.get_default("func").__module__
+        assert module == "causalrec.cli." + {"keys": "run"}.get(name, name.split()[0]), (name, module)

@@ -13,8 +13,9 @@ import scipy.sparse as sp
 import torch
 
 import causalrec  # noqa: F401
-from causalrec import compat
 from causalrec.errors import CausalRecError
+from causalrec.recbole import checkpoints
+from causalrec.recbole import patches as compat
 
 # Makes `import ray` fail the way it does on Python >= 3.12 or without pkg_resources.
 BLOCK_RAY = textwrap.dedent(
@@ -76,12 +77,12 @@ def test_trusted_torch_load_is_scoped(tmp_path):
     torch.save({"config": config, "state_dict": {}}, path, pickle_protocol=4)  # as RecBole's Trainer does
     with pytest.raises(Exception, match="[Ww]eights only load failed|weights_only"):
         torch.load(path)  # torch >= 2.6 default: what breaks RecBole's evaluate(load_best_model=True)
-    with compat.trusted_torch_load():
+    with checkpoints.trusted_torch_load():
         loaded = torch.load(path)
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017 - torch's error class differs across versions
             torch.load(path, weights_only=True)  # an explicit choice is respected
     assert loaded["config"]["model"] == "Pop"
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - torch's error class differs across versions
         torch.load(path)  # the default is restored outside the context
 
 
@@ -105,3 +106,40 @@ def test_pop_counts_every_purchase_in_a_batch():
     batch = Interaction({"item_id": torch.tensor([1, 1, 1, 2, 3, 3]), "label": torch.tensor([1, 1, 1, 1, 1, 0])})
     model.calculate_loss(batch)
     assert model.item_cnt.squeeze(1).tolist() == [0, 3, 1, 1, 0]  # the negative row (label 0) is not a purchase
+
+
+def test_ensure_dir_has_no_race_window(tmp_path, monkeypatch):
+    """B17: RecBole's ensure_dir checked os.path.exists, then os.makedirs; the second of two processes creating
+    the same folder died with FileExistsError. Simulated: the folder appears between the check and the call."""
+    import os
+
+    from recbole.trainer import trainer
+    from recbole.utils import logger
+
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    monkeypatch.setattr(os.path, "exists", lambda path: False)  # what the losing process saw a moment earlier
+    trainer.ensure_dir(str(folder))
+    logger.ensure_dir(str(folder))
+    assert folder.is_dir()
+
+
+def test_log_dir_puts_recbole_logs_under_one_folder(tmp_path, monkeypatch):
+    """B16: with log_dir (causalrec.run sets it to checkpoint_dir) RecBole's log and TensorBoard folders go under
+    it instead of the working directory."""
+
+    monkeypatch.chdir(tmp_path)
+    causalrec.run(
+        "Pop",
+        "retail-sim",
+        config_dict={
+            "sim_users": 150,
+            "sim_items": 60,
+            "epochs": 1,
+            "show_progress": False,
+            "checkpoint_dir": str(tmp_path / "out"),
+        },
+    )
+    assert not (tmp_path / "log").exists() and not (tmp_path / "log_tensorboard").exists()
+    assert list((tmp_path / "out" / "log" / "Pop").glob("Pop-retail-sim-*.log"))
+    assert (tmp_path / "out" / "log_tensorboard").is_dir()

@@ -12,9 +12,11 @@ import pytest
 import torch
 
 import causalrec
-from causalrec import compat
+from causalrec import allocator as compat
 
-pytestmark = pytest.mark.skipif(compat._glibc() is None, reason="not glibc, or malloc tuned by the user: B15 is a no-op")
+pytestmark = pytest.mark.skipif(
+    compat._glibc() is None, reason="not glibc, or malloc tuned by the user: B15 is a no-op"
+)
 
 BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB): always mmap-ed by default
 
@@ -24,7 +26,7 @@ BLOCK = 64 * 2**20  # above glibc's largest mmap threshold (32 MiB): always mmap
 # settings (CI once counted [16383, 0, 0, 0, 0, 0] faults "outside"), which says nothing about B15.
 _MEASURE = """
 import json, resource, torch
-from causalrec import compat
+from causalrec import allocator as compat
 
 def faults(times):
     out = []
@@ -48,8 +50,9 @@ def _measure_in_fresh_process() -> dict:
     """Minor page faults of rounds of allocating, touching and freeing a 64 MiB tensor, outside and inside
     ``heap_allocator``, in a new interpreter (a clean heap)."""
     env = {k: v for k, v in os.environ.items() if k != compat.MALLOC_ENV}
-    done = subprocess.run([sys.executable, "-c", _MEASURE % BLOCK], capture_output=True, text=True, env=env,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE % BLOCK], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -98,8 +101,15 @@ def test_heap_allocator_sets_once_and_restores_glibc_defaults(monkeypatch):
     assert not compat.heap_allocator_active() and libc.calls[-1] == ("malloc_trim", 0)  # restored on errors too
 
 
-@pytest.mark.parametrize("env", [{"CAUSALREC_MALLOC_TUNING": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
-                                 {"MALLOC_ARENA_MAX_": "2"}, {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CAUSALREC_MALLOC_TUNING": "0"},
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+        {"MALLOC_ARENA_MAX_": "2"},
+        {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"},
+    ],
+)
 def test_user_choice_turns_it_off(monkeypatch, env):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -111,9 +121,20 @@ def test_user_choice_turns_it_off(monkeypatch, env):
 def _fit(monkeypatch, tmp_path, tuning: str):
     monkeypatch.setenv("CAUSALREC_MALLOC_TUNING", tuning)
     seen: list[bool] = []  # whether the heap allocator was on, per training epoch
-    config, trainer, (train, valid, _) = causalrec.quick_start.build("SASRec", "retail-sim", config_dict={
-        "sim_users": 150, "sim_items": 60, "epochs": 2, "show_progress": False, "checkpoint_dir": str(tmp_path),
-        "train_batch_size": 256, "hidden_size": 16, "inner_size": 32})
+    config, trainer, (train, valid, _) = causalrec.recbole.quick_start.build(
+        "SASRec",
+        "retail-sim",
+        config_dict={
+            "sim_users": 150,
+            "sim_items": 60,
+            "epochs": 2,
+            "show_progress": False,
+            "checkpoint_dir": str(tmp_path),
+            "train_batch_size": 256,
+            "hidden_size": 16,
+            "inner_size": 32,
+        },
+    )
     monkeypatch.setattr(trainer, "_train_epoch", _recorder(trainer._train_epoch, seen))
     score, _ = trainer.fit(train, valid, saved=False, show_progress=False)
     return score, {k: v.clone() for k, v in trainer.model.state_dict().items()}, seen

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import causalrec
-from causalrec.context_rerank import context_log_ratio
 from causalrec.data import DataSpec, prepare
 from causalrec.errors import CausalRecError
+from causalrec.recbole.context_rerank import context_log_ratio
 
 SIM = {"sim_users": 300, "split": "regional", "epochs": 1, "show_progress": False, "topk": [10]}
 
@@ -27,8 +27,13 @@ class _Feat(dict):
 def test_log_ratio_equals_hand_counts():
     # items 1..3 (0 is padding); labels: 1 = winter, 2 = summer, 3 = autumn (never in training)
     feat = _Feat(item_id=torch.tensor([1, 1, 2, 3, 3, 3]), season=torch.tensor([1, 1, 1, 2, 2, 1]))
-    dataset = SimpleNamespace(inter_feat=feat, item_num=4, iid_field="item_id", dataset_name="toy",
-                              field2id_token={"season": np.array(["[PAD]", "winter", "summer", "autumn"])})
+    dataset = SimpleNamespace(
+        inter_feat=feat,
+        item_num=4,
+        iid_field="item_id",
+        dataset_name="toy",
+        field2id_token={"season": np.array(["[PAD]", "winter", "summer", "autumn"])},
+    )
     table, rows = context_log_ratio(dataset, "season", alpha=1.0)
     assert rows == {"winter": 1, "summer": 2}
     # P(i): (counts 2, 1, 3) + 1 over 6 + 3; P(i | winter): (2, 1, 1) + 1 over 4 + 3; P(i | summer): (0, 0, 2) + 1 over 2 + 3
@@ -70,7 +75,7 @@ def test_pop_with_season_context_is_popularity_within_the_season(in_tmp):
 def test_sequential_models_get_the_same_context(in_tmp):
     """A sequential model's scores move by exactly the training table's row of each case's season, and its
     evaluation runs through the re-ranking."""
-    from causalrec.quick_start import build
+    from causalrec.recbole.quick_start import build
 
     config = {**SIM, "hidden_size": 16, "inner_size": 32, "n_layers": 1}
     _, plain, (train, _, test) = build("SASRec", "retail-sim", config_dict=config)

@@ -40,8 +40,9 @@ def test_environment_negatives_come_from_the_rows_own_environment():
     popularity[1, 5] = 999  # environment 1 buys item 5
     groups = np.array([0, 1] * 1000)
     targets = np.full(2000, 1)
-    neg = sample_negatives(targets, N_ITEMS, 1, "season_popularity", rng=np.random.default_rng(2),
-                           popularity=popularity, groups=groups)
+    neg = sample_negatives(
+        targets, N_ITEMS, 1, "season_popularity", rng=np.random.default_rng(2), popularity=popularity, groups=groups
+    )
     weight = 1000 / (1000 + 4)  # the environment's item, against the other four items at weight 1
     assert _shares(neg[groups == 0])[2] == pytest.approx(weight, abs=0.01)
     assert _shares(neg[groups == 1])[5] == pytest.approx(weight, abs=0.01)

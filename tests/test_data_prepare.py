@@ -10,19 +10,30 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from causalrec.data import DataSpec, PreparedDataset, load_frame, prepare, split_frame
-from causalrec.data import store
+from causalrec.data import DataSpec, PreparedDataset, load_frame, prepare, split_frame, store
 from causalrec.data.store import FILE_SUFFIXES
 from causalrec.errors import DataError
 
 INTER_HEADER = ["user_id:token", "item_id:token", "timestamp:float", "season:token", "region:token"]
-SEQ_HEADER = ["user_id:token", "item_id_list:token_seq", "item_id:token", "timestamp:float", "season:token",
-              "region:token"]
+SEQ_HEADER = [
+    "user_id:token",
+    "item_id_list:token_seq",
+    "item_id:token",
+    "timestamp:float",
+    "season:token",
+    "region:token",
+]
 
 
 def small(tmp_path, **kw) -> DataSpec:
-    base = dict(sim_users=150, sim_items=60, sim_categories=8, sim_inter_per_user=15.0, seed=3,
-                data_cache_dir=str(tmp_path / "cache"))
+    base = dict(
+        sim_users=150,
+        sim_items=60,
+        sim_categories=8,
+        sim_inter_per_user=15.0,
+        seed=3,
+        data_cache_dir=str(tmp_path / "cache"),
+    )
     return DataSpec(**{**base, **kw})
 
 
@@ -61,8 +72,9 @@ def test_row_counts_match_the_split(prepared):
         rows = read_atomic(out.file(f"{part}.inter"))
         expected = getattr(split, part)
         assert len(rows) == len(expected)
-        assert sorted(zip(rows["user_id:token"], rows["item_id:token"], rows["timestamp:float"].astype(int))) == \
-            sorted(zip(expected["user_id"], expected["item_id"], expected["timestamp"]))
+        assert sorted(zip(rows["user_id:token"], rows["item_id:token"], rows["timestamp:float"].astype(int))) == sorted(
+            zip(expected["user_id"], expected["item_id"], expected["timestamp"])
+        )
     seq_train = read_atomic(out.file("seq_train.inter"))
     users_whose_first_row_trains = (split.train["position"] == 0).sum()
     assert len(seq_train) == len(split.train) - users_whose_first_row_trains
@@ -82,11 +94,15 @@ def test_histories_brute_force(prepared):
     times = {u: list(g["timestamp"]) for u, g in ordered.groupby("user_id")}
     for part in ("seq_train", "seq_valid", "seq_test"):
         rows = read_atomic(out.file(f"{part}.inter"))
-        for user, hist, item, ts in zip(rows["user_id:token"], rows["item_id_list:token_seq"], rows["item_id:token"],
-                                        rows["timestamp:float"].astype(int)):
+        for user, hist, item, ts in zip(
+            rows["user_id:token"],
+            rows["item_id_list:token_seq"],
+            rows["item_id:token"],
+            rows["timestamp:float"].astype(int),
+        ):
             k = times[user].index(ts)  # simulated times are unique per user
             assert bought[user][k] == item
-            assert hist.split(" ") == bought[user][:k][-spec.max_history:]
+            assert hist.split(" ") == bought[user][:k][-spec.max_history :]
 
 
 def test_max_history_truncates(tmp_path):
@@ -123,8 +139,9 @@ def test_reuse_and_force(tmp_path, caplog):
     forced = prepare(spec, force=True, show_progress=False)
     assert not forced.reused and forced.directory == first.directory
     assert forced.file("train.inter").read_bytes() == first.file("train.inter").read_bytes()
-    assert [p.name for p in (tmp_path / "cache" / "retail-sim").iterdir() if not p.name.startswith(".")] == \
-        [Path(first.data_path).name]
+    assert [p.name for p in (tmp_path / "cache" / "retail-sim").iterdir() if not p.name.startswith(".")] == [
+        Path(first.data_path).name
+    ]
 
 
 def test_cache_key_follows_inputs(tmp_path):
@@ -132,8 +149,14 @@ def test_cache_key_follows_inputs(tmp_path):
     rows = [(u, f"i{(u * 7 + k) % 9}", 1_700_000_000 + 86_400 * k) for u in range(12) for k in range(8)]
     table = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"])
     table.to_csv(path, index=False)
-    spec = DataSpec(dataset="csv", source=str(path), split="iid", data_cache_dir=str(tmp_path / "cache"),
-                    min_user_inter=2, min_item_inter=2)
+    spec = DataSpec(
+        dataset="csv",
+        source=str(path),
+        split="iid",
+        data_cache_dir=str(tmp_path / "cache"),
+        min_user_inter=2,
+        min_item_inter=2,
+    )
     a = prepare(spec, show_progress=False)
     # a changed file at the same path: a new key (its content is hashed, not its name or mtime)
     assert prepare(spec, show_progress=False).reused
@@ -164,8 +187,14 @@ def test_failed_split_leaves_nothing(tmp_path):
     path = tmp_path / "t.csv"
     rows = [(f"u{u}", f"i{k}", f"2024-0{1 + k % 3}-1{k}") for u in range(4) for k in range(6)]  # Jan-Mar only
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp"]).to_csv(path, index=False)
-    spec = DataSpec(dataset="csv", source=str(path), split="seasonal", data_cache_dir=str(tmp_path / "cache"),
-                    min_user_inter=1, min_item_inter=1)
+    spec = DataSpec(
+        dataset="csv",
+        source=str(path),
+        split="seasonal",
+        data_cache_dir=str(tmp_path / "cache"),
+        min_user_inter=1,
+        min_item_inter=1,
+    )
     with pytest.raises(DataError, match=r"valid_months=\[9\] hold no interactions"):
         prepare(spec, show_progress=False)
     assert _leftovers(tmp_path / "cache" / "csv") == []
@@ -221,26 +250,43 @@ def test_items_tsv_round_trips_awkward_titles(tmp_path):
     titles = ['12" PIZZA PLATE', "MUG, BLUE", "TAB\tSEPARATED", "PLAIN"]
     rows = [(f"u{u}", f"i{k}", 1_700_000_000 + 3_600 * (u * 4 + k), titles[k]) for u in range(5) for k in range(4)]
     pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "title"]).to_csv(path, index=False)
-    spec = DataSpec(dataset="csv", source=str(path), csv_text=["title"], split="iid",
-                    data_cache_dir=str(tmp_path / "cache"), min_user_inter=1, min_item_inter=1)
+    spec = DataSpec(
+        dataset="csv",
+        source=str(path),
+        csv_text=["title"],
+        split="iid",
+        data_cache_dir=str(tmp_path / "cache"),
+        min_user_inter=1,
+        min_item_inter=1,
+    )
     items = pd.read_csv(prepare(spec, show_progress=False).items_file, sep="\t", keep_default_na=False)
     assert dict(zip(items["item_id"], items["item_text"])) == {
-        "i0": '12" PIZZA PLATE', "i1": "MUG, BLUE", "i2": "TAB SEPARATED", "i3": "PLAIN"}
+        "i0": '12" PIZZA PLATE',
+        "i1": "MUG, BLUE",
+        "i2": "TAB SEPARATED",
+        "i3": "PLAIN",
+    }
     assert set(items["category"]) == {""}
 
 
 @pytest.mark.shared_data
 def test_real_online_retail_seasonal(online_retail_path, tmp_path):
-    spec = DataSpec(dataset="online-retail", source=str(online_retail_path), split="seasonal",
-                    data_cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        dataset="online-retail",
+        source=str(online_retail_path),
+        split="seasonal",
+        data_cache_dir=str(tmp_path / "cache"),
+    )
     start = time.perf_counter()
     out = prepare(spec, show_progress=False)
     elapsed = time.perf_counter() - start
     assert elapsed < 30, f"prepare took {elapsed:.1f} s"
     train = read_atomic(out.file("train.inter"))
     months = pd.to_datetime(train["timestamp:float"].astype(float), unit="s").dt.month
-    assert months.isin(range(1, 9)).all() and train["timestamp:float"].astype(float).max() < \
-        pd.Timestamp("2011-09-01", tz="UTC").timestamp()
+    assert (
+        months.isin(range(1, 9)).all()
+        and train["timestamp:float"].astype(float).max() < pd.Timestamp("2011-09-01", tz="UTC").timestamp()
+    )
     test = read_atomic(out.file("test.inter"))
     assert test["user_id:token"].is_unique
     assert pd.to_datetime(test["timestamp:float"].astype(float), unit="s").dt.month.isin([10, 11, 12]).all()
@@ -256,8 +302,16 @@ def test_recbole_loads_every_row(in_tmp, model, prefix):
     from recbole.config import Config
     from recbole.data import create_dataset
 
-    params = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "seed": 3,
-              "split": "seasonal", "show_progress": False, "save_dataset": False}
+    params = {
+        "sim_users": 150,
+        "sim_items": 60,
+        "sim_categories": 8,
+        "sim_inter_per_user": 15.0,
+        "seed": 3,
+        "split": "seasonal",
+        "show_progress": False,
+        "save_dataset": False,
+    }
     config = Config(model=model, dataset="retail-sim", config_dict=params)
     out = prepare(DataSpec.from_mapping(config.final_config_dict), show_progress=False)
     assert out.reused  # the config hook prepared the very same files

@@ -10,7 +10,8 @@ import torch
 
 from causalrec import cli
 from causalrec.errors import ConfigError
-from causalrec.quick_start import build, known_config_keys, make_config, validate
+from causalrec.recbole.preflight import known_config_keys, validate
+from causalrec.recbole.quick_start import build, make_config
 
 SMALL = {"sim_users": 150, "sim_items": 60}
 

@@ -17,37 +17,99 @@ UCI1 = ["InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "Uni
 UCI2 = ["Invoice", "StockCode", "Description", "Quantity", "InvoiceDate", "Price", "Customer ID", "Country"]
 # 15 rows; the comment says what cleaning does with each (counted by hand).
 RETAIL_ROWS = [
-    ("536365", "85123A", "WHITE HANGING HEART T-LIGHT HOLDER", 6, "2010-12-01 08:26:00", 2.55, "17850.0", "United Kingdom"),
+    (
+        "536365",
+        "85123A",
+        "WHITE HANGING HEART T-LIGHT HOLDER",
+        6,
+        "2010-12-01 08:26:00",
+        2.55,
+        "17850.0",
+        "United Kingdom",
+    ),
     ("536365", "71053", "WHITE METAL LANTERN", 6, "2010-12-01 08:26:00", 3.39, "17850.0", "United Kingdom"),
-    ("536366", "85123A", "WHITE HANGING HEART T-LIGHT HOLDER ", 2, "2010-12-02 09:00:00", 2.55, "17850.0", "United Kingdom"),
+    (
+        "536366",
+        "85123A",
+        "WHITE HANGING HEART T-LIGHT HOLDER ",
+        2,
+        "2010-12-02 09:00:00",
+        2.55,
+        "17850.0",
+        "United Kingdom",
+    ),
     ("536367", "85123a", "CREAM HANGING HEART T-LIGHT HOLDER", 1, "2010-12-03 10:00:00", 2.55, "12583.0", "France"),
-    ("536367", "POST", "POSTAGE", 1, "2010-12-03 10:00:00", 18.0, "12583.0", "France"),                   # non-product
-    ("C536368", "71053", "WHITE METAL LANTERN", -1, "2010-12-04 10:00:00", 3.39, "17850.0", "United Kingdom"),  # cancellation
-    ("536369", "71053", "WHITE METAL LANTERN", 4, "2010-12-05 10:00:00", 3.39, None, "United Kingdom"),   # no customer
-    ("536370", "71053", "WHITE METAL LANTERN", 0, "2010-12-06 10:00:00", 3.39, "12583.0", "France"),       # quantity 0
-    ("536371", "22728", None, 5, "2010-12-07 10:00:00", 1.0, "12583.0", "France"),                         # no description
-    ("536372", "gift_0001_20", "Dotcomgiftshop Gift Voucher £20.00", 1, "2010-12-08 10:00:00", 17.0, "12583.0", "France"),  # voucher
+    ("536367", "POST", "POSTAGE", 1, "2010-12-03 10:00:00", 18.0, "12583.0", "France"),  # non-product
+    (
+        "C536368",
+        "71053",
+        "WHITE METAL LANTERN",
+        -1,
+        "2010-12-04 10:00:00",
+        3.39,
+        "17850.0",
+        "United Kingdom",
+    ),  # cancellation
+    ("536369", "71053", "WHITE METAL LANTERN", 4, "2010-12-05 10:00:00", 3.39, None, "United Kingdom"),  # no customer
+    ("536370", "71053", "WHITE METAL LANTERN", 0, "2010-12-06 10:00:00", 3.39, "12583.0", "France"),  # quantity 0
+    ("536371", "22728", None, 5, "2010-12-07 10:00:00", 1.0, "12583.0", "France"),  # no description
+    (
+        "536372",
+        "gift_0001_20",
+        "Dotcomgiftshop Gift Voucher £20.00",
+        1,
+        "2010-12-08 10:00:00",
+        17.0,
+        "12583.0",
+        "France",
+    ),  # voucher
     ("536373", "71053", "WHITE METAL LANTERN", 2, "2010-12-09 10:00:00", 3.39, "12583.0", "Germany"),
-    ("536373", "71053", "WHITE METAL LANTERN", 3, "2010-12-09 10:00:00", 3.39, "12583.0", "Germany"),     # duplicate
+    ("536373", "71053", "WHITE METAL LANTERN", 3, "2010-12-09 10:00:00", 3.39, "12583.0", "Germany"),  # duplicate
     ("536374", "22728", "ALARM CLOCK BAKELIKE PINK", 24, "2010-12-10 10:00:00", 3.75, "12583.0", "France"),
-    ("536375", "M", "Manual", 1, "2010-12-10 11:00:00", 1.0, "17850.0", "United Kingdom"),                 # non-product
-    ("536376", "BANK CHARGES", "Bank Charges", 1, "2010-12-10 12:00:00", 15.0, "17850.0", "United Kingdom"),  # non-product
+    ("536375", "M", "Manual", 1, "2010-12-10 11:00:00", 1.0, "17850.0", "United Kingdom"),  # non-product
+    (
+        "536376",
+        "BANK CHARGES",
+        "Bank Charges",
+        1,
+        "2010-12-10 12:00:00",
+        15.0,
+        "17850.0",
+        "United Kingdom",
+    ),  # non-product
 ]
-EXPECTED_COUNTS = {"rows_read": 15, "dropped_no_customer": 1, "dropped_cancellation": 1,
-                   "dropped_non_positive_quantity": 1, "dropped_non_product": 4, "dropped_no_description": 1,
-                   "dropped_duplicate": 1, "rows_clean": 6}
-T = {d: int(pd.Timestamp(d, tz="UTC").timestamp()) for d in
-     ("2010-12-01 08:26:00", "2010-12-02 09:00:00", "2010-12-03 10:00:00", "2010-12-09 10:00:00", "2010-12-10 10:00:00")}
+EXPECTED_COUNTS = {
+    "rows_read": 15,
+    "dropped_no_customer": 1,
+    "dropped_cancellation": 1,
+    "dropped_non_positive_quantity": 1,
+    "dropped_non_product": 4,
+    "dropped_no_description": 1,
+    "dropped_duplicate": 1,
+    "rows_clean": 6,
+}
+T = {
+    d: int(pd.Timestamp(d, tz="UTC").timestamp())
+    for d in (
+        "2010-12-01 08:26:00",
+        "2010-12-02 09:00:00",
+        "2010-12-03 10:00:00",
+        "2010-12-09 10:00:00",
+        "2010-12-10 10:00:00",
+    )
+}
 HEART = "WHITE HANGING HEART T-LIGHT HOLDER"
-EXPECTED_ROWS = sorted([
-    ("17850", "85123A", T["2010-12-01 08:26:00"], "United Kingdom", HEART),
-    ("17850", "71053", T["2010-12-01 08:26:00"], "United Kingdom", "WHITE METAL LANTERN"),
-    ("17850", "85123A", T["2010-12-02 09:00:00"], "United Kingdom", HEART),
-    # 12583 bought twice in France and once in Germany: the user's region is France
-    ("12583", "85123A", T["2010-12-03 10:00:00"], "France", HEART),
-    ("12583", "71053", T["2010-12-09 10:00:00"], "France", "WHITE METAL LANTERN"),
-    ("12583", "22728", T["2010-12-10 10:00:00"], "France", "ALARM CLOCK BAKELIKE PINK"),
-])
+EXPECTED_ROWS = sorted(
+    [
+        ("17850", "85123A", T["2010-12-01 08:26:00"], "United Kingdom", HEART),
+        ("17850", "71053", T["2010-12-01 08:26:00"], "United Kingdom", "WHITE METAL LANTERN"),
+        ("17850", "85123A", T["2010-12-02 09:00:00"], "United Kingdom", HEART),
+        # 12583 bought twice in France and once in Germany: the user's region is France
+        ("12583", "85123A", T["2010-12-03 10:00:00"], "France", HEART),
+        ("12583", "71053", T["2010-12-09 10:00:00"], "France", "WHITE METAL LANTERN"),
+        ("12583", "22728", T["2010-12-10 10:00:00"], "France", "ALARM CLOCK BAKELIKE PINK"),
+    ]
+)
 
 
 def retail_table(columns=UCI1) -> pd.DataFrame:
@@ -104,10 +166,13 @@ def test_online_retail_missing_column(tmp_path):
     assert "'Client'" in message and "'StockCode'" in message  # the columns present are listed
 
 
-@pytest.mark.parametrize("content, words", [
-    (b"", ["is empty"]),
-    (",".join(UCI1).encode() + b"\n", ["header but no rows"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (b"", ["is empty"]),
+        (",".join(UCI1).encode() + b"\n", ["header but no rows"]),
+    ],
+)
 def test_online_retail_empty_files(tmp_path, content, words):
     path = tmp_path / "r.csv"
     path.write_bytes(content)
@@ -149,35 +214,52 @@ def test_online_retail_needs_a_source(tmp_path):
 
 @pytest.fixture
 def shop_csv(tmp_path):
-    purchases = pd.DataFrame({
-        "customer": ["ann", "ann", "bob", "bob", "bob", "cy z"],
-        "sku": ["m1", "p2", "m1", "m1", "k3", "p2"],
-        "when": ["03/01/2024", "15/02/2024", "28/02/2024", "01/03/2024", "01/03/2024", "31/12/2023"],
-        "store": ["Leeds", "Leeds", "York", "York", "York", "Leeds"],
-    })
-    items = pd.DataFrame({"sku": ["m1", "p2", "k3"], "colour": ["red", "blue", None],
-                          "name": ["mug", "plate", "kettle"]})
+    purchases = pd.DataFrame(
+        {
+            "customer": ["ann", "ann", "bob", "bob", "bob", "cy z"],
+            "sku": ["m1", "p2", "m1", "m1", "k3", "p2"],
+            "when": ["03/01/2024", "15/02/2024", "28/02/2024", "01/03/2024", "01/03/2024", "31/12/2023"],
+            "store": ["Leeds", "Leeds", "York", "York", "York", "Leeds"],
+        }
+    )
+    items = pd.DataFrame(
+        {"sku": ["m1", "p2", "k3"], "colour": ["red", "blue", None], "name": ["mug", "plate", "kettle"]}
+    )
     purchases.to_csv(tmp_path / "purchases.csv", index=False)
     items.to_csv(tmp_path / "items.tsv", sep="\t", index=False)
     return tmp_path
 
 
 def csv_spec(folder, **kw) -> DataSpec:
-    base = dict(dataset="csv", source=str(folder / "purchases.csv"), csv_user="customer", csv_item="sku",
-                csv_time="when", csv_time_format="%d/%m/%Y", min_user_inter=1, min_item_inter=1)
+    base = dict(
+        dataset="csv",
+        source=str(folder / "purchases.csv"),
+        csv_user="customer",
+        csv_item="sku",
+        csv_time="when",
+        csv_time_format="%d/%m/%Y",
+        min_user_inter=1,
+        min_item_inter=1,
+    )
     return DataSpec(**{**base, **kw})
 
 
 def test_csv_mapping_with_item_table(shop_csv):
-    spec = csv_spec(shop_csv, csv_region="store", csv_text=["colour", "name"],
-                    csv_items_path=str(shop_csv / "items.tsv"))
+    spec = csv_spec(
+        shop_csv, csv_region="store", csv_text=["colour", "name"], csv_items_path=str(shop_csv / "items.tsv")
+    )
     frame = load_frame(spec)
     day = lambda d: int(pd.Timestamp(d, tz="UTC").timestamp())  # noqa: E731
-    assert rows_of(frame) == sorted([
-        ("ann", "m1", day("2024-01-03"), "Leeds", "red mug"), ("ann", "p2", day("2024-02-15"), "Leeds", "blue plate"),
-        ("bob", "m1", day("2024-02-28"), "York", "red mug"), ("bob", "m1", day("2024-03-01"), "York", "red mug"),
-        ("bob", "k3", day("2024-03-01"), "York", "kettle"), ("cy_z", "p2", day("2023-12-31"), "Leeds", "blue plate"),
-    ])
+    assert rows_of(frame) == sorted(
+        [
+            ("ann", "m1", day("2024-01-03"), "Leeds", "red mug"),
+            ("ann", "p2", day("2024-02-15"), "Leeds", "blue plate"),
+            ("bob", "m1", day("2024-02-28"), "York", "red mug"),
+            ("bob", "m1", day("2024-03-01"), "York", "red mug"),
+            ("bob", "k3", day("2024-03-01"), "York", "kettle"),
+            ("cy_z", "p2", day("2023-12-31"), "Leeds", "blue plate"),
+        ]
+    )
 
 
 def test_csv_defaults_region_all_and_id_as_text(shop_csv):
@@ -188,11 +270,15 @@ def test_csv_defaults_region_all_and_id_as_text(shop_csv):
 
 def test_csv_unix_times(tmp_path):
     pd.DataFrame({"user_id": ["a", "a"], "item_id": ["x", "y"], "timestamp": [1700000000, 1700000500]}).to_csv(
-        tmp_path / "t.csv", index=False)
+        tmp_path / "t.csv", index=False
+    )
     frame = load_frame(DataSpec(dataset="csv", source=str(tmp_path / "t.csv"), min_user_inter=1, min_item_inter=1))
     assert sorted(frame["timestamp"]) == [1700000000, 1700000500]
-    ms = load_frame(DataSpec(dataset="csv", source=str(tmp_path / "t.csv"), csv_time_format="unix_ms",
-                             min_user_inter=1, min_item_inter=1))
+    ms = load_frame(
+        DataSpec(
+            dataset="csv", source=str(tmp_path / "t.csv"), csv_time_format="unix_ms", min_user_inter=1, min_item_inter=1
+        )
+    )
     assert sorted(ms["timestamp"]) == [1700000, 1700000]
 
 
@@ -213,7 +299,8 @@ def test_csv_bad_date(shop_csv):
 
 def test_csv_empty_time_cell(tmp_path):
     pd.DataFrame({"user_id": ["a", "b"], "item_id": ["x", "y"], "timestamp": ["2024-01-01", None]}).to_csv(
-        tmp_path / "t.csv", index=False)
+        tmp_path / "t.csv", index=False
+    )
     with pytest.raises(DataError, match="empty in 1 rows .*data row 2"):
         load_frame(DataSpec(dataset="csv", source=str(tmp_path / "t.csv"), min_user_inter=1, min_item_inter=1))
 
@@ -246,8 +333,16 @@ def _frame(rows):
 
 def test_k_core_iterates_to_a_fixed_point():
     # one pass drops z (1 row), which leaves C with 1 row; only a second pass drops C's x row
-    frame = _frame([("A", "x", 1, "r", "X"), ("A", "y", 2, "r", "Y"), ("B", "x", 1, "r", "X"),
-                    ("B", "y", 2, "r", "Y"), ("C", "x", 1, "r", "X"), ("C", "z", 2, "r", "Z")])
+    frame = _frame(
+        [
+            ("A", "x", 1, "r", "X"),
+            ("A", "y", 2, "r", "Y"),
+            ("B", "x", 1, "r", "X"),
+            ("B", "y", 2, "r", "Y"),
+            ("C", "x", 1, "r", "X"),
+            ("C", "z", 2, "r", "Z"),
+        ]
+    )
     out = k_core(frame, 2, 2)
     assert sorted(out["user_id"]) == ["A", "A", "B", "B"]
     with pytest.raises(DataError, match="min_user_inter=3"):
@@ -287,8 +382,12 @@ def test_real_online_retail(online_retail_path):
     # published/verified facts of the file (shared/datasets/README.md)
     assert counts["rows_read"] == 541_909
     assert counts["dropped_no_customer"] == 135_080
-    purchases = counts["rows_read"] - counts["dropped_no_customer"] - counts["dropped_cancellation"] \
+    purchases = (
+        counts["rows_read"]
+        - counts["dropped_no_customer"]
+        - counts["dropped_cancellation"]
         - counts["dropped_non_positive_quantity"]
+    )
     assert purchases == 397_924
     assert frame["user_id"].nunique() <= 4_339 and frame["item_id"].nunique() <= 3_665
     assert not frame["item_id"].isin(["POST", "DOT", "M", "C2", "D", "BANK_CHARGES", "AMAZONFEE", "CRUK"]).any()

@@ -36,21 +36,24 @@ def test_months_accept_names_and_single_values():
     assert (spec.train_months, spec.valid_months, spec.test_months) == ((1, 2, 3), (4,), (12,))
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"split": "seasonl"}, ["split", "seasonal"]),
-    ({"dataset": "retail"}, ["dataset", "retail-sim"]),
-    ({"train_months": [1, 13]}, ["train_months", "13"]),
-    ({"train_months": [1, 9], "valid_months": [9]}, ["train_months", "valid_months", "[9]"]),
-    ({"train_regions": ["a"], "test_regions": ["a", "b"]}, ["train_regions", "test_regions", "'a'"]),
-    ({"test_ratio": 0.7, "valid_ratio": 0.3}, ["test_ratio + valid_ratio"]),
-    ({"test_ratio": 0}, ["test_ratio", "(0, 1)"]),
-    ({"sim_confounding": 1.5}, ["sim_confounding", "[0, 1]"]),
-    ({"min_user_inter": 0}, ["min_user_inter", ">= 1"]),
-    ({"min_item_inter": 2.5}, ["min_item_inter"]),
-    ({"sim_categories": 1}, ["sim_categories", ">= 2"]),
-    ({"dataset": "csv"}, ["csv", "source"]),
-    ({"csv_text": [""]}, ["csv_text"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"split": "seasonl"}, ["split", "seasonal"]),
+        ({"dataset": "retail"}, ["dataset", "retail-sim"]),
+        ({"train_months": [1, 13]}, ["train_months", "13"]),
+        ({"train_months": [1, 9], "valid_months": [9]}, ["train_months", "valid_months", "[9]"]),
+        ({"train_regions": ["a"], "test_regions": ["a", "b"]}, ["train_regions", "test_regions", "'a'"]),
+        ({"test_ratio": 0.7, "valid_ratio": 0.3}, ["test_ratio + valid_ratio"]),
+        ({"test_ratio": 0}, ["test_ratio", "(0, 1)"]),
+        ({"sim_confounding": 1.5}, ["sim_confounding", "[0, 1]"]),
+        ({"min_user_inter": 0}, ["min_user_inter", ">= 1"]),
+        ({"min_item_inter": 2.5}, ["min_item_inter"]),
+        ({"sim_categories": 1}, ["sim_categories", ">= 2"]),
+        ({"dataset": "csv"}, ["csv", "source"]),
+        ({"csv_text": [""]}, ["csv_text"]),
+    ],
+)
 def test_invalid_values_name_the_key(kwargs, words):
     with pytest.raises(ConfigError) as err:
         DataSpec(**kwargs)
@@ -65,24 +68,63 @@ def test_unknown_split_lists_choices():
 
 
 def test_from_mapping_strict_and_lenient():
-    merged = {"dataset": "retail-sim", "split": "regional", "seed": 7, "epochs": 3, "train_regions": None,
-              "sim_users": 50}
+    merged = {
+        "dataset": "retail-sim",
+        "split": "regional",
+        "seed": 7,
+        "epochs": 3,
+        "train_regions": None,
+        "sim_users": 50,
+    }
     spec = DataSpec.from_mapping(merged, strict=False)
     assert (spec.split, spec.seed, spec.sim_users, spec.train_regions) == ("regional", 7, 50, None)
     with pytest.raises(UnknownNameError) as err:
         DataSpec.from_mapping(merged, strict=True)
     assert "'epochs'" in str(err.value)
-    assert set(DataSpec.field_names()) >= {"dataset", "source", "split", "seed", "min_user_inter", "min_item_inter",
-                                          "max_history", "exclude_stock_codes", "data_cache_dir", "train_months",
-                                          "valid_months", "test_months", "train_regions", "valid_regions",
-                                          "test_regions", "test_ratio", "tail_ratio"}
+    assert set(DataSpec.field_names()) >= {
+        "dataset",
+        "source",
+        "split",
+        "seed",
+        "min_user_inter",
+        "min_item_inter",
+        "max_history",
+        "exclude_stock_codes",
+        "data_cache_dir",
+        "train_months",
+        "valid_months",
+        "test_months",
+        "train_regions",
+        "valid_regions",
+        "test_regions",
+        "test_ratio",
+        "tail_ratio",
+    }
 
 
 def test_field_names_are_prefixed_or_common():
-    common = {"dataset", "source", "split", "seed", "min_user_inter", "min_item_inter", "max_history",
-              "exclude_stock_codes", "data_cache_dir", "train_months", "valid_months", "test_months",
-              "train_regions", "valid_regions", "test_regions", "valid_user_ratio", "test_ratio", "valid_ratio",
-              "tail_ratio"}
+    common = {
+        "dataset",
+        "max_title_chars",
+        "source",
+        "split",
+        "seed",
+        "min_user_inter",
+        "min_item_inter",
+        "max_history",
+        "exclude_stock_codes",
+        "data_cache_dir",
+        "train_months",
+        "valid_months",
+        "test_months",
+        "train_regions",
+        "valid_regions",
+        "test_regions",
+        "valid_user_ratio",
+        "test_ratio",
+        "valid_ratio",
+        "tail_ratio",
+    }
     for name in DataSpec.field_names():
         assert name in common or name.startswith(("sim_", "csv_")), name
 

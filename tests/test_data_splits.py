@@ -12,13 +12,28 @@ from causalrec.data import SPLITS, DataSpec, load_frame, split_frame
 from causalrec.data.shifts import js_divergence, top_k_jaccard
 from causalrec.errors import DataError
 
-SEASON = {12: "winter", 1: "winter", 2: "winter", 3: "spring", 4: "spring", 5: "spring", 6: "summer", 7: "summer",
-          8: "summer", 9: "autumn", 10: "autumn", 11: "autumn"}
+SEASON = {
+    12: "winter",
+    1: "winter",
+    2: "winter",
+    3: "spring",
+    4: "spring",
+    5: "spring",
+    6: "summer",
+    7: "summer",
+    8: "summer",
+    9: "autumn",
+    10: "autumn",
+    11: "autumn",
+}
 
 
 def hand_frame(users: dict[str, list[tuple[str, str]]], regions: dict[str, str] | None = None) -> pd.DataFrame:
-    rows = [(u, item, int(pd.Timestamp(day, tz="UTC").timestamp()), (regions or {}).get(u, "all"), item.upper())
-            for u, events in users.items() for item, day in events]
+    rows = [
+        (u, item, int(pd.Timestamp(day, tz="UTC").timestamp()), (regions or {}).get(u, "all"), item.upper())
+        for u, events in users.items()
+        for item, day in events
+    ]
     return pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "region", "item_text"])
 
 
@@ -41,8 +56,13 @@ def spec_for(split, **kw):
 
 
 def test_iid_leave_one_out():
-    frame = hand_frame({"a": [(f"a{k}", f"2023-01-0{k}") for k in range(1, 6)],
-                        "b": [("b1", "2023-01-01"), ("b2", "2023-01-02")], "c": [("c1", "2023-01-01")]})
+    frame = hand_frame(
+        {
+            "a": [(f"a{k}", f"2023-01-0{k}") for k in range(1, 6)],
+            "b": [("b1", "2023-01-01"), ("b2", "2023-01-02")],
+            "c": [("c1", "2023-01-01")],
+        }
+    )
     split = split_frame(frame, DataSpec(split="iid"))
     assert parts_by_item(split, "a") == {"a1": "train", "a2": "train", "a3": "train", "a4": "valid", "a5": "test"}
     assert parts_by_item(split, "b") == {"b1": "train", "b2": "test"}
@@ -50,44 +70,79 @@ def test_iid_leave_one_out():
 
 
 def test_temporal_periods():
-    frame = hand_frame({"ten": [(f"t{k}", f"2023-01-{k + 1:02d}") for k in range(10)],
-                        "five": [(f"f{k}", f"2023-01-{k + 1:02d}") for k in range(5)],
-                        "two": [("w0", "2023-01-01"), ("w1", "2023-01-02")]})
+    frame = hand_frame(
+        {
+            "ten": [(f"t{k}", f"2023-01-{k + 1:02d}") for k in range(10)],
+            "five": [(f"f{k}", f"2023-01-{k + 1:02d}") for k in range(5)],
+            "two": [("w0", "2023-01-01"), ("w1", "2023-01-02")],
+        }
+    )
     split = split_frame(frame, DataSpec(split="temporal", test_ratio=0.2, valid_ratio=0.1))
     # 10 rows: test period = last 2 (t8, t9), valid period = 1 row before (t7); targets open each period
-    assert parts_by_item(split, "ten") == {**{f"t{k}": "train" for k in range(7)}, "t7": "valid", "t8": "test",
-                                           "t9": "other"}
+    assert parts_by_item(split, "ten") == {
+        **{f"t{k}": "train" for k in range(7)},
+        "t7": "valid",
+        "t8": "test",
+        "t9": "other",
+    }
     # 5 rows: round(1.0) = 1 test row, round(0.5) = 1 valid row (half up)
     assert parts_by_item(split, "five") == {"f0": "train", "f1": "train", "f2": "train", "f3": "valid", "f4": "test"}
     assert parts_by_item(split, "two") == {"w0": "train", "w1": "train"}  # too short: only trains
 
 
 def test_seasonal_hand_frame():
-    frame = hand_frame({
-        "u": [("dec10", "2010-12-05"), ("jan", "2011-01-10"), ("may", "2011-05-01"), ("sep3", "2011-09-03"),
-              ("sep20", "2011-09-20"), ("oct", "2011-10-02"), ("nov", "2011-11-11"), ("dec11", "2011-12-01")],
-        "v": [("v_oct5", "2011-10-05"), ("v_oct6", "2011-10-06")],
-        "w": [("w_feb", "2011-02-01"), ("w_aug", "2011-08-31")],
-    })
+    frame = hand_frame(
+        {
+            "u": [
+                ("dec10", "2010-12-05"),
+                ("jan", "2011-01-10"),
+                ("may", "2011-05-01"),
+                ("sep3", "2011-09-03"),
+                ("sep20", "2011-09-20"),
+                ("oct", "2011-10-02"),
+                ("nov", "2011-11-11"),
+                ("dec11", "2011-12-01"),
+            ],
+            "v": [("v_oct5", "2011-10-05"), ("v_oct6", "2011-10-06")],
+            "w": [("w_feb", "2011-02-01"), ("w_aug", "2011-08-31")],
+        }
+    )
     split = split_frame(frame, DataSpec(dataset="online-retail", source="x", split="seasonal"))
     # Dec 2010 is a test-season month before the split year (Jan-Dec 2011): history only
-    assert parts_by_item(split, "u") == {"dec10": "other", "jan": "train", "may": "train", "sep3": "valid",
-                                         "sep20": "other", "oct": "test", "nov": "other", "dec11": "other"}
+    assert parts_by_item(split, "u") == {
+        "dec10": "other",
+        "jan": "train",
+        "may": "train",
+        "sep3": "valid",
+        "sep20": "other",
+        "oct": "test",
+        "nov": "other",
+        "dec11": "other",
+    }
     # v's first October row has no history, so the target is the next one
     assert parts_by_item(split, "v") == {"v_oct5": "other", "v_oct6": "test"}
     assert parts_by_item(split, "w") == {"w_feb": "train", "w_aug": "train"}
     assert split.params["split_year"] == ["2011-01", "2011-12"]
     # a December in train_months trains only before the first valid/test row (Dec 2010, not Dec 2011)
-    split = split_frame(frame, DataSpec(dataset="online-retail", source="x", split="seasonal",
-                                        train_months=[1, 2, 3, 4, 5, 6, 7, 8, 12], test_months=[10, 11]))
+    split = split_frame(
+        frame,
+        DataSpec(
+            dataset="online-retail",
+            source="x",
+            split="seasonal",
+            train_months=[1, 2, 3, 4, 5, 6, 7, 8, 12],
+            test_months=[10, 11],
+        ),
+    )
     assert parts_by_item(split, "u")["dec10"] == "train" and parts_by_item(split, "u")["dec11"] == "other"
 
 
 def test_regional_hand_frame():
     users = {u: [(f"{u}{k}", f"2023-0{k + 1}-01") for k in range(3)] for u in ("a", "b", "c", "d", "e")}
     regions = {"a": "UK", "b": "UK", "c": "UK", "d": "FR", "e": "DE"}
-    split = split_frame(hand_frame(users, regions),
-                        DataSpec(split="regional", train_regions=["UK"], valid_regions=["FR"]))
+    split = split_frame(
+        hand_frame(users, regions), DataSpec(split="regional", train_regions=["UK"], valid_regions=["FR"])
+    )
     assert split.params["test_regions"] == ["DE"]
     for u in "abc":
         assert set(parts_by_item(split, u).values()) == {"train"}
@@ -97,9 +152,19 @@ def test_regional_hand_frame():
 
 def test_popularity_hand_frame():
     # x: 6 of 10 rows, y: 3, z: 1; with tail_ratio 0.5 the head is {x} (60 % >= 50 %), the tail {y, z}
-    frame = hand_frame({"a": [("x", "2023-01-01"), ("y", "2023-01-02"), ("z", "2023-01-03"), ("x", "2023-01-04")],
-                        "b": [("x", "2023-01-01"), ("y", "2023-01-02"), ("x", "2023-01-03"), ("y", "2023-01-04"),
-                              ("x", "2023-01-05"), ("x", "2023-01-06")]})
+    frame = hand_frame(
+        {
+            "a": [("x", "2023-01-01"), ("y", "2023-01-02"), ("z", "2023-01-03"), ("x", "2023-01-04")],
+            "b": [
+                ("x", "2023-01-01"),
+                ("y", "2023-01-02"),
+                ("x", "2023-01-03"),
+                ("y", "2023-01-04"),
+                ("x", "2023-01-05"),
+                ("x", "2023-01-06"),
+            ],
+        }
+    )
     split = split_frame(frame, DataSpec(split="popularity", tail_ratio=0.5))
     a = split.frame[split.frame["user_id"] == "a"]["part"].tolist()
     b = split.frame[split.frame["user_id"] == "b"]["part"].tolist()
@@ -118,8 +183,9 @@ def test_rows_conserved_one_target_per_user_with_history(sim, name):
     split = split_frame(sim, spec_for(name))
     f = split.frame
     assert len(f) == len(sim)
-    assert sorted(map(tuple, f[["user_id", "item_id", "timestamp"]].to_numpy().tolist())) == \
-        sorted(map(tuple, sim[["user_id", "item_id", "timestamp"]].to_numpy().tolist()))
+    assert sorted(map(tuple, f[["user_id", "item_id", "timestamp"]].to_numpy().tolist())) == sorted(
+        map(tuple, sim[["user_id", "item_id", "timestamp"]].to_numpy().tolist())
+    )
     counts = split.counts()
     assert sum(counts.values()) == len(sim)
     assert (len(split.train), len(split.valid), len(split.test)) == (counts["train"], counts["valid"], counts["test"])

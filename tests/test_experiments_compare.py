@@ -20,8 +20,9 @@ from causalrec.experiments.report import SIGNIFICANCE_COLUMNS
 from causalrec.experiments.statistics import hierarchical_bootstrap, holm
 
 TINY = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "epochs": 2}
-GRID = dict(splits="iid,seasonal", seeds=2, baseline="Pop", show_progress=False,
-            params={**TINY, "BPR.learning_rate": 0.01})
+GRID = dict(
+    splits="iid,seasonal", seeds=2, baseline="Pop", show_progress=False, params={**TINY, "BPR.learning_rate": 0.01}
+)
 N_METRICS = 10  # Recall, NDCG, Hit, MRR, Precision @ 10, 20: the comparison's one evaluator
 
 
@@ -56,8 +57,12 @@ def test_results_rows_are_cells_times_environments_times_metrics(grid):
     assert set(csv["seed"]) == {2020, 2021} and set(csv["split"]) == {"iid", "seasonal"}
     # overall rows are the cells' test results, and the stored per-case values average to them
     for rec in records:
-        rows = csv[(csv.model == rec["model"]) & (csv.split == rec["split"]) & (csv.seed == rec["seed"])
-                   & (csv.environment == "all")]
+        rows = csv[
+            (csv.model == rec["model"])
+            & (csv.split == rec["split"])
+            & (csv.seed == rec["seed"])
+            & (csv.environment == "all")
+        ]
         assert dict(zip(rows.metric, rows.value)) == pytest.approx(rec["result"]["test_result"])
         for metric, values in rec["cases"]["metrics"].items():
             assert np.mean(values) == pytest.approx(rec["result"]["test_result"][metric], abs=6e-5)
@@ -69,12 +74,19 @@ def test_markdown_table_matches_a_hand_computation_from_the_csv(grid):
     csv = pd.read_csv(out / "results.csv")
     report = (out / "report.md").read_text()
     section = report.split("## ndcg@10\n")[1].split("###")[0]
-    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| Pop") or line.startswith("| BPR")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in section.splitlines()
+        if line.startswith("| Pop") or line.startswith("| BPR")
+    }
     means = {}
     for model in ("Pop", "BPR"):
         for split in ("iid", "seasonal"):
-            values = list(csv[(csv.model == model) & (csv.split == split) & (csv.environment == "all")
-                              & (csv.metric == "ndcg@10")].value)
+            values = list(
+                csv[
+                    (csv.model == model) & (csv.split == split) & (csv.environment == "all") & (csv.metric == "ndcg@10")
+                ].value
+            )
             assert len(values) == 2
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
@@ -98,10 +110,18 @@ def test_significance_matches_scipy_on_the_stored_cases(grid):
     for row in table.itertuples():
         x, y = [], []
         for seed in (2020, 2021):
-            mine = dict(zip(records["BPR", row.split, seed]["cases"]["user"],
-                            records["BPR", row.split, seed]["cases"]["metrics"][row.metric]))
-            base = dict(zip(records["Pop", row.split, seed]["cases"]["user"],
-                            records["Pop", row.split, seed]["cases"]["metrics"][row.metric]))
+            mine = dict(
+                zip(
+                    records["BPR", row.split, seed]["cases"]["user"],
+                    records["BPR", row.split, seed]["cases"]["metrics"][row.metric],
+                )
+            )
+            base = dict(
+                zip(
+                    records["Pop", row.split, seed]["cases"]["user"],
+                    records["Pop", row.split, seed]["cases"]["metrics"][row.metric],
+                )
+            )
             for user in mine.keys() & base.keys():
                 x.append(mine[user])
                 y.append(base[user])
@@ -121,10 +141,18 @@ def test_significance_matches_scipy_on_the_stored_cases(grid):
         # the bootstrap interval resamples the stored per-user values, seeds then users
         pairs = {}
         for seed in (2020, 2021):
-            mine = dict(zip(records["BPR", row.split, seed]["cases"]["user"],
-                            records["BPR", row.split, seed]["cases"]["metrics"][row.metric]))
-            base = dict(zip(records["Pop", row.split, seed]["cases"]["user"],
-                            records["Pop", row.split, seed]["cases"]["metrics"][row.metric]))
+            mine = dict(
+                zip(
+                    records["BPR", row.split, seed]["cases"]["user"],
+                    records["BPR", row.split, seed]["cases"]["metrics"][row.metric],
+                )
+            )
+            base = dict(
+                zip(
+                    records["Pop", row.split, seed]["cases"]["user"],
+                    records["Pop", row.split, seed]["cases"]["metrics"][row.metric],
+                )
+            )
             users = sorted(mine.keys() & base.keys())
             pairs[seed] = ([mine[u] for u in users], [base[u] for u in users])
         boot = hierarchical_bootstrap(pairs, n_boot=2000, seed=0)
@@ -155,14 +183,22 @@ def test_case_file_keeps_the_paired_values_and_pools_like_the_report(grid):
             rows = mine[mine.metric == metric]
             stored = dict(zip(rec["cases"]["user"], rec["cases"]["metrics"][metric]))
             assert dict(zip(rows.user, rows.value)) == pytest.approx(stored)
-            overall = csv[(csv.model == rec["model"]) & (csv.split == rec["split"]) & (csv.seed == rec["seed"])
-                          & (csv.environment == "all") & (csv.metric == metric)].value.item()
+            overall = csv[
+                (csv.model == rec["model"])
+                & (csv.split == rec["split"])
+                & (csv.seed == rec["seed"])
+                & (csv.environment == "all")
+                & (csv.metric == metric)
+            ].value.item()
             assert rows.value.mean() == pytest.approx(overall, abs=6e-5)
     # the file alone reproduces the report's pooled Wilcoxon test
     table = pd.read_csv(out / "significance.csv")
     row = table[(table.split == "seasonal") & (table.metric == "ndcg@10")].iloc[0]
-    wide = cases[(cases.split == "seasonal") & (cases.metric == "ndcg@10")].pivot(
-        index=["seed", "user"], columns="model", values="value").dropna()
+    wide = (
+        cases[(cases.split == "seasonal") & (cases.metric == "ndcg@10")]
+        .pivot(index=["seed", "user"], columns="model", values="value")
+        .dropna()
+    )
     assert len(wide) == row.n_pairs
     assert stats.wilcoxon(wide["BPR"], wide["Pop"]).pvalue == pytest.approx(row.wilcoxon_p, rel=1e-9)
 
@@ -174,7 +210,7 @@ def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached cell was trained again")
 
-    monkeypatch.setattr("causalrec.quick_start.run", no_training)
+    monkeypatch.setattr("causalrec.recbole.quick_start.run", no_training)
     again = causalrec.compare(["Pop", "BPR"], "retail-sim", out=out, **GRID)
     assert again.attrs["trained"] == 0 and len(again.attrs["failures"]) == 0
     pd.testing.assert_frame_equal(again, frame)
@@ -182,9 +218,26 @@ def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
     # the command line with the same settings finds the same cells
     from causalrec.cli import main
 
-    code = main(["compare", "--models", "Pop,BPR", "--splits", "iid,seasonal", "--seeds", "2", "--baseline", "Pop",
-                 "--out", str(out), "--no-progress", "--no-plots", *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
-                 "-p", "BPR.learning_rate=0.01"])
+    code = main(
+        [
+            "compare",
+            "--models",
+            "Pop,BPR",
+            "--splits",
+            "iid,seasonal",
+            "--seeds",
+            "2",
+            "--baseline",
+            "Pop",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--no-plots",
+            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
+            "-p",
+            "BPR.learning_rate=0.01",
+        ]
+    )
     assert code == 0
 
 
@@ -199,12 +252,30 @@ def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, 
     def no_training(*args, **kwargs):
         raise AssertionError("--report-only trained a cell")
 
-    monkeypatch.setattr("causalrec.quick_start.run", no_training)
+    monkeypatch.setattr("causalrec.recbole.quick_start.run", no_training)
     from causalrec.cli import main
 
-    code = main(["compare", "--models", "Pop,ItemKNN,BPR", "--splits", "iid,seasonal", "--seeds", "2", "--baseline",
-                 "Pop", "--out", str(in_tmp / "o"), "--report-only", "--no-progress", "--no-plots",
-                 *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []), "-p", "BPR.learning_rate=0.01"])
+    code = main(
+        [
+            "compare",
+            "--models",
+            "Pop,ItemKNN,BPR",
+            "--splits",
+            "iid,seasonal",
+            "--seeds",
+            "2",
+            "--baseline",
+            "Pop",
+            "--out",
+            str(in_tmp / "o"),
+            "--report-only",
+            "--no-progress",
+            "--no-plots",
+            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
+            "-p",
+            "BPR.learning_rate=0.01",
+        ]
+    )
     assert code == 0
     again = pd.read_csv(in_tmp / "o" / "results.csv")
     kept = frame[~((frame.model == "Pop") & (frame.split == "seasonal"))].reset_index(drop=True)
@@ -221,16 +292,25 @@ def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, 
 def test_plots_are_written(grid):
     out, frame = grid
     plots = sorted(Path(p).name for p in frame.attrs["files"]["plots"])
-    assert plots == sorted(["ndcg_at_10_by_split.png", "recall_at_10_by_split.png",
-                            *(f"{m}_{s}_environments.png" for m in ("ndcg_at_10", "recall_at_10") for s in ("iid", "seasonal"))])
+    assert plots == sorted(
+        [
+            "ndcg_at_10_by_split.png",
+            "recall_at_10_by_split.png",
+            *(f"{m}_{s}_environments.png" for m in ("ndcg_at_10", "recall_at_10") for s in ("iid", "seasonal")),
+        ]
+    )
     assert all((out / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
 
 
 def test_environment_plots_leave_out_small_groups():
     from causalrec.experiments.report import shown_groups
 
-    cases = {("regional", "region=France"): 42, ("regional", "region=Malta"): 3, ("regional", "region=Spain"): 20,
-             ("seasonal", "region=Malta"): 50}
+    cases = {
+        ("regional", "region=France"): 42,
+        ("regional", "region=Malta"): 3,
+        ("regional", "region=Spain"): 20,
+        ("seasonal", "region=Malta"): 50,
+    }
     assert shown_groups(["France", "Malta", "Spain"], cases, "regional", "region", 20) == (["France", "Spain"], 1)
     assert shown_groups(["Malta"], cases, "regional", "region", 20) == (["Malta"], 0)  # all small: all shown
     assert shown_groups(["France", "Malta"], None, "regional", "region", 20) == (["France", "Malta"], 0)
@@ -266,8 +346,7 @@ def test_environment_plot_is_a_sorted_dot_plot_with_error_bars_only_over_seeds(s
 
     results = _env_results(30, seeds)
     cases = {("regional", f"region=Country number {i:02d}"): 25 + i for i in range(30)}
-    fig = environment_figure(results, "regional", "ndcg@10", ["Pop", "BPR"], cases=cases, min_cases=1,
-                             baseline="Pop")
+    fig = environment_figure(results, "regional", "ndcg@10", ["Pop", "BPR"], cases=cases, min_cases=1, baseline="Pop")
     (ax,) = fig.axes
     fig.draw_without_rendering()
     labels = [t.get_text() for t in ax.get_yticklabels()]
@@ -283,8 +362,10 @@ def test_environment_plot_is_a_sorted_dot_plot_with_error_bars_only_over_seeds(s
         assert len(bars) == 2 and all(c.has_xerr and not c.has_yerr for c in bars)
         assert all(len(c.lines[2][0].get_segments()) == 30 for c in bars)
         assert "mean ± std over seeds" in ax.get_title() and "sorted by effect vs Pop" in ax.get_title()
-    assert fig.get_figheight() > 2.5 * environment_figure(_env_results(5, seeds), "regional", "ndcg@10",
-                                                          ["Pop", "BPR"]).get_figheight()
+    assert (
+        fig.get_figheight()
+        > 2.5 * environment_figure(_env_results(5, seeds), "regional", "ndcg@10", ["Pop", "BPR"]).get_figheight()
+    )
 
 
 def test_split_bars_draw_error_bars_only_over_two_or_more_seeds():
@@ -293,8 +374,11 @@ def test_split_bars_draw_error_bars_only_over_two_or_more_seeds():
     from causalrec.experiments.report import _bars
 
     ax = Figure().subplots()
-    _bars(ax, ["iid", "seasonal"], {"Pop": ([0.1, 0.2], [np.nan, np.nan], [1, 1]),
-                                    "BPR": ([0.3, 0.4], [0.01, 0.02], [3, 1])})
+    _bars(
+        ax,
+        ["iid", "seasonal"],
+        {"Pop": ([0.1, 0.2], [np.nan, np.nan], [1, 1]), "BPR": ([0.3, 0.4], [0.01, 0.02], [3, 1])},
+    )
     (bars,) = _errorbars(ax)
     assert len(bars.lines[2][0].get_segments()) == 1  # BPR on iid only
 
@@ -304,11 +388,26 @@ def test_significance_without_per_case_values_or_with_one_seed():
     from causalrec.experiments.compare import results_frame
     from causalrec.experiments.report import significance, significance_table
 
-    values = {("Pop", 2020): 0.10, ("Pop", 2021): 0.12, ("Pop", 2022): 0.11,
-              ("BPR", 2020): 0.13, ("BPR", 2021): 0.14, ("BPR", 2022): 0.15}
-    records = [{"status": "ok", "model": m, "split": split, "seed": seed,
-                "result": {"test_result": {"ndcg@10": v}, "test_env_result": {}}}
-               for (m, seed), v in values.items() for split in ("iid", "regional") if split == "iid" or seed == 2020]
+    values = {
+        ("Pop", 2020): 0.10,
+        ("Pop", 2021): 0.12,
+        ("Pop", 2022): 0.11,
+        ("BPR", 2020): 0.13,
+        ("BPR", 2021): 0.14,
+        ("BPR", 2022): 0.15,
+    }
+    records = [
+        {
+            "status": "ok",
+            "model": m,
+            "split": split,
+            "seed": seed,
+            "result": {"test_result": {"ndcg@10": v}, "test_env_result": {}},
+        }
+        for (m, seed), v in values.items()
+        for split in ("iid", "regional")
+        if split == "iid" or seed == 2020
+    ]
     table = significance(results_frame(records), records, "Pop", ["ndcg@10"])
     iid, regional = table[table.split == "iid"].iloc[0], table[table.split == "regional"].iloc[0]
     t = stats.ttest_rel([0.13, 0.14, 0.15], [0.10, 0.12, 0.11])
@@ -318,36 +417,68 @@ def test_significance_without_per_case_values_or_with_one_seed():
     assert regional.n_seeds == 1 and regional.rel_change == pytest.approx(0.3)
     assert all(math.isnan(regional[c]) for c in ("ttest_p", "holm_p", "cohens_dz", "diff_ci_low", "rel_ci_low"))
     text = significance_table(table)
-    assert f"| ndcg@10 | iid | BPR | 3 | +0.0300 [" in text and "| +27.3 % |" in text
+    assert "| ndcg@10 | iid | BPR | 3 | +0.0300 [" in text and "| +27.3 % |" in text
     assert "| ndcg@10 | regional | BPR | 1 | +0.0300 | +30.0 % | n/a | n/a | n/a | n/a (0) |" in text
 
 
 def test_a_failing_cell_is_reported_and_the_grid_goes_on(in_tmp):
     # SASRec with 3 heads over a hidden size of 16 passes every config check and fails building the model
     params = {**TINY, "SASRec.hidden_size": 16, "SASRec.n_heads": 3}
-    frame = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="seasonal", seeds=1, params=params,
-                              out=in_tmp / "out", show_progress=False, plots=False)
+    frame = causalrec.compare(
+        ["Pop", "SASRec"],
+        "retail-sim",
+        splits="seasonal",
+        seeds=1,
+        params=params,
+        out=in_tmp / "out",
+        show_progress=False,
+        plots=False,
+    )
     failures = frame.attrs["failures"]
-    assert list(failures[["model", "split", "seed"]].itertuples(index=False, name=None)) == [("SASRec", "seasonal", 2020)]
+    assert list(failures[["model", "split", "seed"]].itertuples(index=False, name=None)) == [
+        ("SASRec", "seasonal", 2020)
+    ]
     assert "not a multiple of the number of attention heads" in failures.error[0]
     assert set(frame.model) == {"Pop"} and len(frame) > 0
     report = (in_tmp / "out" / "report.md").read_text()
     assert "## Failed cells" in report and "| SASRec | seasonal | 2020 | ValueError" in report
     assert "| SASRec | failed |" in report
     # a re-run retries the failed cell only
-    again = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="seasonal", seeds=1, params=params,
-                              out=in_tmp / "out", show_progress=False, plots=False)
+    again = causalrec.compare(
+        ["Pop", "SASRec"],
+        "retail-sim",
+        splits="seasonal",
+        seeds=1,
+        params=params,
+        out=in_tmp / "out",
+        show_progress=False,
+        plots=False,
+    )
     assert again.attrs["trained"] == 1
-    kept = causalrec.compare(["Pop", "SASRec"], "retail-sim", splits="seasonal", seeds=1, params=params,
-                             out=in_tmp / "out", show_progress=False, plots=False, retry_failed=False)
+    kept = causalrec.compare(
+        ["Pop", "SASRec"],
+        "retail-sim",
+        splits="seasonal",
+        seeds=1,
+        params=params,
+        out=in_tmp / "out",
+        show_progress=False,
+        plots=False,
+        retry_failed=False,
+    )
     assert kept.attrs["trained"] == 0 and len(kept.attrs["failures"]) == 1
 
 
 def test_per_model_sections_and_layering(in_tmp):
     (in_tmp / "cmp.yaml").write_text("epochs: 5\nlearning_rate: 0.002\nSASRec:\n  hidden_size: 8\n  epochs: 7\n")
-    config = CompareConfig(models=["BPR", "SASRec"], splits=["seasonal"], seeds=[1, 2], out=in_tmp / "o",
-                           config_files=[in_tmp / "cmp.yaml"],
-                           params={**TINY, "SASRec.learning_rate": 0.01, "GenRec.sft_args.max_steps": 3})
+    config = CompareConfig(
+        models=["BPR", "SASRec"],
+        splits=["seasonal"],
+        seeds=[1, 2],
+        out=in_tmp / "o",
+        config_files=[in_tmp / "cmp.yaml"],
+        params={**TINY, "SASRec.learning_rate": 0.01, "GenRec.sft_args.max_steps": 3},
+    )
     params = cell_params(config)
     assert params["BPR"]["epochs"] == 2 and params["BPR"]["learning_rate"] == 0.002  # --param beats files
     assert params["SASRec"]["hidden_size"] == 8 and params["SASRec"]["learning_rate"] == 0.01
@@ -356,29 +487,51 @@ def test_per_model_sections_and_layering(in_tmp):
     assert "sft_args" not in params["BPR"]  # a section for a model outside the comparison is ignored
     cells = plan(config)
     assert [(c.model, c.split, c.seed) for c in cells] == [
-        ("BPR", "seasonal", 1), ("SASRec", "seasonal", 1), ("BPR", "seasonal", 2), ("SASRec", "seasonal", 2)]
+        ("BPR", "seasonal", 1),
+        ("SASRec", "seasonal", 1),
+        ("BPR", "seasonal", 2),
+        ("SASRec", "seasonal", 2),
+    ]
     assert len({c.key for c in cells}) == 4
     # paths and progress do not change a cell's key; a training setting does
-    quiet = plan(CompareConfig(models=["BPR", "SASRec"], splits=["seasonal"], seeds=[1, 2], out=in_tmp / "elsewhere",
-                               config_files=[in_tmp / "cmp.yaml"], params={**config.params, "show_progress": True,
-                                                                           "eval_batch_size": 17}))
+    quiet = plan(
+        CompareConfig(
+            models=["BPR", "SASRec"],
+            splits=["seasonal"],
+            seeds=[1, 2],
+            out=in_tmp / "elsewhere",
+            config_files=[in_tmp / "cmp.yaml"],
+            params={**config.params, "show_progress": True, "eval_batch_size": 17},
+        )
+    )
     assert [c.key for c in quiet] == [c.key for c in cells]
-    faster = plan(CompareConfig(models=["BPR"], splits=["seasonal"], seeds=[1], out=in_tmp / "o",
-                                config_files=[in_tmp / "cmp.yaml"], params={**config.params, "learning_rate": 0.1}))
+    faster = plan(
+        CompareConfig(
+            models=["BPR"],
+            splits=["seasonal"],
+            seeds=[1],
+            out=in_tmp / "o",
+            config_files=[in_tmp / "cmp.yaml"],
+            params={**config.params, "learning_rate": 0.1},
+        )
+    )
     assert faster[0].key != cells[0].key
 
 
-@pytest.mark.parametrize("kwargs, error, words", [
-    ({"params": {"SASRec.topk": [5]}}, ConfigError, ["SASRec", "topk", "one evaluator"]),
-    ({"params": {"split": "iid"}}, ConfigError, ["split", "--splits"]),
-    ({"params": {"epochz": 1}}, UnknownNameError, ["epochz", "epochs"]),
-    ({"models": ["Pop", "SASRecc"]}, UnknownNameError, ["SASRecc", "SASRec"]),
-    ({"splits": "iid,seasonl"}, UnknownNameError, ["seasonl", "seasonal"]),
-    ({"baseline": "GenRec"}, ConfigError, ["GenRec", "not one of the compared models"]),
-    ({"seeds": 0}, ConfigError, ["seeds", ">= 1"]),
-    ({"seeds": [1, 1]}, ConfigError, ["distinct"]),
-    ({"seeds": 2020}, ConfigError, ["2020 seeds", "--seeds 2020,"]),  # a seed given where a count is expected
-])
+@pytest.mark.parametrize(
+    "kwargs, error, words",
+    [
+        ({"params": {"SASRec.topk": [5]}}, ConfigError, ["SASRec", "topk", "one evaluator"]),
+        ({"params": {"split": "iid"}}, ConfigError, ["split", "--splits"]),
+        ({"params": {"epochz": 1}}, UnknownNameError, ["epochz", "epochs"]),
+        ({"models": ["Pop", "SASRecc"]}, UnknownNameError, ["SASRecc", "SASRec"]),
+        ({"splits": "iid,seasonl"}, UnknownNameError, ["seasonl", "seasonal"]),
+        ({"baseline": "GenRec"}, ConfigError, ["GenRec", "not one of the compared models"]),
+        ({"seeds": 0}, ConfigError, ["seeds", ">= 1"]),
+        ({"seeds": [1, 1]}, ConfigError, ["distinct"]),
+        ({"seeds": 2020}, ConfigError, ["2020 seeds", "--seeds 2020,"]),  # a seed given where a count is expected
+    ],
+)
 def test_bad_settings_fail_before_any_training(in_tmp, kwargs, error, words):
     settings = {"models": ["Pop", "SASRec"], "splits": "seasonal", "seeds": 1, "params": dict(TINY), **kwargs}
     with pytest.raises(error) as err:
@@ -390,10 +543,24 @@ def test_bad_settings_fail_before_any_training(in_tmp, kwargs, error, words):
 
 @pytest.mark.slow
 def test_an_llm_cell_runs_through_the_same_path(in_tmp):
-    params = {**TINY, "GenRec.sft_args": {"max_steps": 3, "per_device_train_batch_size": 16},
-              "GenRec.tiny_hidden_size": 16, "GenRec.tiny_layers": 1, "GenRec.rank_batch_size": 32}
-    frame = causalrec.compare(["Pop", "GenRec"], "retail-sim", splits="regional", seeds=1, params=params,
-                              out=in_tmp / "out", baseline="Pop", show_progress=False, plots=False)
+    params = {
+        **TINY,
+        "GenRec.sft_args": {"max_steps": 3, "per_device_train_batch_size": 16},
+        "GenRec.tiny_hidden_size": 16,
+        "GenRec.tiny_layers": 1,
+        "GenRec.rank_batch_size": 32,
+    }
+    frame = causalrec.compare(
+        ["Pop", "GenRec"],
+        "retail-sim",
+        splits="regional",
+        seeds=1,
+        params=params,
+        out=in_tmp / "out",
+        baseline="Pop",
+        show_progress=False,
+        plots=False,
+    )
     assert len(frame.attrs["failures"]) == 0, frame.attrs["failures"].error.tolist()
     record = json.loads(next((in_tmp / "out" / "cells").glob("GenRec-*.json")).read_text())
     assert record["status"] == "ok" and record["result"]["stages"][0]["stage"] == "sft"
@@ -411,10 +578,19 @@ def test_worst_environment_rows_ignore_groups_with_few_cases():
     ``min_env_cases`` (hand-built cell: A 3 cases at 0.0, B 50 at 0.2, C 40 at 0.1)."""
     from causalrec.experiments.compare import results_frame
 
-    region = {"A": {"ndcg@10": 0.0, "cases": 3}, "B": {"ndcg@10": 0.2, "cases": 50},
-              "C": {"ndcg@10": 0.1, "cases": 40}, "<worst>": {"ndcg@10": 0.0}}
-    record = {"status": "ok", "model": "Pop", "split": "regional", "seed": 2020,
-              "result": {"test_result": {"ndcg@10": 0.15}, "test_env_result": {"region": region}}}
+    region = {
+        "A": {"ndcg@10": 0.0, "cases": 3},
+        "B": {"ndcg@10": 0.2, "cases": 50},
+        "C": {"ndcg@10": 0.1, "cases": 40},
+        "<worst>": {"ndcg@10": 0.0},
+    }
+    record = {
+        "status": "ok",
+        "model": "Pop",
+        "split": "regional",
+        "seed": 2020,
+        "result": {"test_result": {"ndcg@10": 0.15}, "test_env_result": {"region": region}},
+    }
 
     def worst(min_cases):
         frame = results_frame([record], min_cases)
@@ -431,7 +607,7 @@ def test_worst_environment_rows_ignore_groups_with_few_cases():
 
 
 def test_outputs_are_written_with_the_umask_not_mkstemps_0600(tmp_path):
-    from causalrec.experiments.configs import write_atomic
+    from causalrec.io import write_atomic
 
     old = os.umask(0o022)
     try:
@@ -450,14 +626,28 @@ USERS = [f"cust-{17850 + i}" for i in range(40)]  # customer-id-like strings tha
 
 def _hand_cell(model: str, split: str, seed: int, shift: float, status: str = "ok") -> dict:
     """A cell record as ``run_cell`` writes it, per-case values keyed by customer ids included."""
-    from causalrec.experiments.configs import digest
+    from causalrec.io import digest
 
     key = digest({"model": model, "split": split, "seed": seed, "hand": 1})
     rng = np.random.default_rng(int(key[:8], 16))
-    record = {"format": 1, "key": key, "model": model, "dataset": "retail-sim", "split": split, "seed": seed,
-              "params": {"metrics": ["NDCG", "Recall"], "topk": [10], "stage_cache_dir": "/home/alice/runs/x/stages",
-                         "split": split, "seed": seed}, "status": status, "seconds": 1.5,
-              "finished": "2026-12-05T00:00:00+0000"}
+    record = {
+        "format": 1,
+        "key": key,
+        "model": model,
+        "dataset": "retail-sim",
+        "split": split,
+        "seed": seed,
+        "params": {
+            "metrics": ["NDCG", "Recall"],
+            "topk": [10],
+            "stage_cache_dir": "/home/alice/runs/x/stages",
+            "split": split,
+            "seed": seed,
+        },
+        "status": status,
+        "seconds": 1.5,
+        "finished": "2026-12-05T00:00:00+0000",
+    }
     if status != "ok":
         record.update(error="ValueError: boom", traceback="Traceback ... /home/alice/causalrec/x.py")
         return record
@@ -465,19 +655,28 @@ def _hand_cell(model: str, split: str, seed: int, shift: float, status: str = "o
     ndcg = np.clip(rng.normal(0.2 + shift, 0.1, len(USERS)), 0, 1).round(6)
     recall = (ndcg > 0.15).astype(float)
     metrics = {"ndcg@10": ndcg, "recall@10": recall}
-    per_region = {r: {m: round(float(v[[g == r for g in regions]].mean()), 4) for m, v in metrics.items()}
-                  for r in ("north", "south")}
+    per_region = {
+        r: {m: round(float(v[[g == r for g in regions]].mean()), 4) for m, v in metrics.items()}
+        for r in ("north", "south")
+    }
     env = {r: {**per_region[r], "cases": regions.count(r)} for r in per_region}
     env["<worst>"] = {m: min(per_region[r][m] for r in per_region) for m in metrics}
     record["result"] = {
-        "model": model, "dataset": "retail-sim", "best_valid_score": 0.3, "valid_score_bigger": True,
+        "model": model,
+        "dataset": "retail-sim",
+        "best_valid_score": 0.3,
+        "valid_score_bigger": True,
         "best_valid_result": {"ndcg@10": 0.3, "recall@10": 0.5},
         "test_result": {m: round(float(v.mean()), 4) for m, v in metrics.items()},
-        "test_env_result": {"region": env}, "protocol": "full ranking (hand-built)",
+        "test_env_result": {"region": env},
+        "protocol": "full ranking (hand-built)",
         "stages": [{"stage": "sft", "train_seconds": 12.5, "directory": "/home/alice/runs/x/stages/sft-1"}],
     }
-    record["cases"] = {"user": USERS, "metrics": {m: v.tolist() for m, v in metrics.items()},
-                       "environments": {"region": regions}}
+    record["cases"] = {
+        "user": USERS,
+        "metrics": {m: v.tolist() for m, v in metrics.items()},
+        "environments": {"region": regions},
+    }
     return record
 
 
@@ -490,8 +689,12 @@ def _write_cells(folder: Path, records) -> None:
 
 
 def _hand_grid(models=("Pop", "BPR"), seeds=(2020, 2021, 2022)):
-    return [_hand_cell(m, s, seed, 0.05 * (m == "BPR") - 0.03 * (s == "seasonal") + 0.01 * (seed - 2020))
-            for s in ("iid", "seasonal") for seed in seeds for m in models]
+    return [
+        _hand_cell(m, s, seed, 0.05 * (m == "BPR") - 0.03 * (s == "seasonal") + 0.01 * (seed - 2020))
+        for s in ("iid", "seasonal")
+        for seed in seeds
+        for m in models
+    ]
 
 
 def _table(report: str, metric: str) -> str:
@@ -504,8 +707,12 @@ def no_training_or_data(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a report over stored cells planned, prepared data or trained")
 
-    for name in ("causalrec.quick_start.run", "causalrec.quick_start.make_config",
-                 "causalrec.experiments.compare.plan", "causalrec.experiments.compare.run_cell"):
+    for name in (
+        "causalrec.recbole.quick_start.run",
+        "causalrec.recbole.quick_start.make_config",
+        "causalrec.experiments.compare.plan",
+        "causalrec.experiments.compare.run_cell",
+    ):
         monkeypatch.setattr(name, forbidden)
 
 
@@ -518,15 +725,36 @@ def test_published_cells_hold_no_user_ids_and_rebuild_the_same_table(in_tmp, no_
     records = _hand_grid() + [_hand_cell("ItemKNN", "iid", 2020, 0.0, status="failed")]
     _write_cells(raw, records)
     # the run's own report (from the raw cells, bootstrap included), published on the way
-    code = main(["compare", "--report-only", "--from", str(raw), "--out", str(raw), "--publish", str(pub),
-                 "--models", "Pop,ItemKNN,BPR", "--baseline", "Pop", "--no-progress"])
+    code = main(
+        [
+            "compare",
+            "--report-only",
+            "--from",
+            str(raw),
+            "--out",
+            str(raw),
+            "--publish",
+            str(pub),
+            "--models",
+            "Pop,ItemKNN,BPR",
+            "--baseline",
+            "Pop",
+            "--no-progress",
+        ]
+    )
     assert code == 1  # the failed cell
     assert (raw / "cases.csv.gz").is_file()  # the run folder keeps its per-case file ...
     assert not (pub / "cases.csv.gz").exists()  # ... the published one never gets it
     names = sorted(p.relative_to(pub).as_posix() for p in pub.rglob("*") if p.is_file())
     assert len([n for n in names if n.startswith("cells/")]) == 13
-    assert {"compare.json", "report.md", "results.csv", "significance.csv", "failures.csv",
-            "plots/ndcg_at_10_by_split.png"} <= set(names)
+    assert {
+        "compare.json",
+        "report.md",
+        "results.csv",
+        "significance.csv",
+        "failures.csv",
+        "plots/ndcg_at_10_by_split.png",
+    } <= set(names)
     for path in pub.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
@@ -557,8 +785,21 @@ def test_published_cells_hold_no_user_ids_and_rebuild_the_same_table(in_tmp, no_
     assert "| ItemKNN | iid | 2020 | ValueError: boom |" in published
     pd.testing.assert_frame_equal(pd.read_csv(pub / "results.csv"), pd.read_csv(raw / "results.csv"))
     full, seed_level = pd.read_csv(raw / "significance.csv"), pd.read_csv(pub / "significance.csv")
-    same = ["split", "metric", "model", "n_seeds", "mean", "baseline_mean", "diff", "diff_ci_low", "diff_ci_high",
-            "rel_change", "ttest_p", "holm_p", "cohens_dz"]
+    same = [
+        "split",
+        "metric",
+        "model",
+        "n_seeds",
+        "mean",
+        "baseline_mean",
+        "diff",
+        "diff_ci_low",
+        "diff_ci_high",
+        "rel_change",
+        "ttest_p",
+        "holm_p",
+        "cohens_dz",
+    ]
     pd.testing.assert_frame_equal(seed_level[same], full[same])
     assert full.rel_ci_low.notna().all() and seed_level.rel_ci_low.isna().all() and (seed_level.n_pairs == 0).all()
 
@@ -583,20 +824,65 @@ def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog
     records = _hand_grid(models=("Pop", "BPR", "SASRec"))
     full = in_tmp / "full"
     _write_cells(full, records)
-    assert main(["compare", "--report-only", "--from", str(full), "--out", str(full), "--baseline", "Pop",
-                 "--no-progress", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--report-only",
+                "--from",
+                str(full),
+                "--out",
+                str(full),
+                "--baseline",
+                "Pop",
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     # two processes, two published folders: Pop and BPR in one, SASRec (and a copy of a Pop cell) in the other
     classical = [r for r in records if r["model"] != "SASRec"]
     llm = [r for r in records if r["model"] == "SASRec"] + [records[0]]
     _write_cells(in_tmp / "run-a", classical)
     _write_cells(in_tmp / "run-b", llm)
     for run, pub, models in (("run-a", "pub-a", "Pop,BPR"), ("run-b", "pub-b", "SASRec,Pop")):
-        assert main(["compare", "--report-only", "--from", str(in_tmp / run), "--out", str(in_tmp / run),
-                     "--publish", str(in_tmp / pub), "--models", models, "--baseline", "Pop", "--no-progress",
-                     "--no-plots"]) == 0
+        assert (
+            main(
+                [
+                    "compare",
+                    "--report-only",
+                    "--from",
+                    str(in_tmp / run),
+                    "--out",
+                    str(in_tmp / run),
+                    "--publish",
+                    str(in_tmp / pub),
+                    "--models",
+                    models,
+                    "--baseline",
+                    "Pop",
+                    "--no-progress",
+                    "--no-plots",
+                ]
+            )
+            == 0
+        )
     with caplog.at_level(logging.INFO, logger="causalrec.experiments.compare"):
-        code = main(["compare", "--report-only", "--from", str(in_tmp / "pub-a"), "--from", str(in_tmp / "pub-b"),
-                     "--out", str(in_tmp / "readme"), "--no-progress", "--no-plots"])
+        code = main(
+            [
+                "compare",
+                "--report-only",
+                "--from",
+                str(in_tmp / "pub-a"),
+                "--from",
+                str(in_tmp / "pub-b"),
+                "--out",
+                str(in_tmp / "readme"),
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
     assert code == 0
     assert any("is a copy of" in r.getMessage() and "pub-a" in r.getMessage() for r in caplog.records)
     pooled = (in_tmp / "readme" / "report.md").read_text()
@@ -604,16 +890,34 @@ def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog
     for metric in ("ndcg@10", "recall@10"):
         section = _table(pooled, metric)
         assert section == _table(first, metric)  # the same numbers, models in the folders' order
-        assert [line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and
-                "model" not in line][:3] == ["Pop", "BPR", "SASRec"]
+        assert [
+            line.split("|")[1].strip() for line in section.splitlines() if line.startswith("| ") and "model" not in line
+        ][:3] == ["Pop", "BPR", "SASRec"]
     assert "18 of 18 cells finished" in pooled and "## Significance against Pop" in pooled
     assert not (in_tmp / "readme" / "cases.csv.gz").exists()  # published cells have no per-case values
     sig = pd.read_csv(in_tmp / "readme" / "significance.csv")
     assert sorted(set(sig.model)) == ["BPR", "SASRec"] and (sig.n_seeds == 3).all()
     pd.testing.assert_frame_equal(pd.read_csv(in_tmp / "readme" / "results.csv"), pd.read_csv(full / "results.csv"))
     # --models selects from the pool
-    assert main(["compare", "--report-only", "--from", str(in_tmp / "pub-a"), "--from", str(in_tmp / "pub-b"),
-                 "--out", str(in_tmp / "two"), "--models", "Pop,SASRec", "--no-progress", "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "--report-only",
+                "--from",
+                str(in_tmp / "pub-a"),
+                "--from",
+                str(in_tmp / "pub-b"),
+                "--out",
+                str(in_tmp / "two"),
+                "--models",
+                "Pop,SASRec",
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     assert set(pd.read_csv(in_tmp / "two" / "results.csv").model) == {"Pop", "SASRec"}
 
 
@@ -653,10 +957,30 @@ def test_publishing_after_a_run_keeps_the_cached_report(grid, in_tmp, monkeypatc
 
     out, _ = grid
     shutil.copytree(out / "cells", in_tmp / "o" / "cells")
-    monkeypatch.setattr("causalrec.quick_start.run", lambda *a, **k: pytest.fail("trained a cached cell"))
-    code = main(["compare", "--models", "Pop,BPR", "--splits", "iid,seasonal", "--seeds", "2", "--baseline", "Pop",
-                 "--out", str(in_tmp / "o"), "--report-only", "--publish", str(in_tmp / "pub"), "--no-progress",
-                 "--no-plots", *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []), "-p", "BPR.learning_rate=0.01"])
+    monkeypatch.setattr("causalrec.recbole.quick_start.run", lambda *a, **k: pytest.fail("trained a cached cell"))
+    code = main(
+        [
+            "compare",
+            "--models",
+            "Pop,BPR",
+            "--splits",
+            "iid,seasonal",
+            "--seeds",
+            "2",
+            "--baseline",
+            "Pop",
+            "--out",
+            str(in_tmp / "o"),
+            "--report-only",
+            "--publish",
+            str(in_tmp / "pub"),
+            "--no-progress",
+            "--no-plots",
+            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
+            "-p",
+            "BPR.learning_rate=0.01",
+        ]
+    )
     assert code == 0
     users = {str(u) for rec in _records(out) for u in rec["cases"]["user"]}
     assert len(users) > 100

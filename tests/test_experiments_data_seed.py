@@ -9,10 +9,16 @@ import pytest
 import causalrec  # noqa: F401  (registration)
 from causalrec.data import DataSpec
 from causalrec.errors import UnknownNameError
-from causalrec.quick_start import make_config
+from causalrec.recbole.quick_start import make_config
 
-SMALL = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "split": "regional",
-         "show_progress": False}
+SMALL = {
+    "sim_users": 150,
+    "sim_items": 60,
+    "sim_categories": 8,
+    "sim_inter_per_user": 15.0,
+    "split": "regional",
+    "show_progress": False,
+}
 
 
 def _prepared(**params) -> tuple[Path, bytes]:

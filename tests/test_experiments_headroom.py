@@ -1,12 +1,15 @@
 """The oracle headroom of retail-sim (causalrec.experiments.headroom) against the simulator's definitions."""
 
+import json
+
 import numpy as np
 import pytest
 
+from causalrec.cli import main
 from causalrec.data.sources import retail_sim
 from causalrec.data.spec import DataSpec
 from causalrec.errors import ConfigError
-from causalrec.experiments.headroom import Exposure, main, oracle_metrics
+from causalrec.experiments.headroom import Exposure, oracle_metrics, spec_fields
 
 SMALL = {"sim_users": 150, "sim_items": 60}
 
@@ -53,6 +56,24 @@ def test_other_datasets_are_refused_and_the_cli_prints_a_table(capsys, tmp_path)
     with pytest.raises(ConfigError, match="retail-sim"):
         oracle_metrics(DataSpec(dataset="csv", split="seasonal", source="x.csv"))
     out = tmp_path / "h.json"
-    assert main(["--split", "seasonal", "-p", "sim_users=150", "-p", "sim_items=60", "-p", "data_seed=3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "headroom",
+                "--split",
+                "seasonal",
+                "-p",
+                "sim_users=150",
+                "-p",
+                "sim_items=60",
+                "-p",
+                "data_seed=3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "deconfounded" in capsys.readouterr().out and out.exists()
+    assert json.loads(out.read_text())["spec"] == {"split": "seasonal", "sim_users": 150, "sim_items": 60, "seed": 3}
+    assert spec_fields({"data_seed": 3, "sim_users": 150}) == {"sim_users": 150, "seed": 3}

@@ -10,7 +10,7 @@ from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.experiments.configs import layer, split_sections
 from causalrec.experiments.space import SearchSpace
 from causalrec.experiments.tune import open_storage, resolve_space
-from causalrec.registry import tuning_dir
+from causalrec.recbole.plugin import tuning_dir
 
 TINY = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "epochs": 1}
 
@@ -45,50 +45,112 @@ def test_resolve_space_by_name_and_errors(tmp_path):
 def test_dotted_keys_set_one_field_and_keep_the_others():
     base = {"sft_args": {"num_train_epochs": 3, "learning_rate": 0.002}, "epochs": 2}
     merged = layer(base, {"sft_args.learning_rate": 1e-4, "dpo_args.beta": 0.5, "epochs": 5})
-    assert merged == {"sft_args": {"num_train_epochs": 3, "learning_rate": 1e-4}, "dpo_args": {"beta": 0.5}, "epochs": 5}
+    assert merged == {
+        "sft_args": {"num_train_epochs": 3, "learning_rate": 1e-4},
+        "dpo_args": {"beta": 0.5},
+        "epochs": 5,
+    }
     assert base["sft_args"]["learning_rate"] == 0.002  # not modified in place
     with pytest.raises(ConfigError, match="not a mapping"):
         layer({"epochs": 2}, {"epochs.x": 1})
-    shared, per_model = split_sections({"epochs": 2, "SASRec": {"n_layers": 1}, "SASRec.n_heads": 2, "GenRec.sft_args.max_steps": 3},
-                                       ["SASRec", "GenRec"])
-    assert shared == {"epochs": 2} and per_model == {"SASRec": {"n_layers": 1, "n_heads": 2},
-                                                     "GenRec": {"sft_args.max_steps": 3}}
+    shared, per_model = split_sections(
+        {"epochs": 2, "SASRec": {"n_layers": 1}, "SASRec.n_heads": 2, "GenRec.sft_args.max_steps": 3},
+        ["SASRec", "GenRec"],
+    )
+    assert shared == {"epochs": 2} and per_model == {
+        "SASRec": {"n_layers": 1, "n_heads": 2},
+        "GenRec": {"sft_args.max_steps": 3},
+    }
     with pytest.raises(ConfigError, match="section for model 'SASRec' must be a mapping"):
         split_sections({"SASRec": 3}, ["SASRec"])
 
 
-@pytest.mark.parametrize("params, top, error, words", [
-    ({"learnin_rate": {"type": "float", "low": 0.001, "high": 0.01}}, {}, UnknownNameError,
-     ["unknown config key 'learnin_rate'", "learning_rate", "test.yaml"]),
-    ({"sft_args.learnig_rate": {"type": "float", "low": 0.001, "high": 0.01}}, {}, UnknownNameError,
-     ["sft_args field 'learnig_rate'", "Did you mean 'learning_rate'"]),
-    ({"epochs.x": {"type": "int", "low": 1, "high": 3}}, {}, ConfigError, ["'epochs' is not a mapping"]),
-    ({"learning_rate": {"type": "float", "low": 0.01, "high": 0.01}}, {}, ConfigError, ["empty range", "low (0.01)"]),
-    ({"n_layers": {"type": "int", "low": 3, "high": 1}}, {}, ConfigError, ["n_layers", "empty range"]),
-    ({"learning_rate": {"type": "double", "low": 0.001, "high": 0.01}}, {}, UnknownNameError,
-     ["parameter type", "'double'", "categorical, float, int"]),
-    ({"learning_rate": {"type": "float", "low": 0.0, "high": 0.01, "log": True}}, {}, ConfigError, ["log-scale", "low > 0"]),
-    ({"learning_rate": {"type": "float", "low": 0.0, "high": 0.01}}, {}, ConfigError, ["learning_rate", "> 0"]),
-    ({"learning_rate": {"type": "float", "low": 0.001, "high": 0.01, "log": True, "step": 0.001}}, {}, ConfigError,
-     ["step and log"]),
-    ({"hidden_size": {"type": "categorical", "choices": []}}, {}, ConfigError, ["non-empty list of choices"]),
-    ({"topk": {"type": "categorical", "choices": [[10], [20]]}}, {}, ConfigError, ["choices must be scalars"]),
-    ({"hidden_size": {"type": "categorical", "choices": [8, 8]}}, {}, ConfigError, ["repeat"]),
-    ({"hidden_size": {"type": "int", "low": 8, "high": 64, "scale": "log"}}, {}, ConfigError, ["unknown field", "scale"]),
-    ({"hidden_size": {"type": "int", "low": 8.5, "high": 64}}, {}, ConfigError, ["integer"]),
-    ({"learning_rate": {"type": "float", "low": "small", "high": 0.1}}, {}, ConfigError, ["low must be a number"]),
-    ({"sft_args.learning_rate": {"type": "categorical", "choices": ["fast", 0.1]}}, {}, ConfigError,
-     ["sft_args", "learning_rate must be a number"]),
-    ({"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}, {"fixed": {"learning_rate": 0.1}}, ConfigError,
-     ["both tuned", "fixed"]),
-    ({"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}, {"fixed": {"epoks": 3}}, UnknownNameError,
-     ["epoks", "epochs"]),
-    ({"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}, {"searchspace": 1}, ConfigError,
-     ["unknown top-level key", "searchspace"]),
-    ({}, {}, ConfigError, ["params:"]),
-    ({"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}, {"model": "SASRec"}, ConfigError,
-     ["for model 'SASRec', not 'GenRec'"]),
-])
+@pytest.mark.parametrize(
+    "params, top, error, words",
+    [
+        (
+            {"learnin_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+            {},
+            UnknownNameError,
+            ["unknown config key 'learnin_rate'", "learning_rate", "test.yaml"],
+        ),
+        (
+            {"sft_args.learnig_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+            {},
+            UnknownNameError,
+            ["sft_args field 'learnig_rate'", "Did you mean 'learning_rate'"],
+        ),
+        ({"epochs.x": {"type": "int", "low": 1, "high": 3}}, {}, ConfigError, ["'epochs' is not a mapping"]),
+        (
+            {"learning_rate": {"type": "float", "low": 0.01, "high": 0.01}},
+            {},
+            ConfigError,
+            ["empty range", "low (0.01)"],
+        ),
+        ({"n_layers": {"type": "int", "low": 3, "high": 1}}, {}, ConfigError, ["n_layers", "empty range"]),
+        (
+            {"learning_rate": {"type": "double", "low": 0.001, "high": 0.01}},
+            {},
+            UnknownNameError,
+            ["parameter type", "'double'", "categorical, float, int"],
+        ),
+        (
+            {"learning_rate": {"type": "float", "low": 0.0, "high": 0.01, "log": True}},
+            {},
+            ConfigError,
+            ["log-scale", "low > 0"],
+        ),
+        ({"learning_rate": {"type": "float", "low": 0.0, "high": 0.01}}, {}, ConfigError, ["learning_rate", "> 0"]),
+        (
+            {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01, "log": True, "step": 0.001}},
+            {},
+            ConfigError,
+            ["step and log"],
+        ),
+        ({"hidden_size": {"type": "categorical", "choices": []}}, {}, ConfigError, ["non-empty list of choices"]),
+        ({"topk": {"type": "categorical", "choices": [[10], [20]]}}, {}, ConfigError, ["choices must be scalars"]),
+        ({"hidden_size": {"type": "categorical", "choices": [8, 8]}}, {}, ConfigError, ["repeat"]),
+        (
+            {"hidden_size": {"type": "int", "low": 8, "high": 64, "scale": "log"}},
+            {},
+            ConfigError,
+            ["unknown field", "scale"],
+        ),
+        ({"hidden_size": {"type": "int", "low": 8.5, "high": 64}}, {}, ConfigError, ["integer"]),
+        ({"learning_rate": {"type": "float", "low": "small", "high": 0.1}}, {}, ConfigError, ["low must be a number"]),
+        (
+            {"sft_args.learning_rate": {"type": "categorical", "choices": ["fast", 0.1]}},
+            {},
+            ConfigError,
+            ["sft_args", "learning_rate must be a number"],
+        ),
+        (
+            {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+            {"fixed": {"learning_rate": 0.1}},
+            ConfigError,
+            ["both tuned", "fixed"],
+        ),
+        (
+            {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+            {"fixed": {"epoks": 3}},
+            UnknownNameError,
+            ["epoks", "epochs"],
+        ),
+        (
+            {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+            {"searchspace": 1},
+            ConfigError,
+            ["unknown top-level key", "searchspace"],
+        ),
+        ({}, {}, ConfigError, ["params:"]),
+        (
+            {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}},
+            {"model": "SASRec"},
+            ConfigError,
+            ["for model 'SASRec', not 'GenRec'"],
+        ),
+    ],
+)
 def test_bad_spaces_name_the_problem(params, top, error, words):
     with pytest.raises(error) as err:
         space(params, **top).check("GenRec")
@@ -104,11 +166,17 @@ def test_bad_yaml_file_is_a_config_error(tmp_path):
         SearchSpace.from_file(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("url, words", [
-    ("sqlite:////nonexistent-folder-causalrec/x/study.db", ["cannot open Optuna storage", "unable to open database"]),
-    ("nosuchdb://host/db", ["cannot open Optuna storage 'nosuchdb://host/db'"]),
-    ("journal:/nonexistent-folder-causalrec/x.log", ["cannot open Optuna journal", "not an existing folder"]),
-])
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        (
+            "sqlite:////nonexistent-folder-causalrec/x/study.db",
+            ["cannot open Optuna storage", "unable to open database"],
+        ),
+        ("nosuchdb://host/db", ["cannot open Optuna storage 'nosuchdb://host/db'"]),
+        ("journal:/nonexistent-folder-causalrec/x.log", ["cannot open Optuna journal", "not an existing folder"]),
+    ],
+)
 def test_storage_that_cannot_be_opened(tmp_path, url, words):
     with pytest.raises(ConfigError) as err:
         open_storage(url, tmp_path)
@@ -126,7 +194,7 @@ def test_storage_defaults_to_sqlite_in_out_and_journal_opens(tmp_path):
 
 def test_study_settings_are_checked_before_any_trial(in_tmp):
     lr = {"learning_rate": {"type": "float", "low": 0.001, "high": 0.01}}
-    with pytest.raises(ConfigError, match="ndcg@50.*not computed"):
+    with pytest.raises(ConfigError, match="NDCG@50.*not in topk"):
         causalrec.tune("BPR", split="regional", space=space(lr), trials=1, params=TINY, metric="ndcg@50", out=in_tmp)
     with pytest.raises(UnknownNameError, match="epochz"):
         causalrec.tune("BPR", split="regional", space=space(lr), trials=1, params={**TINY, "epochz": 1}, out=in_tmp)

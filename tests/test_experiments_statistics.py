@@ -26,8 +26,9 @@ def test_paired_seed_test_equals_scipy_and_hand_formulas():
     sd = math.sqrt(sum((x - d.mean()) ** 2 for x in d) / 4)
     assert res.dz == pytest.approx(d.mean() / sd) == pytest.approx(cohens_dz(d))
     # the t interval: by hand (t_{0.975, 4} = 2.776445) and scipy's own interval of the paired test
-    assert (res.diff_low, res.diff_high) == pytest.approx((d.mean() - 2.776445 * sd / math.sqrt(5),
-                                                          d.mean() + 2.776445 * sd / math.sqrt(5)), rel=1e-6)
+    assert (res.diff_low, res.diff_high) == pytest.approx(
+        (d.mean() - 2.776445 * sd / math.sqrt(5), d.mean() + 2.776445 * sd / math.sqrt(5)), rel=1e-6
+    )
     assert (res.diff_low, res.diff_high) == pytest.approx(tuple(ref.confidence_interval()), rel=1e-12)
     assert mean_interval(d, 0.9) == pytest.approx(tuple(ref.confidence_interval(0.9)), rel=1e-12)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -16,15 +15,29 @@ import causalrec
 from causalrec.errors import ConfigError
 from causalrec.experiments.space import SearchSpace
 
-TINY = {"sim_users": 150, "sim_items": 60, "sim_categories": 8, "sim_inter_per_user": 15.0, "epochs": 3,
-        "stopping_step": 3}
+TINY = {
+    "sim_users": 150,
+    "sim_items": 60,
+    "sim_categories": 8,
+    "sim_inter_per_user": 15.0,
+    "epochs": 3,
+    "stopping_step": 3,
+}
 # embedding_size -1 passes every config check and fails when BPR builds its embeddings: a failing trial
-SPACE = SearchSpace.from_mapping({"model": "BPR", "params": {
-    "learning_rate": {"type": "float", "low": 1.0e-6, "high": 0.05, "log": True},
-    "embedding_size": {"type": "categorical", "choices": [16, -1]},
-}})
-GOOD, BAD, BROKEN = ({"learning_rate": 0.05, "embedding_size": 16}, {"learning_rate": 1e-6, "embedding_size": 16},
-                     {"learning_rate": 0.01, "embedding_size": -1})
+SPACE = SearchSpace.from_mapping(
+    {
+        "model": "BPR",
+        "params": {
+            "learning_rate": {"type": "float", "low": 1.0e-6, "high": 0.05, "log": True},
+            "embedding_size": {"type": "categorical", "choices": [16, -1]},
+        },
+    }
+)
+GOOD, BAD, BROKEN = (
+    {"learning_rate": 0.05, "embedding_size": 16},
+    {"learning_rate": 1e-6, "embedding_size": 16},
+    {"learning_rate": 0.01, "embedding_size": -1},
+)
 States = optuna.trial.TrialState
 
 
@@ -35,9 +48,19 @@ def study(tmp_path_factory):
     old = os.getcwd()
     os.chdir(where)
     try:
-        result = causalrec.tune("BPR", "retail-sim", split="regional", space=SPACE, trials=5, params=TINY,
-                                out=where / "out", pruner="median", pruner_startup_trials=1, sampler_seed=0,
-                                enqueue=[GOOD, BAD, BROKEN])
+        result = causalrec.tune(
+            "BPR",
+            "retail-sim",
+            split="regional",
+            space=SPACE,
+            trials=5,
+            params=TINY,
+            out=where / "out",
+            pruner="median",
+            pruner_startup_trials=1,
+            sampler_seed=0,
+            enqueue=[GOOD, BAD, BROKEN],
+        )
     finally:
         os.chdir(old)
     return where / "out", result
@@ -87,7 +110,7 @@ def test_outputs(study):
 
 def test_exported_yaml_runs_through_causalrec_run(study, in_tmp):
     from causalrec.cli import main
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     out, result = study
     best = yaml.safe_load((out / "best.yaml").read_text())
@@ -95,21 +118,47 @@ def test_exported_yaml_runs_through_causalrec_run(study, in_tmp):
     assert best["valid_metric"].lower() == "ndcg@10" and "checkpoint_dir" not in best
     config = make_config("BPR", "retail-sim", config_file_list=[str(out / "best.yaml")])
     assert config["embedding_size"] == result.best_params["embedding_size"]
-    assert main(["run", "--model", "BPR", "--dataset", "retail-sim", "--config-files", str(out / "best.yaml"),
-                 "--no-save"]) == 0
+    assert (
+        main(
+            ["run", "--model", "BPR", "--dataset", "retail-sim", "--config-files", str(out / "best.yaml"), "--no-save"]
+        )
+        == 0
+    )
 
 
 def test_a_pruner_that_must_prune_prunes_at_the_first_report(in_tmp):
-    result = causalrec.tune("BPR", "retail-sim", split="regional", space=SPACE, trials=2, params=TINY, out=in_tmp,
-                            pruner=optuna.pruners.ThresholdPruner(lower=1.5), enqueue=[GOOD, BAD], test=False)
+    result = causalrec.tune(
+        "BPR",
+        "retail-sim",
+        split="regional",
+        space=SPACE,
+        trials=2,
+        params=TINY,
+        out=in_tmp,
+        pruner=optuna.pruners.ThresholdPruner(lower=1.5),
+        enqueue=[GOOD, BAD],
+        test=False,
+    )
     assert [t.state for t in result.trials] == [States.PRUNED, States.PRUNED]
     assert all(list(t.intermediate_values) == [0] for t in result.trials)
     assert not (in_tmp / "best.yaml").exists()  # no complete trial: nothing to export
 
 
 def test_worst_objective_is_the_worst_validation_environment(in_tmp):
-    result = causalrec.tune("BPR", "retail-sim", split="regional", space=SPACE, trials=1, params=TINY, out=in_tmp,
-                            objective="worst", env_fields=("region",), pruner="none", enqueue=[GOOD], test=False)
+    result = causalrec.tune(
+        "BPR",
+        "retail-sim",
+        split="regional",
+        space=SPACE,
+        trials=1,
+        params=TINY,
+        out=in_tmp,
+        objective="worst",
+        env_fields=("region",),
+        pruner="none",
+        enqueue=[GOOD],
+        test=False,
+    )
     trial = result.trials[0]
     regions = {k: v for k, v in trial.user_attrs["valid_env_result"]["region"].items() if k != "<worst>"}
     assert len(regions) >= 2
@@ -121,8 +170,9 @@ def test_worst_objective_is_the_worst_validation_environment(in_tmp):
 
 
 def test_resume_keeps_finished_trials(in_tmp):
-    settings = dict(split="regional", space=SPACE, params=TINY, out=in_tmp, pruner="none", test=False,
-                    study_name="resumable")
+    settings = dict(
+        split="regional", space=SPACE, params=TINY, out=in_tmp, pruner="none", test=False, study_name="resumable"
+    )
     first = causalrec.tune("BPR", "retail-sim", trials=2, enqueue=[GOOD, BAD], **settings)
     before = [(t.number, t.state, t.value, t.params, t.datetime_complete) for t in first.trials]
     with pytest.raises(ConfigError, match="already exists.*--resume"):
@@ -130,8 +180,9 @@ def test_resume_keeps_finished_trials(in_tmp):
     other_space = SearchSpace.from_mapping({"params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2}}})
     with pytest.raises(ConfigError, match="other settings.*space"):
         causalrec.tune("BPR", "retail-sim", trials=1, resume=True, **{**settings, "space": other_space})
-    again = causalrec.tune("BPR", "retail-sim", trials=1, resume=True, **settings,
-                           enqueue=[{"learning_rate": 0.02, "embedding_size": 16}])
+    again = causalrec.tune(
+        "BPR", "retail-sim", trials=1, resume=True, **settings, enqueue=[{"learning_rate": 0.02, "embedding_size": 16}]
+    )
     assert [(t.number, t.state, t.value, t.params, t.datetime_complete) for t in again.trials[:2]] == before
     assert len(again.trials) == 3 and again.trials[2].state == States.COMPLETE
     # max_trials counts what the study already holds
@@ -141,20 +192,57 @@ def test_resume_keeps_finished_trials(in_tmp):
 
 @pytest.mark.slow
 def test_two_workers_share_one_journal_file(in_tmp):
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     make_config("BPR", "retail-sim", config_dict={**TINY, "split": "regional"})  # data prepared once, up front
     space = in_tmp / "bpr.yaml"
-    space.write_text(yaml.safe_dump({"model": "BPR", "params": {
-        "learning_rate": {"type": "float", "low": 1.0e-4, "high": 0.05, "log": True},
-        "embedding_size": {"type": "categorical", "choices": [8, 16]}}}))
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "model": "BPR",
+                "params": {
+                    "learning_rate": {"type": "float", "low": 1.0e-4, "high": 0.05, "log": True},
+                    "embedding_size": {"type": "categorical", "choices": [8, 16]},
+                },
+            }
+        )
+    )
     journal = in_tmp / "study.log"
-    command = [sys.executable, "-m", "causalrec", "tune", "--model", "BPR", "--dataset", "retail-sim", "--split",
-               "regional", "--space", str(space), "--trials", "3", "--storage", f"journal:{journal}",
-               "--study-name", "shared", "--resume", "--pruner", "none", "--no-test",
-               *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), [])]
-    workers = [subprocess.Popen([*command, "--out", str(in_tmp / f"w{i}")], cwd=in_tmp, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for i in range(2)]
+    command = [
+        sys.executable,
+        "-m",
+        "causalrec",
+        "tune",
+        "--model",
+        "BPR",
+        "--dataset",
+        "retail-sim",
+        "--split",
+        "regional",
+        "--space",
+        str(space),
+        "--trials",
+        "3",
+        "--storage",
+        f"journal:{journal}",
+        "--study-name",
+        "shared",
+        "--resume",
+        "--pruner",
+        "none",
+        "--no-test",
+        *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
+    ]
+    workers = [
+        subprocess.Popen(
+            [*command, "--out", str(in_tmp / f"w{i}")],
+            cwd=in_tmp,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = [w.communicate(timeout=600) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]
@@ -172,11 +260,30 @@ def test_two_workers_share_one_journal_file(in_tmp):
 
 
 def test_cli_tune_reports_bad_storage_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "causalrec", "tune", "--model", "BPR", "--space", "bpr",
-                          "--storage", "nosuchdb://nowhere", "--out", str(tmp_path / "o"), "--trials", "1",
-                          *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), [])],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "CAUSALREC_CACHE": str(tmp_path / "cache")})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "causalrec",
+            "tune",
+            "--model",
+            "BPR",
+            "--space",
+            "bpr",
+            "--storage",
+            "nosuchdb://nowhere",
+            "--out",
+            str(tmp_path / "o"),
+            "--trials",
+            "1",
+            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "CAUSALREC_CACHE": str(tmp_path / "cache")},
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.startswith("causalrec: error:")]
     assert len(lines) == 1 and "cannot open Optuna storage 'nosuchdb://nowhere'" in lines[0]

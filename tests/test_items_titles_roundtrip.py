@@ -3,7 +3,7 @@
 import pandas as pd
 
 from causalrec.data.store import _write_tsv
-from causalrec.models.llm_recommender import read_titles
+from causalrec.recbole.models.llm_recommender import read_titles
 
 TITLES = ['RETRO "TEA FOR ONE"', "PLAIN MUG", 'SET OF 3 "HEART" COOKIE CUTTERS', "TAB\tINSIDE", "'SINGLE' QUOTES"]
 

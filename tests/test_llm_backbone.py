@@ -11,7 +11,7 @@ import torch
 from causalrec.data.prompts import PromptFormat, completion_text
 from causalrec.errors import BackboneError, ConfigError
 from causalrec.llm.backbone import BackboneConfig, build_tiny_llama, build_tokenizer, load_backbone, save_backbone
-from causalrec.llm.ranking import title_token_ids
+from causalrec.llm.trie import title_token_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -116,7 +116,9 @@ def test_gpt2_directory_loads_as_a_causal_lm(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = build_tokenizer(CORPUS)
-    gpt = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128, eos_token_id=tok.eos_token_id))
+    gpt = GPT2LMHeadModel(
+        GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128, eos_token_id=tok.eos_token_id)
+    )
     gpt.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     model, ltok = load_backbone(BackboneConfig(backbone=str(tmp_path)))
@@ -160,7 +162,9 @@ def test_hub_id_not_on_disk_fails_offline_without_download(monkeypatch):
 def test_non_causal_model_directory_names_its_architecture(tmp_path):
     from transformers import BertConfig, BertForMaskedLM
 
-    BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path)
+    BertForMaskedLM(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(tmp_path)
     with pytest.raises(BackboneError, match="BertForMaskedLM.*not a causal language model"):
         load_backbone(BackboneConfig(backbone=str(tmp_path)))
 

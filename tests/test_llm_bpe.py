@@ -18,7 +18,8 @@ import torch
 from causalrec.data.prompts import DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat, completion_text
 from causalrec.llm.backbone import BackboneConfig, apply_lora, check_tokenizer
 from causalrec.llm.items import add_item_tokens, item_token, resize_for_items, score_item_tokens
-from causalrec.llm.ranking import TitleTrie, naive_scores, score_catalog, title_token_ids
+from causalrec.llm.ranking import naive_scores, score_catalog
+from causalrec.llm.trie import TitleTrie, title_token_ids
 from causalrec.training.trl_compat import common_prefix_length, tokenize_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,16 +29,44 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Online Retail-like titles: upper case, digits, punctuation, titles that are prefixes of others, shared first
 # words, a title starting with a digit and one starting with punctuation (" *" / " 3" are their own pieces).
 TITLES = [
-    "WHITE HANGING HEART T-LIGHT HOLDER", "WHITE METAL LANTERN", "WHITE METAL LANTERN SET", "CREAM CUPID HEARTS COAT HANGER",
-    "KNITTED UNION FLAG HOT WATER BOTTLE", "RED WOOLLY HOTTIE WHITE HEART.", "SET 7 BABUSHKA NESTING BOXES",
-    "GLASS STAR FROSTED T-LIGHT HOLDER", "HAND WARMER UNION JACK", "HAND WARMER RED POLKA DOT",
-    "ASSORTED COLOUR BIRD ORNAMENT", "POPPY'S PLAYHOUSE BEDROOM", "POPPY'S PLAYHOUSE KITCHEN",
-    "FELTCRAFT PRINCESS CHARLOTTE DOLL", "IVORY KNITTED MUG COSY", "BOX OF 6 ASSORTED COLOUR TEASPOONS",
-    "BOX OF VINTAGE JIGSAW BLOCKS", "BOX OF VINTAGE ALPHABET BLOCKS", "HOME BUILDING BLOCK WORD", "LOVE BUILDING BLOCK WORD",
-    "RECIPE BOX WITH METAL HEART", "DOORMAT NEW ENGLAND", "JAM MAKING SET WITH JARS", "RED COAT RACK PARIS FASHION",
-    "YELLOW COAT RACK PARIS FASHION", "ALARM CLOCK BAKELIKE PINK", "ALARM CLOCK BAKELIKE RED", "SET/2 RED RETROSPOT TEA TOWELS",
-    "ROUND SNACK BOXES SET OF4 WOODLAND", "SPACEBOY LUNCH BOX", "LUNCH BOX I LOVE LONDON", "PAPER CHAIN KIT 50'S CHRISTMAS",
-    "12 PENCILS SMALL TUBE RED RETROSPOT", "*BOYS PARTY BAG", "3D HEARTS HONEYCOMB", "TEA", "TEA POT", "Red scarf; wool",
+    "WHITE HANGING HEART T-LIGHT HOLDER",
+    "WHITE METAL LANTERN",
+    "WHITE METAL LANTERN SET",
+    "CREAM CUPID HEARTS COAT HANGER",
+    "KNITTED UNION FLAG HOT WATER BOTTLE",
+    "RED WOOLLY HOTTIE WHITE HEART.",
+    "SET 7 BABUSHKA NESTING BOXES",
+    "GLASS STAR FROSTED T-LIGHT HOLDER",
+    "HAND WARMER UNION JACK",
+    "HAND WARMER RED POLKA DOT",
+    "ASSORTED COLOUR BIRD ORNAMENT",
+    "POPPY'S PLAYHOUSE BEDROOM",
+    "POPPY'S PLAYHOUSE KITCHEN",
+    "FELTCRAFT PRINCESS CHARLOTTE DOLL",
+    "IVORY KNITTED MUG COSY",
+    "BOX OF 6 ASSORTED COLOUR TEASPOONS",
+    "BOX OF VINTAGE JIGSAW BLOCKS",
+    "BOX OF VINTAGE ALPHABET BLOCKS",
+    "HOME BUILDING BLOCK WORD",
+    "LOVE BUILDING BLOCK WORD",
+    "RECIPE BOX WITH METAL HEART",
+    "DOORMAT NEW ENGLAND",
+    "JAM MAKING SET WITH JARS",
+    "RED COAT RACK PARIS FASHION",
+    "YELLOW COAT RACK PARIS FASHION",
+    "ALARM CLOCK BAKELIKE PINK",
+    "ALARM CLOCK BAKELIKE RED",
+    "SET/2 RED RETROSPOT TEA TOWELS",
+    "ROUND SNACK BOXES SET OF4 WOODLAND",
+    "SPACEBOY LUNCH BOX",
+    "LUNCH BOX I LOVE LONDON",
+    "PAPER CHAIN KIT 50'S CHRISTMAS",
+    "12 PENCILS SMALL TUBE RED RETROSPOT",
+    "*BOYS PARTY BAG",
+    "3D HEARTS HONEYCOMB",
+    "TEA",
+    "TEA POT",
+    "Red scarf; wool",
 ]
 FMT = PromptFormat()
 ENV_FMT = PromptFormat(environment="season")
@@ -60,8 +89,12 @@ def train_bpe(corpus, vocab_size: int = 700):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIALS + LLAMA_SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN_SPECIALS + LLAMA_SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(list(corpus), trainer)
     return tok
 
@@ -86,16 +119,19 @@ def wrap(bpe, style: str = "qwen", pad: bool = True, chat: bool = False):
     tok = Tokenizer.from_str(bpe.to_str())
     if style != "gpt2":
         split = QWEN_SPLIT if style == "qwen" else LLAMA3_SPLIT
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     if style == "qwen":
         tok.normalizer = normalizers.NFC()
     if style == "llama":
         bos = "<|begin_of_text|>"
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
         kw = dict(bos_token=bos, eos_token="<|end_of_text|>", pad_token="<|end_of_text|>" if pad else None)
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -106,15 +142,30 @@ def wrap(bpe, style: str = "qwen", pad: bool = True, chat: bool = False):
     return out
 
 
-def random_model(tok, arch: str = "qwen", seed: int = 0, hidden: int = 96, layers: int = 2, pad_rows_to: int = 64,
-                 sharpen: bool = True):
+def random_model(
+    tok,
+    arch: str = "qwen",
+    seed: int = 0,
+    hidden: int = 96,
+    layers: int = 2,
+    pad_rows_to: int = 64,
+    sharpen: bool = True,
+):
     """A random Qwen2ForCausalLM (untied, vocabulary padded to a multiple of ``pad_rows_to`` like Qwen2.5) or
     LlamaForCausalLM (tied, exactly ``len(tok)`` rows) with 6 query heads sharing 2 KV heads (~0.3M parameters)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=6,
-                  num_key_value_heads=2, max_position_embeddings=512, eos_token_id=tok.eos_token_id,
-                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if arch == "qwen":
@@ -136,8 +187,13 @@ def _sharpen(model, scale: float = 3.0, seed: int = 0):
 
 def corpus():
     """The catalog titles and the prompt words the tokenizer is trained on."""
-    return TITLES + [FMT.prompt(TITLES[:4]), FMT.prompt([]), ENV_FMT.prompt([], "winter"), ITEM_TOKEN_TEMPLATE,
-                     "season winter summer spring autumn region north south user assistant"]
+    return TITLES + [
+        FMT.prompt(TITLES[:4]),
+        FMT.prompt([]),
+        ENV_FMT.prompt([], "winter"),
+        ITEM_TOKEN_TEMPLATE,
+        "season winter summer spring autumn region north south user assistant",
+    ]
 
 
 def one_by_one(model, prompt, item) -> float:
@@ -171,8 +227,12 @@ def arch(request, bpe):
 def _contexts(tok):
     """Prompts a title can follow: the empty-history prompt (what LLMRecommender builds the trie against), prompts
     with histories, with an environment, and rendered by the chat template."""
-    return ([FMT.prompt([])] + [FMT.prompt(h) for h in HISTORIES] + [ENV_FMT.prompt(HISTORIES[1], "winter")]
-            + [chat_prompt(tok, FMT.prompt(h)) for h in HISTORIES])
+    return (
+        [FMT.prompt([])]
+        + [FMT.prompt(h) for h in HISTORIES]
+        + [ENV_FMT.prompt(HISTORIES[1], "winter")]
+        + [chat_prompt(tok, FMT.prompt(h)) for h in HISTORIES]
+    )
 
 
 # ----------------------------------------------------------------------------------- (a) the answer boundary
@@ -187,7 +247,7 @@ def test_tokenizer_is_byte_level_bpe_with_space_merged_pieces(bpe, style):
     assert tok(" TEA POT").input_ids != tok(" tea pot").input_ids
     assert (tok("TEA").input_ids[0] == tok.bos_token_id) == (style == "llama")  # only Llama 3 adds BOS
     digits = {"gpt2": ["Ġ", "12"], "qwen": ["Ġ", "1", "2"], "llama": ["Ġ", "12"]}[style]
-    assert tok.convert_ids_to_tokens(tok(" 12 PENCILS", add_special_tokens=False).input_ids)[:len(digits)] == digits
+    assert tok.convert_ids_to_tokens(tok(" 12 PENCILS", add_special_tokens=False).input_ids)[: len(digits)] == digits
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -211,23 +271,28 @@ def test_title_tokens_are_what_trl_trains_at_the_prompt_answer_boundary(bpe, sty
     first = title_token_ids(tok, TITLES)
     assert all(title_token_ids(tok, TITLES, context=c) == first for c in _contexts(tok))
     # the first piece carries the space: tokenising the bare title would give other tokens
-    merged = [t for t, ids in zip(TITLES, first) if tok.convert_ids_to_tokens(ids[0]).startswith("Ġ")
-              and len(tok.convert_ids_to_tokens(ids[0])) > 1]
+    merged = [
+        t
+        for t, ids in zip(TITLES, first)
+        if tok.convert_ids_to_tokens(ids[0]).startswith("Ġ") and len(tok.convert_ids_to_tokens(ids[0])) > 1
+    ]
     assert len(merged) >= len(TITLES) // 2
     assert all(ids[:-1] != tok(t, add_special_tokens=False).input_ids for t, ids in zip(TITLES, first) if t in merged)
     assert first[TITLES.index("TEA")] != title_token_ids(tok, ["tea"])[0]  # upper case is not lower-cased
 
 
 def test_title_tokens_follow_trls_dpo_tokenisation_of_chosen_and_rejected(bpe):
-    """The S-DPO trainer's own preprocessing (causalrec.training.preference) yields the same completion ids."""
+    """The S-DPO trainer's own preprocessing (causalrec.training.sdpo_trainer) yields the same completion ids."""
+    from causalrec.training.sdpo_trainer import SDPOTrainer
     from datasets import Dataset
-
-    from causalrec.training.preference import SDPOTrainer
 
     tok = wrap(bpe, "llama")  # BOS added, so a wrong prefix cut would show
     want = dict(zip(TITLES, title_token_ids(tok, TITLES)))
-    rows = {"prompt": [FMT.prompt(h) for h in HISTORIES], "chosen": [completion_text(TITLES[i]) for i in (0, 33, 34)],
-            "rejected": [[completion_text(TITLES[i])] for i in (1, 35, 5)]}
+    rows = {
+        "prompt": [FMT.prompt(h) for h in HISTORIES],
+        "chosen": [completion_text(TITLES[i]) for i in (0, 33, 34)],
+        "rejected": [[completion_text(TITLES[i])] for i in (1, 35, 5)],
+    }
     trainer = object.__new__(SDPOTrainer)
     trainer._tokenizer, trainer.env_vocabs = tok, {}
 
@@ -286,8 +351,9 @@ def test_lora_trie_scores_equal_brute_force(arch, chat):
     prompts, trie = _prompts(tok, chat), _trie(tok, chat)
     naive = naive_scores(lora, prompts, trie, batch_size=16)
     for method in ("prefix", "rows"):
-        torch.testing.assert_close(score_catalog(lora, prompts, trie, batch_size=2, method=method), naive,
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            score_catalog(lora, prompts, trie, batch_size=2, method=method), naive, atol=1e-4, rtol=0
+        )
     assert naive[1, 0].item() == pytest.approx(one_by_one(lora, prompts[1], trie.item_tokens[0]), abs=1e-4)
     with lora.disable_adapter():
         assert (naive_scores(lora, prompts, trie, batch_size=16) - naive).abs().max() > 1e-2  # the adapter counts
@@ -365,8 +431,8 @@ def test_new_item_rows_start_at_the_mean_of_the_real_token_rows(bpe, n_items):
     tok = wrap(bpe, "qwen")
     model = random_model(tok, "qwen", seed=4, sharpen=False)
     with torch.no_grad():  # untrained spare rows: make them stand out
-        model.get_input_embeddings().weight[len(tok):] = 50.0
-        model.get_output_embeddings().weight[len(tok):] = -50.0
+        model.get_input_embeddings().weight[len(tok) :] = 50.0
+        model.get_output_embeddings().weight[len(tok) :] = -50.0
     n_rows = model.get_input_embeddings().weight.shape[0]
     ids = add_item_tokens(tok, list(range(1, n_items + 1)))
     resize_for_items(model, tok, ids)
@@ -383,7 +449,10 @@ def test_title_init_sets_each_item_row_to_the_mean_of_its_title_token_rows(bpe, 
     the title tokenised as it appears in a prompt (after a space: ``ĠWHITE``, not ``WHITE``)."""
     tok = wrap(bpe, "qwen")
     model = random_model(tok, "qwen", seed=6, sharpen=False)
-    before = [model.get_input_embeddings().weight.detach().clone(), model.get_output_embeddings().weight.detach().clone()]
+    before = [
+        model.get_input_embeddings().weight.detach().clone(),
+        model.get_output_embeddings().weight.detach().clone(),
+    ]
     titles = [TITLES[i % len(TITLES)] for i in range(n_items)]
     ids = add_item_tokens(tok, list(range(1, n_items + 1)))
     resize_for_items(model, tok, ids, titles)
@@ -391,7 +460,7 @@ def test_title_init_sets_each_item_row_to_the_mean_of_its_title_token_rows(bpe, 
     assert all(p and max(p) < min(ids) for p in pieces)
     assert pieces[0] != tok(titles[0], add_special_tokens=False).input_ids  # the bare title has other pieces
     for old, table in zip(before, (model.get_input_embeddings().weight, model.get_output_embeddings().weight)):
-        torch.testing.assert_close(table[:min(ids)], old[:min(ids)])  # the real tokens' rows are untouched
+        torch.testing.assert_close(table[: min(ids)], old[: min(ids)])  # the real tokens' rows are untouched
         for t, p in zip(ids, pieces):
             torch.testing.assert_close(table[t], old[p].mean(0), atol=1e-6, rtol=0)
 
@@ -416,5 +485,9 @@ def test_missing_pad_token_gets_a_real_one_and_scores_stay_exact(bpe):
     ids = add_item_tokens(tok2, ITEMS)
     resize_for_items(model, tok2, ids)
     item_prompts = [tokenize_text(tok2, p) for p in _item_prompts(tok2)]
-    torch.testing.assert_close(score_item_tokens(model, item_prompts, ids, batch_size=4, pad_token_id=tok2.pad_token_id),
-                               naive_scores(model, item_prompts, [[t] for t in ids], batch_size=5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        score_item_tokens(model, item_prompts, ids, batch_size=4, pad_token_id=tok2.pad_token_id),
+        naive_scores(model, item_prompts, [[t] for t in ids], batch_size=5),
+        atol=1e-5,
+        rtol=0,
+    )

@@ -12,8 +12,10 @@ from causalrec.errors import CausalRecError, ConfigError
 from causalrec.llm.backbone import build_tokenizer
 from causalrec.llm.chat import chat_wrapping
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def _tokenizer(template=TEMPLATE):
@@ -29,8 +31,9 @@ def test_wrapping_is_the_rendered_template_around_the_prompt():
     assert (prefix, suffix) == ("<|user|> ", " <|end|> <|assistant|>")
     fmt = PromptFormat(prefix=prefix, suffix=suffix)
     text = fmt.prompt(["red mug"])
-    rendered = tok.apply_chat_template([{"role": "user", "content": PromptFormat().prompt(["red mug"])}],
-                                       add_generation_prompt=True, tokenize=False)
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": PromptFormat().prompt(["red mug"])}], add_generation_prompt=True, tokenize=False
+    )
     assert tok.bos_token + text == rendered
     assert tok(text).input_ids.count(tok.bos_token_id) == 1
 
@@ -50,10 +53,11 @@ def test_modes():
 
 @pytest.mark.parametrize("item_repr", ["id", "title"])
 def test_a_backbone_with_a_chat_template_trains_and_ranks_through_it(in_tmp, tmp_path, item_repr):
-    import causalrec
-    from causalrec.llm.ranking import naive_scores
     from test_llm_presets import _random_llama_dir
     from test_models_llm import TINY, _rebuild
+
+    import causalrec
+    from causalrec.llm.ranking import naive_scores
 
     directory = _random_llama_dir(tmp_path)
     from transformers import AutoTokenizer

@@ -20,11 +20,23 @@ from causalrec.llm.grounding import (
     embed_texts_with_backbone,
     ground_texts,
 )
-from causalrec.llm.ranking import TitleTrie, score_catalog, title_token_ids
+from causalrec.llm.ranking import score_catalog
+from causalrec.llm.trie import TitleTrie, title_token_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TITLES = ["red scarf", "red scarf wool", "red mug", "blue mug", "red scarf", "green tea pot large", "tea", "tea pot", "pot", "blue tea cup"]
+TITLES = [
+    "red scarf",
+    "red scarf wool",
+    "red mug",
+    "blue mug",
+    "red scarf",
+    "green tea pot large",
+    "tea",
+    "tea pot",
+    "pot",
+    "blue tea cup",
+]
 FMT = PromptFormat()
 
 
@@ -36,7 +48,9 @@ def setup():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 3.0 / max(p.shape[-1], 1) ** 0.5)
     trie = TitleTrie.from_token_ids(title_token_ids(tok, TITLES))
-    prompts = [tok(FMT.prompt(h)).input_ids for h in (["tea"], ["red mug", "blue mug"], ["pot", "red scarf wool", "tea pot"])]
+    prompts = [
+        tok(FMT.prompt(h)).input_ids for h in (["tea"], ["red mug", "blue mug"], ["pot", "red scarf wool", "tea pot"])
+    ]
     return model, tok, trie, prompts
 
 
@@ -208,7 +222,11 @@ def test_sentence_embedder_on_a_local_encoder_directory(tmp_path):
     from transformers import BertConfig, BertModel
 
     tok = build_tokenizer(TITLES)
-    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+    )
     bert.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     emb = SentenceEmbedder(tmp_path)(["red scarf", "tea"])

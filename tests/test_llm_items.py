@@ -7,7 +7,9 @@ import os
 
 import pytest
 import torch
+from test_llm_ranking import _sharpen  # random init is near-uniform; sharper weights make the tests bite
 
+from causalrec.data.frame import text_sharing, warn_if_texts_tie
 from causalrec.data.prompts import PromptFormat, completion_text
 from causalrec.errors import ConfigError, DataError
 from causalrec.llm.backbone import BackboneConfig, apply_lora, load_backbone
@@ -18,10 +20,8 @@ from causalrec.llm.items import (
     resize_for_items,
     score_item_tokens,
 )
-from causalrec.data.frame import text_sharing, warn_if_texts_tie
-from causalrec.llm.ranking import TitleTrie, naive_scores, score_catalog, marginalize_environments
-
-from test_llm_ranking import _sharpen  # random init is near-uniform; sharper weights make the tests bite
+from causalrec.llm.ranking import marginalize_environments, naive_scores, score_catalog
+from causalrec.llm.trie import TitleTrie
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -68,7 +68,9 @@ def test_one_forward_equals_brute_force(setup):
     naive = _brute_force(model, prompts, ids)
     assert naive.std() > 1.0  # far from uniform: equality means something
     for batch_size in (1, 3, 64):
-        torch.testing.assert_close(score_item_tokens(model, prompts, ids, batch_size=batch_size), naive, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            score_item_tokens(model, prompts, ids, batch_size=batch_size), naive, atol=1e-5, rtol=0
+        )
 
 
 def test_scores_are_a_normalised_distribution_part(setup):
@@ -81,8 +83,9 @@ def test_same_scores_as_the_trie_over_one_token_items(setup):
     """The trie walk and the one-forward path compute the same quantity for one-token items."""
     model, _, ids, prompts = setup
     trie = TitleTrie.from_token_ids([[t] for t in ids])
-    torch.testing.assert_close(score_catalog(model, prompts, trie, batch_size=2), score_item_tokens(model, prompts, ids),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        score_catalog(model, prompts, trie, batch_size=2), score_item_tokens(model, prompts, ids), atol=1e-5, rtol=0
+    )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -90,21 +93,31 @@ def test_grouped_query_attention_equals_brute_force(setup, attn):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tok, ids, prompts = setup
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cfg._attn_implementation = attn
     gqa = _sharpen(LlamaForCausalLM(cfg), seed=3)
-    torch.testing.assert_close(score_item_tokens(gqa, prompts, ids, batch_size=4), _brute_force(gqa, prompts, ids),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        score_item_tokens(gqa, prompts, ids, batch_size=4), _brute_force(gqa, prompts, ids), atol=1e-5, rtol=0
+    )
 
 
 def test_gpt2_learned_positions_equal_brute_force(setup):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _, tok, ids, prompts = setup
-    gpt = _sharpen(GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)), seed=2)
-    torch.testing.assert_close(score_item_tokens(gpt, prompts, ids, batch_size=4), _brute_force(gpt, prompts, ids),
-                               atol=1e-5, rtol=0)
+    gpt = _sharpen(
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)), seed=2
+    )
+    torch.testing.assert_close(
+        score_item_tokens(gpt, prompts, ids, batch_size=4), _brute_force(gpt, prompts, ids), atol=1e-5, rtol=0
+    )
 
 
 def test_lora_model_with_trained_item_rows_equals_brute_force(setup):
@@ -116,9 +129,14 @@ def test_lora_model_with_trained_item_rows_equals_brute_force(setup):
     assert any("lora_B" in n for n in trainable)
     # peft trains the input embedding beside the adapters (the item tokens' rows), and the tied output layer
     # reads that same trained copy (what TRL's fused LM head reads as lm_head.weight)
-    assert [n for n in trainable if "modules_to_save" in n] == ["base_model.model.model.embed_tokens.modules_to_save.default.weight"]
+    assert [n for n in trainable if "modules_to_save" in n] == [
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight"
+    ]
     assert lora.get_output_embeddings().weight.data_ptr() == lora.get_input_embeddings().weight.data_ptr()
-    assert lora.get_output_embeddings().weight.data_ptr() != lora.base_model.model.model.embed_tokens.original_module.weight.data_ptr()
+    assert (
+        lora.get_output_embeddings().weight.data_ptr()
+        != lora.base_model.model.model.embed_tokens.original_module.weight.data_ptr()
+    )
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if "lora_B" in n or "modules_to_save" in n:
@@ -160,8 +178,16 @@ def test_title_init_gives_each_item_the_mean_of_its_title_rows():
     titles = ["red mug", "blue scarf wool"]
     tok = build_tokenizer(titles)
     n_old = len(tok)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=n_old, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=n_old,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     ids = add_item_tokens(tok, [1, 2])
     resize_for_items(model, tok, ids, titles)
     emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
@@ -190,16 +216,27 @@ def test_text_sharing_counts_and_warns(caplog):
 
 def _trainer(model, tok, ids, rows, num_negatives="all", cls=None, **kw):
     from causalrec.training import SDPOConfig, SDPOTrainer
-    from causalrec.training.preference import make_preference_dataset
+    from causalrec.training.sdpo_trainer import make_preference_dataset
 
     prompts = [_prompt(h) for h, _ in rows]
     chosen = [completion_text(item_token(t)) for _, t in rows]
-    rejected = None if num_negatives == "all" else [[completion_text(item_token(j)) for j in neg] for neg in kw.pop("negatives")]
+    rejected = (
+        None
+        if num_negatives == "all"
+        else [[completion_text(item_token(j)) for j in neg] for neg in kw.pop("negatives")]
+    )
     ds = make_preference_dataset(prompts, chosen, rejected, season=kw.pop("season", None))
     cls = cls or SDPOTrainer
     config_cls = kw.pop("config_cls", SDPOConfig)
-    args = config_cls(output_dir="unused", num_negatives=num_negatives, beta=0.5, per_device_train_batch_size=len(rows),
-                      report_to="none", save_strategy="no", **kw)
+    args = config_cls(
+        output_dir="unused",
+        num_negatives=num_negatives,
+        beta=0.5,
+        per_device_train_batch_size=len(rows),
+        report_to="none",
+        save_strategy="no",
+        **kw,
+    )
     return cls(model, args=args, train_dataset=ds, processing_class=tok, item_token_ids=ids)
 
 
@@ -207,8 +244,14 @@ def test_all_negatives_loss_equals_the_hand_computation(setup, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     model, tok, ids, _ = setup
     rows = [([3], 4), ([1, 5, 7], 7), ([9, 9, 4], 1)]
-    ref_model = _sharpen(load_backbone(BackboneConfig(tiny_hidden_size=32, tiny_heads=4, tiny_layers=2),
-                                       [FMT.template, "season winter summer"], items=ITEMS)[0], seed=5)
+    ref_model = _sharpen(
+        load_backbone(
+            BackboneConfig(tiny_hidden_size=32, tiny_heads=4, tiny_layers=2),
+            [FMT.template, "season winter summer"],
+            items=ITEMS,
+        )[0],
+        seed=5,
+    )
     trainer = _trainer(model, tok, ids, rows)
     trainer.ref_model = ref_model.eval()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -229,8 +272,14 @@ def test_all_negatives_gradients_match_the_brute_force_loss(setup, tmp_path, mon
     """The loss through the trainer's single forward back-propagates like the brute-force per-item loss."""
     monkeypatch.chdir(tmp_path)
     _, tok, ids, _ = setup
-    policy = _sharpen(load_backbone(BackboneConfig(tiny_hidden_size=32, tiny_heads=4, tiny_layers=1),
-                                    [FMT.template, "season winter summer"], items=ITEMS)[0], seed=7)
+    policy = _sharpen(
+        load_backbone(
+            BackboneConfig(tiny_hidden_size=32, tiny_heads=4, tiny_layers=1),
+            [FMT.template, "season winter summer"],
+            items=ITEMS,
+        )[0],
+        seed=7,
+    )
     rows = [([3, 2], 4), ([8], 8)]
     trainer = _trainer(policy, tok, ids, rows)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -241,7 +290,7 @@ def test_all_negatives_gradients_match_the_brute_force_loss(setup, tmp_path, mon
     ref = trainer.ref_model
     prompts = [tok(_prompt(h)).input_ids for h, _ in rows]
     losses = []
-    for r, (h, target) in enumerate(rows):
+    for r, (_h, target) in enumerate(rows):
         p = torch.tensor([prompts[r]])
         lp = torch.log_softmax(policy(input_ids=p).logits[0, -1], -1)[ids]
         with torch.no_grad():
@@ -257,7 +306,7 @@ def test_all_negatives_gradients_match_the_brute_force_loss(setup, tmp_path, mon
 
 def test_all_negatives_needs_item_tokens_and_one_token_answers(setup, tmp_path, monkeypatch):
     from causalrec.training import SDPOConfig, SDPOTrainer
-    from causalrec.training.preference import make_preference_dataset
+    from causalrec.training.sdpo_trainer import make_preference_dataset
 
     monkeypatch.chdir(tmp_path)
     model, tok, ids, _ = setup
@@ -283,18 +332,48 @@ def test_causal_dpo_runs_on_the_whole_catalog_with_environments(setup, tmp_path,
     plain = _trainer(model, tok, ids, rows)
     batch = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])
     sdpo = plain.compute_loss(model.eval(), batch).item()
-    one = _trainer(model, tok, ids, rows, cls=CausalDPOTrainer, config_cls=CausalDPOConfig, season=["all"] * 4,
-                   env_source="season", lambda_inv=0.0)
+    one = _trainer(
+        model,
+        tok,
+        ids,
+        rows,
+        cls=CausalDPOTrainer,
+        config_cls=CausalDPOConfig,
+        season=["all"] * 4,
+        env_source="season",
+        lambda_inv=0.0,
+    )
     b1 = one.data_collator([one.train_dataset[i] for i in range(len(rows))])
     assert one.compute_loss(model.eval(), b1).item() == pytest.approx(sdpo, abs=1e-6)
     for invariance in ("mmd", "vrex", "irm"):
-        causal = _trainer(model, tok, ids, rows, cls=CausalDPOTrainer, config_cls=CausalDPOConfig, season=seasons,
-                          env_source="season", invariance=invariance, lambda_inv=1.0, inv_warmup_steps=0)
+        causal = _trainer(
+            model,
+            tok,
+            ids,
+            rows,
+            cls=CausalDPOTrainer,
+            config_cls=CausalDPOConfig,
+            season=seasons,
+            env_source="season",
+            invariance=invariance,
+            lambda_inv=1.0,
+            inv_warmup_steps=0,
+        )
         b = causal.data_collator([causal.train_dataset[i] for i in range(len(rows))])
         loss = causal.compute_loss(model.eval(), b)
         assert torch.isfinite(loss) and loss.item() >= 0
-    latent = _trainer(model, tok, ids, rows, cls=CausalDPOTrainer, config_cls=CausalDPOConfig, season=seasons,
-                      env_source="latent", n_environments=2, env_init_samples=4)
+    latent = _trainer(
+        model,
+        tok,
+        ids,
+        rows,
+        cls=CausalDPOTrainer,
+        config_cls=CausalDPOConfig,
+        season=seasons,
+        env_source="latent",
+        n_environments=2,
+        env_init_samples=4,
+    )
     b = latent.data_collator([latent.train_dataset[i] for i in range(len(rows))])
     assert torch.isfinite(latent.compute_loss(model.eval(), b))
 
@@ -310,11 +389,14 @@ def test_reference_copy_of_a_trl_patched_model_runs_its_own_weights(setup):
     it would compute the policy's numbers as the 'reference' (the catalog path calls forward plainly)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from causalrec.training.preference import _frozen_copy
+    from causalrec.training.sdpo_trainer import _frozen_copy
 
     _, tok, ids, prompts = setup
-    policy = load_backbone(BackboneConfig(tiny_hidden_size=16, tiny_heads=2, tiny_layers=1),
-                           [FMT.template, "season winter summer"], items=ITEMS)[0]
+    policy = load_backbone(
+        BackboneConfig(tiny_hidden_size=16, tiny_heads=2, tiny_layers=1),
+        [FMT.template, "season winter summer"],
+        items=ITEMS,
+    )[0]
     add_fused_lm_head(policy)
     ref = _frozen_copy(policy)
     x = torch.tensor([prompts[1]])
@@ -335,13 +417,24 @@ def test_data_preparation_reports_and_warns_about_shared_texts(tmp_path, caplog)
     rows = []
     texts = {"A": "milk 1l", "B": "Milk  1L", "C": "bread", "D": "bread", "E": "eggs", "F": "tea"}
     for u in range(40):
-        for k, item in enumerate("ABCDEF"[u % 3:] + "ABC"):
+        for k, item in enumerate("ABCDEF"[u % 3 :] + "ABC"):
             rows.append({"user": f"u{u}", "item": item, "ts": f"2020-{1 + (u + k) % 12:02d}-10", "text": texts[item]})
     source = tmp_path / "shop.csv"
     pd.DataFrame(rows).to_csv(source, index=False)
-    spec = DataSpec.from_mapping({"dataset": "csv", "source": str(source), "csv_user": "user", "csv_item": "item",
-                                  "csv_time": "ts", "csv_text": "text", "split": "iid", "data_cache_dir": str(tmp_path / "c"),
-                                  "min_user_inter": 1, "min_item_inter": 1})
+    spec = DataSpec.from_mapping(
+        {
+            "dataset": "csv",
+            "source": str(source),
+            "csv_user": "user",
+            "csv_item": "item",
+            "csv_time": "ts",
+            "csv_text": "text",
+            "split": "iid",
+            "data_cache_dir": str(tmp_path / "c"),
+            "min_user_inter": 1,
+            "min_item_inter": 1,
+        }
+    )
     with caplog.at_level("WARNING"):
         prepared = prepare(spec, show_progress=False)
     stats = prepared.meta["stats"]["item_texts"]
@@ -353,9 +446,13 @@ def test_data_preparation_reports_and_warns_about_shared_texts(tmp_path, caplog)
 
 
 def test_environment_after_the_history_for_item_tokens():
-    fmt = PromptFormat(template="A customer bought, in order: {history}", separator=" ", environment="season",
-                       environment_last=True)
-    assert fmt.prompt(["<item_1>", "<item_2>"], "winter") == "A customer bought, in order: <item_1> <item_2> season winter."
+    fmt = PromptFormat(
+        template="A customer bought, in order: {history}", separator=" ", environment="season", environment_last=True
+    )
+    assert (
+        fmt.prompt(["<item_1>", "<item_2>"], "winter")
+        == "A customer bought, in order: <item_1> <item_2> season winter."
+    )
     assert PromptFormat(environment="season").prompt(["tea"], "winter").startswith("season winter. ")
 
 
@@ -366,8 +463,13 @@ def test_sequence_sft_rows_target_every_item_after_the_first(setup):
 
     _, tok, ids, _ = setup
     for env in (None, "winter"):
-        fmt = PromptFormat(template=ITEM_TOKEN_TEMPLATE, separator=" ", max_history_items=50,
-                           environment=env and "season", environment_last=True)
+        fmt = PromptFormat(
+            template=ITEM_TOKEN_TEMPLATE,
+            separator=" ",
+            max_history_items=50,
+            environment=env and "season",
+            environment_last=True,
+        )
         rec = PreferenceRecord(history=[item_token(j) for j in (3, 5, 5)], target=item_token(9), season=env or "all")
         row = sft_sequence_dataset([rec], fmt, tok, ids)[0]
         tokens, mask = row["input_ids"], row["completion_mask"]
@@ -382,7 +484,7 @@ def test_sequence_windows_tile_each_users_training_sequence():
     """Rows kept: each user's last row, then every max_history_items-th row before it (time order)."""
     from types import SimpleNamespace
 
-    from causalrec.trainer import LLMTrainer
+    from causalrec.recbole.trainer import LLMTrainer
 
     users = torch.tensor([7, 7, 7, 7, 7, 7, 7, 3, 3])
     times = torch.tensor([10, 11, 12, 13, 14, 15, 16, 5, 1])  # user 3's rows out of time order
@@ -403,7 +505,7 @@ def test_sequence_windows_tile_each_users_training_sequence():
 def test_epoch_validation_keeps_the_best_epoch_and_stops_after_patience():
     from types import SimpleNamespace
 
-    from causalrec.trainer import _epoch_validation
+    from causalrec.recbole.trainer import _epoch_validation
 
     scores = iter([0.1, 0.3, 0.2, 0.25, 0.29, 0.5])
     model = torch.nn.Linear(1, 1, bias=False)
@@ -428,12 +530,22 @@ def test_lora_on_an_untied_model_trains_both_item_row_tables(setup):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tok, ids, prompts = setup
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
     lora = apply_lora(model, BackboneConfig(lora_r=2), trainable_tokens=ids)
     trained = sorted(n for n, p in lora.named_parameters() if p.requires_grad and "modules_to_save" in n)
     assert [n.split(".")[-4] for n in trained] == ["lm_head", "embed_tokens"]
     with torch.no_grad():
         lora.get_output_embeddings().weight[ids[0]] += 3.0
     assert not torch.equal(lora.get_output_embeddings().weight, lora.base_model.model.lm_head.original_module.weight)
-    torch.testing.assert_close(score_item_tokens(lora, prompts, ids), _brute_force(lora, prompts, ids), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        score_item_tokens(lora, prompts, ids), _brute_force(lora, prompts, ids), atol=1e-5, rtol=0
+    )

@@ -3,8 +3,6 @@ keeps the model YAMLs' defaults; the user's own values win over both."""
 
 from __future__ import annotations
 
-import pytest
-
 from causalrec.llm.presets import PRESETS, backbone_settings, preset_name, resolve_dtype, stage_overlay
 
 
@@ -31,27 +29,34 @@ def test_stage_overlay_only_for_pretrained():
     assert sft["per_device_train_batch_size"] * sft["gradient_accumulation_steps"] == 32  # the tiny preset's batch
 
 
+def _stage(trainer, key):
+    from causalrec.recbole.stage_args import stage_defaults
+
+    return stage_defaults(type(trainer.model), key, trainer.config["backbone"], trainer._user_value(key))
+
+
 def test_stage_args_layer_yaml_preset_and_user(in_tmp, tmp_path):
     """Through a built model: YAML < preset < the user's fields, one field at a time."""
-    from causalrec.quick_start import build
     from test_models_llm import TINY
+
+    from causalrec.recbole.quick_start import build
 
     directory = _random_llama_dir(tmp_path)
     config = {**TINY, "backbone": str(directory), "sft_args": {"num_train_epochs": 1}}
     config.pop("dpo_args")
     _, trainer, _ = build("SDPORec", "retail-sim", config_dict=config)
-    sft, dpo = trainer._stage_args("sft_args"), trainer._stage_args("dpo_args")
+    sft, dpo = _stage(trainer, "sft_args"), _stage(trainer, "dpo_args")
     assert sft["num_train_epochs"] == 1 and sft["learning_rate"] == 1e-4 and sft["save_strategy"] == "no"
     assert dpo["learning_rate"] == 5e-6 and dpo["gradient_accumulation_steps"] == 4
     assert trainer.model.backbone_config.lora_r == 16 and trainer.model.backbone_config.lora_alpha == 32
     assert any("lora_" in n for n, p in trainer.model.llm.named_parameters() if p.requires_grad)
     _, tiny, _ = build("SDPORec", "retail-sim", config_dict={**TINY, "sft_args": {"num_train_epochs": 1}})
-    assert tiny._stage_args("sft_args")["learning_rate"] == 0.002 and tiny.model.backbone_config.lora_r == 0
+    assert _stage(tiny, "sft_args")["learning_rate"] == 0.002 and tiny.model.backbone_config.lora_r == 0
 
 
 def _random_llama_dir(tmp_path):
     """A random Llama with a word-level tokenizer saved as a Hugging Face directory (a stand-in for a user's)."""
-    from causalrec.llm.backbone import BackboneConfig, build_tokenizer, build_tiny_llama
+    from causalrec.llm.backbone import BackboneConfig, build_tiny_llama, build_tokenizer
 
     words = "a customer bought in order next the buys season winter spring summer autumn".split()
     from causalrec.data.sources.retail_sim import CATEGORIES

@@ -11,14 +11,25 @@ import torch
 
 from causalrec.data.prompts import PromptFormat
 from causalrec.errors import DataError
-from causalrec.llm.backbone import BackboneConfig, apply_lora, build_tokenizer, load_backbone
-from causalrec.llm.ranking import TitleTrie, naive_scores, score_candidates, score_catalog, score_pairs, title_token_ids
+from causalrec.llm.backbone import BackboneConfig, apply_lora, load_backbone
+from causalrec.llm.ranking import naive_scores, score_candidates, score_catalog, score_pairs
+from causalrec.llm.trie import TitleTrie, title_token_ids
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # prefixes of others with EOS ("tea" / "tea pot", "red scarf" / "red scarf wool"), shared
 # prefixes ("red ..."), a duplicate ("red scarf" twice), a one-word title
-TITLES = ["red scarf", "red scarf wool", "red mug", "blue mug", "red scarf", "green tea pot large", "tea", "tea pot", "pot"]
+TITLES = [
+    "red scarf",
+    "red scarf wool",
+    "red mug",
+    "blue mug",
+    "red scarf",
+    "green tea pot large",
+    "tea",
+    "tea pot",
+    "pot",
+]
 FMT = PromptFormat()
 HISTORIES = [["red mug"], ["tea", "blue mug", "red scarf wool", "pot", "green tea pot large"], ["pot", "pot"]]
 
@@ -34,7 +45,9 @@ def _sharpen(model, scale=4.0, seed=0):
 
 @pytest.fixture(scope="module")
 def setup():
-    model, tok = load_backbone(BackboneConfig(tiny_hidden_size=32, tiny_heads=4, tiny_layers=2), TITLES + [FMT.prompt([])])
+    model, tok = load_backbone(
+        BackboneConfig(tiny_hidden_size=32, tiny_heads=4, tiny_layers=2), TITLES + [FMT.prompt([])]
+    )
     _sharpen(model)
     ids = title_token_ids(tok, TITLES)
     prompts = [tok(FMT.prompt(h)).input_ids for h in HISTORIES]
@@ -109,7 +122,9 @@ def test_items_ending_inside_the_trie_are_scored_exactly(setup):
     model, _, _, prompts = setup
     seqs = [[5, 6], [5, 6, 7, 8], [5], [9, 6, 5], [9, 6, 5, 2]]
     trie = TitleTrie.from_token_ids(seqs)
-    torch.testing.assert_close(score_catalog(model, prompts, trie), naive_scores(model, prompts, seqs), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        score_catalog(model, prompts, trie), naive_scores(model, prompts, seqs), atol=1e-4, rtol=0
+    )
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -118,12 +133,21 @@ def test_grouped_query_attention_model_scores_equal_brute_force(setup, attn):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _, tok, trie, prompts = setup
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     cfg._attn_implementation = attn
     gqa = _sharpen(LlamaForCausalLM(cfg), seed=3)
     naive = naive_scores(gqa, prompts, trie)
     for method in ("prefix", "rows"):
-        torch.testing.assert_close(score_catalog(gqa, prompts, trie, batch_size=2, method=method), naive, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            score_catalog(gqa, prompts, trie, batch_size=2, method=method), naive, atol=1e-4, rtol=0
+        )
     assert gqa.config._attn_implementation == attn  # the prefix method switched it back
 
 
@@ -132,24 +156,33 @@ def test_prefix_method_needs_a_switchable_attention(setup, monkeypatch):
     from causalrec.llm import ranking
 
     model, _, trie, prompts = setup
-    monkeypatch.setattr(ranking, "_supports_prefix_attention", lambda m: False)
+    monkeypatch.setattr(ranking, "supports_prefix_attention", lambda m: False)  # the name the walk looks up
     with pytest.raises(BackboneError, match="method='rows'"):
         score_catalog(model, prompts, trie, method="prefix")
-    torch.testing.assert_close(score_catalog(model, prompts, trie), naive_scores(model, prompts, trie), atol=1e-4, rtol=0)  # auto -> rows
+    torch.testing.assert_close(
+        score_catalog(model, prompts, trie), naive_scores(model, prompts, trie), atol=1e-4, rtol=0
+    )  # auto -> rows
     with pytest.raises(ValueError, match="unknown ranking method"):
         score_catalog(model, prompts, trie, method="fast")
 
 
 def test_lora_model_scores_equal_brute_force(setup):
     model, tok, trie, prompts = setup
-    lora = apply_lora(_sharpen(load_backbone(BackboneConfig(tiny_hidden_size=32, tiny_heads=4), TITLES + [FMT.prompt([])])[0], seed=1), BackboneConfig(lora_r=4))
+    lora = apply_lora(
+        _sharpen(
+            load_backbone(BackboneConfig(tiny_hidden_size=32, tiny_heads=4), TITLES + [FMT.prompt([])])[0], seed=1
+        ),
+        BackboneConfig(lora_r=4),
+    )
     with torch.no_grad():
         for n, p in lora.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     naive = naive_scores(lora, prompts, trie)
     for method in ("prefix", "rows"):
-        torch.testing.assert_close(score_catalog(lora, prompts, trie, batch_size=2, method=method), naive, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            score_catalog(lora, prompts, trie, batch_size=2, method=method), naive, atol=1e-4, rtol=0
+        )
     with lora.disable_adapter():
         assert (naive_scores(lora, prompts, trie) - naive).abs().max() > 1e-2  # the adapter is in play
 
@@ -159,10 +192,14 @@ def test_gpt2_scores_equal_brute_force(setup):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     _, tok, trie, prompts = setup
-    gpt = _sharpen(GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)), seed=2)
+    gpt = _sharpen(
+        GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128)), seed=2
+    )
     naive = naive_scores(gpt, prompts, trie)
     for method in ("prefix", "rows"):
-        torch.testing.assert_close(score_catalog(gpt, prompts, trie, batch_size=3, method=method), naive, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            score_catalog(gpt, prompts, trie, batch_size=3, method=method), naive, atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.parametrize("head_block", [1, 4, 0])
@@ -171,18 +208,22 @@ def test_output_layer_blocks_give_the_brute_force_scores(setup, head_block):
     model, _, trie, prompts = setup
     naive = naive_scores(model, prompts, trie)
     for batch_size, node_chunk in ((1, 2048), (3, 5), (2, 3)):
-        scores = score_catalog(model, prompts, trie, batch_size=batch_size, node_chunk=node_chunk, head_block=head_block)
+        scores = score_catalog(
+            model, prompts, trie, batch_size=batch_size, node_chunk=node_chunk, head_block=head_block
+        )
         torch.testing.assert_close(scores, naive, atol=1e-4, rtol=0)
 
 
 def _lm_head_rows(model, monkeypatch):
     """Rows the output layer projects per call, and the verdicts of the tap's exactness check."""
-    from causalrec.llm import ranking
+    from causalrec.llm.kv_cache import OutputTap
 
     rows, verdicts = [], []
-    verify = ranking._OutputTap.verify
-    monkeypatch.setattr(ranking._OutputTap, "verify", lambda self, logits: verdicts.append(verify(self, logits)) or verdicts[-1])
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(out.shape[:-1].numel()))
+    verify = OutputTap.verify
+    monkeypatch.setattr(OutputTap, "verify", lambda self, logits: verdicts.append(verify(self, logits)) or verdicts[-1])
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: rows.append(out.shape[:-1].numel())
+    )
     return rows, verdicts, handle
 
 
@@ -212,14 +253,16 @@ def test_output_tap_is_removed_when_the_walk_fails(setup, monkeypatch):
         score_catalog(model, prompts, trie)
     assert not model.get_output_embeddings()._forward_pre_hooks
     monkeypatch.undo()
-    torch.testing.assert_close(score_catalog(model, prompts, trie), naive_scores(model, prompts, trie), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        score_catalog(model, prompts, trie), naive_scores(model, prompts, trie), atol=1e-4, rtol=0
+    )
 
 
 def test_models_that_transform_logits_after_the_output_layer_are_not_tapped(setup, monkeypatch):
     """The exactness check, not a list of model names, keeps such models on the plain path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from causalrec.llm.ranking import _OutputTap
+    from causalrec.llm.kv_cache import OutputTap
 
     class ScaledLogits(LlamaForCausalLM):  # e.g. a logit scale applied in forward, with no config key saying so
         def forward(self, *args, **kwargs):
@@ -228,7 +271,9 @@ def test_models_that_transform_logits_after_the_output_layer_are_not_tapped(setu
             return out
 
     _, tok, trie, prompts = setup
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    )
     scaled = _sharpen(ScaledLogits(cfg), seed=4)
     rows, verdicts, handle = _lm_head_rows(scaled, monkeypatch)
     scores = score_catalog(scaled, prompts, trie, batch_size=2)
@@ -236,9 +281,11 @@ def test_models_that_transform_logits_after_the_output_layer_are_not_tapped(setu
     assert verdicts == [False, False] and max(rows[2:]) > 4  # two walks (2 + 1 users); the model projects whole chunks
     naive = naive_scores(scaled, prompts, trie)
     torch.testing.assert_close(scores, naive, atol=1e-4, rtol=0)
-    assert (naive_scores(scaled, prompts, trie) - naive_scores(_sharpen(LlamaForCausalLM(cfg), seed=4), prompts, trie)).abs().max() > 0.1
+    assert (
+        naive_scores(scaled, prompts, trie) - naive_scores(_sharpen(LlamaForCausalLM(cfg), seed=4), prompts, trie)
+    ).abs().max() > 0.1
     cfg.final_logit_softcapping = 30.0  # known post-processing keys switch the tap off without a check
-    assert _OutputTap(LlamaForCausalLM(cfg)).head is None
+    assert OutputTap(LlamaForCausalLM(cfg)).head is None
 
 
 def test_probabilities_of_a_complete_catalog_sum_to_at_most_one(setup):
@@ -297,7 +344,11 @@ def test_speedup_over_naive_at_1000_items():
     nouns = [f"n{i}" for i in range(150)]
     extras = [f"x{i}" for i in range(100)]
     titles = [
-        " ".join(([rng.choice(colours)] if rng.random() < 0.7 else []) + [rng.choice(nouns)] + rng.sample(extras, rng.randint(0, 3)))
+        " ".join(
+            ([rng.choice(colours)] if rng.random() < 0.7 else [])
+            + [rng.choice(nouns)]
+            + rng.sample(extras, rng.randint(0, 3))
+        )
         for _ in range(1000)
     ]
     model, tok = load_backbone(BackboneConfig(), titles + [FMT.prompt([])])

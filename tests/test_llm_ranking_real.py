@@ -32,8 +32,18 @@ def _uci_file(path: Path) -> tuple[Path, set[str]]:
                 code = f"2{item:04d}"
                 titles[code] = f"{COLOURS[item % 5]} {NOUNS[item // 5]}"
                 day = 1 + (c + k) % 27
-                rows.append((f"5{c:02d}{month:02d}{k}", code, titles[code], 1 + k, f"2011-{month:02d}-{day:02d} 10:{c:02d}:00",
-                             1.25, f"{12000 + c}.0", "United Kingdom" if c % 3 else "France"))
+                rows.append(
+                    (
+                        f"5{c:02d}{month:02d}{k}",
+                        code,
+                        titles[code],
+                        1 + k,
+                        f"2011-{month:02d}-{day:02d} 10:{c:02d}:00",
+                        1.25,
+                        f"{12000 + c}.0",
+                        "United Kingdom" if c % 3 else "France",
+                    )
+                )
     cols = ["InvoiceNo", "StockCode", "Description", "Quantity", "InvoiceDate", "UnitPrice", "CustomerID", "Country"]
     pd.DataFrame(rows, columns=cols).to_csv(path, index=False)
     return path, set(titles.values())
@@ -41,8 +51,14 @@ def _uci_file(path: Path) -> tuple[Path, set[str]]:
 
 def test_real_titles_report_the_trie_shape_and_scores_equal_brute_force(tmp_path):
     source, titles = _uci_file(tmp_path / "online_retail.csv")
-    opts = ranking.Options(real_source=str(source), real_users=3, real_batch_sizes=(1, 2), real_head_blocks=(4, 0),
-                           real_rounds=1, naive_batch=16)
+    opts = ranking.Options(
+        real_source=str(source),
+        real_users=3,
+        real_batch_sizes=(1, 2),
+        real_head_blocks=(4, 0),
+        real_rounds=1,
+        naive_batch=16,
+    )
     real = ranking.run_real(opts)
     assert real["items"] == 25 and real["users"] == 3
     # every title is "<colour> <noun of 2-3 words>": lower-cased words and '-' split off, then EOS
@@ -72,8 +88,14 @@ def test_real_titles_are_skipped_with_a_note_without_the_file(tmp_path):
 def _row() -> dict:
     """A minimal synthetic-catalog row, enough for ``summary``."""
     trie = {"per_user_s": 0.1, "users_per_s": 10.0, "speedup": 20.0, "cpu_per_user_s": 0.1, "speedup_cpu": 20.0}
-    return {"items": 10, "trie_nodes": 20, "evaluated_nodes": 10, "trie": {"1": trie},
-            "naive": {"users_per_s": 0.5}, "max_abs_diff": 1e-6}
+    return {
+        "items": 10,
+        "trie_nodes": 20,
+        "evaluated_nodes": 10,
+        "trie": {"1": trie},
+        "naive": {"users_per_s": 0.5},
+        "max_abs_diff": 1e-6,
+    }
 
 
 def test_title_tokens_of_the_real_catalog_come_from_its_file(tmp_path):

@@ -6,11 +6,10 @@ import glob
 
 import pytest
 import torch
+from test_models_llm import TINY, _rebuild
 
 import causalrec
 from causalrec.errors import CausalRecError
-
-from test_models_llm import TINY, _rebuild
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +44,14 @@ def test_id_model_ranks_by_one_forward_equal_to_brute_force(id_run, in_tmp):
     torch.testing.assert_close(model.predict(batch), scores[torch.arange(5), batch[model.ITEM_ID]], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("model,extra", [
-    ("SDPORec", {"num_negatives": "all", "lora_r": 4}),
-    ("CausalDPO", {"num_negatives": "all"}),
-    ("CausalDPO", {"item_repr": "title+id", "num_negatives": 2, "env_source": "latent", "n_environments": 2}),
-])
+@pytest.mark.parametrize(
+    "model,extra",
+    [
+        ("SDPORec", {"num_negatives": "all", "lora_r": 4}),
+        ("CausalDPO", {"num_negatives": "all"}),
+        ("CausalDPO", {"item_repr": "title+id", "num_negatives": 2, "env_source": "latent", "n_environments": 2}),
+    ],
+)
 def test_preference_models_with_item_tokens(in_tmp, model, extra):
     config = {**TINY, "item_repr": "id", **extra}
     result = causalrec.run(model, "retail-sim", config_dict=config)
@@ -88,14 +90,25 @@ def test_backdoor_sum_with_item_tokens_and_the_environment_after_the_history(in_
     for e, p_e in zip(model.environments, prior.tolist()):
         prompts = [model.prompt_format.prompt(h, e) for h in histories]
         assert all(p.endswith(f"season {e}.") for p in prompts)
-        brute += p_e * naive_scores(model.llm, model.encode_prompts(prompts), [[t] for t in model.item_token_ids]).double().exp()
+        brute += (
+            p_e
+            * naive_scores(model.llm, model.encode_prompts(prompts), [[t] for t in model.item_token_ids]).double().exp()
+        )
     torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute.log(), atol=1e-5, rtol=0)
 
 
 def test_sequence_sft_validates_every_epoch_and_keeps_the_best(in_tmp):
-    config = {**TINY, "item_repr": "id", "sft_args": {"num_train_epochs": 4, "learning_rate": 3e-3,
-                                                      "per_device_train_batch_size": 32, "save_strategy": "no"},
-              "sft_patience": 1}
+    config = {
+        **TINY,
+        "item_repr": "id",
+        "sft_args": {
+            "num_train_epochs": 4,
+            "learning_rate": 3e-3,
+            "per_device_train_batch_size": 32,
+            "save_strategy": "no",
+        },
+        "sft_patience": 1,
+    }
     result = causalrec.run("GenRec", "retail-sim", config_dict=config)
     (sft,) = result["stages"]
     scores = sft["epoch_valid_scores"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import math
 import os
 
 import pytest
@@ -21,8 +20,18 @@ TINY = {
     "epochs": 1,
     "show_progress": False,
     "tiny_hidden_size": 32,
-    "sft_args": {"num_train_epochs": 1, "learning_rate": 3e-3, "per_device_train_batch_size": 32, "save_strategy": "no"},
-    "dpo_args": {"num_train_epochs": 1, "learning_rate": 5e-4, "per_device_train_batch_size": 32, "save_strategy": "no"},
+    "sft_args": {
+        "num_train_epochs": 1,
+        "learning_rate": 3e-3,
+        "per_device_train_batch_size": 32,
+        "save_strategy": "no",
+    },
+    "dpo_args": {
+        "num_train_epochs": 1,
+        "learning_rate": 5e-4,
+        "per_device_train_batch_size": 32,
+        "save_strategy": "no",
+    },
     "dpo_max_samples": 64,
     "eval_batch_size": 256,
     "rank_batch_size": 32,
@@ -141,7 +150,7 @@ def test_missing_prepared_dir_is_a_clear_error(in_tmp):
     from recbole.data import create_dataset
     from recbole.utils import get_model
 
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     config = make_config("GenRec", "retail-sim", config_dict=dict(TINY))
     dataset = create_dataset(config)
@@ -151,27 +160,26 @@ def test_missing_prepared_dir_is_a_clear_error(in_tmp):
 
 
 def test_user_stage_args_update_the_yaml_defaults_instead_of_replacing_them():
-    import types
-
     import yaml
 
-    from causalrec.models.genrec import GenRec
-    from causalrec.registry import properties_dir
-    from causalrec.trainer import LLMTrainer
+    from causalrec.recbole.models.genrec import GenRec
+    from causalrec.recbole.plugin import properties_dir
+    from causalrec.recbole.stage_args import stage_defaults
 
     defaults = yaml.safe_load((properties_dir() / "model" / "LLMRecommender.yaml").read_text())["sft_args"]
-    fake = types.SimpleNamespace(config={"model": "GenRec", "backbone": "tiny", "sft_args": {"num_train_epochs": 7}},
-                                 model=object.__new__(GenRec))
-    fake._user_value = lambda key: fake.config[key]
-    merged = LLMTrainer._stage_args(fake, "sft_args")
+    merged = stage_defaults(GenRec, "sft_args", "tiny", {"num_train_epochs": 7})
     assert merged["num_train_epochs"] == 7
     assert merged["learning_rate"] == defaults["learning_rate"]
 
 
 def test_validate_last_stage_only(in_tmp):
     calls = []
-    result = causalrec.run("SDPORec", "retail-sim", config_dict=dict(TINY, validate_stages="last"),
-                           callback_fn=lambda stage, score: calls.append((stage, score)))
+    result = causalrec.run(
+        "SDPORec",
+        "retail-sim",
+        config_dict=dict(TINY, validate_stages="last"),
+        callback_fn=lambda stage, score: calls.append((stage, score)),
+    )
     sft, sdpo = result["stages"]
     assert "valid_score" not in sft and sdpo["valid_score"] == pytest.approx(result["best_valid_score"])
     assert calls == [(1, pytest.approx(result["best_valid_score"]))]

@@ -14,13 +14,13 @@ import re
 
 import pytest
 import torch
+from test_llm_bpe import random_model, train_bpe, wrap
+from test_models_llm import TINY, _rebuild
 
 import causalrec
 from causalrec.data.prompts import DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat, completion_text
 from causalrec.data.sources.retail_sim import ADJECTIVES, CATEGORIES, MATERIALS, REGION_NAMES
 from causalrec.llm.items import item_token
-from test_llm_bpe import random_model, train_bpe, wrap
-from test_models_llm import TINY, _rebuild
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # each run takes seconds: not marked slow
 
@@ -41,8 +41,12 @@ def backbone_dir(request, tmp_path_factory):
     directory's tokenizer as ``Qwen2Tokenizer``, whose pad is ``<|endoftext|>``); ``llama3``: LlamaForCausalLM (tied),
     ``<|begin_of_text|>`` before every text and no pad token at all, like Llama 3."""
     words = [f"{a} {m} {noun}" for a in ADJECTIVES for m in MATERIALS[:3] for c in CATEGORIES for noun in c.nouns[:2]]
-    text = [PromptFormat().prompt(words[:3]), ITEM_TOKEN_TEMPLATE, DEFAULT_TEMPLATE,
-            "season winter spring summer autumn region " + " ".join(REGION_NAMES)]
+    text = [
+        PromptFormat().prompt(words[:3]),
+        ITEM_TOKEN_TEMPLATE,
+        DEFAULT_TEMPLATE,
+        "season winter spring summer autumn region " + " ".join(REGION_NAMES),
+    ]
     style = "qwen" if request.param == "qwen2" else "llama"
     tok = wrap(train_bpe(words + text, vocab_size=800), style, pad=False)
     model = random_model(tok, style, seed=0, sharpen=False)
@@ -133,7 +137,8 @@ def test_load_backbone_gives_item_tokens_real_rows_and_saves_and_reloads(backbon
     LoRA model saved with ``save_backbone`` reloads with the same one-token items and the same scores."""
     from causalrec.llm.backbone import BackboneConfig, load_backbone, save_backbone
     from causalrec.llm.items import item_token_ids, score_item_tokens
-    from causalrec.llm.ranking import naive_scores, title_token_ids
+    from causalrec.llm.ranking import naive_scores
+    from causalrec.llm.trie import title_token_ids
 
     n_items = 80
     items = list(range(1, n_items + 1))
@@ -165,11 +170,13 @@ def test_load_backbone_gives_item_tokens_real_rows_and_saves_and_reloads(backbon
     for text in _item_prompts(n_items):
         full = tok3(text + completion_text(item_token(7)) + tok3.eos_token).input_ids
         assert full == tok(text).input_ids + [ids[6], tok3.eos_token_id]
-    torch.testing.assert_close(score_item_tokens(again, prompts, ids, pad_token_id=tok3.pad_token_id), before,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        score_item_tokens(again, prompts, ids, pad_token_id=tok3.pad_token_id), before, atol=1e-5, rtol=0
+    )
     # the base weights came back too (the DPO reference is the model with adapters disabled), not only the adapter
     with lora.disable_adapter(), again.disable_adapter():
         base_before = score_item_tokens(lora, prompts, ids, pad_token_id=tok.pad_token_id)
-        torch.testing.assert_close(score_item_tokens(again, prompts, ids, pad_token_id=tok3.pad_token_id), base_before,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            score_item_tokens(again, prompts, ids, pad_token_id=tok3.pad_token_id), base_before, atol=1e-5, rtol=0
+        )
     assert (base_before - before).abs().max() > 1e-2

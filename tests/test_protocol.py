@@ -43,8 +43,9 @@ def test_pop_matches_brute_force_under_either_history_rule(mask_history, in_tmp)
 
 def test_general_and_sequential_models_evaluate_the_same_cases(in_tmp):
     pop = causalrec.run("Pop", "retail-sim", config_dict=SIM, saved=False)
-    sasrec = causalrec.run("SASRec", "retail-sim", config_dict={**SIM, "hidden_size": 16, "inner_size": 32,
-                                                                "n_layers": 1}, saved=False)
+    sasrec = causalrec.run(
+        "SASRec", "retail-sim", config_dict={**SIM, "hidden_size": 16, "inner_size": 32, "n_layers": 1}, saved=False
+    )
     cases = lambda r: sum(v["cases"] for k, v in r["test_env_result"]["season"].items() if k != "<worst>")  # noqa: E731
     prepared = prepare(DataSpec.from_mapping(SIM), show_progress=False)
     n_test = len(pd.read_csv(prepared.file("test.inter"), sep="\t"))
@@ -54,8 +55,14 @@ def test_general_and_sequential_models_evaluate_the_same_cases(in_tmp):
 @pytest.mark.parametrize("split", ["iid", "temporal", "seasonal", "regional", "popularity", "mixed"])
 @pytest.mark.parametrize("model", ["BPR", "GRU4Rec"])
 def test_classical_models_train_on_every_split(model, split, in_tmp):
-    config = {"sim_users": 200, "split": split, "epochs": 1, "show_progress": False, "embedding_size": 16,
-              "hidden_size": 16}
+    config = {
+        "sim_users": 200,
+        "split": split,
+        "epochs": 1,
+        "show_progress": False,
+        "embedding_size": 16,
+        "hidden_size": 16,
+    }
     result = causalrec.run(model, "retail-sim", config_dict=config, saved=True)
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
     assert result["test_env_result"]["season"]["<worst>"]["ndcg@10"] <= result["test_result"]["ndcg@10"] + 1e-4

@@ -10,14 +10,22 @@ from pathlib import Path
 import pytest
 
 import causalrec
-from causalrec import registry
+from causalrec.recbole import plugin as registry
 
 ROOT = Path(__file__).resolve().parents[1]
 # ml-100k shrunk to its densest users/items so a full train + evaluate takes seconds
 SMALL_ML100K = {
-    "epochs": 1, "show_progress": False, "train_batch_size": 1024, "eval_batch_size": 4096,
-    "user_inter_num_interval": "[10,inf)", "item_inter_num_interval": "[200,inf)",
-    "hidden_size": 16, "embedding_size": 16, "inner_size": 32, "n_layers": 1, "MAX_ITEM_LIST_LENGTH": 20,
+    "epochs": 1,
+    "show_progress": False,
+    "train_batch_size": 1024,
+    "eval_batch_size": 4096,
+    "user_inter_num_interval": "[10,inf)",
+    "item_inter_num_interval": "[200,inf)",
+    "hidden_size": 16,
+    "embedding_size": 16,
+    "inner_size": 32,
+    "n_layers": 1,
+    "MAX_ITEM_LIST_LENGTH": 20,
 }
 
 
@@ -60,19 +68,38 @@ def test_classical_models_train_and_reload_best(model, in_tmp):
 @pytest.mark.slow
 def test_properties_found_from_installed_wheel(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), str(ROOT)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=300,
+    )
     wheel = next(wheel_dir.glob("causalrec-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "causalrec/_properties/overall.yaml" in names
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        timeout=300,
+    )
     code = (
-        "import causalrec, causalrec.registry as r; from recbole.config import Config;"
+        "import causalrec, causalrec.recbole.plugin as r; from recbole.config import Config;"
         "print(r.properties_dir()); c = Config(model='Pop', dataset='ml-100k'); print(c['mask_history'])"
     )
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     props, mask = out.stdout.strip().splitlines()[-2:]
     assert props.startswith(str(target)), props
@@ -82,9 +109,9 @@ def test_properties_found_from_installed_wheel(tmp_path):
 def test_model_yaml_layers_follow_the_class_hierarchy():
     """CausalDPO reads LLMRecommender.yaml, then SDPORec.yaml, then its own: keys shared by the LLM models live in one
     file, and a subclass's file wins."""
-    from causalrec.models.causaldpo import CausalDPO
-    from causalrec.models.genrec import GenRec
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.models.causaldpo import CausalDPO
+    from causalrec.recbole.models.genrec import GenRec
+    from causalrec.recbole.quick_start import make_config
 
     assert [p.stem for p in registry.model_yaml_files(CausalDPO)] == ["LLMRecommender", "SDPORec", "CausalDPO"]
     assert [p.stem for p in registry.model_yaml_files(GenRec)] == ["LLMRecommender"]
@@ -98,7 +125,7 @@ def test_model_yaml_layers_follow_the_class_hierarchy():
 def test_recbole_model_overlay_applies_to_that_model_only():
     """properties/model/LightGCN.yaml lengthens LightGCN's patience (its validation metric dips before it rises);
     other RecBole models get causalrec's overall default (30, over RecBole's 10), and a user's value still wins."""
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     small = {"sim_users": 60, "sim_items": 30}
     assert make_config("LightGCN", "retail-sim", config_dict=small)["stopping_step"] == 100

@@ -14,8 +14,13 @@ import pytest
 
 def _start(args, cwd: Path, env: dict, log: str) -> subprocess.Popen:
     with open(cwd / log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "causalrec", *args], cwd=cwd, stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+        return subprocess.Popen(
+            [sys.executable, "-m", "causalrec", *args],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        )
 
 
 def test_two_data_prepare_processes_build_once(tmp_path):
@@ -39,9 +44,18 @@ def test_two_data_prepare_processes_build_once(tmp_path):
 @pytest.mark.slow
 def test_two_runs_training_the_same_stage_train_it_once(tmp_path):
     stages = tmp_path / "stages"
-    params = {"sim_users": 150, "sim_items": 60, "show_progress": False, "env_metrics": False,
-              "tiny_hidden_size": 16, "tiny_layers": 1, "eval_batch_size": 256, "rank_batch_size": 32,
-              "sft_args": {"max_steps": 6, "per_device_train_batch_size": 8}, "stage_cache_dir": str(stages)}
+    params = {
+        "sim_users": 150,
+        "sim_items": 60,
+        "show_progress": False,
+        "env_metrics": False,
+        "tiny_hidden_size": 16,
+        "tiny_layers": 1,
+        "eval_batch_size": 256,
+        "rank_batch_size": 32,
+        "sft_args": {"max_steps": 6, "per_device_train_batch_size": 8},
+        "stage_cache_dir": str(stages),
+    }
     procs = []
     for i in range(2):
         (tmp_path / f"r{i}").mkdir()

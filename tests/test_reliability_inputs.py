@@ -19,8 +19,18 @@ from causalrec.data import DataSpec, load_frame, prepare
 from causalrec.errors import CheckpointError, ConfigError, DataError
 
 SMALL = ["-p", "sim_users=150", "-p", "sim_items=60", "-p", "show_progress=false"]
-LLM = SMALL + ["-p", "tiny_hidden_size=16", "-p", "tiny_layers=1", "-p", "sft_args={max_steps: 2}",
-               "-p", "dpo_args={max_steps: 2}", "-p", "dpo_max_samples=16"]
+LLM = SMALL + [
+    "-p",
+    "tiny_hidden_size=16",
+    "-p",
+    "tiny_layers=1",
+    "-p",
+    "sft_args={max_steps: 2}",
+    "-p",
+    "dpo_args={max_steps: 2}",
+    "-p",
+    "dpo_max_samples=16",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -36,33 +46,37 @@ def _cli(capsys, *argv) -> tuple[int, list[str]]:
 
 def _written(folder: Path) -> list[str]:
     """What a failed run left: RecBole logs, checkpoints, stage files."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-                  and not p.name.endswith((".yaml", ".csv")))
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.endswith((".yaml", ".csv"))
+    )
 
 
 # -------------------------------------------------------------------------------------- config values
-@pytest.mark.parametrize("argv, expected", [
-    (["-m", "Pop", "--config-files", "bad.yaml"], "is not valid YAML"),
-    (["-m", "Pop", "--config-files", "list.yaml"], "must hold a mapping"),
-    (["-m", "Pop", "--config-files", "code.yaml"], "is not valid YAML"),  # !!python/object/apply is refused
-    (["-m", "Pop", "-p", "epochz=1"], "unknown config key 'epochz'"),
-    (["-m", "Pop", "-p", "epochs=two"], "'epochs' must be an integer; got 'two'"),
-    (["-m", "Pop", "-p", "epochs=0"], "'epochs' must be >= 1"),
-    (["-m", "Pop", "-p", "learning_rate=-0.1"], "'learning_rate' must be > 0"),
-    (["-m", "Pop", "-p", "topk=[10, 0]"], "'topk' must be positive cut-offs"),
-    (["-m", "Pop", "-p", "show_progress=maybe"], "'show_progress' must be true or false"),
-    (["-m", "Pop", "-p", "eval_args=3"], "'eval_args' must be a mapping"),
-    (["-m", "CausalDPO", "-p", "beta=-0.5"], "'beta' must be > 0"),
-    (["-m", "CausalDPO", "-p", "beta=high"], "'beta' must be a number"),
-    (["-m", "CausalDPO", "-p", "n_environments=0"], "'n_environments' must be >= 1"),
-    (["-m", "CausalDPO", "-p", "n_environments=2.5"], "'n_environments' must be an integer"),
-    (["-m", "CausalDPO", "-p", "tau=0"], "'tau' must be > 0"),
-    (["-m", "CausalDPO", "-p", "lambda_inv=-1"], "'lambda_inv' must be >= 0"),
-    (["-m", "SDPORec", "-p", "num_negatives=0"], "'num_negatives' must be >= 1"),
-    (["-m", "GenRec", "-p", "sft_max_samples=0"], "'sft_max_samples' must be >= 1"),
-    (["-m", "GenRec", "-p", "sft_args=5"], "'sft_args' must be a mapping"),
-    (["-m", "KD_DAGFM", "-p", "teacher=__import__('os').getcwd()"], "'teacher' must be a model class name"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["-m", "Pop", "--config-files", "bad.yaml"], "is not valid YAML"),
+        (["-m", "Pop", "--config-files", "list.yaml"], "must hold a mapping"),
+        (["-m", "Pop", "--config-files", "code.yaml"], "is not valid YAML"),  # !!python/object/apply is refused
+        (["-m", "Pop", "-p", "epochz=1"], "unknown config key 'epochz'"),
+        (["-m", "Pop", "-p", "epochs=two"], "'epochs' must be an integer; got 'two'"),
+        (["-m", "Pop", "-p", "epochs=0"], "'epochs' must be >= 1"),
+        (["-m", "Pop", "-p", "learning_rate=-0.1"], "'learning_rate' must be > 0"),
+        (["-m", "Pop", "-p", "topk=[10, 0]"], "'topk' must be positive cut-offs"),
+        (["-m", "Pop", "-p", "show_progress=maybe"], "'show_progress' must be true or false"),
+        (["-m", "Pop", "-p", "eval_args=3"], "'eval_args' must be a mapping"),
+        (["-m", "CausalDPO", "-p", "beta=-0.5"], "'beta' must be > 0"),
+        (["-m", "CausalDPO", "-p", "beta=high"], "'beta' must be a number"),
+        (["-m", "CausalDPO", "-p", "n_environments=0"], "'n_environments' must be >= 1"),
+        (["-m", "CausalDPO", "-p", "n_environments=2.5"], "'n_environments' must be an integer"),
+        (["-m", "CausalDPO", "-p", "tau=0"], "'tau' must be > 0"),
+        (["-m", "CausalDPO", "-p", "lambda_inv=-1"], "lambda_inv must be >= 0"),
+        (["-m", "SDPORec", "-p", "num_negatives=0"], "'num_negatives' must be >= 1"),
+        (["-m", "GenRec", "-p", "sft_max_samples=0"], "'sft_max_samples' must be >= 1"),
+        (["-m", "GenRec", "-p", "sft_args=5"], "'sft_args' must be a mapping"),
+        (["-m", "KD_DAGFM", "-p", "teacher=__import__('os').getcwd()"], "'teacher' must be a model class name"),
+    ],
+)
 def test_bad_config_values_fail_before_anything_runs(capsys, in_tmp, argv, expected):
     (in_tmp / "bad.yaml").write_text("epochs: [1, 2\n")
     (in_tmp / "list.yaml").write_text("- epochs\n- 2\n")
@@ -73,20 +87,25 @@ def test_bad_config_values_fail_before_anything_runs(capsys, in_tmp, argv, expec
 
 
 def test_yaml_floats_are_numbers_not_strings(tmp_path):
-    from causalrec.quick_start import read_config_files
+    from causalrec.recbole.preflight import read_config_files
 
     (tmp_path / "c.yaml").write_text("learning_rate: 1e-3\nsft_args: {learning_rate: 5e-4}\n")
     params = read_config_files([tmp_path / "c.yaml"])
     assert params == {"learning_rate": 0.001, "sft_args": {"learning_rate": 0.0005}}
-    assert cli.parse_params(["beta=1e-1"]) == {"beta": 0.1}
+    from causalrec.cli.common import parse_params
+
+    assert parse_params(["beta=1e-1"]) == {"beta": 0.1}
 
 
-@pytest.mark.parametrize("argv, code, expected", [
-    (["-m", "SDPORec", "-p", "dpo_args={beta: -1}"], 2, "beta must be > 0"),
-    (["-m", "CausalDPO", "-p", "dpo_args={tau: 0, lambda_inv: -1}"], 2, "tau must be > 0; lambda_inv must be >= 0"),
-    (["-m", "GenRec", "-p", "sft_args={learning_rate: fast}"], 2, "sft_args: learning_rate must be a number"),
-    (["-m", "GenRec", "-p", "backbone=/no/such/model/dir"], 4, "'/no/such/model/dir' does not exist"),
-])
+@pytest.mark.parametrize(
+    "argv, code, expected",
+    [
+        (["-m", "SDPORec", "-p", "dpo_args={beta: -1}"], 2, "beta must be > 0"),
+        (["-m", "CausalDPO", "-p", "dpo_args={tau: 0, lambda_inv: -1}"], 2, "tau must be > 0; lambda_inv must be >= 0"),
+        (["-m", "GenRec", "-p", "sft_args={learning_rate: fast}"], 2, "sft_args: learning_rate must be a number"),
+        (["-m", "GenRec", "-p", "backbone=/no/such/model/dir"], 4, "'/no/such/model/dir' does not exist"),
+    ],
+)
 def test_bad_llm_settings_fail_before_training(capsys, in_tmp, argv, code, expected):
     got, lines = _cli(capsys, "run", "-d", "retail-sim", *LLM, *argv)
     assert got == code and len(lines) == 1 and expected in lines[0], lines
@@ -99,24 +118,47 @@ def _csv(folder: Path, text: str, name: str = "shop.csv") -> str:
     return str(folder / name)
 
 
-CSV = ["data", "prepare", "-d", "csv", "--user", "u", "--item", "i", "--time", "t", "-p", "min_user_inter=1",
-       "-p", "min_item_inter=1"]
+CSV = [
+    "data",
+    "prepare",
+    "-d",
+    "csv",
+    "--user",
+    "u",
+    "--item",
+    "i",
+    "--time",
+    "t",
+    "-p",
+    "min_user_inter=1",
+    "-p",
+    "min_item_inter=1",
+]
 
 
-@pytest.mark.parametrize("text, extra, expected", [
-    ("u,i\na,x\n", ["--split", "iid"], "no column for time (csv_time) ('t')"),
-    ("u,i,t\na,x,2024-01-01\na,y,yesterday\n", ["--split", "iid"], "'yesterday' at data row 2"),
-    ("u,i,t\na,x,1700000000\na,y,1700000100\nb,x,soon\n", ["--split", "iid"], "'soon' at data row 3"),
-    ("u,i,t\na,x,1700000000\na,y,inf\n", ["--split", "iid"], "not finite numbers; first: 'inf' at data row 2"),
-    ("", ["--split", "iid"], "is empty"),
-    ("u,i,t\n", ["--split", "iid"], "has a header but no rows"),
-    # every user bought once: no user has a history, so no test target
-    ("u,i,t\na,x,1700000000\nb,y,1700000100\nc,x,1700000200\n", ["--split", "iid"], "leaves the valid part empty"),
-    ("u,i,t\na,x,1700000000\na,y,1700000100\n", ["--split", "seasonal", "-p", "train_months=[1]", "-p", "valid_months=[11]", "-p", "test_months=[12]"],
-     "test_months=[12] hold no interactions"),
-    ("u,i,t,r\na,x,1700000000,north\na,y,1700000100,north\nb,x,1700000000,south\nb,y,1700000200,south\n",
-     ["--region", "r", "--split", "regional", "-p", "test_regions=[west]"], "region(s) ['west'] that have no users"),
-])
+@pytest.mark.parametrize(
+    "text, extra, expected",
+    [
+        ("u,i\na,x\n", ["--split", "iid"], "no column for time (csv_time) ('t')"),
+        ("u,i,t\na,x,2024-01-01\na,y,yesterday\n", ["--split", "iid"], "'yesterday' at data row 2"),
+        ("u,i,t\na,x,1700000000\na,y,1700000100\nb,x,soon\n", ["--split", "iid"], "'soon' at data row 3"),
+        ("u,i,t\na,x,1700000000\na,y,inf\n", ["--split", "iid"], "not finite numbers; first: 'inf' at data row 2"),
+        ("", ["--split", "iid"], "is empty"),
+        ("u,i,t\n", ["--split", "iid"], "has a header but no rows"),
+        # every user bought once: no user has a history, so no test target
+        ("u,i,t\na,x,1700000000\nb,y,1700000100\nc,x,1700000200\n", ["--split", "iid"], "leaves the valid part empty"),
+        (
+            "u,i,t\na,x,1700000000\na,y,1700000100\n",
+            ["--split", "seasonal", "-p", "train_months=[1]", "-p", "valid_months=[11]", "-p", "test_months=[12]"],
+            "test_months=[12] hold no interactions",
+        ),
+        (
+            "u,i,t,r\na,x,1700000000,north\na,y,1700000100,north\nb,x,1700000000,south\nb,y,1700000200,south\n",
+            ["--region", "r", "--split", "regional", "-p", "test_regions=[west]"],
+            "region(s) ['west'] that have no users",
+        ),
+    ],
+)
 def test_bad_data_is_one_line_exit_3_and_leaves_nothing(capsys, tmp_path, text, extra, expected):
     cache = tmp_path / "cache"
     code, lines = _cli(capsys, *CSV, "--source", _csv(tmp_path, text), "-p", f"data_cache_dir={cache}", *extra)
@@ -125,18 +167,29 @@ def test_bad_data_is_one_line_exit_3_and_leaves_nothing(capsys, tmp_path, text, 
 
 
 def _spec(path: str, cache: Path, **kw) -> DataSpec:
-    base = dict(dataset="csv", source=path, csv_user="u", csv_item="i", csv_time="t", min_user_inter=1,
-                min_item_inter=1, split="iid", data_cache_dir=str(cache))
+    base = dict(
+        dataset="csv",
+        source=path,
+        csv_user="u",
+        csv_item="i",
+        csv_time="t",
+        min_user_inter=1,
+        min_item_inter=1,
+        split="iid",
+        data_cache_dir=str(cache),
+    )
     return DataSpec(**{**base, **kw})
 
 
 def test_ties_keep_file_order_duplicates_are_dropped_and_odd_rows_are_kept(tmp_path):
     """Equal timestamps are ties (kept, in file order); an exact duplicate row is dropped and counted;
     single-purchase users only train; an item without a title is named by its id."""
-    text = ("u,i,t,name\n"
-            "ann,b,100,bowl\nann,a,100,apple\nann,c,100,\nann,a,100,apple\nann,d,200,dish\n"  # ties + a duplicate
-            "bob,a,50,apple\nbob,d,60,dish\nbob,b,70,bowl\n"
-            "cy,a,10,apple\n")  # a single purchase
+    text = (
+        "u,i,t,name\n"
+        "ann,b,100,bowl\nann,a,100,apple\nann,c,100,\nann,a,100,apple\nann,d,200,dish\n"  # ties + a duplicate
+        "bob,a,50,apple\nbob,d,60,dish\nbob,b,70,bowl\n"
+        "cy,a,10,apple\n"
+    )  # a single purchase
     spec = _spec(_csv(tmp_path, text), tmp_path / "cache", csv_text=["name"])
     frame = load_frame(spec)
     assert frame.attrs["cleaning"]["dropped_duplicate"] == 1
@@ -157,10 +210,11 @@ def test_llm_model_needs_a_title_for_every_item(in_tmp):
     from recbole.data import create_dataset
     from recbole.utils import get_model
 
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
-    config = make_config("GenRec", "retail-sim", config_dict={"sim_users": 150, "sim_items": 60,
-                                                              "data_cache_dir": str(in_tmp / "cache")})
+    config = make_config(
+        "GenRec", "retail-sim", config_dict={"sim_users": 150, "sim_items": 60, "data_cache_dir": str(in_tmp / "cache")}
+    )
     dataset = create_dataset(config)
     items = Path(config["prepared_dir"]) / "retail-sim.items.tsv"
     lines = items.read_text().splitlines()
@@ -173,8 +227,14 @@ def test_llm_model_needs_a_title_for_every_item(in_tmp):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     where = tmp_path_factory.mktemp("ckpt")
-    config = {"sim_users": 150, "sim_items": 60, "epochs": 1, "show_progress": False, "checkpoint_dir": str(where),
-              "env_metrics": False}
+    config = {
+        "sim_users": 150,
+        "sim_items": 60,
+        "epochs": 1,
+        "show_progress": False,
+        "checkpoint_dir": str(where),
+        "env_metrics": False,
+    }
     old = os.getcwd()
     os.chdir(where)
     try:
@@ -193,7 +253,7 @@ def _loaded(path):
 
 def test_recbole_checkpoints_load_restricted_and_bad_ones_are_checkpoint_errors(checkpoints, in_tmp, monkeypatch):
     tmp_path = in_tmp
-    from causalrec import compat
+    from causalrec.recbole import checkpoints as compat
 
     compat._WRITTEN.clear()  # as in a new process: nothing is trusted for having been written here
     config, model, _, _, _, test_data = _loaded(checkpoints["Pop"])  # weights_only + allow-list suffices
@@ -204,9 +264,11 @@ def test_recbole_checkpoints_load_restricted_and_bad_ones_are_checkpoint_errors(
         trainer.evaluate(test_data, load_best_model=True, model_file=checkpoints["BPR"])
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(Path(checkpoints["Pop"]).read_bytes()[:2000])
-    for load in (lambda: _loaded(str(truncated)),
-                 lambda: trainer.evaluate(test_data, load_best_model=True, model_file=str(truncated)),
-                 lambda: trainer.evaluate(test_data, load_best_model=True, model_file=str(tmp_path / "none.pth"))):
+    for load in (
+        lambda: _loaded(str(truncated)),
+        lambda: trainer.evaluate(test_data, load_best_model=True, model_file=str(truncated)),
+        lambda: trainer.evaluate(test_data, load_best_model=True, model_file=str(tmp_path / "none.pth")),
+    ):
         with pytest.raises(CheckpointError, match="missing, truncated or not a RecBole checkpoint"):
             load()
     # A checkpoint in RecBole's own format (pickle protocol 4), not written here: refused unless trusted.
@@ -231,7 +293,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(checkpoints, in_tm
     tmp_path = in_tmp
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pth"
-    with causalrec.compat.trusted_torch_load():
+    with causalrec.recbole.checkpoints.trusted_torch_load():
         checkpoint = torch.load(checkpoints["Pop"])
     checkpoint["other_parameter"] = _Payload(marker)
     torch.save(checkpoint, evil, pickle_protocol=2)
@@ -243,7 +305,7 @@ def test_a_malicious_checkpoint_is_refused_without_running_it(checkpoints, in_tm
 def test_config_strings_are_never_evaluated(in_tmp):
     from recbole.config import Config
 
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     marker = in_tmp / "pwned"
     code = f"__import__('os').system('touch {marker}')"
@@ -259,8 +321,11 @@ def test_recbole_dataset_pickles_are_not_read_unless_enabled(in_tmp):
     saved.mkdir()
     for name in ("retail-sim-Dataset.pth", "retail-sim-for-Pop-dataloader.pth"):
         (saved / name).write_bytes(pickle.dumps(_Payload(marker)))
-    result = causalrec.run("Pop", "retail-sim", config_dict={"sim_users": 150, "sim_items": 60, "epochs": 1,
-                                                            "show_progress": False, "env_metrics": False})
+    result = causalrec.run(
+        "Pop",
+        "retail-sim",
+        config_dict={"sim_users": 150, "sim_items": 60, "epochs": 1, "show_progress": False, "env_metrics": False},
+    )
     assert result["test_result"] and not marker.exists()
 
 
@@ -282,7 +347,11 @@ def _unsafe_calls(source: str) -> list[int]:
             (isinstance(func, ast.Name) and name in ("eval", "exec"))
             or (owner == "pickle" and name in ("load", "loads"))
             or (owner == "yaml" and name in ("unsafe_load", "full_load", "full_load_all", "unsafe_load_all"))
-            or (owner == "yaml" and name == "load" and not (isinstance(loader, ast.Name) and loader.id == "RecBoleYamlLoader"))
+            or (
+                owner == "yaml"
+                and name == "load"
+                and not (isinstance(loader, ast.Name) and loader.id == "RecBoleYamlLoader")
+            )
             or (isinstance(keywords.get("weights_only"), ast.Constant) and keywords["weights_only"].value is False)
         )
         if bad:
@@ -291,23 +360,27 @@ def _unsafe_calls(source: str) -> list[int]:
 
 
 def test_no_unsafe_loader_in_the_source():
-    assert _unsafe_calls("import yaml, pickle\nyaml.load(t, Loader=yaml.FullLoader)\npickle.loads(b)\neval(x)\n"
-                         "torch.load(f, weights_only=False)\nyaml.load(t, Loader=RecBoleYamlLoader)\nm.eval()\n") \
-        == [2, 3, 4, 5]  # the scan itself finds what it looks for
+    assert _unsafe_calls(
+        "import yaml, pickle\nyaml.load(t, Loader=yaml.FullLoader)\npickle.loads(b)\neval(x)\n"
+        "torch.load(f, weights_only=False)\nyaml.load(t, Loader=RecBoleYamlLoader)\nm.eval()\n"
+    ) == [2, 3, 4, 5]  # the scan itself finds what it looks for
     root = Path(causalrec.__file__).parent
     offenders = {str(p.relative_to(root)): _unsafe_calls(p.read_text()) for p in root.rglob("*.py")}
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({"beta": "high"}, "beta must be a number; got 'high'"),
-    ({"num_negatives": 1.5}, "num_negatives must be an integer"),
-    ({"n_environments": "2"}, "n_environments must be an integer"),
-    ({"tau": None}, "tau must be a number"),
-    ({"lambda_inv": [0.1]}, "lambda_inv must be a number"),
-    ({"mmd_bandwidths": "1.0"}, "mmd_bandwidths must be a list of numbers"),
-    ({"n_environments": 0, "tau": -1.0}, "n_environments must be >= 1; tau must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"beta": "high"}, "beta must be a number; got 'high'"),
+        ({"num_negatives": 1.5}, "num_negatives must be an integer"),
+        ({"n_environments": "2"}, "n_environments must be an integer"),
+        ({"tau": None}, "tau must be a number"),
+        ({"lambda_inv": [0.1]}, "lambda_inv must be a number"),
+        ({"mmd_bandwidths": "1.0"}, "mmd_bandwidths must be a list of numbers"),
+        ({"n_environments": 0, "tau": -1.0}, "n_environments must be >= 1; tau must be > 0"),
+    ],
+)
 def test_method_configs_name_wrong_types_and_ranges(tmp_path, kwargs, expected):
     from causalrec.training import CausalDPOConfig
 
@@ -342,7 +415,7 @@ def test_recbole_anomaly_mode_is_switched_back_off(tmp_path):
 
 
 def test_target_modules_takes_a_name_or_a_list_but_backbone_takes_no_list():
-    from causalrec.quick_start import validate
+    from causalrec.recbole.preflight import validate
 
     validate("GenRec", "retail-sim", {"target_modules": ["q_proj", "v_proj"], "lora_r": 2})
     validate("GenRec", "retail-sim", {"target_modules": "all-linear"})

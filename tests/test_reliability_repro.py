@@ -11,7 +11,6 @@ import pytest
 
 import causalrec
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -30,10 +29,18 @@ def test_classical_model_same_seed_same_metrics(in_tmp):
 
 @pytest.mark.slow
 def test_llm_model_same_seed_same_metrics(in_tmp):
-    config = {"sim_users": 150, "sim_items": 60, "show_progress": False, "env_metrics": False,
-              "tiny_hidden_size": 16, "tiny_layers": 1, "eval_batch_size": 256, "rank_batch_size": 32,
-              "sft_args": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
-              "stage_cache": False}  # train every time: a cached stage would make the runs trivially equal
+    config = {
+        "sim_users": 150,
+        "sim_items": 60,
+        "show_progress": False,
+        "env_metrics": False,
+        "tiny_hidden_size": 16,
+        "tiny_layers": 1,
+        "eval_batch_size": 256,
+        "rank_batch_size": 32,
+        "sft_args": {"max_steps": 4, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
+        "stage_cache": False,
+    }  # train every time: a cached stage would make the runs trivially equal
     first = causalrec.run("GenRec", "retail-sim", config_dict=config)
     again = causalrec.run("GenRec", "retail-sim", config_dict=config)
     other = causalrec.run("GenRec", "retail-sim", config_dict={**config, "seed": 7})

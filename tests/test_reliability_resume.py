@@ -16,7 +16,14 @@ import torch
 
 import causalrec
 from causalrec.errors import CheckpointError, TrainingError
-from causalrec.stages import STAGE_META, STAGE_WEIGHTS, StageCache, last_checkpoint, load_stage, save_stage
+from causalrec.training.stage_cache import (
+    STAGE_META,
+    STAGE_WEIGHTS,
+    StageCache,
+    last_checkpoint,
+    load_stage,
+    save_stage,
+)
 
 # Tiny but real: ~2400 SFT rows, a 1-layer Llama with hidden size 16.
 TINY = {
@@ -119,18 +126,17 @@ def test_install_is_atomic_and_replaces_an_incomplete_copy(tmp_path):
 
 
 def test_resume_turns_on_step_checkpoints_only_where_none_are_saved():
-    import types
-
-    from causalrec.trainer import LLMTrainer
+    from causalrec.recbole import stage_args as args_module
 
     def checkpointing(resume, stage_args, steps=None):
-        fake = types.SimpleNamespace(config={"resume": resume, "resume_save_steps": steps})
-        fake._setting = types.MethodType(LLMTrainer._setting, fake)
-        return LLMTrainer._checkpointing(fake, stage_args)
+        return args_module.checkpointing({"resume": resume, "resume_save_steps": steps}, stage_args)
 
     assert checkpointing(False, {"save_strategy": "no"}) == {}
-    assert checkpointing(True, {"save_strategy": "no"}, 7) == {"save_strategy": "steps", "save_steps": 7,
-                                                                "save_total_limit": 1}
+    assert checkpointing(True, {"save_strategy": "no"}, 7) == {
+        "save_strategy": "steps",
+        "save_steps": 7,
+        "save_total_limit": 1,
+    }
     assert checkpointing(True, {"save_strategy": "no"})["save_steps"] == 100  # the default
     assert checkpointing(True, {"save_strategy": "epoch"}) == {}  # the user's own checkpoints serve
 
@@ -225,14 +231,31 @@ def test_inf_in_the_preference_loss_stops_with_the_step(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------- kill and resume
-KILL_CONFIG = {**TINY, "sft_args": {"max_steps": 24, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
-               "dpo_args": {"max_steps": 16, "per_device_train_batch_size": 4}, "dpo_max_samples": 64,
-               "env_source": "latent", "n_environments": 2, "resume_save_steps": 2}
+KILL_CONFIG = {
+    **TINY,
+    "sft_args": {"max_steps": 24, "per_device_train_batch_size": 8, "learning_rate": 3e-3},
+    "dpo_args": {"max_steps": 16, "per_device_train_batch_size": 4},
+    "dpo_max_samples": 64,
+    "env_source": "latent",
+    "n_environments": 2,
+    "resume_save_steps": 2,
+}
 
 
 def _cli_args(where: Path) -> list[str]:
-    args = [sys.executable, "-m", "causalrec", "run", "--model", "CausalDPO", "--dataset", "retail-sim", "--resume",
-            "--output", str(where / "result.json")]
+    args = [
+        sys.executable,
+        "-m",
+        "causalrec",
+        "run",
+        "--model",
+        "CausalDPO",
+        "--dataset",
+        "retail-sim",
+        "--resume",
+        "--output",
+        str(where / "result.json"),
+    ]
     for key, value in {**KILL_CONFIG, "checkpoint_dir": str(where / "saved")}.items():
         args += ["-p", f"{key}={json.dumps(value)}"]
     return args
@@ -241,8 +264,13 @@ def _cli_args(where: Path) -> list[str]:
 def _run_until(where: Path, pattern: str | None, log: str) -> subprocess.Popen:
     """Start the CLI run; SIGKILL it as soon as a complete TRL checkpoint matching ``pattern`` exists."""
     with open(where / log, "w") as out:
-        proc = subprocess.Popen(_cli_args(where), cwd=where, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.Popen(
+            _cli_args(where),
+            cwd=where,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     if pattern is None:
         proc.wait(timeout=600)
         return proc

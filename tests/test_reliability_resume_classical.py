@@ -1,7 +1,7 @@
 """Interruption of RecBole's classical models: last-epoch checkpoints, resume after SIGKILL, keys, damage.
 
 A run with ``resume`` writes ``<checkpoint_dir>/<Model>-<key16>.last.pth`` after every epoch
-(``causalrec.classical_trainer``); a rerun continues at the next epoch and ends exactly where an uninterrupted run ends.
+(``causalrec.recbole.classical_trainer``); a rerun continues at the next epoch and ends exactly where an uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -20,25 +20,37 @@ import pytest
 import torch
 
 import causalrec
-from causalrec import classical_trainer
 from causalrec.errors import CheckpointError
+from causalrec.recbole import classical_trainer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 EPOCHS, KILL_AFTER = 5, 2
-SMALL = {"sim_users": 150, "sim_items": 60, "epochs": EPOCHS, "show_progress": False, "env_metrics": False,
-         "num_threads": 1}
+SMALL = {
+    "sim_users": 150,
+    "sim_items": 60,
+    "epochs": EPOCHS,
+    "show_progress": False,
+    "env_metrics": False,
+    "num_threads": 1,
+}
 MODELS = {
     "BPR": {},  # negatives from numpy's global RNG, shuffling from the loader's generator
-    "SASRec": {"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1, "MAX_ITEM_LIST_LENGTH": 20,
-               "train_batch_size": 256},  # dropout from torch's RNG; its best epoch is not its last
+    "SASRec": {
+        "hidden_size": 16,
+        "inner_size": 32,
+        "n_layers": 1,
+        "n_heads": 1,
+        "MAX_ITEM_LIST_LENGTH": 20,
+        "train_batch_size": 256,
+    },  # dropout from torch's RNG; its best epoch is not its last
 }
 
 # The run to interrupt, in its own process: SIGKILL as soon as the checkpoint of epoch KILL_AFTER is on disk.
 KILLED_RUN = """
 import json, os, signal, sys
 import causalrec
-from causalrec.classical_trainer import EpochCheckpoints
+from causalrec.recbole.classical_trainer import EpochCheckpoints
 write, kill_after = EpochCheckpoints._write_last_epoch, int(sys.argv[3])
 def write_then_die(self, epoch, finished):
     write(self, epoch, finished)
@@ -70,9 +82,19 @@ def test_a_classical_run_killed_between_epochs_resumes_to_the_same_result(in_tmp
         (in_tmp / model).mkdir()
         with open(in_tmp / model / "killed.log", "w") as out:
             killed[model] = subprocess.Popen(
-                [sys.executable, "-c", KILLED_RUN, model, json.dumps(_config(model, in_tmp / model / "saved")),
-                 str(KILL_AFTER)], cwd=in_tmp / model, stdout=out, stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                [
+                    sys.executable,
+                    "-c",
+                    KILLED_RUN,
+                    model,
+                    json.dumps(_config(model, in_tmp / model / "saved")),
+                    str(KILL_AFTER),
+                ],
+                cwd=in_tmp / model,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
     for model, proc in killed.items():
         # The reference: the same settings, uninterrupted and without resume (which then writes no extra file).
         expected = causalrec.run(model, "retail-sim", config_dict=_config(model, in_tmp / model / "ref"))
@@ -91,8 +113,12 @@ def test_a_classical_run_killed_between_epochs_resumes_to_the_same_result(in_tmp
             result = causalrec.run(model, "retail-sim", config_dict=_config(model, saved), resume=True)
         assert f"continues after epoch {KILL_AFTER} (of {EPOCHS})" in caplog.text
         assert f"epoch {KILL_AFTER} training" not in caplog.text  # finished epochs are not trained again
-        assert result["epochs"] == {"trained": EPOCHS - KILL_AFTER - 1, "resumed_from": KILL_AFTER,
-                                    "last": EPOCHS - 1, "best": reference["epoch"]}
+        assert result["epochs"] == {
+            "trained": EPOCHS - KILL_AFTER - 1,
+            "resumed_from": KILL_AFTER,
+            "last": EPOCHS - 1,
+            "best": reference["epoch"],
+        }
         assert result["test_result"] == expected["test_result"]
         assert result["best_valid_score"] == expected["best_valid_score"]
         assert result["best_valid_result"] == expected["best_valid_result"]
@@ -121,7 +147,9 @@ def _interrupt_after(monkeypatch, epoch: int, at_the_end: bool = False) -> None:
     monkeypatch.setattr(classical_trainer.EpochCheckpoints, "_write_last_epoch", write_then_die)
 
 
-def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_damaged_checkpoint(in_tmp, monkeypatch, caplog):
+def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_damaged_checkpoint(
+    in_tmp, monkeypatch, caplog
+):
     where = in_tmp / "saved"
     config = _config("BPR", where)
     expected = causalrec.run("BPR", "retail-sim", config_dict={**config, "checkpoint_dir": str(in_tmp / "ref")})
@@ -141,6 +169,7 @@ def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_dama
     plain = causalrec.run("BPR", "retail-sim", config_dict=config)
     assert plain["test_result"] == expected["test_result"] and "epochs" not in plain
     assert _last_epoch_files(where) == [left]
+
     # The key: operational settings (progress bars, batch size of evaluation, where files go) are not in it,
     # hyper-parameters are.
     def key(**extra):
@@ -189,7 +218,7 @@ def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_dama
 
 
 def _recbole_config(config: dict):
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     return make_config("BPR", "retail-sim", config_dict=config)
 

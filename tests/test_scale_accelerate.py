@@ -32,7 +32,7 @@ import torch
 
 import causalrec
 from causalrec.errors import ConfigError
-from causalrec.trainer import LLMTrainer, process_rank
+from causalrec.recbole.trainer import LLMTrainer, process_rank
 from causalrec.training import distributed_check as dc
 
 pytestmark = pytest.mark.slow
@@ -65,16 +65,22 @@ def _launch(tmp, cwd, target: list[str]) -> str:
     """``accelerate launch`` of 2 gloo CPU processes running ``target`` (``-m module args`` or ``script args``) in
     ``cwd``; returns the combined log, fails the test on a non-zero exit or a hang."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1",
-           "HF_HOME": str(tmp / "hf")}  # no user accelerate config or HF cache leaks in; CAUSALREC_CACHE: the session's
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "TQDM_DISABLE": "1",
+        "HF_HOME": str(tmp / "hf"),
+    }  # no user accelerate config or HF cache leaks in; CAUSALREC_CACHE: the session's
     config = _accelerate_config(cwd / "accelerate.yaml", _free_port())
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, *target]
     start = time.perf_counter()
     log = cwd / "launch.txt"  # a file, not a pipe: a stray worker cannot block the test by holding it open
     with open(log, "w") as handle:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=LAUNCH_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -97,10 +103,26 @@ def ddp_dir(tmp_path_factory):
     """One ``accelerate launch`` of distributed_check with 2 processes; returns the directory of rank0/rank1.pt."""
     tmp = tmp_path_factory.mktemp("ddp")
     out = tmp / "result"
-    _launch(tmp, tmp / "launch", [
-        "-m", "causalrec.training.distributed_check", "--out", str(out), "--expect-processes", str(N_PROCESSES),
-        "--stages", ",".join(STAGES), "--rows", str(BASE["rows"]), "--max-steps", str(BASE["max_steps"]),
-        "--per-device-train-batch-size", str(BASE["per_device_train_batch_size"])])
+    _launch(
+        tmp,
+        tmp / "launch",
+        [
+            "-m",
+            "causalrec.training.distributed_check",
+            "--out",
+            str(out),
+            "--expect-processes",
+            str(N_PROCESSES),
+            "--stages",
+            ",".join(STAGES),
+            "--rows",
+            str(BASE["rows"]),
+            "--max-steps",
+            str(BASE["max_steps"]),
+            "--per-device-train-batch-size",
+            str(BASE["per_device_train_batch_size"]),
+        ],
+    )
     return out
 
 
@@ -166,18 +188,37 @@ def test_expect_processes_catches_a_launcher_that_started_one_process(tmp_path):
     assert not (tmp_path / "rank0.pt").exists()
 
 
+def test_causalrec_check_is_the_same_check(tmp_path, capsys):
+    from causalrec.cli import main
+
+    argv = ["--stages", "sft", "--max-steps", "1", "--rows", "8", "--out", str(tmp_path / "one")]
+    assert main(["check", *argv, "--expect-processes", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("causalrec: error:")]
+    assert len(errors) == 1 and "the launcher started 1 process(es), expected 2" in errors[0]
+    assert not (tmp_path / "one" / "rank0.pt").exists()
+    assert main(["check", *argv]) == 0 and (tmp_path / "one" / "rank0.pt").is_file()
+    assert dc.main([*argv[:-1], str(tmp_path / "two"), "--compare", str(tmp_path / "one")]) == 0
+
+
 # ------------------------------------------------------------------------ causalrec run under accelerate launch
 # 8 SFT steps x 16 rows and 4 S-DPO steps x 8 rows of 2390 training rows: no epoch boundary, where DDP would pad the
 # last batch and gradient accumulation would not. Learning rates high enough that the metrics move.
-RUN = {"sim_users": 150, "sim_items": 60, "show_progress": False, "tiny_hidden_size": 16, "tiny_layers": 1,
-       "eval_batch_size": 256, "rank_batch_size": 32,
-       "sft_args": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 0.01},
-       "dpo_args": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 0.005}}
+RUN = {
+    "sim_users": 150,
+    "sim_items": 60,
+    "show_progress": False,
+    "tiny_hidden_size": 16,
+    "tiny_layers": 1,
+    "eval_batch_size": 256,
+    "rank_batch_size": 32,
+    "sft_args": {"max_steps": 8, "per_device_train_batch_size": 8, "learning_rate": 0.01},
+    "dpo_args": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 0.005},
+}
 
 RUN_RECBOLE = """import json, sys
 import causalrec
 from recbole.quick_start import run_recbole
-from causalrec.trainer import process_rank
+from causalrec.recbole.trainer import process_rank
 result = run_recbole(model="SDPORec", dataset="retail-sim", config_dict=json.loads(sys.argv[1]))
 print(f"RANK {process_rank()[0]} TEST " + json.dumps(result["test_result"], default=float))
 """

@@ -3,40 +3,55 @@ one forward per model per step, training."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
-from datasets import Dataset
+from test_training_fixtures import completion_logp, tiny_model, tiny_tokenizer
+from test_training_preference import FMT, ROWS, _batch, _config, _lora, _perturb_lora, _records
 from trl import DPOConfig, DPOTrainer
 
 from causalrec.data.prompts import completion_text
 from causalrec.errors import ConfigError, DataError, UnknownNameError
 from causalrec.training import CausalDPOConfig, CausalDPOTrainer, SDPOTrainer, preference_dataset
-from causalrec.training.causal_dpo import ENV_STATE_FILE
+from causalrec.training.causal_dpo_config import ENV_STATE_FILE
 from causalrec.training.losses import sdpo_loss_from_logits
 from causalrec.training.trl_compat import backbone_module
-from test_training_fixtures import completion_logp, tiny_model, tiny_tokenizer
-from test_training_preference import FMT, ROWS, _batch, _config, _lora, _perturb_lora, _records
+from datasets import Dataset
 
 
 def _causal(tmp_path, **kw):
+    kw.setdefault("env_source", "latent")  # these tests exercise the clustering
     return _config(tmp_path, cls=CausalDPOConfig, **kw)
 
 
 def _lora_trainer(cls, args, tok, records=None):
-    trainer = cls(tiny_model(tok), args=args, processing_class=tok, peft_config=_lora(),
-                  train_dataset=preference_dataset(records or _records(args.num_negatives)))
+    trainer = cls(
+        tiny_model(tok),
+        args=args,
+        processing_class=tok,
+        peft_config=_lora(),
+        train_dataset=preference_dataset(records or _records(args.num_negatives)),
+    )
     _perturb_lora(trainer.model)
     return trainer
 
 
 def test_config_validation(tmp_path):
     args = _causal(tmp_path)
-    defaults = (args.n_environments, args.env_source, args.tau, args.invariance, args.lambda_inv)
-    assert defaults == (4, "latent", 0.1, "mmd", 0.1)
-    for bad in ({"n_environments": 0}, {"tau": 0.0}, {"lambda_inv": -1.0}, {"mmd_bandwidths": [0.0]},
-                {"beta": 0.0}, {"inv_warmup_steps": -1}):
+    defaults = (args.n_environments, args.tau, args.invariance, args.lambda_inv)
+    assert defaults == (4, 0.1, "mmd", 0.1)
+    fields = {f.name: f.default for f in dataclasses.fields(CausalDPOConfig)}
+    assert fields["env_source"] == "season" and fields["beta"] == 1.0  # the YAML's (one owner: test_config_owners)
+    for bad in (
+        {"n_environments": 0},
+        {"tau": 0.0},
+        {"lambda_inv": -1.0},
+        {"mmd_bandwidths": [0.0]},
+        {"beta": 0.0},
+        {"inv_warmup_steps": -1},
+    ):
         with pytest.raises(ConfigError):
             _causal(tmp_path, **bad)
     with pytest.raises(UnknownNameError, match="season"):
@@ -55,24 +70,42 @@ def test_one_environment_without_penalty_is_exactly_sdpo(tmp_path):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
     # a single known label (every row in one region) is one environment too
     one_region = [r.__class__(r.history, r.target, r.negatives, r.season, "north") for r in _records()]
-    labelled = _lora_trainer(CausalDPOTrainer, _causal(tmp_path / "l", env_source="region", lambda_inv=0.0), tok,
-                             one_region)
+    labelled = _lora_trainer(
+        CausalDPOTrainer, _causal(tmp_path / "l", env_source="region", lambda_inv=0.0), tok, one_region
+    )
     torch.testing.assert_close(labelled.compute_loss(labelled.model, _batch(labelled)), expected, rtol=0, atol=1e-7)
 
 
 def test_one_environment_one_negative_is_trl_dpo(tmp_path):
     tok = tiny_tokenizer()
-    causal = _lora_trainer(CausalDPOTrainer, _causal(tmp_path / "c", n_environments=1, lambda_inv=0.0,
-                                                      num_negatives=1), tok)
-    rows = {"prompt": [FMT.prompt(r[0]) for r in ROWS], "chosen": [completion_text(r[1]) for r in ROWS],
-            "rejected": [completion_text(r[2][0]) for r in ROWS]}
-    trl_args = DPOConfig(output_dir=str(tmp_path / "t"), beta=0.5, bf16=False, activation_checkpointing=False,
-                         report_to=[], per_device_train_batch_size=4, disable_tqdm=True, seed=0)
-    trl_trainer = DPOTrainer(tiny_model(tok), args=trl_args, processing_class=tok, peft_config=_lora(),
-                             train_dataset=Dataset.from_dict(rows))
+    causal = _lora_trainer(
+        CausalDPOTrainer, _causal(tmp_path / "c", n_environments=1, lambda_inv=0.0, num_negatives=1), tok
+    )
+    rows = {
+        "prompt": [FMT.prompt(r[0]) for r in ROWS],
+        "chosen": [completion_text(r[1]) for r in ROWS],
+        "rejected": [completion_text(r[2][0]) for r in ROWS],
+    }
+    trl_args = DPOConfig(
+        output_dir=str(tmp_path / "t"),
+        beta=0.5,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+        per_device_train_batch_size=4,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trl_trainer = DPOTrainer(
+        tiny_model(tok), args=trl_args, processing_class=tok, peft_config=_lora(), train_dataset=Dataset.from_dict(rows)
+    )
     _perturb_lora(trl_trainer.model)
-    torch.testing.assert_close(causal.compute_loss(causal.model, _batch(causal)),
-                               trl_trainer.compute_loss(trl_trainer.model, _batch(trl_trainer)), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        causal.compute_loss(causal.model, _batch(causal)),
+        trl_trainer.compute_loss(trl_trainer.model, _batch(trl_trainer)),
+        rtol=1e-6,
+        atol=1e-7,
+    )
 
 
 def _brute_force_terms(policy, reference, tok, beta=0.5):
@@ -83,7 +116,8 @@ def _brute_force_terms(policy, reference, tok, beta=0.5):
 
         def ratio(title):
             return completion_logp(policy, tok, prompt, completion_text(title)) - completion_logp(
-                reference, tok, prompt, completion_text(title))
+                reference, tok, prompt, completion_text(title)
+            )
 
         rc = ratio(chosen)
         inner = math.log(sum(math.exp(beta * (ratio(r) - rc)) for r in rejected))
@@ -98,26 +132,34 @@ def test_backdoor_loss_and_penalty_by_hand(tmp_path, invariance):
     tok = tiny_tokenizer()
     policy, reference = tiny_model(tok, seed=0), tiny_model(tok, seed=1)
     lam = 2.0
-    trainer = CausalDPOTrainer(policy, ref_model=reference, processing_class=tok,
-                               args=_causal(tmp_path, env_source="season", invariance=invariance, lambda_inv=lam),
-                               train_dataset=preference_dataset(_records()))
+    trainer = CausalDPOTrainer(
+        policy,
+        ref_model=reference,
+        processing_class=tok,
+        args=_causal(tmp_path, env_source="season", invariance=invariance, lambda_inv=lam),
+        train_dataset=preference_dataset(_records()),
+    )
     assert trainer.env_names == ["summer", "winter"]
     assert trainer.env_prior.tolist() == pytest.approx([0.25, 0.75])
     loss = trainer.compute_loss(trainer.model, _batch(trainer)).item()
 
     losses, x = _brute_force_terms(policy, reference, tok)
-    summer, winter = [1], [0, 2, 3]
+    _summer, winter = [1], [0, 2, 3]
     r_summer, r_winter = losses[1], sum(losses[i] for i in winter) / 3
     backdoor = 0.25 * r_summer + 0.75 * r_winter
     if invariance == "vrex":
         mean = (r_summer + r_winter) / 2
         penalty = ((r_summer - mean) ** 2 + (r_winter - mean) ** 2) / 2
     else:
+
         def k(a, b):
             return math.exp(-((a - b) ** 2) / 2)
 
-        penalty = (k(x[1], x[1]) + sum(k(x[i], x[j]) for i in winter for j in winter) / 9
-                   - 2 * sum(k(x[1], x[i]) for i in winter) / 3)
+        penalty = (
+            k(x[1], x[1])
+            + sum(k(x[i], x[j]) for i in winter for j in winter) / 9
+            - 2 * sum(k(x[1], x[i]) for i in winter) / 3
+        )
     assert penalty > 1e-4
     assert loss == pytest.approx(backdoor + lam * penalty, rel=1e-5)
     metrics = trainer._metrics["train"]
@@ -130,8 +172,13 @@ def test_label_source_needs_its_column(tmp_path):
     tok = tiny_tokenizer()
     ds = preference_dataset(_records()).remove_columns(["season"])
     with pytest.raises(DataError, match="season"):
-        CausalDPOTrainer(tiny_model(tok), args=_causal(tmp_path, env_source="season"), processing_class=tok,
-                         train_dataset=ds, peft_config=_lora())
+        CausalDPOTrainer(
+            tiny_model(tok),
+            args=_causal(tmp_path, env_source="season"),
+            processing_class=tok,
+            train_dataset=ds,
+            peft_config=_lora(),
+        )
 
 
 def test_gradients_reach_only_lora_weights_and_prototypes(tmp_path):
@@ -177,8 +224,13 @@ def test_lambda_warmup(tmp_path):
 def test_training_lowers_the_loss_and_trains_prototypes(tmp_path):
     tok = tiny_tokenizer()
     args = _causal(tmp_path, n_environments=2, max_steps=30, learning_rate=2e-2, prototype_learning_rate=0.05)
-    trainer = CausalDPOTrainer(tiny_model(tok), args=args, processing_class=tok, peft_config=_lora(),
-                               train_dataset=preference_dataset(_records()))
+    trainer = CausalDPOTrainer(
+        tiny_model(tok),
+        args=args,
+        processing_class=tok,
+        peft_config=_lora(),
+        train_dataset=preference_dataset(_records()),
+    )
     _perturb_lora(trainer.model, seed=3)
 
     def sdpo_loss():
@@ -205,8 +257,13 @@ def test_checkpoint_resume_restores_prototypes_and_reproduces_the_run(tmp_path):
 
     def run(out, resume=None, **kw):
         args = _causal(out, n_environments=2, max_steps=4, learning_rate=1e-2, per_device_train_batch_size=2, **kw)
-        trainer = CausalDPOTrainer(tiny_model(tok), args=args, processing_class=tok, peft_config=_lora(),
-                                   train_dataset=preference_dataset(_records()))
+        trainer = CausalDPOTrainer(
+            tiny_model(tok),
+            args=args,
+            processing_class=tok,
+            peft_config=_lora(),
+            train_dataset=preference_dataset(_records()),
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import test_training_fixtures  # noqa: F401  (one torch thread: the test machine's 2 cores are shared)
 import torch
 from sklearn.metrics import adjusted_rand_score
 
@@ -26,7 +27,6 @@ from causalrec.training.environments import (
     vrex_penalty,
 )
 from causalrec.training.losses import sdpo_loss_from_logits, sdpo_losses
-import test_training_fixtures  # noqa: F401  (one torch thread: the test machine's 2 cores are shared)
 
 
 def test_soft_assign_is_softmax_of_negative_squared_distance():
@@ -210,7 +210,7 @@ def _train_prototypes(tau: float, k: int = 4, dim: int = 64, per: int = 200, ste
 def test_default_tau_keeps_environments_apart():
     """With too soft a temperature the assignments are uniform, the distortion pulls every prototype to the mean
     and CausalDPO degenerates to S-DPO (seen on retail-sim with tau=1: identical metrics to 4 decimals)."""
-    from causalrec.training.causal_dpo import CausalDPOConfig
+    from causalrec.training.causal_dpo_config import CausalDPOConfig
 
     tau = CausalDPOConfig.__dataclass_fields__["tau"].default
     entropy, gap = _train_prototypes(tau)

@@ -23,8 +23,18 @@ from causalrec.data.prompts import DEFAULT_TEMPLATE
 torch.set_num_threads(1)
 
 TITLES = [
-    "red mug", "blue cup", "green tea pot", "paper star", "wool scarf", "garden gnome",
-    "sun hat", "beach towel", "candle set", "snow globe", "rain coat", "lunch box",
+    "red mug",
+    "blue cup",
+    "green tea pot",
+    "paper star",
+    "wool scarf",
+    "garden gnome",
+    "sun hat",
+    "beach towel",
+    "candle set",
+    "snow globe",
+    "rain coat",
+    "lunch box",
 ]
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -46,9 +56,15 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 def tiny_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     return LlamaForCausalLM(config)

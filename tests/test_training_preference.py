@@ -8,6 +8,7 @@ import pytest
 import torch
 import trl
 from peft import LoraConfig
+from test_training_fixtures import TITLES, completion_logp, tiny_model, tiny_tokenizer
 from trl import DPOConfig, DPOTrainer
 
 from causalrec.data.prompts import PromptFormat, completion_text
@@ -21,7 +22,6 @@ from causalrec.training import (
     preference_dataset,
 )
 from causalrec.training.trl_compat import COMPUTE_LOSS_PARAMS, PREPARE_DATASET_PARAMS, backbone_module, trl_signature
-from test_training_fixtures import TITLES, completion_logp, tiny_model, tiny_tokenizer
 
 FMT = PromptFormat()
 ROWS = [  # history, chosen, rejected (3), season, region
@@ -37,8 +37,15 @@ def _records(n_neg=3):
 
 
 def _config(tmp_path, cls=SDPOConfig, **kw):
-    base = dict(per_device_train_batch_size=4, beta=0.5, learning_rate=5e-3, logging_steps=1, save_strategy="no",
-                disable_tqdm=True, seed=0)
+    base = dict(
+        per_device_train_batch_size=4,
+        beta=0.5,
+        learning_rate=5e-3,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
     return cls(output_dir=str(tmp_path), **{**base, **kw})
 
 
@@ -93,14 +100,20 @@ def test_collator_layout_by_hand():
     ]
     out = collator(examples)
     assert out["input_ids"].tolist() == [
-        [1, 2, 3, 4, 5, 0], [10, 11, 0, 0, 0, 0],          # chosen
-        [1, 2, 3, 6, 0, 0], [10, 12, 13, 0, 0, 0],         # rejected_1
-        [1, 2, 3, 7, 8, 9], [10, 14, 0, 0, 0, 0],          # rejected_2
+        [1, 2, 3, 4, 5, 0],
+        [10, 11, 0, 0, 0, 0],  # chosen
+        [1, 2, 3, 6, 0, 0],
+        [10, 12, 13, 0, 0, 0],  # rejected_1
+        [1, 2, 3, 7, 8, 9],
+        [10, 14, 0, 0, 0, 0],  # rejected_2
     ]
     assert out["completion_mask"].tolist() == [
-        [0, 0, 0, 1, 1, 0], [0, 1, 0, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0], [0, 1, 1, 0, 0, 0],
-        [0, 0, 0, 1, 1, 1], [0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 1, 0, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1],
+        [0, 1, 0, 0, 0, 0],
     ]
     assert out["attention_mask"].sum(1).tolist() == [5, 2, 4, 3, 6, 2]
     assert out["prompt_lengths"].tolist() == [3, 1]
@@ -122,8 +135,9 @@ def test_make_preference_dataset_validation():
 
 def test_dataset_tokenisation_and_environment_columns(tmp_path):
     tok = tiny_tokenizer()
-    trainer = SDPOTrainer(tiny_model(tok), args=_config(tmp_path), train_dataset=preference_dataset(_records()),
-                          processing_class=tok)
+    trainer = SDPOTrainer(
+        tiny_model(tok), args=_config(tmp_path), train_dataset=preference_dataset(_records()), processing_class=tok
+    )
     row = trainer.train_dataset[0]
     prompt = FMT.prompt(ROWS[0][0])
     assert row["prompt_ids"] == tok(prompt).input_ids
@@ -134,20 +148,31 @@ def test_dataset_tokenisation_and_environment_columns(tmp_path):
     # an evaluation set with an unseen season gets label -1
     eval_ds = trainer._prepare_dataset(
         preference_dataset([PreferenceRecord(["red mug"], "sun hat", ["snow globe"] * 3, "autumn", "north")]),
-        tok, trainer.args, "eval",
+        tok,
+        trainer.args,
+        "eval",
     )
     assert eval_ds[0]["season_id"] == -1 and eval_ds[0]["region_id"] == 0
     with pytest.raises(DataError, match="num_negatives"):
-        SDPOTrainer(tiny_model(tok), args=_config(tmp_path, num_negatives=2),
-                    train_dataset=preference_dataset(_records()), processing_class=tok)
+        SDPOTrainer(
+            tiny_model(tok),
+            args=_config(tmp_path, num_negatives=2),
+            train_dataset=preference_dataset(_records()),
+            processing_class=tok,
+        )
 
 
 def test_loss_matches_brute_force_with_three_negatives(tmp_path):
     """Policy/reference log-probs from separate plain forwards of each sequence, S-DPO formula in Python."""
     tok = tiny_tokenizer()
     policy, reference = tiny_model(tok, seed=0), tiny_model(tok, seed=1)
-    trainer = SDPOTrainer(policy, ref_model=reference, args=_config(tmp_path), processing_class=tok,
-                          train_dataset=preference_dataset(_records()))
+    trainer = SDPOTrainer(
+        policy,
+        ref_model=reference,
+        args=_config(tmp_path),
+        processing_class=tok,
+        train_dataset=preference_dataset(_records()),
+    )
     loss = trainer.compute_loss(trainer.model, _batch(trainer)).item()
     beta, expected = 0.5, []
     for history, chosen, rejected, _, _ in ROWS:
@@ -155,7 +180,8 @@ def test_loss_matches_brute_force_with_three_negatives(tmp_path):
 
         def ratio(title):
             return completion_logp(policy, tok, prompt, completion_text(title)) - completion_logp(
-                reference, tok, prompt, completion_text(title))
+                reference, tok, prompt, completion_text(title)
+            )
 
         inner = math.log(sum(math.exp(beta * (ratio(r) - ratio(chosen))) for r in rejected))
         expected.append(math.log1p(math.exp(inner)))
@@ -169,15 +195,32 @@ def test_one_negative_equals_trl_dpo_loss_and_gradients(tmp_path):
     prompts = [FMT.prompt(r[0]) for r in ROWS]
     chosen = [completion_text(r[1]) for r in ROWS]
     rejected = [completion_text(r[2][0]) for r in ROWS]
-    ours = SDPOTrainer(tiny_model(tok), args=_config(tmp_path / "ours", num_negatives=1), processing_class=tok,
-                       train_dataset=make_preference_dataset(prompts, chosen, [[r] for r in rejected]),
-                       peft_config=_lora())
-    trl_args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.5, bf16=False, activation_checkpointing=False,
-                         report_to=[], per_device_train_batch_size=4, disable_tqdm=True, seed=0)
+    ours = SDPOTrainer(
+        tiny_model(tok),
+        args=_config(tmp_path / "ours", num_negatives=1),
+        processing_class=tok,
+        train_dataset=make_preference_dataset(prompts, chosen, [[r] for r in rejected]),
+        peft_config=_lora(),
+    )
+    trl_args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        beta=0.5,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to=[],
+        per_device_train_batch_size=4,
+        disable_tqdm=True,
+        seed=0,
+    )
     from datasets import Dataset
 
-    theirs = DPOTrainer(tiny_model(tok), args=trl_args, processing_class=tok, peft_config=_lora(),
-                        train_dataset=Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}))
+    theirs = DPOTrainer(
+        tiny_model(tok),
+        args=trl_args,
+        processing_class=tok,
+        peft_config=_lora(),
+        train_dataset=Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}),
+    )
     _perturb_lora(ours.model)
     _perturb_lora(theirs.model)
     batch_ours, batch_theirs = _batch(ours), _batch(theirs)
@@ -202,12 +245,18 @@ def test_one_negative_equals_trl_dpo_loss_and_gradients(tmp_path):
 
 def test_one_policy_and_one_reference_forward_per_step(tmp_path):
     tok = tiny_tokenizer()
-    trainer = SDPOTrainer(tiny_model(tok), args=_config(tmp_path), processing_class=tok,
-                          train_dataset=preference_dataset(_records()), peft_config=_lora())
+    trainer = SDPOTrainer(
+        tiny_model(tok),
+        args=_config(tmp_path),
+        processing_class=tok,
+        train_dataset=preference_dataset(_records()),
+        peft_config=_lora(),
+    )
     calls = []
     backbone = backbone_module(trainer.model)
     handle = backbone.register_forward_hook(
-        lambda m, a, out: calls.append((torch.is_grad_enabled(), out.last_hidden_state.shape[0])))
+        lambda m, a, out: calls.append((torch.is_grad_enabled(), out.last_hidden_state.shape[0]))
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by the train loop otherwise
     try:
         trainer.training_step(trainer.model, _batch(trainer))
@@ -219,8 +268,9 @@ def test_one_policy_and_one_reference_forward_per_step(tmp_path):
 def test_frozen_copy_reference_and_training_lowers_the_loss(tmp_path):
     tok = tiny_tokenizer()
     model = tiny_model(tok)
-    trainer = SDPOTrainer(model, args=_config(tmp_path, max_steps=15), processing_class=tok,
-                          train_dataset=preference_dataset(_records()))
+    trainer = SDPOTrainer(
+        model, args=_config(tmp_path, max_steps=15), processing_class=tok, train_dataset=preference_dataset(_records())
+    )
     assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
     ref_before = {n: p.clone() for n, p in trainer.ref_model.named_parameters()}
@@ -246,18 +296,23 @@ def test_lora_reference_is_the_sft_model_without_a_second_backbone(tmp_path):
     tok = tiny_tokenizer()
     sft = get_peft_model(tiny_model(tok), _lora())
     _perturb_lora(sft, seed=3)  # the SFT stage's adapter
-    trainer = SDPOTrainer(sft, args=_config(tmp_path, max_steps=10), processing_class=tok,
-                          train_dataset=preference_dataset(_records()))
+    trainer = SDPOTrainer(
+        sft, args=_config(tmp_path, max_steps=10), processing_class=tok, train_dataset=preference_dataset(_records())
+    )
     assert trainer.ref_model is None and "ref" in trainer.model.peft_config  # no second model
     batch = _batch(trainer)
     with torch.no_grad():
-        sft_logps, _ = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        sft_logps, _ = sequence_logps(
+            trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
     ref_logps = trainer._reference_forward(batch)
     torch.testing.assert_close(ref_logps, sft_logps)
     with torch.no_grad(), reference_context(trainer) as ref:
         assert ref is trainer.model  # the same module, switched to the "ref" adapter
     trainer.train()
     with torch.no_grad():
-        policy_after, _ = sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        policy_after, _ = sequence_logps(
+            trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
     assert (policy_after - sft_logps).abs().max() > 1e-3  # the policy moved...
     torch.testing.assert_close(trainer._reference_forward(batch), sft_logps)  # ...the reference did not

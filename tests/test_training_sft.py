@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
+from test_training_fixtures import TITLES, completion_logp, tiny_model, tiny_tokenizer
 
 from causalrec.data.prompts import PromptFormat, completion_text
 from causalrec.errors import DataError, UnknownNameError
 from causalrec.training import PreferenceRecord, build_sft_config, make_sft_dataset, run_sft, sft_dataset
-from test_training_fixtures import TITLES, completion_logp, tiny_model, tiny_tokenizer
 
 FMT = PromptFormat()
 HISTORIES = [TITLES[0:2], TITLES[2:3], TITLES[3:6], TITLES[6:8]]
@@ -20,8 +20,14 @@ def _dataset():
 
 
 def _args(tmp_path, **kw):
-    base = dict(per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1, save_strategy="no", seed=0,
-                disable_tqdm=True)
+    base = dict(
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
     return build_sft_config(str(tmp_path), **{**base, **kw})
 
 
@@ -78,12 +84,21 @@ def test_loss_goes_down_on_memorisation(tmp_path):
 
 def test_checkpoint_and_resume_reproduce_an_uninterrupted_run(tmp_path):
     tok = tiny_tokenizer()
-    straight = run_sft(tiny_model(tok), tok, _dataset(), _args(tmp_path / "a", max_steps=6, save_strategy="steps",
-                                                               save_steps=3, save_total_limit=None))
+    straight = run_sft(
+        tiny_model(tok),
+        tok,
+        _dataset(),
+        _args(tmp_path / "a", max_steps=6, save_strategy="steps", save_steps=3, save_total_limit=None),
+    )
     checkpoint = tmp_path / "a" / "checkpoint-3"
     assert (checkpoint / "trainer_state.json").is_file()
-    resumed = run_sft(tiny_model(tok, seed=1), tok, _dataset(), _args(tmp_path / "b", max_steps=6),
-                      resume_from_checkpoint=str(checkpoint))
+    resumed = run_sft(
+        tiny_model(tok, seed=1),
+        tok,
+        _dataset(),
+        _args(tmp_path / "b", max_steps=6),
+        resume_from_checkpoint=str(checkpoint),
+    )
     assert resumed.state.global_step == 6
     for (name, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(p, q, msg=name)

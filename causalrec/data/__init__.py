@@ -17,6 +17,18 @@ from causalrec.data.spec import SOURCES, SPLITS, DataSpec
 from causalrec.data.store import PreparedDataset, prepare
 
 __all__ = [
-    "SOURCES", "SPLITS", "DataSpec", "PreparedDataset", "SimResult", "Split", "describe", "format_stats",
-    "load_frame", "prepare", "season_of", "shift_evidence", "simulate", "split_frame",
+    "SOURCES",
+    "SPLITS",
+    "DataSpec",
+    "PreparedDataset",
+    "SimResult",
+    "Split",
+    "describe",
+    "format_stats",
+    "load_frame",
+    "prepare",
+    "season_of",
+    "shift_evidence",
+    "simulate",
+    "split_frame",
 ]

@@ -1,7 +1,9 @@
 """The canonical interaction frame: checks, k-core filtering, environment labels and statistics.
 
-Columns (docs/contracts.md): ``user_id`` str, ``item_id`` str, ``timestamp`` int64 epoch seconds (UTC),
-``region`` str, ``item_text`` str (non-empty), plus optional extras such as ``category``.
+Columns (docs/contracts.md): ``user_id`` str, ``item_id`` str, ``timestamp`` int64 seconds since 1970-01-01
+00:00 of the clock months and seasons are read from (UTC for epoch inputs; for dates, each date's own wall clock
+unless ``csv_timezone`` says otherwise: ``sources.tables.parse_times``), ``region`` str, ``item_text`` str
+(non-empty, at most ``max_title_chars`` characters), plus optional extras such as ``category``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,28 @@ _log = logging.getLogger(__name__)
 COLUMNS = ("user_id", "item_id", "timestamp", "region", "item_text")
 SEASONS = ("winter", "spring", "summer", "autumn")
 # Meteorological seasons: Dec-Feb winter, Mar-May spring, Jun-Aug summer, Sep-Nov autumn.
-_MONTH_SEASON = np.array([None, "winter", "winter", "spring", "spring", "spring", "summer", "summer", "summer",
-                          "autumn", "autumn", "autumn", "winter"], dtype=object)
+_MONTH_SEASON = np.array(
+    [
+        None,
+        "winter",
+        "winter",
+        "spring",
+        "spring",
+        "spring",
+        "summer",
+        "summer",
+        "summer",
+        "autumn",
+        "autumn",
+        "autumn",
+        "winter",
+    ],
+    dtype=object,
+)
 
 
 def months_of(timestamp: pd.Series | np.ndarray) -> np.ndarray:
-    """Calendar month (1-12, UTC) of epoch-second timestamps."""
+    """Calendar month (1-12) of the frame's timestamps (read as UTC, i.e. the clock ``parse_times`` chose)."""
     return pd.to_datetime(np.asarray(timestamp, dtype=np.int64), unit="s").month.to_numpy()
 
 
@@ -44,7 +62,9 @@ def by_unique(values: pd.Series, fn: Callable[[pd.Series], pd.Series]) -> pd.Ser
 def _token(values: pd.Series, what: str) -> pd.Series:
     """Ids become RecBole tokens: no whitespace (token_seq uses spaces) and no quote characters."""
     values = by_unique(values, lambda u: u.astype(str))
-    clean = by_unique(values, lambda u: u.str.strip().str.replace(r"\s+", "_", regex=True).str.replace('"', "'", regex=False))
+    clean = by_unique(
+        values, lambda u: u.str.strip().str.replace(r"\s+", "_", regex=True).str.replace('"', "'", regex=False)
+    )
     if (clean == "").any():
         raise DataError(f"{what} is empty in {(clean == '').sum()} rows; every interaction needs a {what}")
     changed = values != clean
@@ -54,9 +74,11 @@ def _token(values: pd.Series, what: str) -> pd.Series:
         clash = raw[raw["clean"].isin(untouched) | raw["clean"].duplicated(keep=False)]
         if len(clash):
             row = clash.iloc[0]
-            raise DataError(f"{what} {row['raw']!r} becomes {row['clean']!r} once whitespace and quotes are "
-                            f"removed (RecBole tokens cannot hold them), which clashes with another {what}; "
-                            f"make the ids distinct without whitespace")
+            raise DataError(
+                f"{what} {row['raw']!r} becomes {row['clean']!r} once whitespace and quotes are "
+                f"removed (RecBole tokens cannot hold them), which clashes with another {what}; "
+                f"make the ids distinct without whitespace"
+            )
     return clean
 
 
@@ -79,8 +101,9 @@ def canonicalize(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     out["user_id"] = _token(out["user_id"], "user_id")
     out["item_id"] = _token(out["item_id"], "item_id")
     out["timestamp"] = out["timestamp"].astype(np.int64)
-    out["item_text"] = by_unique(out["item_text"].fillna(""),
-                                 lambda u: u.astype(str).str.replace(r"\s+", " ", regex=True).str.strip())
+    out["item_text"] = by_unique(
+        out["item_text"].fillna(""), lambda u: u.astype(str).str.replace(r"\s+", " ", regex=True).str.strip()
+    )
     empty_text = out["item_text"] == ""
     out.loc[empty_text, "item_text"] = out.loc[empty_text, "item_id"]
     out["region"] = _label(out["region"].fillna("unknown"))
@@ -101,6 +124,19 @@ def canonicalize(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     return out
 
 
+def cap_titles(frame: pd.DataFrame, max_chars: int) -> tuple[pd.DataFrame, int]:
+    """``frame`` with every ``item_text`` longer than ``max_chars`` cut to its first ``max_chars`` characters
+    (trailing space removed); also the number of items cut. Python's csv reader, which RecBole and
+    ``read_titles`` use, refuses fields over 131,072 characters, and a title that long is a description."""
+    lengths = by_unique(frame["item_text"], lambda u: u.astype(str).str.len())
+    long = (lengths > max_chars).to_numpy()
+    if not long.any():
+        return frame, 0
+    out = frame.copy()
+    out.loc[long, "item_text"] = by_unique(out.loc[long, "item_text"], lambda u: u.str.slice(0, max_chars).str.rstrip())
+    return out, int(out.loc[long, "item_id"].nunique())
+
+
 def k_core(frame: pd.DataFrame, min_user_inter: int, min_item_inter: int) -> pd.DataFrame:
     """Drop users with fewer than ``min_user_inter`` and items with fewer than ``min_item_inter``
     interactions, repeatedly, until both hold for every remaining row (a fixed point)."""
@@ -113,8 +149,10 @@ def k_core(frame: pd.DataFrame, min_user_inter: int, min_item_inter: int) -> pd.
             break
         out = out[keep.to_numpy()]
     if out.empty:
-        raise DataError(f"k-core filtering (min_user_inter={min_user_inter}, min_item_inter={min_item_inter}) "
-                        f"left no interactions out of {len(frame)}; lower min_user_inter / min_item_inter")
+        raise DataError(
+            f"k-core filtering (min_user_inter={min_user_inter}, min_item_inter={min_item_inter}) "
+            f"left no interactions out of {len(frame)}; lower min_user_inter / min_item_inter"
+        )
     return out.reset_index(drop=True)
 
 
@@ -131,8 +169,13 @@ def text_sharing(texts: Sequence[str]) -> dict[str, Any]:
         key = " ".join(str(t).lower().split())
         counts[key] = counts.get(key, 0) + 1
     sharing = sum(c for c in counts.values() if c > 1)
-    return {"items": len(texts), "distinct_texts": len(counts), "items_sharing": sharing,
-            "largest_group": max(counts.values(), default=0), "share": sharing / len(texts) if texts else 0.0}
+    return {
+        "items": len(texts),
+        "distinct_texts": len(counts),
+        "items_sharing": sharing,
+        "largest_group": max(counts.values(), default=0),
+        "share": sharing / len(texts) if texts else 0.0,
+    }
 
 
 def warn_if_texts_tie(texts: Sequence[str], where: str) -> dict[str, Any]:
@@ -142,8 +185,13 @@ def warn_if_texts_tie(texts: Sequence[str], where: str) -> dict[str, Any]:
         _log.warning(
             "%s: %d of %d items share their text with another item (%d distinct texts, up to %d items per text); "
             "an LLM model with item_repr: title scores items with the same text identically, so its ranking ties "
-            "them: use item_repr: id or title+id", where, stats["items_sharing"], stats["items"],
-            stats["distinct_texts"], stats["largest_group"])
+            "them: use item_repr: id or title+id",
+            where,
+            stats["items_sharing"],
+            stats["items"],
+            stats["distinct_texts"],
+            stats["largest_group"],
+        )
     return stats
 
 
@@ -164,11 +212,18 @@ def describe(frame: pd.DataFrame) -> dict[str, Any]:
         "months": int(when.to_period("M").nunique()) if n else 0,
         "date_min": str(when.min()) if n else None,
         "date_max": str(when.max()) if n else None,
-        "inter_per_user": {"mean": float(per_user.mean()), "median": float(per_user.median()),
-                           "min": int(per_user.min()), "max": int(per_user.max())} if n else {},
+        "inter_per_user": {
+            "mean": float(per_user.mean()),
+            "median": float(per_user.median()),
+            "min": int(per_user.min()),
+            "max": int(per_user.max()),
+        }
+        if n
+        else {},
         "inter_per_item": float(n / items) if items else 0.0,
-        "users_per_region": {str(k): int(v) for k, v in
-                             frame.drop_duplicates("user_id")["region"].value_counts().items()},
+        "users_per_region": {
+            str(k): int(v) for k, v in frame.drop_duplicates("user_id")["region"].value_counts().items()
+        },
         "interactions_per_month": {str(k): int(v) for k, v in when.to_period("M").value_counts().sort_index().items()},
     }
     if "item_text" in frame.columns and n:
@@ -190,7 +245,9 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"sparsity      {stats['sparsity']:>10.4%}",
     ]
     if ipu:
-        lines.append(f"per user      mean {ipu['mean']:.1f}, median {ipu['median']:.0f}, min {ipu['min']}, max {ipu['max']}")
+        lines.append(
+            f"per user      mean {ipu['mean']:.1f}, median {ipu['median']:.0f}, min {ipu['min']}, max {ipu['max']}"
+        )
     lines.append(f"per item      mean {stats['inter_per_item']:.1f}")
     regions = stats.get("users_per_region") or {}
     if regions:
@@ -202,10 +259,14 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append("rows/month    " + ", ".join(f"{k} {v:,}" for k, v in months.items()))
     texts = stats.get("item_texts")
     if texts:
-        lines.append(f"item texts    {texts['distinct_texts']:>10,}  distinct; {texts['items_sharing']:,} items share "
-                     f"theirs with another (up to {texts['largest_group']} per text)")
+        lines.append(
+            f"item texts    {texts['distinct_texts']:>10,}  distinct; {texts['items_sharing']:,} items share "
+            f"theirs with another (up to {texts['largest_group']} per text)"
+        )
     cleaning = stats.get("cleaning") or {}
     if cleaning:
-        lines.append("cleaning      " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
-                                                 for k, v in cleaning.items()))
+        lines.append(
+            "cleaning      "
+            + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in cleaning.items())
+        )
     return "\n".join(lines)

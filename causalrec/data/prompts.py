@@ -59,8 +59,9 @@ class PromptFormat:
         if self.max_history_items < 1:
             raise ConfigError(f"max_history_items must be >= 1; got {self.max_history_items}")
         if self.environment is not None and self.environment not in ENVIRONMENTS:
-            raise ConfigError(f"prompt_environment must be one of {', '.join(ENVIRONMENTS)} or null; "
-                              f"got {self.environment!r}")
+            raise ConfigError(
+                f"prompt_environment must be one of {', '.join(ENVIRONMENTS)} or null; got {self.environment!r}"
+            )
         if self.environment is not None and "{value}" not in self.environment_template:
             raise ConfigError(f"environment_template must contain '{{value}}'; got {self.environment_template!r}")
 
@@ -112,7 +113,9 @@ def sample_negatives(
         raise ConfigError(f"unknown negative_strategy {strategy!r}; valid: {', '.join(NEGATIVE_STRATEGIES)}")
     n_candidates = n_items - first_item
     if num_negatives < 1 or num_negatives > n_candidates - 1:
-        raise ConfigError(f"num_negatives must be in [1, {n_candidates - 1}] for a catalog of {n_candidates} items; got {num_negatives}")
+        raise ConfigError(
+            f"num_negatives must be in [1, {n_candidates - 1}] for a catalog of {n_candidates} items; got {num_negatives}"
+        )
     rng = rng if rng is not None else np.random.default_rng(0)
     targets = np.asarray(targets, dtype=np.int64)
     if strategy == "hard":
@@ -125,8 +128,10 @@ def sample_negatives(
     if strategy in ENVIRONMENT_NEGATIVES:
         table = None if popularity is None else np.asarray(popularity, dtype=np.float64)
         if table is None or table.ndim != 2 or groups is None or len(groups) != len(targets):
-            raise ConfigError(f"negative_strategy {strategy!r} needs popularity counts per environment "
-                              f"([environments, items]) and one environment index per row")
+            raise ConfigError(
+                f"negative_strategy {strategy!r} needs popularity counts per environment "
+                f"([environments, items]) and one environment index per row"
+            )
         weights = table[:, first_item:n_items] + 1.0
         row_weights = lambda row: weights[groups[row]]  # noqa: E731
     else:

@@ -48,7 +48,7 @@ _log = logging.getLogger(__name__)
 
 PARTS = ("train", "valid", "test", "other")
 TOP_K = 100
-HEAD_SHARE = 0.8       # the "head" used by the evidence: items making 80 % of training rows
+HEAD_SHARE = 0.8  # the "head" used by the evidence: items making 80 % of training rows
 TRAIN_REGION_SHARE = 0.5  # regional default: the largest regions holding >= 50 % of users train
 
 
@@ -152,11 +152,15 @@ def _split_seasonal(f: pd.DataFrame, spec, rng) -> tuple[np.ndarray, dict]:
     is_test = in_year & np.isin(month, spec.test_months)
     for key, mask in (("valid_months", is_valid), ("test_months", is_test)):
         if not mask.any():
-            raise DataError(f"seasonal split: {key}={list(getattr(spec, key))} hold no interactions {where}; "
-                            f"months with data: {sorted(set(month[in_year].tolist()))}. Choose other months")
+            raise DataError(
+                f"seasonal split: {key}={list(getattr(spec, key))} hold no interactions {where}; "
+                f"months with data: {sorted(set(month[in_year].tolist()))}. Choose other months"
+            )
     if not np.isin(month, spec.train_months).any():
-        raise DataError(f"seasonal split: train_months={list(spec.train_months)} hold no interactions; months with "
-                        f"data: {sorted(set(month.tolist()))}")
+        raise DataError(
+            f"seasonal split: train_months={list(spec.train_months)} hold no interactions; months with "
+            f"data: {sorted(set(month.tolist()))}"
+        )
     ts = f["timestamp"].to_numpy()
     cut = int(min(ts[is_valid].min(), ts[is_test].min()))
     train = np.isin(month, spec.train_months) & (ts < cut)
@@ -175,8 +179,10 @@ def _region_lists(f: pd.DataFrame, spec) -> tuple[list[str], list[str], list[str
     for key in ("train_regions", "valid_regions", "test_regions"):
         missing = [r for r in (getattr(spec, key) or ()) if r not in users.index]
         if missing:
-            raise DataError(f"regional split: {key} names region(s) {missing} that have no users; regions present "
-                            f"(users): {', '.join(f'{r} ({users[r]})' for r in present)}")
+            raise DataError(
+                f"regional split: {key} names region(s) {missing} that have no users; regions present "
+                f"(users): {', '.join(f'{r} ({users[r]})' for r in present)}"
+            )
     valid = list(spec.valid_regions) if spec.valid_regions else None
     taken = set(valid or ())
     if spec.train_regions:
@@ -187,8 +193,10 @@ def _region_lists(f: pd.DataFrame, spec) -> tuple[list[str], list[str], list[str
         train = pool[: int(np.searchsorted(share.to_numpy(), TRAIN_REGION_SHARE)) + 1]
     test = list(spec.test_regions) if spec.test_regions else [r for r in present if r not in set(train) | taken]
     if not test:
-        raise DataError(f"regional split: no region is left for testing (train_regions={train}, valid_regions="
-                        f"{valid}); regions present: {present}. Name test_regions or fewer train_regions")
+        raise DataError(
+            f"regional split: no region is left for testing (train_regions={train}, valid_regions="
+            f"{valid}); regions present: {present}. Name test_regions or fewer train_regions"
+        )
     return train, test, valid, user_region
 
 
@@ -210,9 +218,14 @@ def _split_regional(f: pd.DataFrame, spec, rng) -> tuple[np.ndarray, dict]:
     is_valid_user, is_test_user = user.isin(valid_users).to_numpy(), user.isin(test_users).to_numpy()
     last = (pos == n - 1) & (n >= 2)
     train = in_train_region | ((is_valid_user | is_test_user) & ~last)
-    params = {"train_regions": train_r, "test_regions": test_r, "valid_regions": valid_r,
-              "valid_users": len(valid_users), "test_users": len(test_users),
-              "train_region_users": int(user_region.isin(train_r).sum())}
+    params = {
+        "train_regions": train_r,
+        "test_regions": test_r,
+        "valid_regions": valid_r,
+        "valid_users": len(valid_users),
+        "test_users": len(test_users),
+        "train_region_users": int(user_region.isin(train_r).sum()),
+    }
     return _parts(len(f), train, np.flatnonzero(is_valid_user & last), np.flatnonzero(is_test_user & last)), params
 
 
@@ -236,7 +249,10 @@ def _split_popularity(f: pd.DataFrame, spec, rng) -> tuple[np.ndarray, dict]:
     cutoff = f["user_id"].map(valid_pos).to_numpy(dtype=np.float64)
     cutoff = np.where(np.isnan(cutoff), user_test_pos, cutoff)
     train = np.isnan(cutoff) | (pos < cutoff)
-    return _parts(len(f), train, valid, test), {"head_items": len(head), "tail_items": int(f["item_id"].nunique() - len(head))}
+    return _parts(len(f), train, valid, test), {
+        "head_items": len(head),
+        "tail_items": int(f["item_id"].nunique() - len(head)),
+    }
 
 
 def _split_mixed(f: pd.DataFrame, spec, rng) -> tuple[np.ndarray, dict]:
@@ -246,13 +262,19 @@ def _split_mixed(f: pd.DataFrame, spec, rng) -> tuple[np.ndarray, dict]:
     tail = ~f["item_id"].isin(head).to_numpy()
     valid = _first_per_user(f, ok & tail & (pos >= train_end) & (pos < test_start))
     test = _first_per_user(f, ok & tail & (pos >= test_start))
-    return _parts(len(f), train, valid, test), {"head_items": len(head),
-                                                "tail_items": int(f["item_id"].nunique() - len(head))}
+    return _parts(len(f), train, valid, test), {
+        "head_items": len(head),
+        "tail_items": int(f["item_id"].nunique() - len(head)),
+    }
 
 
 SPLITTERS: dict[str, Callable] = {
-    "iid": _split_iid, "temporal": _split_temporal, "seasonal": _split_seasonal, "regional": _split_regional,
-    "popularity": _split_popularity, "mixed": _split_mixed,
+    "iid": _split_iid,
+    "temporal": _split_temporal,
+    "seasonal": _split_seasonal,
+    "regional": _split_regional,
+    "popularity": _split_popularity,
+    "mixed": _split_mixed,
 }
 
 
@@ -266,9 +288,11 @@ def split_frame(frame: pd.DataFrame, spec: DataSpec) -> Split:
     given = ", ".join(f"{k}={_plain(getattr(spec, k))}" for k in SPLIT_PARAMS[spec.split]) or "no parameters"
     for name in ("train", "valid", "test"):
         if getattr(split, name).empty:
-            raise DataError(f"{spec.split} split ({given}) leaves the {name} part empty for a dataset of "
-                            f"{len(f)} interactions and {f['user_id'].nunique()} users; choose other split "
-                            f"parameters or lower min_user_inter")
+            raise DataError(
+                f"{spec.split} split ({given}) leaves the {name} part empty for a dataset of "
+                f"{len(f)} interactions and {f['user_id'].nunique()} users; choose other split "
+                f"parameters or lower min_user_inter"
+            )
     split.evidence = shift_evidence(split, seed=spec.seed)
     _log.info("%s split: %s", spec.split, split.counts())
     return split
@@ -279,6 +303,7 @@ def _plain(value):
 
 
 # ---------------------------------------------------------------- shift evidence
+
 
 def js_divergence(p: pd.Series, q: pd.Series) -> float:
     """Jensen-Shannon divergence (bits, in [0, 1]) between two count vectors indexed by category."""
@@ -297,6 +322,7 @@ def js_divergence(p: pd.Series, q: pd.Series) -> float:
 
 def top_k_jaccard(a: pd.Series, b: pd.Series, k: int = TOP_K) -> float:
     """Jaccard overlap of the ``k`` most frequent values of ``a`` and of ``b`` (ties by value)."""
+
     def top(s):
         counts = s.value_counts()
         return set(counts.sort_index().sort_values(ascending=False, kind="stable").index[:k])
@@ -358,5 +384,7 @@ def _region_rows_evidence(split: Split, rng: np.random.Generator) -> dict[str, A
     home_users = np.sort(home["user_id"].unique())
     picked = set(rng.permutation(home_users)[: len(test_users)])
     in_picked = home["user_id"].isin(picked)
-    return {"test_region_rows": compare(home, f[f["user_id"].isin(test_users)]),
-            "region_rows_control": compare(home[~in_picked], home[in_picked])}
+    return {
+        "test_region_rows": compare(home, f[f["user_id"].isin(test_users)]),
+        "region_rows_control": compare(home[~in_picked], home[in_picked]),
+    }

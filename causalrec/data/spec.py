@@ -8,7 +8,9 @@ a merged RecBole config maps onto a spec one to one. Source-specific keys carry 
 
 from __future__ import annotations
 
+import codecs
 import os
+import zoneinfo
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -22,36 +24,65 @@ SPLITS = ("iid", "temporal", "seasonal", "regional", "popularity", "mixed")
 # against every non-numeric code of the UCI file with its descriptions (datasets/online-retail.md);
 # ADJUST*/TEST* occur in Online Retail II. Case-insensitive; ``*`` is a wildcard.
 DEFAULT_EXCLUDE_STOCK_CODES = (
-    "POST",          # POSTAGE
-    "DOT",           # DOTCOM POSTAGE
-    "C2",            # CARRIAGE
-    "M",             # Manual
-    "D",             # Discount
-    "S",             # SAMPLES
-    "B",             # Adjust bad debt
+    "POST",  # POSTAGE
+    "DOT",  # DOTCOM POSTAGE
+    "C2",  # CARRIAGE
+    "M",  # Manual
+    "D",  # Discount
+    "S",  # SAMPLES
+    "B",  # Adjust bad debt
     "BANK CHARGES",  # Bank Charges
-    "AMAZONFEE",     # AMAZON FEE
-    "CRUK",          # CRUK Commission
-    "PADS",          # PADS TO MATCH ALL CUSHIONS (a 0.001 GBP filler line)
-    "ADJUST*",       # Adjustment by john / Adjustment (Online Retail II)
-    "TEST*",         # test rows (Online Retail II)
-    "GIFT_0001_*",   # Dotcomgiftshop gift vouchers
+    "AMAZONFEE",  # AMAZON FEE
+    "CRUK",  # CRUK Commission
+    "PADS",  # PADS TO MATCH ALL CUSHIONS (a 0.001 GBP filler line)
+    "ADJUST*",  # Adjustment by john / Adjustment (Online Retail II)
+    "TEST*",  # test rows (Online Retail II)
+    "GIFT_0001_*",  # Dotcomgiftshop gift vouchers
 )
+
+# Titles longer than this are cut (``max_title_chars``). Real titles are far shorter (Online Retail: <= 35
+# characters, MovieLens: < 100, marketplace listings cap titles at about 200), so a longer text is a product
+# description: 1000 characters keep every real title whole and a prompt of 10 history titles a few thousand
+# tokens at most.
+DEFAULT_MAX_TITLE_CHARS = 1000
+# Python's csv module refuses fields longer than this by default (``csv.field_size_limit()``); RecBole's
+# reader (pandas' python engine) and ``read_titles`` use the csv module, so no title may exceed it.
+CSV_FIELD_LIMIT = 131_072
+
+# Fields added after prepared datasets were already keyed by ``key_fields``: at their default they stay out
+# of the key, so adding them did not orphan existing prepared data (their default reproduces the old files).
+KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {
+    "max_title_chars": DEFAULT_MAX_TITLE_CHARS,
+    "csv_encoding": "utf-8",
+    "csv_timezone": None,
+    "csv_exclude_items": (),
+}
 
 MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 
 # Per-dataset defaults for the fields whose default is None (mirrored in properties/dataset/*.yaml;
 # a test keeps the two equal).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "retail-sim": {"split": "seasonal", "train_months": (1, 2, 3, 4, 5, 6, 7, 8), "valid_months": (9,),
-                   "test_months": (10, 11, 12)},
-    "online-retail": {"split": "seasonal", "train_months": (1, 2, 3, 4, 5, 6, 7, 8), "valid_months": (9,),
-                      "test_months": (10, 11, 12)},
+    "retail-sim": {
+        "split": "seasonal",
+        "train_months": (1, 2, 3, 4, 5, 6, 7, 8),
+        "valid_months": (9,),
+        "test_months": (10, 11, 12),
+    },
+    "online-retail": {
+        "split": "seasonal",
+        "train_months": (1, 2, 3, 4, 5, 6, 7, 8),
+        "valid_months": (9,),
+        "test_months": (10, 11, 12),
+    },
     # MovieLens-100k spans Sep 1997 - Apr 1998: train on autumn, test on winter/spring.
-    "ml-100k": {"split": "temporal", "train_months": (9, 10, 11), "valid_months": (12,),
-                "test_months": (1, 2, 3, 4)},
-    "csv": {"split": "temporal", "train_months": (1, 2, 3, 4, 5, 6, 7, 8), "valid_months": (9,),
-            "test_months": (10, 11, 12)},
+    "ml-100k": {"split": "temporal", "train_months": (9, 10, 11), "valid_months": (12,), "test_months": (1, 2, 3, 4)},
+    "csv": {
+        "split": "temporal",
+        "train_months": (1, 2, 3, 4, 5, 6, 7, 8),
+        "valid_months": (9,),
+        "test_months": (10, 11, 12),
+    },
 }
 
 # The spec fields each split reads (the cache key covers only these, plus the common ones).
@@ -86,6 +117,8 @@ class DataSpec:
             reads ``data_seed`` and falls back to ``seed`` when a mapping has no ``data_seed``.
         min_user_inter, min_item_inter: k-core thresholds, iterated to a fixed point.
         max_history: sequence files keep each history's last this-many items.
+        max_title_chars: item texts longer than this are cut (and counted, with a warning), so no prepared
+            file holds a field Python's csv reader refuses (1 to 131072; default 1000).
         exclude_stock_codes: online-retail non-product stock codes dropped (case-insensitive, ``*`` wildcard).
         data_cache_dir: where prepared datasets live (None: $CAUSALREC_CACHE or ~/.cache/causalrec).
     Split parameters:
@@ -111,6 +144,13 @@ class DataSpec:
         csv_sep: field separator (None: tab for .tsv/.tab, else comma);
         csv_time_format: strftime format, or ``unix`` / ``unix_ms`` for epoch numbers
             (None: numbers are epoch seconds, strings are parsed by pandas).
+        csv_encoding: text encoding of the table(s) (default utf-8; e.g. cp1252, latin-1, utf-16).
+        csv_timezone: which clock months and seasons are read from. None (default): each timestamp's own
+            wall-clock time (a UTC offset is dropped, not applied; epoch numbers are UTC); ``UTC``: offsets
+            are applied; an IANA name (``Europe/London``): times with an offset (and epoch numbers) become
+            that zone's wall-clock time. Times without an offset are read as wall-clock time in every mode.
+        csv_exclude_items: item ids dropped before anything else (fnmatch patterns, case-sensitive: ``M``,
+            ``GIFT_*``); empty by default (Online Retail's fee codes are ``exclude_stock_codes``).
     """
 
     dataset: str = "retail-sim"
@@ -120,6 +160,7 @@ class DataSpec:
     min_user_inter: int = 5
     min_item_inter: int = 5
     max_history: int = 50
+    max_title_chars: int = DEFAULT_MAX_TITLE_CHARS
     exclude_stock_codes: tuple[str, ...] = DEFAULT_EXCLUDE_STOCK_CODES
     data_cache_dir: str | None = None
     # split parameters
@@ -150,6 +191,9 @@ class DataSpec:
     csv_items_path: str | None = None
     csv_sep: str | None = None
     csv_time_format: str | None = None
+    csv_encoding: str = "utf-8"
+    csv_timezone: str | None = None
+    csv_exclude_items: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.dataset not in SOURCES:
@@ -169,30 +213,61 @@ class DataSpec:
             setattr(self, key, _strings(key, getattr(self, key)))
         self.exclude_stock_codes = _strings("exclude_stock_codes", self.exclude_stock_codes) or ()
         self.csv_text = _strings("csv_text", self.csv_text)
+        self.csv_exclude_items = _strings("csv_exclude_items", self.csv_exclude_items) or ()
+        self.max_title_chars = _int("max_title_chars", self.max_title_chars, minimum=1)
+        if self.max_title_chars > CSV_FIELD_LIMIT:
+            raise ConfigError(
+                f"max_title_chars must be at most {CSV_FIELD_LIMIT} (longer fields break the csv "
+                f"reader RecBole uses); got {self.max_title_chars}"
+            )
+        self.csv_encoding = _encoding("csv_encoding", self.csv_encoding)
+        self.csv_timezone = _timezone("csv_timezone", self.csv_timezone)
         for key in ("test_ratio", "valid_ratio", "tail_ratio", "valid_user_ratio"):
             _ratio(key, getattr(self, key), open_low=True, open_high=True)
         for key in ("sim_confounding", "sim_repeat"):
             _ratio(key, getattr(self, key), open_low=False, open_high=key == "sim_repeat")
         if self.test_ratio + self.valid_ratio >= 1:
-            raise ConfigError(f"test_ratio + valid_ratio must be < 1 (a training period must remain); "
-                              f"got {self.test_ratio} + {self.valid_ratio}")
-        if not isinstance(self.sim_inter_per_user, (int, float)) or isinstance(self.sim_inter_per_user, bool) \
-                or not 3 <= self.sim_inter_per_user <= 1000:
+            raise ConfigError(
+                f"test_ratio + valid_ratio must be < 1 (a training period must remain); "
+                f"got {self.test_ratio} + {self.valid_ratio}"
+            )
+        if (
+            not isinstance(self.sim_inter_per_user, (int, float))
+            or isinstance(self.sim_inter_per_user, bool)
+            or not 3 <= self.sim_inter_per_user <= 1000
+        ):
             raise ConfigError(f"sim_inter_per_user must be a number in [3, 1000]; got {self.sim_inter_per_user!r}")
         self.sim_inter_per_user = float(self.sim_inter_per_user)
-        _disjoint("months", train_months=self.train_months, valid_months=self.valid_months, test_months=self.test_months)
-        _disjoint("regions", train_regions=self.train_regions, valid_regions=self.valid_regions,
-                  test_regions=self.test_regions)
-        for key in ("source", "data_cache_dir", "csv_user", "csv_item", "csv_time", "csv_region",
-                    "csv_items_path", "csv_sep", "csv_time_format"):
+        _disjoint(
+            "months", train_months=self.train_months, valid_months=self.valid_months, test_months=self.test_months
+        )
+        _disjoint(
+            "regions",
+            train_regions=self.train_regions,
+            valid_regions=self.valid_regions,
+            test_regions=self.test_regions,
+        )
+        for key in (
+            "source",
+            "data_cache_dir",
+            "csv_user",
+            "csv_item",
+            "csv_time",
+            "csv_region",
+            "csv_items_path",
+            "csv_sep",
+            "csv_time_format",
+        ):
             value = getattr(self, key)
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ConfigError(f"{key} must be a string; got {value!r}")
             if isinstance(value, os.PathLike):
                 setattr(self, key, os.fspath(value))
         if self.dataset == "csv" and not self.source:
-            raise ConfigError("dataset 'csv' needs source: the path of your interaction table "
-                              "(e.g. --source purchases.csv --user customer --item sku --time date)")
+            raise ConfigError(
+                "dataset 'csv' needs source: the path of your interaction table "
+                "(e.g. --source purchases.csv --user customer --item sku --time date)"
+            )
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -235,10 +310,56 @@ class DataSpec:
                 continue
             if name == "exclude_stock_codes" and self.dataset != "online-retail":
                 continue
+            if name in KEY_OMITTED_AT_DEFAULT and value == _jsonable(KEY_OMITTED_AT_DEFAULT[name]):
+                continue
             out[name] = value
         for name in SPLIT_PARAMS[self.split]:
             out[name] = self.to_dict()[name]
         return out
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _encoding(key: str, value: Any) -> str:
+    """A text codec's canonical name (``UTF8`` -> ``utf-8``, ``latin-1`` -> ``iso8859-1``)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{key} must be the name of a text encoding such as utf-8, cp1252, latin-1 or utf-16; got {value!r}"
+        )
+    try:
+        codecs.getincrementaldecoder(value.strip())  # raises for unknown names
+        "".encode(value.strip())  # LookupError for codecs that are not text encodings (base64, zlib)
+        return codecs.lookup(value.strip()).name
+    except LookupError:
+        raise ConfigError(
+            f"{key}: {value!r} is not a text encoding Python knows; use e.g. utf-8, cp1252 "
+            f"(Windows, Western Europe), latin-1 or utf-16"
+        ) from None
+
+
+def _timezone(key: str, value: Any) -> str | None:
+    """None, ``UTC``, or an IANA zone name that the zone database knows."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key} must be UTC or an IANA time-zone name such as Europe/London; got {value!r}")
+    name = value.strip()
+    if name.upper() in ("UTC", "Z"):
+        return "UTC"
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        hint = (
+            "" if zoneinfo.available_timezones() else " (this Python finds no time-zone database: pip install tzdata)"
+        )
+        raise ConfigError(
+            f"{key}: unknown time zone {name!r}{hint}; use UTC or an IANA name such as "
+            f"Europe/London or America/New_York, or leave {key} unset to keep each timestamp's own "
+            f"wall-clock time"
+        ) from None
+    return name
 
 
 def _int(key: str, value: Any, minimum: int) -> int:
@@ -286,7 +407,7 @@ def _strings(key: str, value: Any) -> tuple[str, ...] | None:
 def _disjoint(what: str, **parts: tuple | None) -> None:
     names = list(parts)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             common = set(parts[a] or ()) & set(parts[b] or ())
             if common:
                 raise ConfigError(f"{a} and {b} must not share {what}; both contain {sorted(common)}")

@@ -29,19 +29,35 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from causalrec.data.frame import describe, warn_if_texts_tie
+from causalrec.data.frame import cap_titles, describe, warn_if_texts_tie
 from causalrec.data.shifts import Split, split_frame
 from causalrec.data.sources import input_files, load_frame
+from causalrec.data.sources.tables import check_file, permission_error
 from causalrec.data.spec import DataSpec
 
 _log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump whenever the files written for the same inputs change
 INTER_COLUMNS = ("user_id:token", "item_id:token", "timestamp:float", "season:token", "region:token")
-SEQ_COLUMNS = ("user_id:token", "item_id_list:token_seq", "item_id:token", "timestamp:float", "season:token",
-               "region:token")
-FILE_SUFFIXES = ("train.inter", "valid.inter", "test.inter", "seq_train.inter", "seq_valid.inter",
-                 "seq_test.inter", "item", "items.tsv", "meta.json")
+SEQ_COLUMNS = (
+    "user_id:token",
+    "item_id_list:token_seq",
+    "item_id:token",
+    "timestamp:float",
+    "season:token",
+    "region:token",
+)
+FILE_SUFFIXES = (
+    "train.inter",
+    "valid.inter",
+    "test.inter",
+    "seq_train.inter",
+    "seq_valid.inter",
+    "seq_test.inter",
+    "item",
+    "items.tsv",
+    "meta.json",
+)
 _HASH_CHUNK = 1 << 20
 
 
@@ -81,19 +97,27 @@ class PreparedDataset:
 
 def file_identity(path: Path) -> dict[str, Any]:
     path = Path(path).expanduser()
+    if path.is_dir():
+        check_file(path, what="input")  # raises: a directory is not a table
     if not path.is_file():
         return {"path": str(path.resolve()), "missing": True}
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+                digest.update(chunk)
+    except PermissionError as err:
+        raise permission_error(path, "input", err) from None
     return {"name": path.name, "size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def input_hash(spec: DataSpec) -> tuple[str, dict[str, Any]]:
     """(hex digest, the inputs it covers): spec fields, input file contents, format version."""
-    inputs = {"format_version": FORMAT_VERSION, "spec": spec.key_fields(),
-              "files": [file_identity(p) for p in input_files(spec)]}
+    inputs = {
+        "format_version": FORMAT_VERSION,
+        "spec": spec.key_fields(),
+        "files": [file_identity(p) for p in input_files(spec)],
+    }
     text = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest(), inputs
 
@@ -157,8 +181,16 @@ def prepare(spec: DataSpec, *, force: bool = False, show_progress: bool = True) 
             started = time.perf_counter()
             frame = load_frame(spec)
             split = split_frame(frame, spec)
-            write_split(split, frame, spec, tmp / spec.dataset, key=key, inputs=inputs,
-                        show_progress=show_progress, started=started)
+            write_split(
+                split,
+                frame,
+                spec,
+                tmp / spec.dataset,
+                key=key,
+                inputs=inputs,
+                show_progress=show_progress,
+                started=started,
+            )
             _install(tmp, data_path, spec.dataset, key)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -189,9 +221,8 @@ def _histories(split: Split, rows: np.ndarray, max_history: int, show_progress: 
     items = split.frame["item_id"].tolist()
     position = split.frame["position"].to_numpy()
     out = []
-    for r in tqdm(rows.tolist(), desc=f"histories ({what})", disable=not show_progress, mininterval=1.0,
-                  leave=False):
-        out.append(" ".join(items[r - min(position[r], max_history): r]))
+    for r in tqdm(rows.tolist(), desc=f"histories ({what})", disable=not show_progress, mininterval=1.0, leave=False):
+        out.append(" ".join(items[r - min(position[r], max_history) : r]))
     return out
 
 
@@ -199,8 +230,17 @@ def _write_tsv(table: pd.DataFrame, header: tuple[str, ...], path: Path, quoting
     table.to_csv(path, sep="\t", index=False, header=list(header), quoting=quoting, lineterminator="\n")
 
 
-def write_split(split: Split, frame: pd.DataFrame, spec: DataSpec, directory: Path, *, key: str,
-                inputs: dict[str, Any], show_progress: bool = True, started: float | None = None) -> dict[str, Any]:
+def write_split(
+    split: Split,
+    frame: pd.DataFrame,
+    spec: DataSpec,
+    directory: Path,
+    *,
+    key: str,
+    inputs: dict[str, Any],
+    show_progress: bool = True,
+    started: float | None = None,
+) -> dict[str, Any]:
     """Write the files of docs/contracts.md for ``split`` into ``directory``; returns the meta dict."""
     directory.mkdir(parents=True, exist_ok=True)
     names = file_names(spec.dataset)
@@ -212,16 +252,28 @@ def write_split(split: Split, frame: pd.DataFrame, spec: DataSpec, directory: Pa
         if part == "train":
             rows = rows[rows["position"] >= 1]
         index = rows.index.to_numpy()
-        seq = pd.DataFrame({"user_id": rows["user_id"].to_numpy(),
-                            "item_id_list": _histories(split, index, spec.max_history, show_progress, part),
-                            "item_id": rows["item_id"].to_numpy(), "timestamp": rows["timestamp"].to_numpy(),
-                            "season": rows["season"].to_numpy(), "region": rows["region"].to_numpy()})
+        seq = pd.DataFrame(
+            {
+                "user_id": rows["user_id"].to_numpy(),
+                "item_id_list": _histories(split, index, spec.max_history, show_progress, part),
+                "item_id": rows["item_id"].to_numpy(),
+                "timestamp": rows["timestamp"].to_numpy(),
+                "season": rows["season"].to_numpy(),
+                "region": rows["region"].to_numpy(),
+            }
+        )
         _write_tsv(seq, SEQ_COLUMNS, directory / names[f"seq_{part}.inter"])
-    catalog = f.drop_duplicates("item_id").sort_values("item_id")
+    # load_frame already cut (and counted) long titles; cutting here too keeps every items.tsv readable
+    catalog, _ = cap_titles(f.drop_duplicates("item_id").sort_values("item_id"), spec.max_title_chars)
     warn_if_texts_tie(catalog["item_text"].tolist(), spec.dataset)
     _write_tsv(catalog[["item_id"]], ("item_id:token",), directory / names["item"])
-    items = pd.DataFrame({"item_id": catalog["item_id"], "item_text": catalog["item_text"],
-                          "category": catalog["category"] if "category" in catalog.columns else ""})
+    items = pd.DataFrame(
+        {
+            "item_id": catalog["item_id"],
+            "item_text": catalog["item_text"],
+            "category": catalog["category"] if "category" in catalog.columns else "",
+        }
+    )
     _write_tsv(items, ("item_id", "item_text", "category"), directory / names["items.tsv"], csv.QUOTE_MINIMAL)
     counts = split.counts()
     meta = {
@@ -233,11 +285,17 @@ def write_split(split: Split, frame: pd.DataFrame, spec: DataSpec, directory: Pa
         "inputs": inputs,
         "stats": describe(frame),
         "split_params": split.params,
-        "parts": {**counts, "seq_train": int((split.train["position"] >= 1).sum()),
-                  "users_with_valid_target": counts["valid"], "users_with_test_target": counts["test"]},
+        "parts": {
+            **counts,
+            "seq_train": int((split.train["position"] >= 1).sum()),
+            "users_with_valid_target": counts["valid"],
+            "users_with_test_target": counts["test"],
+        },
         "shift_evidence": split.evidence,
-        "environments": {name: {str(k): int(v) for k, v in split.train[name].value_counts().sort_index().items()}
-                         for name in ("season", "region")},
+        "environments": {
+            name: {str(k): int(v) for k, v in split.train[name].value_counts().sort_index().items()}
+            for name in ("season", "region")
+        },
         "files": names,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "build_seconds": round(time.perf_counter() - started, 2) if started is not None else None,

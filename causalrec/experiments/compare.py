@@ -21,6 +21,8 @@ on a published ``--out``) assembles a report from stored cells alone: no plannin
 Config layering, later wins: causalrec's evaluation defaults < ``config_files`` < ``params``; in files and
 params a top-level key naming a model holds settings for that model only (``SASRec: {hidden_size: 64}``,
 ``--param SASRec.hidden_size=64``) and wins over the shared keys of the same source.
+
+Why this module is long: a comparison is one pipeline (plan the cells, run each in its own process with a cache, publish, rebuild the report) whose parts share the cell's key and layout; split up, each piece would need the others' private details. The report itself is in ``report.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from causalrec.errors import ConfigError, UnknownNameError
-from causalrec.experiments.configs import digest, layer, split_sections, write_atomic
+from causalrec.experiments.configs import layer, split_sections
+from causalrec.io import digest, write_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -54,12 +57,40 @@ EVAL_KEYS = ("metrics", "topk", "valid_metric", "mask_history", "env_metrics")
 # The grid sets these per cell.
 GRID_KEYS = ("split", "seed", "checkpoint_dir")
 # Final-config keys that do not change a cell's result (paths, devices, logging): left out of its hash.
-VOLATILE_KEYS = frozenset({
-    "checkpoint_dir", "data_path", "data_cache_dir", "prepared_dir", "stage_cache_dir", "device", "gpu_id",
-    "use_gpu", "show_progress", "state", "log_wandb", "wandb_project", "worker", "local_rank", "single_spec",
-    "nproc", "world_size", "offset", "ip", "port", "save_dataset", "save_dataloaders", "dataset_save_path",
-    "dataloaders_save_path", "resume", "resume_save_steps", "eval_batch_size", "rank_batch_size", "validate_stages",
-})
+VOLATILE_KEYS = frozenset(
+    {
+        "checkpoint_dir",
+        "log_dir",
+        "data_path",
+        "data_cache_dir",
+        "prepared_dir",
+        "stage_cache_dir",
+        "device",
+        "gpu_id",
+        "use_gpu",
+        "show_progress",
+        "state",
+        "log_wandb",
+        "wandb_project",
+        "worker",
+        "local_rank",
+        "single_spec",
+        "nproc",
+        "world_size",
+        "offset",
+        "ip",
+        "port",
+        "save_dataset",
+        "save_dataloaders",
+        "dataset_save_path",
+        "dataloaders_save_path",
+        "resume",
+        "resume_save_steps",
+        "eval_batch_size",
+        "rank_batch_size",
+        "validate_stages",
+    }
+)
 CELL_FORMAT = 1
 MAX_SEED_COUNT = 100
 DEFAULT_REPORT_METRICS = ("ndcg@10", "recall@10")
@@ -68,8 +99,18 @@ DEFAULT_SEEDS = 3
 # A published cell: what a report needs, without per-user values (``published_cell``).
 PUBLISHED_FORMAT = 1
 MANIFEST = "compare.json"  # a published folder's grid and report settings
-PUBLISHED_RESULT_KEYS = ("model", "dataset", "best_valid_score", "valid_score_bigger", "best_valid_result",
-                         "test_result", "test_env_result", "protocol", "stages", "epochs")
+PUBLISHED_RESULT_KEYS = (
+    "model",
+    "dataset",
+    "best_valid_score",
+    "valid_score_bigger",
+    "best_valid_result",
+    "test_result",
+    "test_env_result",
+    "protocol",
+    "stages",
+    "epochs",
+)
 PUBLISHED_STAGE_DROP = frozenset({"directory"})  # a path on the machine that ran it
 
 
@@ -121,7 +162,7 @@ class CompareConfig:
 
     def __post_init__(self):
         from causalrec.data import SPLITS
-        from causalrec.quick_start import model_names
+        from causalrec.recbole.preflight import model_names
 
         self.models = _names("models", self.models)
         self.splits = _names("splits", self.splits)
@@ -132,8 +173,10 @@ class CompareConfig:
             if split not in SPLITS:
                 raise UnknownNameError("split", split, SPLITS)
         if self.baseline is not None and self.baseline not in self.models:
-            raise ConfigError(f"baseline {self.baseline!r} is not one of the compared models "
-                              f"({', '.join(self.models)}); add it to the models or choose another")
+            raise ConfigError(
+                f"baseline {self.baseline!r} is not one of the compared models "
+                f"({', '.join(self.models)}); add it to the models or choose another"
+            )
         self.report_metrics = [m.lower() for m in _names("report_metrics", self.report_metrics)]
         if isinstance(self.min_env_cases, bool) or not isinstance(self.min_env_cases, int) or self.min_env_cases < 1:
             raise ConfigError(f"min_env_cases must be an integer >= 1; got {self.min_env_cases!r}")
@@ -148,11 +191,17 @@ class CompareConfig:
             if seeds < 1:
                 raise ConfigError(f"seeds must be >= 1; got {seeds}")
             if seeds > MAX_SEED_COUNT:  # `--seeds 2020` is far more likely a seed than 2,020 runs per cell
-                raise ConfigError(f"seeds={seeds} asks for {seeds} seeds per model and split; to run one seed, "
-                                  f"give a list: --seeds {seeds}, (or seeds=[{seeds}] from Python)")
+                raise ConfigError(
+                    f"seeds={seeds} asks for {seeds} seeds per model and split; to run one seed, "
+                    f"give a list: --seeds {seeds}, (or seeds=[{seeds}] from Python)"
+                )
             return [2020 + i for i in range(seeds)]
         out = list(seeds)
-        if not out or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out) or len(set(out)) < len(out):
+        if (
+            not out
+            or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in out)
+            or len(set(out)) < len(out)
+        ):
             raise ConfigError(f"seeds must be distinct integers >= 0; got {seeds!r}")
         return out
 
@@ -188,7 +237,7 @@ def _names(what: str, value: str | Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ planning
 def cell_params(config: CompareConfig) -> dict[str, dict[str, Any]]:
     """Each model's ``causalrec.run`` settings (without the grid's split/seed/checkpoint_dir)."""
-    from causalrec.quick_start import model_names, read_config_files
+    from causalrec.recbole.preflight import model_names, read_config_files
 
     known = model_names()
     file_shared, file_models = split_sections(read_config_files(config.config_files), known)
@@ -197,13 +246,17 @@ def cell_params(config: CompareConfig) -> dict[str, dict[str, Any]]:
         for model, section in sections.items():
             fixed = sorted({k.partition(".")[0] for k in section} & set(EVAL_KEYS + GRID_KEYS))
             if fixed:
-                raise ConfigError(f"{source}: {model}'s section sets {fixed}; every cell of a comparison shares "
-                                  f"one evaluator and the grid sets split/seed, so set them for all models")
+                raise ConfigError(
+                    f"{source}: {model}'s section sets {fixed}; every cell of a comparison shares "
+                    f"one evaluator and the grid sets split/seed, so set them for all models"
+                )
     for source, shared in (("config files", file_shared), ("params", param_shared)):
         fixed = sorted(set(shared) & set(GRID_KEYS))
         if fixed:
-            raise ConfigError(f"{source} set {fixed}: the grid sets these per cell; use --splits/--seeds "
-                              f"(and --out for where checkpoints go)")
+            raise ConfigError(
+                f"{source} set {fixed}: the grid sets these per cell; use --splits/--seeds "
+                f"(and --out for where checkpoints go)"
+            )
     out = {}
     for model in config.models:
         params = layer(EVAL_DEFAULTS, file_shared)
@@ -220,19 +273,30 @@ def cell_params(config: CompareConfig) -> dict[str, dict[str, Any]]:
 def _config_identity(model: str, dataset: str, params: dict[str, Any]) -> dict[str, Any]:
     """What a cell's result depends on: RecBole's final config without paths/devices, and the data's hash."""
     import causalrec
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     final = make_config(model, dataset, config_dict=params).final_config_dict
-    identity = {k: v for k, v in final.items() if k not in VOLATILE_KEYS}
+    from causalrec.data.spec import KEY_OMITTED_AT_DEFAULT
+
+    # Keys added after cells were cached count only when set away from their default, so old cells stay valid.
+    identity = {
+        k: v
+        for k, v in final.items()
+        if k not in VOLATILE_KEYS and not (k in KEY_OMITTED_AT_DEFAULT and _at_default(v, KEY_OMITTED_AT_DEFAULT[k]))
+    }
     if final.get("prepared_dir"):  # <cache>/<dataset>/<hash16>/<dataset>: the prepared files' input hash
         identity["data_hash"] = Path(final["prepared_dir"]).parent.name
     identity["causalrec_version"] = causalrec.__version__
     return identity
 
 
+def _at_default(value: Any, default: Any) -> bool:
+    return value == default or (isinstance(default, tuple) and list(value or []) == list(default))
+
+
 def plan(config: CompareConfig) -> list[Cell]:
     """Every cell, in run order (split, then seed, then model); a bad setting fails here, before any training."""
-    from causalrec.quick_start import validate
+    from causalrec.recbole.preflight import validate
 
     per_model = cell_params(config)
     for model, params in per_model.items():
@@ -242,8 +306,15 @@ def plan(config: CompareConfig) -> list[Cell]:
         for seed in config.seed_list():
             for model in config.models:
                 params = {**per_model[model], "split": split, "seed": seed}
-                key = digest({"format": CELL_FORMAT, "model": model, "dataset": config.dataset,
-                              "config": _config_identity(model, config.dataset, params)})
+                key = digest(
+                    {
+                        "format": CELL_FORMAT,
+                        "model": model,
+                        "dataset": config.dataset,
+                        "config": _config_identity(model, config.dataset, params),
+                    },
+                    ascii_only=True,
+                )
                 cells.append(Cell(model, split, seed, params, key))
     return cells
 
@@ -273,20 +344,31 @@ def _cases_json(cases: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def run_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool = False) -> dict[str, Any]:
     """Train and test one cell through ``causalrec.run``; write and return its record (failures included)."""
-    from causalrec.evaluation import collect_cases
-    from causalrec.quick_start import run
+    from causalrec.recbole.evaluation import collect_cases
+    from causalrec.recbole.quick_start import run
 
     checkpoints = out / "checkpoints" / cell.key[:16]
-    record: dict[str, Any] = {"format": CELL_FORMAT, "key": cell.key, "model": cell.model, "dataset": dataset,
-                              "split": cell.split, "seed": cell.seed, "params": cell.params}
+    record: dict[str, Any] = {
+        "format": CELL_FORMAT,
+        "key": cell.key,
+        "model": cell.model,
+        "dataset": dataset,
+        "split": cell.split,
+        "seed": cell.seed,
+        "params": cell.params,
+    }
     start = time.perf_counter()
     try:
         with collect_cases() as cases:
-            result = run(cell.model, dataset, config_dict={**cell.params, "checkpoint_dir": str(checkpoints)},
-                         saved=True)
+            result = run(
+                cell.model, dataset, config_dict={**cell.params, "checkpoint_dir": str(checkpoints)}, saved=True
+            )
     except Exception as err:  # noqa: BLE001 - a failing cell is a result to report, not the end of the grid
-        record.update(status="failed", error=f"{type(err).__name__}: {err}",
-                      traceback="".join(traceback.format_exception(err)[-6:]))
+        record.update(
+            status="failed",
+            error=f"{type(err).__name__}: {err}",
+            traceback="".join(traceback.format_exception(err)[-6:]),
+        )
         _log.warning("cell %s failed: %s", cell.name, record["error"])
     else:
         record.update(status="ok", result=result, cases=_cases_json(cases[-1] if cases else None))
@@ -341,7 +423,7 @@ def results_frame(records: Sequence[Mapping[str, Any]], min_env_cases: int = 1):
     least ``min_env_cases`` test cases; no row when none has that many)."""
     import pandas as pd
 
-    from causalrec.evaluation import worst_environment
+    from causalrec.recbole.evaluation import worst_environment
 
     rows = []
     for rec in records:
@@ -417,18 +499,38 @@ def compare(
         raise ConfigError("sources (--from) are read by a report-only comparison; add --report-only")
     if sources or (report_only and is_published(out)):
         if config_files or params:
-            _log.info("compare --report-only over stored cells: --config-files/--param are not used (the cells "
-                      "keep the settings they ran with)")
-        return report_cells(sources or [out], out, models=models, dataset=dataset, splits=splits, seeds=seeds,
-                            baseline=baseline, report_metrics=report_metrics, min_env_cases=min_env_cases,
-                            plots=plots, publish=publish)
+            _log.info(
+                "compare --report-only over stored cells: --config-files/--param are not used (the cells "
+                "keep the settings they ran with)"
+            )
+        return report_cells(
+            sources or [out],
+            out,
+            models=models,
+            dataset=dataset,
+            splits=splits,
+            seeds=seeds,
+            baseline=baseline,
+            report_metrics=report_metrics,
+            min_env_cases=min_env_cases,
+            plots=plots,
+            publish=publish,
+        )
     config = CompareConfig(
-        models=DEFAULT_MODELS if models is None else models, dataset=dataset or "retail-sim",
-        splits=DEFAULT_SPLITS if splits is None else splits, seeds=DEFAULT_SEEDS if seeds is None else seeds,
-        out=out, config_files=config_files, params=dict(params or {}), baseline=baseline,
+        models=DEFAULT_MODELS if models is None else models,
+        dataset=dataset or "retail-sim",
+        splits=DEFAULT_SPLITS if splits is None else splits,
+        seeds=DEFAULT_SEEDS if seeds is None else seeds,
+        out=out,
+        config_files=config_files,
+        params=dict(params or {}),
+        baseline=baseline,
         report_metrics=DEFAULT_REPORT_METRICS if report_metrics is None else report_metrics,
         min_env_cases=DEFAULT_MIN_ENV_CASES if min_env_cases is None else min_env_cases,
-        retry_failed=retry_failed, report_only=report_only, keep_checkpoints=keep_checkpoints, plots=plots,
+        retry_failed=retry_failed,
+        report_only=report_only,
+        keep_checkpoints=keep_checkpoints,
+        plots=plots,
         show_progress=show_progress,
     )
     return run_comparison(config, publish=publish)
@@ -438,24 +540,38 @@ def run_comparison(config: CompareConfig, publish: str | Path | None = None):
     """``compare`` for a ``CompareConfig``: plan, run or load the cells of ``config.out``, write the report and,
     with ``publish``, publish the cells (``publish_cells``)."""
     if is_published(config.out) and not config.report_only:
-        raise ConfigError(f"--out {config.out} is a published folder (it has {MANIFEST}): its cells hold no "
-                          "per-user values and it is meant to be committed; run into a folder of its own (e.g. "
-                          f"runs/...) and add --publish {config.out}")
+        raise ConfigError(
+            f"--out {config.out} is a published folder (it has {MANIFEST}): its cells hold no "
+            "per-user values and it is meant to be committed; run into a folder of its own (e.g. "
+            f"runs/...) and add --publish {config.out}"
+        )
     if publish is not None:
         if _same_folder(publish, config.out):
-            raise ConfigError(f"--publish {publish} is the --out folder: the published cells would replace the "
-                              "cached ones; publish into a folder of its own (e.g. docs/results/<name>)")
+            raise ConfigError(
+                f"--publish {publish} is the --out folder: the published cells would replace the "
+                "cached ones; publish into a folder of its own (e.g. docs/results/<name>)"
+            )
         _check_publish_target(Path(publish))
     config.out.mkdir(parents=True, exist_ok=True)
     cells = plan(config)
-    _log.info("compare: %d cells (%d models x %d splits x %d seeds) in %s", len(cells), len(config.models),
-              len(config.splits), len(config.seed_list()), config.out)
+    _log.info(
+        "compare: %d cells (%d models x %d splits x %d seeds) in %s",
+        len(cells),
+        len(config.models),
+        len(config.splits),
+        len(config.seed_list()),
+        config.out,
+    )
     records, trained = run_cells(cells, config)
     done = {(r["model"], r["split"], r["seed"]) for r in records}
     not_run = [(c.model, c.split, c.seed) for c in cells if (c.model, c.split, c.seed) not in done]
     if not_run:
-        _log.warning("compare --report-only: %d of %d cells have no record under %s (not run)", len(not_run),
-                     len(cells), config.out)
+        _log.warning(
+            "compare --report-only: %d of %d cells have no record under %s (not run)",
+            len(not_run),
+            len(cells),
+            config.out,
+        )
     results = write_report(records, config, not_run=not_run, trained=trained, cases_file=True)
     if publish is not None:
         published = publish_cells(records, publish, config)
@@ -463,8 +579,14 @@ def run_comparison(config: CompareConfig, publish: str | Path | None = None):
     return results
 
 
-def write_report(records: Sequence[Mapping[str, Any]], config: CompareConfig, *,
-                 not_run: Sequence[tuple[str, str, int]] = (), trained: int = 0, cases_file: bool = True):
+def write_report(
+    records: Sequence[Mapping[str, Any]],
+    config: CompareConfig,
+    *,
+    not_run: Sequence[tuple[str, str, int]] = (),
+    trained: int = 0,
+    cases_file: bool = True,
+):
     """Write ``results.csv``, ``failures.csv``, ``significance.csv``, ``report.md``, the plots and (with
     ``cases_file``) ``cases.csv.gz`` of ``records`` under ``config.out``; return the results table (attrs as
     ``compare``'s)."""
@@ -476,8 +598,11 @@ def write_report(records: Sequence[Mapping[str, Any]], config: CompareConfig, *,
     files = {"results": out / "results.csv", "failures": out / "failures.csv"}
     write_atomic(files["results"], results.to_csv(index=False))
     write_atomic(files["failures"], failures.to_csv(index=False))
-    significance = report.significance(results, records, config.baseline, config.report_metrics) \
-        if config.baseline else report.empty_significance()
+    significance = (
+        report.significance(results, records, config.baseline, config.report_metrics)
+        if config.baseline
+        else report.empty_significance()
+    )
     write_atomic(out / "significance.csv", significance.to_csv(index=False))
     files["significance"] = out / "significance.csv"
     if cases_file:
@@ -485,18 +610,40 @@ def write_report(records: Sequence[Mapping[str, Any]], config: CompareConfig, *,
         cases = report.case_frame(records, config.report_metrics).to_csv(index=False)
         write_atomic(files["cases"], gzip.compress(cases.encode("utf-8"), mtime=0))
     protocol = next((r["result"].get("protocol") for r in records if r.get("status") == "ok"), None)
-    text = report.markdown(results, failures, significance, config, protocol=protocol, not_run=not_run,
-                           significance_notes=_case_notes(records))
+    text = report.markdown(
+        results,
+        failures,
+        significance,
+        config,
+        protocol=protocol,
+        not_run=not_run,
+        significance_notes=_case_notes(records),
+    )
     files["report"] = out / "report.md"
     write_atomic(files["report"], text)
     if config.plots:
-        files["plots"] = report.plots(results, config.report_metrics, out / "plots",
-                                      cases=report.environment_cases(records), min_cases=config.min_env_cases,
-                                      baseline=config.baseline)
-    _log.info("compare: %d cells run now, %d loaded, %d failed; report %s", trained, len(records) - trained,
-              len(failures), files["report"])
-    results.attrs.update(failures=failures, significance=significance, trained=trained, not_run=list(not_run),
-                         files={k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()})
+        files["plots"] = report.plots(
+            results,
+            config.report_metrics,
+            out / "plots",
+            cases=report.environment_cases(records),
+            min_cases=config.min_env_cases,
+            baseline=config.baseline,
+        )
+    _log.info(
+        "compare: %d cells run now, %d loaded, %d failed; report %s",
+        trained,
+        len(records) - trained,
+        len(failures),
+        files["report"],
+    )
+    results.attrs.update(
+        failures=failures,
+        significance=significance,
+        trained=trained,
+        not_run=list(not_run),
+        files={k: [str(p) for p in v] if isinstance(v, list) else str(v) for k, v in files.items()},
+    )
     return results
 
 
@@ -507,14 +654,18 @@ def _case_notes(records: Sequence[Mapping[str, Any]]) -> list[str]:
     lost = sum(1 for r in ok if not r.get("cases") and not r.get("published"))
     notes = []
     if published:
-        notes.append(f"bootstrap: per-case values not published ({published} of {len(ok)} finished cells are "
-                     "published summaries without per-user values): the bootstrap interval of the relative change "
-                     "and the pooled Wilcoxon test are left empty where they would need them; the seed-level "
-                     "t-test, its interval, Holm p and d_z use the cells' test metrics and are complete.")
+        notes.append(
+            f"bootstrap: per-case values not published ({published} of {len(ok)} finished cells are "
+            "published summaries without per-user values): the bootstrap interval of the relative change "
+            "and the pooled Wilcoxon test are left empty where they would need them; the seed-level "
+            "t-test, its interval, Holm p and d_z use the cells' test metrics and are complete."
+        )
     if lost:
-        notes.append(f"bootstrap: per-case values not kept by {lost} of {len(ok)} finished cells (run before "
-                     "causalrec kept them): the bootstrap interval and the pooled Wilcoxon test are left empty "
-                     "where they would need them.")
+        notes.append(
+            f"bootstrap: per-case values not kept by {lost} of {len(ok)} finished cells (run before "
+            "causalrec kept them): the bootstrap interval and the pooled Wilcoxon test are left empty "
+            "where they would need them."
+        )
     return notes
 
 
@@ -560,8 +711,10 @@ def _check_publish_target(folder: Path) -> None:
     """A publish target may hold published cells only: publishing over a run's cache would drop its cases."""
     raw = [p.name for p, rec in _cell_files(folder) if not rec.get("published")]
     if raw:
-        raise ConfigError(f"--publish {folder}: {folder / 'cells'} holds cells with per-user values ({raw[0]}, "
-                          f"{len(raw)} in all), i.e. a run's cache; publish into a folder of its own")
+        raise ConfigError(
+            f"--publish {folder}: {folder / 'cells'} holds cells with per-user values ({raw[0]}, "
+            f"{len(raw)} in all), i.e. a run's cache; publish into a folder of its own"
+        )
 
 
 def cell_file_name(record: Mapping[str, Any]) -> str:
@@ -588,8 +741,12 @@ def published_cell(record: Mapping[str, Any]) -> dict[str, Any]:
             _log.debug("publish %s: result keys %s left out", cell_file_name(record), dropped)
         out["result"] = {k: result[k] for k in PUBLISHED_RESULT_KEYS if k in result}
         if out["result"].get("stages"):
-            out["result"]["stages"] = [{k: v for k, v in stage.items() if k not in PUBLISHED_STAGE_DROP}
-                                       if isinstance(stage, Mapping) else stage for stage in out["result"]["stages"]]
+            out["result"]["stages"] = [
+                {k: v for k, v in stage.items() if k not in PUBLISHED_STAGE_DROP}
+                if isinstance(stage, Mapping)
+                else stage
+                for stage in out["result"]["stages"]
+            ]
         cases = record.get("cases")
         if cases and cases.get("user") is not None:
             out["n_cases"] = len(cases["user"])
@@ -643,8 +800,9 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
             finished[ident] = (rec["key"], path.name)
     manifest = read_manifest(folder) or {}
     if manifest.get("dataset") not in (None, config.dataset):
-        raise ConfigError(f"--publish {folder} holds {manifest['dataset']} cells; publish {config.dataset} cells "
-                          "into another folder")
+        raise ConfigError(
+            f"--publish {folder} holds {manifest['dataset']} cells; publish {config.dataset} cells into another folder"
+        )
     for rec in records:
         ident = (rec["model"], rec["split"], int(rec["seed"]))
         if rec.get("status") != "ok" and finished.get(ident, ("",))[0] == rec["key"]:
@@ -656,8 +814,9 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
             raise RuntimeError(f"published cell {cell_file_name(rec)} would hold {len(leaked)} user ids; not written")
         for path, key in existing.get(ident, []):
             if key != rec["key"] and path.exists():
-                _log.warning("publish: %s replaces %s (the same cell with other settings)", cell_file_name(rec),
-                             path.name)
+                _log.warning(
+                    "publish: %s replaces %s (the same cell with other settings)", cell_file_name(rec), path.name
+                )
                 path.unlink()
         write_atomic(folder / "cells" / cell_file_name(rec), json.dumps(cell, indent=1))
     seeds = sorted(set(manifest.get("seeds", [])) | set(config.seed_list()))
@@ -671,8 +830,8 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
         "report_metrics": list(config.report_metrics),
         "min_env_cases": config.min_env_cases,
         "about": "written by causalrec compare --publish: cells/ holds one JSON per model, split and seed with "
-                 "test metrics overall and per environment, without per-user values; rebuild the report with "
-                 "causalrec compare --report-only --out <this folder>",
+        "test metrics overall and per environment, without per-user values; rebuild the report with "
+        "causalrec compare --report-only --out <this folder>",
     }
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _log.info("compare --publish: %d cells written to %s", len(records), folder / "cells")
@@ -699,8 +858,14 @@ def _pooled(sources: Sequence[Path]) -> list[dict[str, Any]]:
             if rec["key"] == old["key"]:
                 _log.info("%s/%s/seed %s: %s is a copy of %s; ignored", *ident, left, kept)
             else:
-                _log.warning("%s/%s/seed %s: %s and %s hold it with other settings; reporting %s, ignoring %s",
-                             *ident, old_path, path, kept, left)
+                _log.warning(
+                    "%s/%s/seed %s: %s and %s hold it with other settings; reporting %s, ignoring %s",
+                    *ident,
+                    old_path,
+                    path,
+                    kept,
+                    left,
+                )
     return [rec for _, rec, _ in chosen.values()]
 
 
@@ -746,10 +911,11 @@ def report_cells(
     datasets = list(dict.fromkeys(str(r.get("dataset")) for r in records))
     if dataset is None:
         if len(datasets) > 1:
-            raise ConfigError(f"the cells of {', '.join(map(str, sources))} are of {len(datasets)} datasets "
-                              f"({', '.join(datasets)}); choose one with --dataset")
-        dataset = datasets[0] if datasets else next((m["dataset"] for m in manifests if m.get("dataset")),
-                                                    "retail-sim")
+            raise ConfigError(
+                f"the cells of {', '.join(map(str, sources))} are of {len(datasets)} datasets "
+                f"({', '.join(datasets)}); choose one with --dataset"
+            )
+        dataset = datasets[0] if datasets else next((m["dataset"] for m in manifests if m.get("dataset")), "retail-sim")
     kept = [r for r in records if str(r.get("dataset")) == dataset]
     if len(kept) < len(records):
         _log.info("compare --report-only: %d cells of other datasets left out", len(records) - len(kept))
@@ -763,27 +929,49 @@ def report_cells(
     if baseline is None and first.get("baseline"):
         baseline = first["baseline"]
         if baseline not in (models.split(",") if isinstance(models, str) else models):
-            _log.warning("compare --report-only: baseline %s (from %s) is not among the reported models; no "
-                         "significance section", baseline, MANIFEST)
+            _log.warning(
+                "compare --report-only: baseline %s (from %s) is not among the reported models; no "
+                "significance section",
+                baseline,
+                MANIFEST,
+            )
             baseline = None
     config = CompareConfig(
-        models=models, dataset=dataset, splits=splits, seeds=seeds, out=out,
-        baseline=baseline, report_metrics=report_metrics or first.get("report_metrics") or DEFAULT_REPORT_METRICS,
-        min_env_cases=min_env_cases or first.get("min_env_cases") or DEFAULT_MIN_ENV_CASES, report_only=True,
-        plots=plots, show_progress=False)
+        models=models,
+        dataset=dataset,
+        splits=splits,
+        seeds=seeds,
+        out=out,
+        baseline=baseline,
+        report_metrics=report_metrics or first.get("report_metrics") or DEFAULT_REPORT_METRICS,
+        min_env_cases=min_env_cases or first.get("min_env_cases") or DEFAULT_MIN_ENV_CASES,
+        report_only=True,
+        plots=plots,
+        show_progress=False,
+    )
     grid = {(m, s, seed) for m in config.models for s in config.splits for seed in config.seed_list()}
     chosen = [r for r in kept if (r["model"], r["split"], int(r["seed"])) in grid]
     if len(chosen) < len(kept):
-        _log.info("compare --report-only: %d cells outside the grid (models x splits x seeds) left out",
-                  len(kept) - len(chosen))
-    order = {(m, s, seed): i for i, (s, seed, m) in enumerate(
-        (s, seed, m) for s in config.splits for seed in config.seed_list() for m in config.models)}
+        _log.info(
+            "compare --report-only: %d cells outside the grid (models x splits x seeds) left out",
+            len(kept) - len(chosen),
+        )
+    order = {
+        (m, s, seed): i
+        for i, (s, seed, m) in enumerate(
+            (s, seed, m) for s in config.splits for seed in config.seed_list() for m in config.models
+        )
+    }
     chosen.sort(key=lambda r: order[(r["model"], r["split"], int(r["seed"]))])  # plan's order
     done = {(r["model"], r["split"], int(r["seed"])) for r in chosen}
     not_run = [ident for ident in sorted(grid, key=order.__getitem__) if ident not in done]
     if not_run:
-        _log.warning("compare --report-only: %d of %d cells have no record under %s (not run)", len(not_run),
-                     len(grid), ", ".join(map(str, sources)))
+        _log.warning(
+            "compare --report-only: %d of %d cells have no record under %s (not run)",
+            len(not_run),
+            len(grid),
+            ", ".join(map(str, sources)),
+        )
     _log.info("compare --report-only: %d cells from %s", len(chosen), ", ".join(map(str, sources)))
     if publish is not None and _same_folder(publish, out):  # one report, from the published cells
         return publish_cells(chosen, publish, config)
@@ -794,76 +982,20 @@ def report_cells(
     return results
 
 
-# ------------------------------------------------------------------------------------------------ CLI
-def add_parser(subparsers) -> None:
-    """``causalrec compare`` (found by ``causalrec.cli.build_parser``)."""
-    from causalrec.cli import _add_config_options
-
-    p = subparsers.add_parser(
-        "compare", help="models x splits x seeds -> results.csv, mean ± std tables, significance, plots",
-        description="Train and test every model on every split with every seed through causalrec run "
-                    "(same data, evaluator and protocol), caching finished cells under --out.")
-    p.add_argument("--dataset", "-d", help="default retail-sim (--report-only over stored cells: theirs)")
-    p.add_argument("--models", "-m", help=f"comma-separated model names (default {','.join(DEFAULT_MODELS)})")
-    p.add_argument("--splits", "-s", help=f"comma-separated splits (default {','.join(DEFAULT_SPLITS)})")
-    p.add_argument("--seeds", help=f"a count N (seeds 2020..2020+N-1) or a comma-separated list (default "
-                                   f"{DEFAULT_SEEDS})")
-    _add_config_options(p)
-    p.add_argument("--out", "-o", required=True, help="output folder (cells are cached here)")
-    p.add_argument("--baseline", help="model every other model is tested against (e.g. SDPORec)")
-    p.add_argument("--report-metrics", help="metrics of the tables, tests and plots (default "
-                                            f"{','.join(DEFAULT_REPORT_METRICS)})")
-    p.add_argument("--min-env-cases", type=int,
-                   help="worst-environment rows: only groups with at least this many test cases (default "
-                        f"{DEFAULT_MIN_ENV_CASES})")
-    p.add_argument("--no-retry-failed", action="store_true", help="keep failed cells as they are")
-    p.add_argument("--report-only", action="store_true",
-                   help="train nothing: report the cells already cached under --out (the others: not run); on a "
-                        "published --out, or with --from, from the stored cells alone (no data preparation)")
-    p.add_argument("--from", dest="sources", action="append", default=[], metavar="DIR",
-                   help="with --report-only: pool the cells of this compare --out or published folder "
-                        "(repeatable; the first holding a cell wins) and report them under --out")
-    p.add_argument("--publish", metavar="DIR",
-                   help="also write every recorded cell without per-user values to DIR/cells, with DIR/compare.json "
-                        "and a report from those cells (a folder to commit, e.g. docs/results/<name>)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_compare)
-
-
-def _parse_seeds(text: str | None) -> int | list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds expects a count or a comma-separated list of integers; got {text!r}") from None
-    if len(values) == 1 and "," not in str(text):
-        return values[0]
-    return values
-
-
-def _cmd_compare(args) -> int:
-    from causalrec.cli import parse_params
-
-    frame = compare(
-        args.models, args.dataset, splits=args.splits, seeds=_parse_seeds(args.seeds), out=args.out,
-        config_files=args.config_files, params=parse_params(args.param), baseline=args.baseline,
-        report_metrics=args.report_metrics.split(",") if args.report_metrics else None,
-        min_env_cases=args.min_env_cases, retry_failed=not args.no_retry_failed, report_only=args.report_only,
-        keep_checkpoints=args.keep_checkpoints, plots=not args.no_plots, show_progress=not args.no_progress,
-        publish=args.publish, sources=args.sources,
-    )
-    files = frame.attrs["files"]
-    print(Path(files["report"]).read_text(encoding="utf-8"))
-    print(f"results: {files['results']}  ({len(frame)} rows; {frame.attrs['trained']} cells run now, "
-          f"{len(frame.attrs['failures'])} failed)")
-    if frame.attrs.get("published"):
-        print(f"published: {Path(frame.attrs['published']['report']).parent}")
-    return 1 if len(frame.attrs["failures"]) else 0
-
-
-__all__ = ["CompareConfig", "Cell", "compare", "run_comparison", "plan", "run_cell", "results_frame",
-           "write_report", "publish_cells", "published_cell", "report_cells", "is_published",
-           "DEFAULT_MODELS", "DEFAULT_SPLITS", "EVAL_DEFAULTS"]
+__all__ = [
+    "CompareConfig",
+    "Cell",
+    "compare",
+    "run_comparison",
+    "plan",
+    "run_cell",
+    "results_frame",
+    "write_report",
+    "publish_cells",
+    "published_cell",
+    "report_cells",
+    "is_published",
+    "DEFAULT_MODELS",
+    "DEFAULT_SPLITS",
+    "EVAL_DEFAULTS",
+]

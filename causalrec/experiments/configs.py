@@ -10,17 +10,14 @@ A comparison or a study starts from plain RecBole settings (YAML files and ``key
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import uuid
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from causalrec.errors import ConfigError
 
 
-def split_sections(mapping: Mapping[str, Any], models: Iterable[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+def split_sections(
+    mapping: Mapping[str, Any], models: Iterable[str]
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """``(shared, per_model)``: keys naming a model (``SASRec``, or ``SASRec.hidden_size``) go to that model.
 
     ``models`` are the names that count as sections (every model causalrec knows, so a section for a model
@@ -35,8 +32,10 @@ def split_sections(mapping: Mapping[str, Any], models: Iterable[str]) -> tuple[d
             per_model.setdefault(head, {})[rest] = value
         elif key in names:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"the section for model {key!r} must be a mapping of config keys to values, "
-                                  f"e.g. {key}: {{learning_rate: 0.001}}; got {value!r}")
+                raise ConfigError(
+                    f"the section for model {key!r} must be a mapping of config keys to values, "
+                    f"e.g. {key}: {{learning_rate: 0.001}}; got {value!r}"
+                )
             per_model.setdefault(key, {}).update(value)
         else:
             shared[key] = value
@@ -52,32 +51,13 @@ def layer(base: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]
             out[key] = dict(value) if isinstance(value, dict) else value
             continue
         if not head or not rest or "." in rest:
-            raise ConfigError(f"config key {key!r}: a dotted key must be <dict key>.<field>, "
-                              f"e.g. sft_args.learning_rate")
+            raise ConfigError(
+                f"config key {key!r}: a dotted key must be <dict key>.<field>, e.g. sft_args.learning_rate"
+            )
         current = out.get(head)
         if current is not None and not isinstance(current, dict):
-            raise ConfigError(f"config key {key!r} sets a field of {head!r}, but {head!r} is {current!r}, "
-                              f"not a mapping")
+            raise ConfigError(
+                f"config key {key!r} sets a field of {head!r}, but {head!r} is {current!r}, not a mapping"
+            )
         out[head] = {**(current or {}), rest: value}
     return out
-
-
-def digest(payload: Any) -> str:
-    """SHA-256 of a JSON rendering (sorted keys; non-JSON values by ``str``)."""
-    text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a temporary file in the same folder, then
-    rename (never half a file). The file gets the umask's permissions, as ``open()`` would give it (mkstemp's
-    0600 would hide shared results from other users)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-    try:
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

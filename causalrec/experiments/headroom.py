@@ -20,17 +20,14 @@ test cases with them bounds what a model that learned taste perfectly could reac
 ``deconfounded / erm - 1`` is the headroom a causal method has on the split. The ranking uses the same cases as
 RecBole's evaluation of the split (first target per user in the test part, full catalog, repeats allowed).
 
-Run: ``python -m causalrec.experiments.headroom --split seasonal [--param data_seed=2021] [--out headroom.json]``.
+Run: ``causalrec headroom --split seasonal [--param data_seed=2021] [--out headroom.json]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -51,10 +48,10 @@ FACTORS = ("season", "stock", "fashion")
 class Exposure:
     """``log w_i(r, m) = pop_i + c (2 season + 2 stock + fashion)`` of the simulator, factor by factor."""
 
-    pop: np.ndarray       # [I]
-    season: np.ndarray    # [I, 12]  SEASON_STRENGTH * (+-1 or 0)
-    stock: np.ndarray     # [I, R]   STOCK_STRENGTH * (+-1)
-    fashion: np.ndarray   # [I, 12]  FASHION_STRENGTH * cos(...)
+    pop: np.ndarray  # [I]
+    season: np.ndarray  # [I, 12]  SEASON_STRENGTH * (+-1 or 0)
+    stock: np.ndarray  # [I, R]   STOCK_STRENGTH * (+-1)
+    fashion: np.ndarray  # [I, 12]  FASHION_STRENGTH * cos(...)
     confounding: float
 
     @classmethod
@@ -68,9 +65,13 @@ class Exposure:
                 season[k] = np.where(np.isin(months, sim.category_months[name]), 1.0, -1.0)
         peak = sim.item_fashion_peak.to_numpy()
         fashion = np.where(peak[:, None] > 0, np.cos(2 * np.pi * (months[None, :] - peak[:, None]) / 12), 0.0)
-        return cls(sim.item_popularity.to_numpy(), retail_sim.SEASON_STRENGTH * season[cats],
-                   retail_sim.STOCK_STRENGTH * np.where(sim.item_stock.to_numpy(), 1.0, -1.0),
-                   retail_sim.FASHION_STRENGTH * fashion, confounding)
+        return cls(
+            sim.item_popularity.to_numpy(),
+            retail_sim.SEASON_STRENGTH * season[cats],
+            retail_sim.STOCK_STRENGTH * np.where(sim.item_stock.to_numpy(), 1.0, -1.0),
+            retail_sim.FASHION_STRENGTH * fashion,
+            confounding,
+        )
 
     def weights(self, regions: np.ndarray, months: np.ndarray, keep: tuple[str, ...] = FACTORS) -> np.ndarray:
         """``E[w_i]`` over a distribution of (region, month): ``regions [R]`` and ``months [12]`` weights
@@ -100,14 +101,16 @@ def _test_cases(split: Split, item_index: dict[str, int]) -> list[tuple[str, int
     out = []
     for row in np.flatnonzero(frame["part"].to_numpy() == "test"):
         user = frame["user_id"].iat[row]
-        out.append((user, int(months[row]), int(items[row]), items[starts[user]:row]))
+        out.append((user, int(months[row]), int(items[row]), items[starts[user] : row]))
     return out
 
 
 def oracle_metrics(spec: DataSpec, k: int = 10) -> pd.DataFrame:
     """NDCG@k and HR@k of the three oracles on ``spec``'s test cases (``spec.dataset`` must be ``retail-sim``)."""
     if spec.dataset != "retail-sim":
-        raise ConfigError(f"oracle headroom needs the simulator's truth: dataset must be 'retail-sim', got {spec.dataset!r}")
+        raise ConfigError(
+            f"oracle headroom needs the simulator's truth: dataset must be 'retail-sim', got {spec.dataset!r}"
+        )
     sim = retail_sim.simulate(spec)
     split = split_frame(load_frame(spec), spec)  # cleaned and k-core filtered: the cases RecBole evaluates
     exposure = Exposure.of(sim, float(spec.sim_confounding))
@@ -151,33 +154,19 @@ def oracle_metrics(spec: DataSpec, k: int = 10) -> pd.DataFrame:
             p[outside] = -1.0
             rank = int((p > p[target]).sum())  # ties resolved in the target's favour: an upper bound
             rows.append({"oracle": name, "hit": float(rank < k), "ndcg": 1 / np.log2(rank + 2) if rank < k else 0.0})
-    table = pd.DataFrame(rows).groupby("oracle", sort=False).agg(
-        **{f"ndcg@{k}": ("ndcg", "mean"), f"hit@{k}": ("hit", "mean"), "cases": ("ndcg", "size")})
+    table = (
+        pd.DataFrame(rows)
+        .groupby("oracle", sort=False)
+        .agg(**{f"ndcg@{k}": ("ndcg", "mean"), f"hit@{k}": ("hit", "mean"), "cases": ("ndcg", "size")})
+    )
     table["vs_erm"] = table[f"ndcg@{k}"] / table.loc["erm", f"ndcg@{k}"] - 1
     return table.reindex(list(ORACLES))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from causalrec.cli import parse_params
-
-    parser = argparse.ArgumentParser(prog="python -m causalrec.experiments.headroom", description=__doc__.split("\n")[0])
-    parser.add_argument("--split", default="seasonal")
-    parser.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
-                        help="a DataSpec field (data_seed, sim_users, sim_confounding, ...)")
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--out", help="also write the table as JSON here")
-    args = parser.parse_args(argv)
-    params = parse_params(args.param)
-    if "data_seed" in params:
-        params["seed"] = params.pop("data_seed")
-    spec = DataSpec(dataset="retail-sim", split=args.split, **params)
-    table = oracle_metrics(spec, k=args.k)
-    print(table.to_markdown(floatfmt=".4f"))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump({"spec": {"split": args.split, **params}, "table": table.reset_index().to_dict("records")}, handle, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def spec_fields(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``DataSpec`` fields of ``params`` given as ``causalrec run`` takes them: ``data_seed`` (the data's seed)
+    is the spec's ``seed``. The oracle's spec is ``DataSpec(dataset="retail-sim", split=..., **spec_fields(params))``."""
+    fields = dict(params)
+    if "data_seed" in fields:
+        fields["seed"] = fields.pop("data_seed")
+    return fields

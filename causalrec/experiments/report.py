@@ -13,6 +13,8 @@ for the bootstrap and the per-user test, of the per-case metric values stored in
   the table; a Wilcoxon signed-rank test over (seed, user) pairs pooled across seeds (scipy's default
   ``zero_method="wilcox"`` drops zero differences: ``n_pairs`` counts all pairs) is a secondary figure only, as
   it treats the users of different runs as independent replicates.
+
+Why this module is long: every table and plot reads the same long results table with the same grouping and statistics helpers; the statistics themselves are in ``statistics.py``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,26 @@ import numpy as np
 _log = logging.getLogger(__name__)
 
 SIGNIFICANCE_COLUMNS = [
-    "split", "metric", "model", "baseline", "n_seeds", "mean", "baseline_mean", "diff", "diff_ci_low",
-    "diff_ci_high", "rel_change", "rel_ci_low", "rel_ci_high", "ttest_stat", "ttest_p", "holm_p", "cohens_dz",
-    "n_pairs", "wilcoxon_stat", "wilcoxon_p",
+    "split",
+    "metric",
+    "model",
+    "baseline",
+    "n_seeds",
+    "mean",
+    "baseline_mean",
+    "diff",
+    "diff_ci_low",
+    "diff_ci_high",
+    "rel_change",
+    "rel_ci_low",
+    "rel_ci_high",
+    "ttest_stat",
+    "ttest_p",
+    "holm_p",
+    "cohens_dz",
+    "n_pairs",
+    "wilcoxon_stat",
+    "wilcoxon_p",
 ]
 BOOTSTRAP_REPLICATES = 2000
 BOOTSTRAP_SEED = 0
@@ -47,12 +66,20 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f} ± n/a"
 
 
-def metric_table(results, metric: str, models: Sequence[str], splits: Sequence[str], n_seeds: int,
-                 environment: str = "all", drops: bool = True, not_run: Collection[tuple[str, str]] = ()) -> str:
+def metric_table(
+    results,
+    metric: str,
+    models: Sequence[str],
+    splits: Sequence[str],
+    n_seeds: int,
+    environment: str = "all",
+    drops: bool = True,
+    not_run: Collection[tuple[str, str]] = (),
+) -> str:
     """A markdown table: models x splits of mean ± std, the best mean of each column in bold, and the drop
     from ``iid`` of every other split in % (when ``iid`` is among the splits). A (model, split) without a
     value reads "not run" when it is in ``not_run``, else "failed"."""
-    from causalrec.evaluation import smaller_is_better
+    from causalrec.recbole.evaluation import smaller_is_better
 
     stats = {(r.model, r.split): r for r in summary(results, metric, environment).itertuples()}
     smaller = smaller_is_better(metric)
@@ -122,8 +149,18 @@ def case_frame(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]):
         for metric in metrics:
             values = by_metric.get(metric)
             if values:
-                frames.append(pd.DataFrame({"model": model, "split": split, "seed": seed, "user": list(values),
-                                            "metric": metric, "value": list(values.values())}))
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "model": model,
+                            "split": split,
+                            "seed": seed,
+                            "user": list(values),
+                            "metric": metric,
+                            "value": list(values.values()),
+                        }
+                    )
+                )
     if not frames:
         return pd.DataFrame(columns=CASE_COLUMNS)
     return pd.concat(frames, ignore_index=True).sort_values(CASE_COLUMNS[:5], kind="stable", ignore_index=True)
@@ -141,8 +178,10 @@ def paired_cases(cases, model: str, baseline: str, split: str, metric: str, seed
         users = sorted(set(a) & set(b))
         if not users:
             continue
-        out[seed] = (np.array([a[u] for u in users], dtype=np.float64),
-                     np.array([b[u] for u in users], dtype=np.float64))
+        out[seed] = (
+            np.array([a[u] for u in users], dtype=np.float64),
+            np.array([b[u] for u in users], dtype=np.float64),
+        )
     return out
 
 
@@ -182,14 +221,32 @@ def compare_pair(a, b, pairs, n_boot: int = BOOTSTRAP_REPLICATES, seed: int = BO
     x = np.concatenate([v[0] for v in pairs.values()]) if pairs else np.zeros(0)
     y = np.concatenate([v[1] for v in pairs.values()]) if pairs else np.zeros(0)
     w_stat, w_p = _pooled_wilcoxon(x, y)
-    return {"n_seeds": test.n_seeds, "mean": test.mean, "baseline_mean": test.baseline_mean, "diff": test.diff,
-            "diff_ci_low": test.diff_low, "diff_ci_high": test.diff_high, "rel_change": test.rel_change,
-            "rel_ci_low": boot_low, "rel_ci_high": boot_high, "ttest_stat": test.t, "ttest_p": test.p,
-            "cohens_dz": test.dz, "n_pairs": int(len(x)), "wilcoxon_stat": w_stat, "wilcoxon_p": w_p}
+    return {
+        "n_seeds": test.n_seeds,
+        "mean": test.mean,
+        "baseline_mean": test.baseline_mean,
+        "diff": test.diff,
+        "diff_ci_low": test.diff_low,
+        "diff_ci_high": test.diff_high,
+        "rel_change": test.rel_change,
+        "rel_ci_low": boot_low,
+        "rel_ci_high": boot_high,
+        "ttest_stat": test.t,
+        "ttest_p": test.p,
+        "cohens_dz": test.dz,
+        "n_pairs": int(len(x)),
+        "wilcoxon_stat": w_stat,
+        "wilcoxon_p": w_p,
+    }
 
 
-def significance(results, records: Sequence[Mapping[str, Any]], baseline: str, metrics: Sequence[str],
-                 n_boot: int = BOOTSTRAP_REPLICATES):
+def significance(
+    results,
+    records: Sequence[Mapping[str, Any]],
+    baseline: str,
+    metrics: Sequence[str],
+    n_boot: int = BOOTSTRAP_REPLICATES,
+):
     """Each model against ``baseline`` per split and metric (columns ``SIGNIFICANCE_COLUMNS``), on the seeds
     both finished; a split where they share none has no row. ``holm_p`` adjusts ``ttest_p`` over every row."""
     import pandas as pd
@@ -231,16 +288,31 @@ def _interval(low: float, high: float, fmt: str) -> str:
 
 def significance_table(table) -> str:
     """The markdown table of ``significance``'s frame: the seed-level columns first, the pooled Wilcoxon last."""
-    header = ["metric", "split", "model", "n seeds", "Δ mean [95 % t CI]", "rel. change [95 % bootstrap CI]",
-              "paired t p", "Holm p", "d_z", "secondary: pooled (seed, user) Wilcoxon p (n pairs)"]
+    header = [
+        "metric",
+        "split",
+        "model",
+        "n seeds",
+        "Δ mean [95 % t CI]",
+        "rel. change [95 % bootstrap CI]",
+        "paired t p",
+        "Holm p",
+        "d_z",
+        "secondary: pooled (seed, user) Wilcoxon p (n pairs)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.itertuples():
         diff = f"{r.diff:+.4f}{_interval(r.diff_ci_low, r.diff_ci_high, '+.4f')}"
-        rel = "n/a" if math.isnan(r.rel_change) else \
-            f"{r.rel_change * 100:+.1f} %{_interval(r.rel_ci_low * 100, r.rel_ci_high * 100, '+.1f')}"
+        rel = (
+            "n/a"
+            if math.isnan(r.rel_change)
+            else f"{r.rel_change * 100:+.1f} %{_interval(r.rel_ci_low * 100, r.rel_ci_high * 100, '+.1f')}"
+        )
         dz = "n/a" if math.isnan(r.cohens_dz) else f"{r.cohens_dz:+.2f}"
-        lines.append(f"| {r.metric} | {r.split} | {r.model} | {r.n_seeds} | {diff} | {rel} | {_p(r.ttest_p)} | "
-                     f"{_p(r.holm_p)} | {dz} | {_p(r.wilcoxon_p)} ({r.n_pairs}) |")
+        lines.append(
+            f"| {r.metric} | {r.split} | {r.model} | {r.n_seeds} | {diff} | {rel} | {_p(r.ttest_p)} | "
+            f"{_p(r.holm_p)} | {dz} | {_p(r.wilcoxon_p)} ({r.n_pairs}) |"
+        )
     return "\n".join(lines)
 
 
@@ -263,8 +335,15 @@ def significance_text(table, n_boot: int = BOOTSTRAP_REPLICATES) -> str:
 
 
 # ----------------------------------------------------------------------------------------- markdown
-def markdown(results, failures, significance_frame, config, protocol: str | None = None,
-             not_run: Sequence[tuple[str, str, int]] = (), significance_notes: Sequence[str] = ()) -> str:
+def markdown(
+    results,
+    failures,
+    significance_frame,
+    config,
+    protocol: str | None = None,
+    not_run: Sequence[tuple[str, str, int]] = (),
+    significance_notes: Sequence[str] = (),
+) -> str:
     """The whole ``report.md`` of a comparison; ``not_run``: (model, split, seed) of cells with no record;
     ``significance_notes``: lines printed above the significance table (e.g. per-case values not published)."""
     seeds = config.seed_list()
@@ -276,7 +355,7 @@ def markdown(results, failures, significance_frame, config, protocol: str | None
         "",
         f"{n_cells - len(failures) - len(not_run)} of {n_cells} cells finished{missing} ({len(models)} models x "
         f"{len(splits)} splits x {len(seeds)} seeds: {', '.join(map(str, seeds))}). Test metrics, mean ± sample "
-        "std over seeds; bold: best per column; \"vs iid\": change of the mean from the iid split.",
+        'std over seeds; bold: best per column; "vs iid": change of the mean from the iid split.',
     ]
     if protocol:
         parts += ["", f"Protocol: {protocol}."]
@@ -288,11 +367,24 @@ def markdown(results, failures, significance_frame, config, protocol: str | None
             continue
         parts += ["", f"## {metric}", "", metric_table(results, metric, models, splits, len(seeds), not_run=unrun)]
         for env_field in env_fields:
-            parts += ["", f"### {metric}, worst {env_field}", "",
-                      f"The {env_field} group with the lowest value in each cell among the groups with at least "
-                      f"{config.min_env_cases} test cases (group sizes: the per-environment plots).", "",
-                      metric_table(results, metric, models, splits, len(seeds), environment=f"{env_field}=<worst>",
-                                   drops=False, not_run=unrun)]
+            parts += [
+                "",
+                f"### {metric}, worst {env_field}",
+                "",
+                f"The {env_field} group with the lowest value in each cell among the groups with at least "
+                f"{config.min_env_cases} test cases (group sizes: the per-environment plots).",
+                "",
+                metric_table(
+                    results,
+                    metric,
+                    models,
+                    splits,
+                    len(seeds),
+                    environment=f"{env_field}=<worst>",
+                    drops=False,
+                    not_run=unrun,
+                ),
+            ]
     if config.baseline:
         parts += ["", f"## Significance against {config.baseline}", "", significance_text(significance_frame), ""]
         for note in significance_notes:
@@ -342,8 +434,9 @@ def environment_cases(records: Sequence[Mapping[str, Any]]) -> dict[tuple[str, s
     return out
 
 
-def shown_groups(labels: Sequence[str], cases: Mapping[tuple[str, str], int] | None, split: str, env_field: str,
-                 min_cases: int) -> tuple[list[str], int]:
+def shown_groups(
+    labels: Sequence[str], cases: Mapping[tuple[str, str], int] | None, split: str, env_field: str, min_cases: int
+) -> tuple[list[str], int]:
     """The environment labels a plot shows (those with at least ``min_cases`` test cases; all of them when none
     has, or when the counts are unknown) and how many it leaves out."""
     big = [lb for lb in labels if not cases or cases.get((split, f"{env_field}={lb}"), 0) >= min_cases]
@@ -356,15 +449,18 @@ def _env_stats(part, env_field: str):
     return mine.groupby(["model", "environment"])["value"].agg(mean="mean", std=lambda v: v.std(ddof=1), n="count")
 
 
-def sorts_by_effect(stats, env_field: str, labels: Sequence[str], models: Sequence[str],
-                    baseline: str | None) -> bool:
+def sorts_by_effect(stats, env_field: str, labels: Sequence[str], models: Sequence[str], baseline: str | None) -> bool:
     """Whether ``environment_order`` sorts by the effect against ``baseline`` (it has a value, and others exist)."""
-    return (baseline is not None and any(m != baseline for m in models)
-            and any((baseline, f"{env_field}={lb}") in stats.index for lb in labels))
+    return (
+        baseline is not None
+        and any(m != baseline for m in models)
+        and any((baseline, f"{env_field}={lb}") in stats.index for lb in labels)
+    )
 
 
-def environment_order(stats, env_field: str, labels: Sequence[str], models: Sequence[str],
-                      baseline: str | None = None) -> list[str]:
+def environment_order(
+    stats, env_field: str, labels: Sequence[str], models: Sequence[str], baseline: str | None = None
+) -> list[str]:
     """``labels`` sorted ascending (the plot's top row is the last) by the mean over ``models`` of their mean
     value, or, when ``baseline`` has values, by the mean effect of the other models against it; environments
     without a value come first (at the bottom)."""
@@ -387,8 +483,9 @@ def environment_order(stats, env_field: str, labels: Sequence[str], models: Sequ
     return sorted(labels, key=key)
 
 
-def _dots(ax, stats, env_field: str, labels: Sequence[str], names: Sequence[str], models: Sequence[str],
-          baseline: str | None) -> None:
+def _dots(
+    ax, stats, env_field: str, labels: Sequence[str], names: Sequence[str], models: Sequence[str], baseline: str | None
+) -> None:
     """One row per environment (``names``: its tick labels), one dot per model, dodged vertically; a horizontal
     std bar only where at least 2 seeds give one."""
     y = np.arange(len(labels), dtype=float)
@@ -400,27 +497,50 @@ def _dots(ax, stats, env_field: str, labels: Sequence[str], names: Sequence[str]
         err, shown = _spread(std, n), np.isfinite(mean)
         style = {"color": f"C{i % 10}", "marker": "D" if model == baseline else "o", "markersize": 4}
         if (err & shown).any():
-            ax.errorbar(mean[err & shown], at[err & shown], xerr=std[err & shown], linestyle="none", elinewidth=1,
-                        capsize=0, label=model, **style)
+            ax.errorbar(
+                mean[err & shown],
+                at[err & shown],
+                xerr=std[err & shown],
+                linestyle="none",
+                elinewidth=1,
+                capsize=0,
+                label=model,
+                **style,
+            )
         if (~err & shown).any():
-            ax.plot(mean[~err & shown], at[~err & shown], linestyle="none",
-                    label=None if (err & shown).any() else model, **style)
+            ax.plot(
+                mean[~err & shown],
+                at[~err & shown],
+                linestyle="none",
+                label=None if (err & shown).any() else model,
+                **style,
+            )
     ax.set_yticks(y, names, fontsize="small")
     ax.set_ylim(-0.6, len(labels) - 0.4)
     ax.grid(axis="x", alpha=0.3)
 
 
-def environment_figure(part, split: str, metric: str, models: Sequence[str],
-                       cases: Mapping[tuple[str, str], int] | None = None, min_cases: int = 1,
-                       baseline: str | None = None):
+def environment_figure(
+    part,
+    split: str,
+    metric: str,
+    models: Sequence[str],
+    cases: Mapping[tuple[str, str], int] | None = None,
+    min_cases: int = 1,
+    baseline: str | None = None,
+):
     """A horizontal dot plot of one split's per-environment test values of one metric (``part``: its rows of
     the results table), one panel per environment field, environments on the y axis sorted by
     ``environment_order``, mean over seeds with a std bar where at least 2 seeds give one; the figure grows with
     the number of environments, so labels never overlap. None when the split has no per-environment rows."""
     from matplotlib.figure import Figure
 
-    at = part[(part["split"] == split) & (part["metric"] == metric) & part["environment"].str.contains("=")
-              & ~part["environment"].str.endswith("=<worst>")]
+    at = part[
+        (part["split"] == split)
+        & (part["metric"] == metric)
+        & part["environment"].str.contains("=")
+        & ~part["environment"].str.endswith("=<worst>")
+    ]
     if at.empty:
         return None
     models = [m for m in models if m in set(at["model"])]
@@ -436,8 +556,10 @@ def environment_figure(part, split: str, metric: str, models: Sequence[str],
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     n_seeds = at.groupby("model")["seed"].nunique().max()
     for ax, (env_field, stats, labels, dropped) in zip(axes, panels):
-        names = [f"{lb} (n={cases[(split, f'{env_field}={lb}')]})" if cases and (split, f"{env_field}={lb}") in cases
-                 else lb for lb in labels]
+        names = [
+            f"{lb} (n={cases[(split, f'{env_field}={lb}')]})" if cases and (split, f"{env_field}={lb}") in cases else lb
+            for lb in labels
+        ]
         _dots(ax, stats, env_field, labels, names, models, baseline)
         order = f"effect vs {baseline}" if sorts_by_effect(stats, env_field, labels, models, baseline) else metric
         small = f"; {dropped} with < {min_cases} test cases not shown" if dropped else ""
@@ -448,13 +570,20 @@ def environment_figure(part, split: str, metric: str, models: Sequence[str],
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize="small",
-               ncols=min(len(handles), 5))
+    fig.legend(
+        list(handles.values()), list(handles), loc="outside lower center", fontsize="small", ncols=min(len(handles), 5)
+    )
     return fig
 
 
-def plots(results, metrics: Sequence[str], folder: Path, cases: Mapping[tuple[str, str], int] | None = None,
-          min_cases: int = 1, baseline: str | None = None) -> list[str]:
+def plots(
+    results,
+    metrics: Sequence[str],
+    folder: Path,
+    cases: Mapping[tuple[str, str], int] | None = None,
+    min_cases: int = 1,
+    baseline: str | None = None,
+) -> list[str]:
     """``<metric>_by_split.png`` (bars: mean per model and split, ± std where 2 or more seeds) and
     ``<metric>_<split>_environments.png`` (``environment_figure``: per-environment dots for each split, labelled
     with their test cases when ``cases`` is given; groups with fewer than ``min_cases`` are left out, as in the

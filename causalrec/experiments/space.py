@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from causalrec.errors import ConfigError, UnknownNameError
-from causalrec.experiments.configs import digest
+from causalrec.io import digest
 
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_FIELDS = ("type", "low", "high", "log", "step", "choices")
@@ -65,12 +65,15 @@ class SearchParam:
     @classmethod
     def from_mapping(cls, name: str, spec: Any, where: str) -> "SearchParam":
         if not isinstance(spec, Mapping):
-            raise ConfigError(f"{where}: parameter {name!r} must be a mapping like "
-                              f"{{type: float, low: 0.0001, high: 0.01, log: true}}; got {spec!r}")
+            raise ConfigError(
+                f"{where}: parameter {name!r} must be a mapping like "
+                f"{{type: float, low: 0.0001, high: 0.01, log: true}}; got {spec!r}"
+            )
         unknown = sorted(set(spec) - set(PARAM_FIELDS))
         if unknown:
-            raise ConfigError(f"{where}: parameter {name!r} has unknown field(s) {unknown}; "
-                              f"valid fields: {', '.join(PARAM_FIELDS)}")
+            raise ConfigError(
+                f"{where}: parameter {name!r} has unknown field(s) {unknown}; valid fields: {', '.join(PARAM_FIELDS)}"
+            )
         kind = spec.get("type")
         if kind not in PARAM_TYPES:
             raise UnknownNameError(f"parameter type (for {name!r} in {where})", str(kind), PARAM_TYPES)
@@ -83,12 +86,15 @@ class SearchParam:
                 raise ConfigError(f"{where}: {name}: a categorical parameter takes choices, not {extra}")
             choices = spec.get("choices")
             if not isinstance(choices, (list, tuple)) or not choices:
-                raise ConfigError(f"{where}: {name}: a categorical parameter needs a non-empty list of choices; "
-                                  f"got {choices!r}")
+                raise ConfigError(
+                    f"{where}: {name}: a categorical parameter needs a non-empty list of choices; got {choices!r}"
+                )
             for choice in choices:
                 if choice is not None and not isinstance(choice, (bool, int, float, str)):
-                    raise ConfigError(f"{where}: {name}: choices must be scalars (None, bool, int, float, str); "
-                                      f"got {choice!r}. Tune a list-valued key through separate parameters.")
+                    raise ConfigError(
+                        f"{where}: {name}: choices must be scalars (None, bool, int, float, str); "
+                        f"got {choice!r}. Tune a list-valued key through separate parameters."
+                    )
             if len(set(map(repr, choices))) < len(choices):
                 raise ConfigError(f"{where}: {name}: choices repeat a value: {list(choices)}")
             return cls(name, kind, choices=tuple(choices))
@@ -107,16 +113,19 @@ class SearchParam:
         else:
             low, high = float(low), float(high)
         if low >= high:
-            raise ConfigError(f"{where}: {name}: empty range, low ({low}) must be < high ({high}); "
-                              f"a single value belongs under fixed:")
+            raise ConfigError(
+                f"{where}: {name}: empty range, low ({low}) must be < high ({high}); "
+                f"a single value belongs under fixed:"
+            )
         if log and low <= 0:
             raise ConfigError(f"{where}: {name}: a log-scale range needs low > 0; got {low}")
         if step is not None:
             if not _number(step) or step <= 0:
                 raise ConfigError(f"{where}: {name}: step must be a positive number; got {step!r}")
             if log:
-                raise ConfigError(f"{where}: {name}: step and log cannot be combined (Optuna samples either a grid "
-                                  f"or a log scale)")
+                raise ConfigError(
+                    f"{where}: {name}: step and log cannot be combined (Optuna samples either a grid or a log scale)"
+                )
         return cls(name, kind, low=low, high=high, log=log, step=step)
 
     def suggest(self, trial) -> Any:
@@ -150,24 +159,27 @@ class SearchSpace:
     @classmethod
     def from_mapping(cls, mapping: Any, source: str = "<mapping>") -> "SearchSpace":
         if not isinstance(mapping, Mapping):
-            raise ConfigError(f"search space {source}: must be a mapping with a params: section; got "
-                              f"{type(mapping).__name__}")
+            raise ConfigError(
+                f"search space {source}: must be a mapping with a params: section; got {type(mapping).__name__}"
+            )
         unknown = sorted(set(mapping) - set(SPACE_KEYS))
         if unknown:
-            raise ConfigError(f"search space {source}: unknown top-level key(s) {unknown}; valid keys: "
-                              f"{', '.join(SPACE_KEYS)} (tuned config keys go under params:)")
+            raise ConfigError(
+                f"search space {source}: unknown top-level key(s) {unknown}; valid keys: "
+                f"{', '.join(SPACE_KEYS)} (tuned config keys go under params:)"
+            )
         params = mapping.get("params")
         if not isinstance(params, Mapping) or not params:
-            raise ConfigError(f"search space {source}: params: must map at least one config key to a "
-                              f"parameter spec")
+            raise ConfigError(f"search space {source}: params: must map at least one config key to a parameter spec")
         fixed = mapping.get("fixed") or {}
         if not isinstance(fixed, Mapping):
             raise ConfigError(f"search space {source}: fixed: must be a mapping of config keys to values")
         both = sorted(set(params) & set(fixed))
         if both:
             raise ConfigError(f"search space {source}: {both} both tuned (params:) and fixed (fixed:)")
-        parsed = tuple(SearchParam.from_mapping(str(name), spec, f"search space {source}")
-                       for name, spec in params.items())
+        parsed = tuple(
+            SearchParam.from_mapping(str(name), spec, f"search space {source}") for name, spec in params.items()
+        )
         model = mapping.get("model")
         if model is not None and not isinstance(model, str):
             raise ConfigError(f"search space {source}: model must be a model name; got {model!r}")
@@ -175,19 +187,9 @@ class SearchSpace:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "SearchSpace":
-        import yaml
+        from causalrec.io import read_yaml_file
 
-        from causalrec.compat import load_yaml
-
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"cannot read search space {str(path)!r}: {err.strerror or err}") from None
-        try:
-            loaded = load_yaml(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"search space {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        loaded = read_yaml_file(path, "search space")
         return cls.from_mapping(loaded, source=str(path))
 
     @property
@@ -200,16 +202,18 @@ class SearchSpace:
 
     def digest(self) -> str:
         """Identifies the space (a resumed study must keep it)."""
-        return digest({"params": {p.name: p.to_dict() for p in self.params}, "fixed": self.fixed})[:16]
+        return digest({"params": {p.name: p.to_dict() for p in self.params}, "fixed": self.fixed}, ascii_only=True)[:16]
 
     def check(self, model: str) -> None:
         """Every name is a config key of ``model`` (or a field of a dict-valued key) and every bound or choice
         passes the config's value checks; a ConfigError names what is wrong."""
-        from causalrec.quick_start import check_values, config_defaults, known_config_keys
+        from causalrec.recbole.preflight import check_values, config_defaults, known_config_keys
 
         if self.model is not None and self.model != model:
-            raise ConfigError(f"search space {self.source} is for model {self.model!r}, not {model!r}; "
-                              f"pass the space of {model} (e.g. tuning/{model.lower()}.yaml)")
+            raise ConfigError(
+                f"search space {self.source} is for model {self.model!r}, not {model!r}; "
+                f"pass the space of {model} (e.g. tuning/{model.lower()}.yaml)"
+            )
         known = known_config_keys()
         more = f" (in search space {self.source}); `causalrec keys` lists the valid keys"
         for name in [*self.names, *self.fixed]:
@@ -219,8 +223,7 @@ class SearchSpace:
             if dot:
                 fields = dict_fields(head, model, config_defaults())
                 if rest not in fields:
-                    raise UnknownNameError(f"{head} field", rest, fields,
-                                           more=f" (in search space {self.source})")
+                    raise UnknownNameError(f"{head} field", rest, fields, more=f" (in search space {self.source})")
         for param in self.params:
             head, dot, rest = param.name.partition(".")
             for value in param.values_to_check():
@@ -260,14 +263,13 @@ def dict_fields(head: str, model: str, defaults: Mapping[str, tuple[Any, ...]]) 
         return sorted(f.name for f in dataclasses.fields(cls) if f.init)
     values = [v for v in defaults.get(head, ()) if isinstance(v, dict)]
     if not values:
-        raise ConfigError(f"config key {head!r} is not a mapping, so {head}.<field> names nothing; "
-                          f"tune {head} itself")
+        raise ConfigError(f"config key {head!r} is not a mapping, so {head}.<field> names nothing; tune {head} itself")
     return sorted({k for v in values for k in v})
 
 
 def check_dict_field(head: str, name: str, value: Any, model: str) -> None:
     cls = _trl_class(head, model)
     if cls is not None:
-        from causalrec.stages import check_field_types
+        from causalrec.recbole.stage_args import check_field_types
 
         check_field_types(cls, {name: value}, where=head)

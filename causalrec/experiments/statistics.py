@@ -109,9 +109,18 @@ def paired_seed_test(model_by_seed, base_by_seed, ci: float = 0.95) -> SeedTest:
             res = stats.ttest_rel(a, b)
         t, p = float(res.statistic), float(res.pvalue)
     low, high = mean_interval(a - b, ci)
-    return SeedTest(n_seeds=n, mean=mean, baseline_mean=base, diff=float((a - b).mean()) if n else NAN,
-                    diff_low=low, diff_high=high, rel_change=float(_ratio(mean, base)), t=t, p=p,
-                    dz=cohens_dz(a - b))
+    return SeedTest(
+        n_seeds=n,
+        mean=mean,
+        baseline_mean=base,
+        diff=float((a - b).mean()) if n else NAN,
+        diff_low=low,
+        diff_high=high,
+        rel_change=float(_ratio(mean, base)),
+        t=t,
+        p=p,
+        dz=cohens_dz(a - b),
+    )
 
 
 def _case_pairs(cases: Mapping) -> list[np.ndarray]:
@@ -121,8 +130,9 @@ def _case_pairs(cases: Mapping) -> list[np.ndarray]:
         model, base = cases[seed]
         a, b = np.asarray(model, dtype=np.float64).ravel(), np.asarray(base, dtype=np.float64).ravel()
         if a.shape != b.shape or not len(a):
-            raise ValueError(f"seed {seed}: model and baseline need the same, non-zero number of users; "
-                             f"got {len(a)} and {len(b)}")
+            raise ValueError(
+                f"seed {seed}: model and baseline need the same, non-zero number of users; got {len(a)} and {len(b)}"
+            )
         out.append(np.stack([a, b], axis=1))
     return out
 
@@ -138,7 +148,7 @@ def _slot_means(pairs: list[np.ndarray], picks: np.ndarray, rng: np.random.Gener
         n = len(values)
         step = max(1, _CHUNK // n)
         for start in range(0, len(slots), step):
-            part = slots[start:start + step]
+            part = slots[start : start + step]
             users = rng.integers(0, n, size=(len(part), n))
             means[part, 0] = model[users].mean(axis=1)
             means[part, 1] = base[users].mean(axis=1)
@@ -187,5 +197,12 @@ def holm(pvalues: Sequence[float]) -> np.ndarray:
     return out
 
 
-__all__ = ["SeedTest", "BootstrapInterval", "paired_seed_test", "hierarchical_bootstrap", "holm", "cohens_dz",
-           "mean_interval"]
+__all__ = [
+    "SeedTest",
+    "BootstrapInterval",
+    "paired_seed_test",
+    "hierarchical_bootstrap",
+    "holm",
+    "cohens_dz",
+    "mean_interval",
+]

@@ -17,6 +17,8 @@ processes can share). ``resume=True`` continues a stored study; its finished tri
 
 Checkpoint selection and early stopping stay RecBole's (the overall ``valid_metric``); with the worst objective
 the trial's value is the worst environment of the model RecBole kept.
+
+Why this module is long: a study is one object graph (the objective, pruning on the stage callbacks, the journal storage, the test of the best trial, the importance table) around one Optuna study; the search space is in ``space.py``.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from causalrec.errors import ConfigError, UnknownNameError
-from causalrec.experiments.configs import digest, layer, write_atomic
+from causalrec.experiments.configs import layer
 from causalrec.experiments.space import SearchSpace
+from causalrec.io import digest, write_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -45,8 +48,16 @@ STUDY_ATTR = "causalrec"  # study user attribute: what the study measures (model
 PRUNERS = ("median", "hyperband", "none")
 # Keys a study sets per trial, and base-config keys that do not change what a trial measures.
 _TRIAL_KEYS = ("checkpoint_dir",)
-_NOT_COMPARED = ("show_progress", "stage_cache_dir", "checkpoint_dir", "data_cache_dir", "eval_batch_size",
-                 "rank_batch_size", "state")
+_NOT_COMPARED = (
+    "show_progress",
+    "stage_cache_dir",
+    "checkpoint_dir",
+    "log_dir",
+    "data_cache_dir",
+    "eval_batch_size",
+    "rank_batch_size",
+    "state",
+)
 
 
 @dataclass
@@ -108,7 +119,7 @@ class TuneConfig:
 
     def __post_init__(self):
         from causalrec.data import SPLITS
-        from causalrec.quick_start import model_names
+        from causalrec.recbole.preflight import model_names
 
         if self.model not in model_names():
             raise UnknownNameError("model", self.model, model_names())
@@ -142,7 +153,7 @@ class TuneConfig:
 
 def resolve_space(space: str | Path | None, model: str) -> Path:
     """A space path: as given, or by name (``sasrec``, ``tuning/sasrec.yaml``) from the shipped ``tuning/``."""
-    from causalrec.registry import tuning_dir
+    from causalrec.recbole.plugin import tuning_dir
 
     if space is not None and Path(space).is_file():
         return Path(space)
@@ -151,8 +162,10 @@ def resolve_space(space: str | Path | None, model: str) -> Path:
     if given.parent in (Path("."), Path("tuning")) and shipped.is_file():
         return shipped
     available = sorted(p.stem for p in tuning_dir().glob("*.yaml"))
-    raise ConfigError(f"search space {str(given)!r} not found; give a YAML path or one of the shipped spaces "
-                      f"({tuning_dir()}): {', '.join(available)}")
+    raise ConfigError(
+        f"search space {str(given)!r} not found; give a YAML path or one of the shipped spaces "
+        f"({tuning_dir()}): {', '.join(available)}"
+    )
 
 
 # ------------------------------------------------------------------------------------------- storage
@@ -166,10 +179,12 @@ def open_storage(url: str | None, out: Path):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url[len("journal:"):]).expanduser()
+        path = Path(url[len("journal:") :]).expanduser()
         if not str(path) or path.is_dir() or not path.parent.is_dir():
-            raise ConfigError(f"cannot open Optuna journal {url!r}: {str(path.parent)!r} is not an existing folder "
-                              f"or the path is a folder; use journal:PATH/TO/FILE.log")
+            raise ConfigError(
+                f"cannot open Optuna journal {url!r}: {str(path.parent)!r} is not an existing folder "
+                f"or the path is a folder; use journal:PATH/TO/FILE.log"
+            )
         try:
             return JournalStorage(JournalFileBackend(str(path))), url
         except Exception as err:  # noqa: BLE001 - any backend failure is the user's path
@@ -178,16 +193,22 @@ def open_storage(url: str | None, out: Path):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats: stable since 2.x
             storage = optuna.storages.RDBStorage(
-                url, heartbeat_interval=60, grace_period=180,
+                url,
+                heartbeat_interval=60,
+                grace_period=180,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except ModuleNotFoundError as err:
-        raise ConfigError(f"cannot open Optuna storage {url!r}: its database driver is not installed "
-                          f"({err.name}); install it, or use sqlite:///PATH or journal:PATH") from None
+        raise ConfigError(
+            f"cannot open Optuna storage {url!r}: its database driver is not installed "
+            f"({err.name}); install it, or use sqlite:///PATH or journal:PATH"
+        ) from None
     except Exception as err:  # noqa: BLE001 - SQLAlchemy/Optuna raise many kinds for a bad URL
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"cannot open Optuna storage {url!r}: {reason}. Use sqlite:///PATH/TO/study.db, an "
-                          f"RDB URL such as postgresql://user:pass@host/db, or journal:PATH") from None
+        raise ConfigError(
+            f"cannot open Optuna storage {url!r}: {reason}. Use sqlite:///PATH/TO/study.db, an "
+            f"RDB URL such as postgresql://user:pass@host/db, or journal:PATH"
+        ) from None
     return storage, url
 
 
@@ -197,8 +218,9 @@ def make_pruner(cfg: TuneConfig):
     if not isinstance(cfg.pruner, str):
         return cfg.pruner
     if cfg.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=cfg.pruner_startup_trials,
-                                           n_warmup_steps=cfg.pruner_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=cfg.pruner_startup_trials, n_warmup_steps=cfg.pruner_warmup_steps
+        )
     if cfg.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
     return optuna.pruners.NopPruner()
@@ -212,10 +234,18 @@ def open_study(cfg: TuneConfig, storage, url: str, direction: str, meta: dict[st
     exists = cfg.study_name in optuna.study.get_all_study_names(storage)
     if exists and not cfg.resume:
         n = len(optuna.load_study(study_name=cfg.study_name, storage=storage).trials)
-        raise ConfigError(f"study {cfg.study_name!r} already exists in {url} with {n} trials; pass --resume "
-                          f"(resume=True) to continue it, or choose another --study-name")
-    study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction=direction, sampler=sampler,
-                                pruner=make_pruner(cfg), load_if_exists=True)  # another worker may create it now
+        raise ConfigError(
+            f"study {cfg.study_name!r} already exists in {url} with {n} trials; pass --resume "
+            f"(resume=True) to continue it, or choose another --study-name"
+        )
+    study = optuna.create_study(
+        study_name=cfg.study_name,
+        storage=storage,
+        direction=direction,
+        sampler=sampler,
+        pruner=make_pruner(cfg),
+        load_if_exists=True,
+    )  # another worker may create it now
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:  # one attribute, written at once: a worker never sees half of it
         study.set_user_attr(STUDY_ATTR, meta)
@@ -223,8 +253,10 @@ def open_study(cfg: TuneConfig, storage, url: str, direction: str, meta: dict[st
     differ = {k: (stored.get(k), v) for k, v in meta.items() if stored.get(k) != v}
     if differ:
         text = "; ".join(f"{k}: stored {a!r}, now {b!r}" for k, (a, b) in differ.items())
-        raise ConfigError(f"study {cfg.study_name!r} in {url} was made with other settings ({text}); resuming "
-                          f"would mix trials that measure different things. Use another --study-name")
+        raise ConfigError(
+            f"study {cfg.study_name!r} in {url} was made with other settings ({text}); resuming "
+            f"would mix trials that measure different things. Use another --study-name"
+        )
     if exists:
         _log.info("resuming study %s: %d trials stored", cfg.study_name, len(study.trials))
     return study
@@ -243,13 +275,27 @@ class TrialOutcome:
     steps: int
 
 
-def fit_trial(model: str, dataset: str, params: dict[str, Any], *, report: Callable[[int, float], None],
-              objective: str, metric: str, env_fields: Sequence[str], min_env_cases: int,
-              test: bool) -> TrialOutcome:
+def fit_trial(
+    model: str,
+    dataset: str,
+    params: dict[str, Any],
+    *,
+    report: Callable[[int, float], None],
+    objective: str,
+    metric: str,
+    env_fields: Sequence[str],
+    min_env_cases: int,
+    test: bool,
+) -> TrialOutcome:
     """Train one configuration the way ``causalrec.run`` does, with every validation also scored per
     environment; ``report(step, value)`` gets each validation's objective value (it may raise TrialPruned)."""
-    from causalrec.evaluation import ENV_FIELDS, evaluate_with_environments, record_environments, worst_environment
-    from causalrec.quick_start import build
+    from causalrec.recbole.evaluation import (
+        ENV_FIELDS,
+        evaluate_with_environments,
+        record_environments,
+        worst_environment,
+    )
+    from causalrec.recbole.quick_start import build
 
     config, trainer, (train_data, valid_data, test_data) = build(model, dataset, config_dict=params)
     smaller = not config["valid_metric_bigger"]
@@ -264,19 +310,24 @@ def fit_trial(model: str, dataset: str, params: dict[str, Any], *, report: Calla
         if worst is None:
             if not warned:
                 warned.append(True)
-                _log.warning("no validation environment of %s has >= %d cases: the worst objective falls back to "
-                             "the mean", "/".join(env_fields), min_env_cases)
+                _log.warning(
+                    "no validation environment of %s has >= %d cases: the worst objective falls back to the mean",
+                    "/".join(env_fields),
+                    min_env_cases,
+                )
             return float(score), None
         return worst
 
     with record_environments(trainer, valid_data, fields=tuple(env_fields)) as history:
+
         def callback(step: int, score: float) -> None:
             scores.append(float(score))
             value, _ = value_of(score, history[-1] if history else {})
             report(step, value)
 
-        best_score, best_result = trainer.fit(train_data, valid_data, saved=True, show_progress=show,
-                                              callback_fn=callback)
+        best_score, best_result = trainer.fit(
+            train_data, valid_data, saved=True, show_progress=show, callback_fn=callback
+        )
     if scores:  # the validation of the model RecBole kept: the last stage (LLM models) or the first best epoch
         llm = getattr(trainer, "stage_results", None) is not None
         kept = len(scores) - 1 if llm or best_score not in scores else scores.index(best_score)
@@ -287,10 +338,15 @@ def fit_trial(model: str, dataset: str, params: dict[str, Any], *, report: Calla
     test_result = test_env_result = None
     if test:
         test_result, test_env_result = evaluate_with_environments(
-            trainer, test_data, load_best_model=True, show_progress=show,
-            fields=ENV_FIELDS if config["env_metrics"] else ())
-    return TrialOutcome(value, float(best_score), dict(best_result or {}), per_env, where, test_result,
-                        test_env_result, len(scores))
+            trainer,
+            test_data,
+            load_best_model=True,
+            show_progress=show,
+            fields=ENV_FIELDS if config["env_metrics"] else (),
+        )
+    return TrialOutcome(
+        value, float(best_score), dict(best_result or {}), per_env, where, test_result, test_env_result, len(scores)
+    )
 
 
 def _float(value: float) -> float | None:
@@ -320,9 +376,17 @@ class Objective:
                 raise optuna.TrialPruned(f"pruned at step {step} ({cfg.metric} {value:.4f})")
 
         try:
-            outcome = fit_trial(cfg.model, cfg.dataset, params, report=report, objective=cfg.objective,
-                                metric=cfg.metric, env_fields=cfg.env_fields, min_env_cases=cfg.min_env_cases,
-                                test=cfg.test)
+            outcome = fit_trial(
+                cfg.model,
+                cfg.dataset,
+                params,
+                report=report,
+                objective=cfg.objective,
+                metric=cfg.metric,
+                env_fields=cfg.env_fields,
+                min_env_cases=cfg.min_env_cases,
+                test=cfg.test,
+            )
         except optuna.TrialPruned:
             trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
             raise
@@ -353,14 +417,15 @@ def _safe(name: str) -> str:
 # ------------------------------------------------------------------------------------------- study
 def base_config(cfg: TuneConfig, space: SearchSpace) -> dict[str, Any]:
     """Every trial's settings before the tuned keys: space ``fixed`` < config files < params < split/metric."""
-    from causalrec.quick_start import read_config_files
+    from causalrec.recbole.preflight import read_config_files
 
     base = layer(space.fixed, read_config_files(cfg.config_files))
     base = layer(base, cfg.params)
     for key in ("split", "valid_metric"):
         if key in base:
-            _log.warning("config sets %s=%r; the study uses %r", key, base[key],
-                         cfg.split if key == "split" else cfg.metric)
+            _log.warning(
+                "config sets %s=%r; the study uses %r", key, base[key], cfg.split if key == "split" else cfg.metric
+            )
     base["split"] = cfg.split
     base["valid_metric"] = cfg.metric.upper() if "@" in cfg.metric else cfg.metric
     base.setdefault("show_progress", False)
@@ -368,14 +433,15 @@ def base_config(cfg: TuneConfig, space: SearchSpace) -> dict[str, Any]:
         base["stage_cache_dir"] = str((cfg.out / "stages").resolve())
     tuned_top = {n for n in space.names if "." not in n} & set(base)
     if tuned_top:
-        _log.warning("the search space tunes %s; the configured value(s) are replaced in every trial",
-                     sorted(tuned_top))
+        _log.warning(
+            "the search space tunes %s; the configured value(s) are replaced in every trial", sorted(tuned_top)
+        )
     return base
 
 
 def check_setup(cfg: TuneConfig, space: SearchSpace, base: dict[str, Any]) -> str:
     """Fail before any trial: keys, values, dataset and metric. Returns the study direction."""
-    from causalrec.quick_start import make_config
+    from causalrec.recbole.quick_start import make_config
 
     space.check(cfg.model)
     first = {p.name: p.values_to_check()[0] for p in space.params}
@@ -384,8 +450,10 @@ def check_setup(cfg: TuneConfig, space: SearchSpace, base: dict[str, Any]) -> st
     metrics = [m.lower() for m in config["metrics"]]
     topk = config["topk"] if isinstance(config["topk"], list) else [config["topk"]]
     if name not in metrics or not k.isdigit() or int(k) not in topk:
-        raise ConfigError(f"metric {cfg.metric!r} is not computed: the config's metrics are {config['metrics']} "
-                          f"at topk {topk}; choose one of those or set metrics/topk")
+        raise ConfigError(
+            f"metric {cfg.metric!r} is not computed: the config's metrics are {config['metrics']} "
+            f"at topk {topk}; choose one of those or set metrics/topk"
+        )
     return "minimize" if not config["valid_metric_bigger"] else "maximize"
 
 
@@ -413,9 +481,16 @@ def run_study(cfg: TuneConfig):
     cfg.out.mkdir(parents=True, exist_ok=True)
     storage, url = open_storage(cfg.storage, cfg.out)
     compared = {k: v for k, v in base.items() if k not in VOLATILE_KEYS and k not in _NOT_COMPARED}
-    meta = {"model": cfg.model, "dataset": cfg.dataset, "split": cfg.split, "metric": cfg.metric,
-            "objective": cfg.objective, "env_fields": list(cfg.env_fields) if cfg.objective == "worst" else None,
-            "space": space.digest(), "config": digest(compared)[:16]}
+    meta = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "metric": cfg.metric,
+        "objective": cfg.objective,
+        "env_fields": list(cfg.env_fields) if cfg.objective == "worst" else None,
+        "space": space.digest(),
+        "config": digest(compared, ascii_only=True)[:16],
+    }
     study = open_study(cfg, storage, url, direction, meta)
     for params in cfg.enqueue:
         study.enqueue_trial(dict(params), skip_if_exists=True)
@@ -426,13 +501,27 @@ def run_study(cfg: TuneConfig):
         done = len(study.get_trials(deepcopy=False, states=finished))
         n_trials = min(n_trials, max(0, cfg.max_trials - done))
         callbacks.append(optuna.study.MaxTrialsCallback(cfg.max_trials, states=finished))
-    _log.info("study %s (%s %s of %s, %s): %d trial(s) to run in %s", cfg.study_name, direction, cfg.objective,
-              cfg.metric, cfg.model, n_trials, url)
+    _log.info(
+        "study %s (%s %s of %s, %s): %d trial(s) to run in %s",
+        cfg.study_name,
+        direction,
+        cfg.objective,
+        cfg.metric,
+        cfg.model,
+        n_trials,
+        url,
+    )
     try:
         if n_trials:
-            study.optimize(Objective(cfg, space, base), n_trials=n_trials, timeout=cfg.timeout,
-                           catch=(Exception,), callbacks=callbacks, gc_after_trial=True,
-                           show_progress_bar=cfg.show_progress)
+            study.optimize(
+                Objective(cfg, space, base),
+                n_trials=n_trials,
+                timeout=cfg.timeout,
+                catch=(Exception,),
+                callbacks=callbacks,
+                gc_after_trial=True,
+                show_progress_bar=cfg.show_progress,
+            )
     finally:
         write_outputs(study, cfg, base, url)
     return study
@@ -451,9 +540,11 @@ def export_best(study, cfg: TuneConfig, base: dict[str, Any], path: Path) -> Pat
     config = layer(base, best.params)
     for key in ("stage_cache_dir", "checkpoint_dir", "show_progress"):
         config.pop(key, None)
-    header = (f"# Best trial {best.number} of Optuna study {study.study_name!r}: {cfg.objective} validation "
-              f"{cfg.metric} = {best.value:.6g} ({cfg.model} on {cfg.dataset}, split {cfg.split}).\n"
-              f"# causalrec run --model {cfg.model} --dataset {cfg.dataset} --config-files {path.name}\n")
+    header = (
+        f"# Best trial {best.number} of Optuna study {study.study_name!r}: {cfg.objective} validation "
+        f"{cfg.metric} = {best.value:.6g} ({cfg.model} on {cfg.dataset}, split {cfg.split}).\n"
+        f"# causalrec run --model {cfg.model} --dataset {cfg.dataset} --config-files {path.name}\n"
+    )
     write_atomic(path, header + yaml.safe_dump(config, sort_keys=True, default_flow_style=False))
     return path
 
@@ -488,10 +579,12 @@ def write_plots(study, folder: Path) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, draw in (("optimization_history", ovm.plot_optimization_history),
-                       ("intermediate_values", ovm.plot_intermediate_values),
-                       ("param_importances", ovm.plot_param_importances),
-                       ("parallel_coordinate", ovm.plot_parallel_coordinate)):
+    for name, draw in (
+        ("optimization_history", ovm.plot_optimization_history),
+        ("intermediate_values", ovm.plot_intermediate_values),
+        ("param_importances", ovm.plot_param_importances),
+        ("parallel_coordinate", ovm.plot_parallel_coordinate),
+    ):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -509,7 +602,7 @@ def write_plots(study, folder: Path) -> list[str]:
 
 def dashboard_command(url: str) -> str:
     if url.startswith("journal:"):
-        return f"optuna-dashboard {url[len('journal:'):]}"
+        return f"optuna-dashboard {url[len('journal:') :]}"
     return f"optuna-dashboard {url}"
 
 
@@ -534,23 +627,35 @@ def write_outputs(study, cfg: TuneConfig, base: dict[str, Any], url: str) -> dic
         _log.info("parameter importance skipped: %s", reason)
     files["plots"] = write_plots(study, out / "plots")
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in optuna.trial.TrialState}
-    lines = [f"# Optuna study {study.study_name}", "",
-             f"{cfg.model} on {cfg.dataset}, split {cfg.split}; objective: {cfg.objective} validation {cfg.metric} "
-             f"({study.direction.name.lower()}). Storage: `{url}`.", "",
-             "Trials: " + ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c), ""]
+    lines = [
+        f"# Optuna study {study.study_name}",
+        "",
+        f"{cfg.model} on {cfg.dataset}, split {cfg.split}; objective: {cfg.objective} validation {cfg.metric} "
+        f"({study.direction.name.lower()}). Storage: `{url}`.",
+        "",
+        "Trials: " + ", ".join(f"{n.lower()} {c}" for n, c in counts.items() if c),
+        "",
+    ]
     if best is not None:
         bt = study.best_trial
-        lines += [f"## Best trial {bt.number}: {bt.value:.6g}", "",
-                  *(f"- `{k}`: {v!r}" for k, v in bt.params.items()), "",
-                  f"Config: `{best.name}` (`causalrec run --model {cfg.model} --dataset {cfg.dataset} "
-                  f"--config-files {best}`)."]
+        lines += [
+            f"## Best trial {bt.number}: {bt.value:.6g}",
+            "",
+            *(f"- `{k}`: {v!r}" for k, v in bt.params.items()),
+            "",
+            f"Config: `{best.name}` (`causalrec run --model {cfg.model} --dataset {cfg.dataset} "
+            f"--config-files {best}`).",
+        ]
         if bt.user_attrs.get("test_result"):
             shown = ", ".join(f"{k} {v:.4f}" for k, v in bt.user_attrs["test_result"].items())
             lines += ["", f"Test (information only, not used for selection): {shown}."]
     lines += ["", "## Parameter importance", ""]
     if table is not None:
-        lines += ["| parameter | importance |", "|---|---|",
-                  *(f"| {r.param} | {r.importance:.3f} |" for r in table.itertuples())]
+        lines += [
+            "| parameter | importance |",
+            "|---|---|",
+            *(f"| {r.param} | {r.importance:.3f} |" for r in table.itertuples()),
+        ]
     else:
         lines.append(f"not available: {reason}")
     failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
@@ -563,56 +668,3 @@ def write_outputs(study, cfg: TuneConfig, base: dict[str, Any], url: str) -> dic
     write_atomic(out / "summary.md", "\n".join(lines) + "\n")
     files["summary"] = str(out / "summary.md")
     return files
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_parser(subparsers) -> None:
-    """``causalrec tune`` (found by ``causalrec.cli.build_parser``)."""
-    from causalrec.cli import _add_config_options
-
-    p = subparsers.add_parser(
-        "tune", help="Optuna study on the OOD validation metric (pruning, resumable storage, best YAML)",
-        description="Tune a model's hyper-parameters for out-of-distribution validation accuracy.")
-    p.add_argument("--model", "-m", required=True)
-    p.add_argument("--dataset", "-d", default="retail-sim")
-    p.add_argument("--split", "-s", default="seasonal", help="the shift split whose validation part is scored")
-    p.add_argument("--space", help="search-space YAML (or a name in tuning/); default tuning/<model>.yaml")
-    p.add_argument("--trials", "-n", type=int, default=20, help="trials this process runs")
-    p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials (all workers)")
-    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds")
-    p.add_argument("--storage", help="sqlite:///PATH, any Optuna RDB URL, or journal:PATH (default: SQLite in --out)")
-    p.add_argument("--study-name", help="default <model>-<dataset>-<split>-<objective>")
-    p.add_argument("--resume", action="store_true", help="continue a stored study (also: join it as a worker)")
-    p.add_argument("--metric", default="ndcg@10", help="validation metric (default ndcg@10)")
-    p.add_argument("--objective", choices=OBJECTIVES, default="mean",
-                   help="mean: all validation cases; worst: the worst validation environment")
-    p.add_argument("--env-field", action="append", choices=("season", "region"),
-                   help="environments of the worst objective (repeatable; default both)")
-    p.add_argument("--min-env-cases", type=int, default=1, help="worst objective: ignore smaller environments")
-    p.add_argument("--pruner", choices=PRUNERS, default="median")
-    p.add_argument("--pruner-startup-trials", type=int, default=5, help="median pruner: trials before pruning")
-    p.add_argument("--pruner-warmup-steps", type=int, default=0, help="median pruner: epochs before pruning")
-    p.add_argument("--sampler-seed", type=int, help="TPE seed (leave unset when several workers share a study)")
-    _add_config_options(p)
-    p.add_argument("--out", "-o", required=True, help="output folder")
-    p.add_argument("--no-test", action="store_true", help="do not evaluate finished trials on the test split")
-    p.add_argument("--keep-checkpoints", action="store_true")
-    p.add_argument("--progress", action="store_true", help="Optuna's progress bar over trials")
-    p.set_defaults(func=_cmd_tune)
-
-
-def _cmd_tune(args) -> int:
-    from causalrec.cli import parse_params
-
-    study = tune(
-        args.model, args.dataset, split=args.split, space=args.space, trials=args.trials,
-        max_trials=args.max_trials, timeout=args.timeout, storage=args.storage, study_name=args.study_name,
-        resume=args.resume, metric=args.metric, objective=args.objective,
-        env_fields=tuple(args.env_field or ("season", "region")), min_env_cases=args.min_env_cases,
-        pruner=args.pruner, pruner_startup_trials=args.pruner_startup_trials,
-        pruner_warmup_steps=args.pruner_warmup_steps, sampler_seed=args.sampler_seed,
-        config_files=args.config_files, params=parse_params(args.param), out=args.out, test=not args.no_test,
-        keep_checkpoints=args.keep_checkpoints, show_progress=args.progress,
-    )
-    print((Path(args.out) / "summary.md").read_text(encoding="utf-8"))
-    return 0 if any(t.state.name == "COMPLETE" for t in study.trials) else 1

@@ -22,14 +22,13 @@ from causalrec.llm.grounding import (
     ground_texts,
 )
 from causalrec.llm.ranking import (
-    TitleTrie,
     marginalize_environments,
     naive_scores,
     score_candidates,
     score_catalog,
     score_pairs,
-    title_token_ids,
 )
+from causalrec.llm.trie import TitleTrie, title_token_ids
 
 __all__ = [
     "BackboneConfig",

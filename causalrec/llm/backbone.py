@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from causalrec.errors import BackboneError, ConfigError
+from causalrec.errors import BackboneError, CheckpointError, ConfigError
 
 _log = logging.getLogger(__name__)
 
@@ -142,7 +142,9 @@ def build_tokenizer(corpus: Sequence[str], *, lowercase: bool = True, max_length
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
     tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation("isolated")]
+    )
     trainer = trainers.WordLevelTrainer(special_tokens=[PAD, BOS, EOS, UNK], min_frequency=1, show_progress=False)
     tok.train_from_iterator(texts, trainer)
     bos_id = tok.token_to_id(BOS)
@@ -231,6 +233,7 @@ def _quantization(cfg: BackboneConfig):
 
 
 def _load_pretrained(cfg: BackboneConfig, device: torch.device):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = cfg.backbone
@@ -248,20 +251,48 @@ def _load_pretrained(cfg: BackboneConfig, device: torch.device):
     quant = _quantization(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    adapter = Path(path) / _ADAPTER_SUBDIR
+    if Path(path).is_dir():
+        _check_weight_files(Path(path), adapter)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, local_files_only=local_only, trust_remote_code=cfg.trust_remote_code
+        )
+    except SafetensorError as err:  # a damaged file in the Hugging Face cache (a local directory is checked above)
+        todo = (
+            f"save or download the model into {path!r} again"
+            if Path(path).is_dir()
+            else f"delete its folder models--{path.replace('/', '--')} from the Hugging Face cache (HF_HUB_CACHE, by "
+            "default ~/.cache/huggingface/hub) and download it again"
+        )
+        raise CheckpointError(f"the weights of backbone {path!r} are damaged ({err}): {todo}") from None
     except (OSError, ValueError) as err:
         hint = " (offline: only models already on disk or in the HF cache can be used)" if local_only else ""
         raise BackboneError(f"cannot load backbone {path!r}{hint}: {err}") from err
     if quant is None:
         model.to(device)
-    adapter = Path(path) / _ADAPTER_SUBDIR
     if (adapter / "adapter_config.json").is_file():  # written by save_backbone for a LoRA model
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
     return model, tokenizer
+
+
+def _check_weight_files(directory: Path, adapter: Path) -> None:
+    """A ``CheckpointError`` naming the first safetensors file of a local model directory (or its LoRA adapter)
+    whose header does not parse or does not cover the file (truncated, overwritten), before transformers or peft
+    fails on it with a traceback. Only headers are read (a memory map); the data has no checksum to check."""
+    from causalrec.integrity import safetensors_problem
+
+    for file in sorted(directory.glob("*.safetensors")) + sorted(adapter.glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise CheckpointError(
+                f"backbone weights {str(file)!r} are damaged ({problem}): the file is truncated or not a safetensors "
+                f"file. Download or save the model into {str(directory)!r} again (re-download it, or delete the "
+                "directory and rerun the run that saved it)"
+            )
 
 
 ADDED_PAD = "<|causalrec_pad|>"
@@ -286,8 +317,11 @@ def check_tokenizer(tokenizer, model=None) -> None:
             # deterministic: the exact mean of the old rows (transformers' mean_resizing samples around it)
             base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             with torch.no_grad():
-                for table in {id(t): t for t in (base.get_input_embeddings().weight,
-                                                  getattr(base.get_output_embeddings(), "weight", None)) if t is not None}.values():
+                for table in {
+                    id(t): t
+                    for t in (base.get_input_embeddings().weight, getattr(base.get_output_embeddings(), "weight", None))
+                    if t is not None
+                }.values():
                     table[n_old:] = table[:n_old].float().mean(0).to(table.dtype)
         if base.config.pad_token_id is None or tokenizer.pad_token == ADDED_PAD:
             base.config.pad_token_id = tokenizer.pad_token_id
@@ -312,8 +346,12 @@ def lora_config(cfg: BackboneConfig, train_embeddings: Sequence[str] = (), tied:
 
     targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
     return LoraConfig(
-        task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=targets, modules_to_save=list(train_embeddings) or None,
+        task_type="CAUSAL_LM",
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=list(train_embeddings) or None,
         ensure_weight_tying=bool(train_embeddings) and tied,
     )
 
@@ -391,8 +429,10 @@ def load_backbone(
 
                 item_ids = item_token_ids(tokenizer, items)
             elif hasattr(model, "peft_config"):
-                raise BackboneError(f"backbone {cfg.backbone!r} carries a LoRA adapter; item tokens are added to a "
-                                    "plain model (save the item-token model with save_backbone and load that)")
+                raise BackboneError(
+                    f"backbone {cfg.backbone!r} carries a LoRA adapter; item tokens are added to a "
+                    "plain model (save the item-token model with save_backbone and load that)"
+                )
             else:
                 item_ids = add_item_tokens(tokenizer, items)
                 resize_for_items(model, tokenizer, item_ids, item_init_texts)
@@ -402,7 +442,12 @@ def load_backbone(
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     _log.info(
-        "backbone %s: %d parameters (%d trainable), vocabulary %d, on %s", cfg.backbone, n_all, n_train, len(tokenizer), device
+        "backbone %s: %d parameters (%d trainable), vocabulary %d, on %s",
+        cfg.backbone,
+        n_all,
+        n_train,
+        len(tokenizer),
+        device,
     )
     return model, tokenizer
 

@@ -36,17 +36,21 @@ def chat_wrapping(tokenizer, mode: str = "auto") -> tuple[str, str]:
     if mode == "false" or (mode == "auto" and not template):
         return "", ""
     if not template:
-        raise ConfigError("use_chat_template: true, but the backbone's tokenizer has no chat template "
-                          "(the tiny backbone never has one); use auto or false")
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _PLACEHOLDER}], add_generation_prompt=True,
-                                             tokenize=False)
+        raise ConfigError(
+            "use_chat_template: true, but the backbone's tokenizer has no chat template "
+            "(the tiny backbone never has one); use auto or false"
+        )
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _PLACEHOLDER}], add_generation_prompt=True, tokenize=False
+    )
     if rendered.count(_PLACEHOLDER) != 1:
-        raise ConfigError("the tokenizer's chat template does not write a user message verbatim; set "
-                          "use_chat_template: false")
+        raise ConfigError(
+            "the tokenizer's chat template does not write a user message verbatim; set use_chat_template: false"
+        )
     prefix, suffix = rendered.split(_PLACEHOLDER)
     bos = tokenizer.bos_token
     if bos and prefix.startswith(bos):
         adds_bos = tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
         if adds_bos:
-            prefix = prefix[len(bos):]
+            prefix = prefix[len(bos) :]
     return prefix, suffix

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from causalrec.errors import ConfigError, DataError
-from causalrec.llm.ranking import TitleTrie, _cache_kwarg, _eval_mode, _rows_cache, _run_prompt
+from causalrec.llm.kv_cache import cache_kwarg, eval_mode, rows_cache, run_prompt
+from causalrec.llm.trie import TitleTrie
 
 _log = logging.getLogger(__name__)
 
@@ -71,8 +72,10 @@ def constrained_beam_search(
     device = next(model.parameters()).device
     node_items = _node_items(trie)
     finished: list[tuple[float, int]] = []  # (score, global node)
-    with _eval_mode(model):
-        root_lp, prompt_kv = _run_prompt(model, torch.tensor([list(prompt_ids)], device=device), None, _cache_kwarg(model))
+    with eval_mode(model):
+        root_lp, prompt_kv = run_prompt(
+            model, torch.tensor([list(prompt_ids)], device=device), None, cache_kwarg(model)
+        )
         P = len(prompt_ids)
         lv0 = trie.levels[0]
         # candidates at the current depth: node index in level, score, row of the parent beam
@@ -102,18 +105,24 @@ def constrained_beam_search(
             rows = beam_parent.to(device)
             # past of each beam: the prompt KV (a view, copied once per beam) + the beam's path
             beam_view = lambda t: t.unsqueeze(1).expand(1, k, *t.shape[1:])  # noqa: E731
-            cache = _rows_cache(
-                [([beam_view(pk), ak[:, rows]], [beam_view(pv), av[:, rows]]) for (pk, pv), (ak, av) in zip(prompt_kv, path)]
+            cache = rows_cache(
+                [
+                    ([beam_view(pk), ak[:, rows]], [beam_view(pv), av[:, rows]])
+                    for (pk, pv), (ak, av) in zip(prompt_kv, path)
+                ]
             )
             out = model(
                 input_ids=level.token[beams].to(device).unsqueeze(1),
                 position_ids=torch.full((k, 1), P + d, device=device),
                 use_cache=True,
-                **{_cache_kwarg(model): cache},
+                **{cache_kwarg(model): cache},
             )
             lp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
             path = [
-                (torch.cat([layer.past_k[1], layer.new_kv[0]], dim=3), torch.cat([layer.past_v[1], layer.new_kv[1]], dim=3))
+                (
+                    torch.cat([layer.past_k[1], layer.new_kv[0]], dim=3),
+                    torch.cat([layer.past_v[1], layer.new_kv[1]], dim=3),
+                )
                 for layer in cache.layers
             ]
             # children of the beams are the next candidates
@@ -255,13 +264,23 @@ class EmbeddingIndex:
             if recall >= target:
                 break
         else:
-            _log.warning("%s index: recall@%d %.3f < target %.3f even at the widest search; consider kind='flat'",
-                         self.kind, k, recall, target)
+            _log.warning(
+                "%s index: recall@%d %.3f < target %.3f even at the widest search; consider kind='flat'",
+                self.kind,
+                k,
+                recall,
+                target,
+            )
         self.search_params["calibration_recall"] = recall
-        _log.info("%s index over %d vectors: %s (recall@%d %.3f on %d held-out items)", self.kind,
-                  len(indexed) + len(queries),
-                  {key: v for key, v in self.search_params.items() if key != "calibration_recall"}, k, recall,
-                  len(queries))
+        _log.info(
+            "%s index over %d vectors: %s (recall@%d %.3f on %d held-out items)",
+            self.kind,
+            len(indexed) + len(queries),
+            {key: v for key, v in self.search_params.items() if key != "calibration_recall"},
+            k,
+            recall,
+            len(queries),
+        )
 
     @staticmethod
     def _prepare(x: np.ndarray, metric: str) -> np.ndarray:
@@ -328,7 +347,7 @@ def embed_texts_with_backbone(
     """Mean-pooled last hidden states of the (causal) backbone: ``[len(texts), hidden]`` float32."""
     device = next(model.parameters()).device
     chunks = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for i in range(0, len(texts), batch_size):
             batch = list(texts[i : i + batch_size])
             enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
@@ -368,7 +387,9 @@ def _packaged_minilm_dir() -> Path:
         folder = Path(str(dist.locate_file(f))).parent
         if (folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file():
             return folder
-    raise ConfigError(f"{EMBEDDINGS_DIST} is installed but ships no model directory (config.json + tokenizer); reinstall it")
+    raise ConfigError(
+        f"{EMBEDDINGS_DIST} is installed but ships no model directory (config.json + tokenizer); reinstall it"
+    )
 
 
 class SentenceEmbedder:
@@ -392,10 +413,12 @@ class SentenceEmbedder:
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         chunks = []
-        with _eval_mode(self.model):
+        with eval_mode(self.model):
             for i in range(0, len(texts), self.batch_size):
                 batch = list(texts[i : i + self.batch_size])
-                enc = self.tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+                enc = self.tokenizer(
+                    batch, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+                )
                 enc = {k: v.to(self.device) for k, v in enc.items()}
                 hidden = self.model(**enc).last_hidden_state.float()
                 chunks.append(torch.nn.functional.normalize(_mean_pool(hidden, enc["attention_mask"]), dim=-1).cpu())

@@ -1,6 +1,6 @@
 """How an item is written for the LLM (``item_repr``), and exact full-catalog scores for item tokens.
 
-* ``title``: the item's title; ranked exactly by the title trie (``causalrec.llm.ranking``).
+* ``title``: the item's title; ranked exactly by the title trie walk (``causalrec.llm.ranking``).
 * ``id``: one added token per item (``<item_j>``, j the RecBole internal item id). The history in the prompt is
   item tokens and the answer is one token, so ONE forward of a prompt gives the log-probability of every item:
   full-catalog ranking costs what SASRec's does, and S-DPO can take the whole catalog as negatives.
@@ -99,9 +99,11 @@ def resize_for_items(model, tokenizer, token_ids: Sequence[int], init_texts: Seq
     targets = torch.tensor(sorted(items | set(range(n_old, n_new))))  # item rows, and any other row the resize added
     pieces: list[list[int]] = [[] for _ in token_ids]
     if init_texts is not None:
-        from causalrec.llm.ranking import title_token_ids
+        from causalrec.llm.trie import title_token_ids
 
-        pieces = [[i for i in seq[:-1] if i < n_new and real[i]] for seq in title_token_ids(tokenizer, list(init_texts))]
+        pieces = [
+            [i for i in seq[:-1] if i < n_new and real[i]] for seq in title_token_ids(tokenizer, list(init_texts))
+        ]
     with torch.no_grad():
         for table in tables:
             table[targets.to(table.device)] = _mean_rows(table, real).to(table.dtype)
@@ -115,8 +117,8 @@ def _mean_rows(table: torch.Tensor, rows: torch.Tensor, block: int = 8192) -> to
     embedding is never copied whole in float32)."""
     total = torch.zeros(table.shape[1], dtype=torch.float32, device=table.device)
     for r0 in range(0, table.shape[0], block):
-        keep = rows[r0:r0 + block].to(table.device)
-        total += table[r0:r0 + block][keep].float().sum(0)
+        keep = rows[r0 : r0 + block].to(table.device)
+        total += table[r0 : r0 + block][keep].float().sum(0)
     return total / int(rows.sum())
 
 
@@ -134,30 +136,33 @@ def score_item_tokens(
     One forward per batch of prompts (left-padded, positions restarting per row), the output layer applied at the
     last position only (``logits_to_keep=1``), log-softmax over the whole vocabulary.
     """
-    from causalrec.llm.ranking import _eval_mode, _pad_left  # scoring's eval mode / no-grad, and left padding
+    from causalrec.llm.kv_cache import eval_mode, pad_left  # scoring's eval mode / no-grad, and left padding
 
     if any(len(p) == 0 for p in prompt_ids):
         raise BackboneError("cannot score an empty prompt: it has no position to predict the item from")
     device = next(model.parameters()).device
     columns = torch.as_tensor(list(item_token_ids), dtype=torch.long, device=device)
     out = []
-    with _eval_mode(model):
-        for b0 in tqdm(range(0, len(prompt_ids), batch_size), desc="ranking catalog", unit="batch",
-                       disable=not show_progress):
-            ids, mask = _pad_left(prompt_ids[b0:b0 + batch_size], pad_token_id, device)
+    with eval_mode(model):
+        for b0 in tqdm(
+            range(0, len(prompt_ids), batch_size), desc="ranking catalog", unit="batch", disable=not show_progress
+        ):
+            ids, mask = pad_left(prompt_ids[b0 : b0 + batch_size], pad_token_id, device)
             positions = (mask.cumsum(1) - 1).clamp(min=0)  # restart at 0 on each row's first real token
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                           logits_to_keep=1).logits[:, -1]
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+            ).logits[:, -1]
             out.append(torch.log_softmax(logits.float(), dim=-1).index_select(1, columns))
     if not out:
         return torch.empty(0, len(columns), device=device)
     return torch.cat(out)
 
 
-def item_logps_at(hidden: torch.Tensor, positions: torch.Tensor, output_layer, item_token_ids: torch.Tensor) -> torch.Tensor:
+def item_logps_at(
+    hidden: torch.Tensor, positions: torch.Tensor, output_layer, item_token_ids: torch.Tensor
+) -> torch.Tensor:
     """``[B, n_items]`` log-probabilities of the item tokens predicted at ``positions [B]`` of ``hidden [B, T, H]``
     (a decoder's last hidden state) through ``output_layer``, normalised over the whole vocabulary."""
     rows = torch.arange(hidden.size(0), device=hidden.device)
     logits = output_layer(hidden[rows, positions])
     return torch.log_softmax(logits.float(), dim=-1).index_select(1, item_token_ids.to(logits.device))
-

@@ -30,6 +30,7 @@ import torch
 
 from causalrec.data.prompts import PromptFormat
 from causalrec.errors import CausalRecError, ConfigError, UnknownNameError
+from causalrec.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,22 @@ RESULT_FILE = "rank{rank}.pt"
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-4, 1e-5
 
 TITLES = (
-    "red mug", "blue cup", "green tea pot", "paper star", "wool scarf", "garden gnome", "sun hat", "beach towel",
-    "candle set", "snow globe", "rain coat", "lunch box", "picnic rug", "ice scraper", "fan heater", "kite",
+    "red mug",
+    "blue cup",
+    "green tea pot",
+    "paper star",
+    "wool scarf",
+    "garden gnome",
+    "sun hat",
+    "beach towel",
+    "candle set",
+    "snow globe",
+    "rain coat",
+    "lunch box",
+    "picnic rug",
+    "ice scraper",
+    "fan heater",
+    "kite",
 )
 SEASONS = ("winter", "summer")
 
@@ -107,10 +122,15 @@ def synthetic_records(rows: int, num_negatives: int, seed: int = 0):
         picks = rng.choice(len(TITLES), size=4 + num_negatives, replace=False)
         n_hist = int(rng.integers(1, 4))
         season = SEASONS[int(rng.integers(len(SEASONS)))]
-        out.append(PreferenceRecord(
-            history=[TITLES[i] for i in picks[:n_hist]], target=TITLES[picks[3]],
-            negatives=[TITLES[i] for i in picks[4:]], season=season, region="north" if picks[3] % 2 else "south",
-        ))
+        out.append(
+            PreferenceRecord(
+                history=[TITLES[i] for i in picks[:n_hist]],
+                target=TITLES[picks[3]],
+                negatives=[TITLES[i] for i in picks[4:]],
+                season=season,
+                region="north" if picks[3] % 2 else "south",
+            )
+        )
     return out
 
 
@@ -119,9 +139,15 @@ def _tiny_backbone(cfg: CheckConfig, fmt: PromptFormat, lora: bool):
 
     corpus = list(TITLES) + [fmt.template, fmt.prompt([])]
     # No LoRA dropout: each process would draw its own masks, so runs would agree only statistically.
-    backbone = BackboneConfig(tiny_hidden_size=cfg.hidden_size, tiny_layers=cfg.layers, tiny_heads=2,
-                              seed=cfg.seed, device="cpu",  # the Trainer moves it to its process's device
-                              lora_r=cfg.lora_r if lora else 0, lora_dropout=0.0)
+    backbone = BackboneConfig(
+        tiny_hidden_size=cfg.hidden_size,
+        tiny_layers=cfg.layers,
+        tiny_heads=2,
+        seed=cfg.seed,
+        device="cpu",  # the Trainer moves it to its process's device
+        lora_r=cfg.lora_r if lora else 0,
+        lora_dropout=0.0,
+    )
     return load_backbone(backbone, corpus)
 
 
@@ -148,9 +174,11 @@ def _flat(module: torch.nn.Module) -> torch.Tensor:
 
 def _summary(trainer) -> dict[str, Any]:
     history = trainer.state.log_history
-    out = {"losses": torch.tensor([h["loss"] for h in history if "loss" in h], dtype=torch.float64),
-           "training_loss": float(next(h["train_loss"] for h in history if "train_loss" in h)),
-           "weights": _flat(trainer.accelerator.unwrap_model(trainer.model))}
+    out = {
+        "losses": torch.tensor([h["loss"] for h in history if "loss" in h], dtype=torch.float64),
+        "training_loss": float(next(h["train_loss"] for h in history if "train_loss" in h)),
+        "weights": _flat(trainer.accelerator.unwrap_model(trainer.model)),
+    }
     env = getattr(trainer, "environment_model", None)
     if env is not None:
         out["env_prior"] = env.prior.detach().float().cpu().clone()
@@ -182,14 +210,23 @@ def run_stage(stage: str, cfg: CheckConfig, output_dir: str | os.PathLike) -> di
         return _summary(trainer)
     if stage == "sdpo":
         args = SDPOConfig(output_dir=out, num_negatives=cfg.num_negatives, **_common_args(cfg))
-        trainer = SDPOTrainer(model, args=args, train_dataset=preference_dataset(records, fmt),
-                              processing_class=tokenizer)
+        trainer = SDPOTrainer(
+            model, args=args, train_dataset=preference_dataset(records, fmt), processing_class=tokenizer
+        )
     else:
-        args = CausalDPOConfig(output_dir=out, num_negatives=cfg.num_negatives, env_source=cfg.env_source,
-                               n_environments=cfg.n_environments, prior_momentum=cfg.prior_momentum,
-                               lambda_inv=0.5, env_init_samples=cfg.rows, **_common_args(cfg))
-        trainer = CausalDPOTrainer(model, args=args, train_dataset=preference_dataset(records, fmt),
-                                   processing_class=tokenizer)
+        args = CausalDPOConfig(
+            output_dir=out,
+            num_negatives=cfg.num_negatives,
+            env_source=cfg.env_source,
+            n_environments=cfg.n_environments,
+            prior_momentum=cfg.prior_momentum,
+            lambda_inv=0.5,
+            env_init_samples=cfg.rows,
+            **_common_args(cfg),
+        )
+        trainer = CausalDPOTrainer(
+            model, args=args, train_dataset=preference_dataset(records, fmt), processing_class=tokenizer
+        )
     trainer.train()
     return _summary(trainer)
 
@@ -201,17 +238,20 @@ def run_check(cfg: CheckConfig, output_dir: str | os.PathLike) -> dict[str, Any]
 
     stages = {stage: run_stage(stage, cfg, output_dir) for stage in cfg.stages}
     state = AcceleratorState()  # set up by the Trainers' Accelerator from the launcher's settings (DDP, FSDP, ...)
-    return {"world_size": state.num_processes, "rank": state.process_index, "config": dataclasses.asdict(cfg),
-            "distributed_type": str(state.distributed_type), "stages": stages}
+    return {
+        "world_size": state.num_processes,
+        "rank": state.process_index,
+        "config": dataclasses.asdict(cfg),
+        "distributed_type": str(state.distributed_type),
+        "stages": stages,
+    }
 
 
 def save_result(result: dict[str, Any], directory: str | os.PathLike) -> Path:
     """Write ``result`` to ``<directory>/rank<r>.pt`` (tensors, numbers and strings only)."""
     path = Path(directory) / RESULT_FILE.format(rank=result["rank"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(result, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(result, tmp)
     return path
 
 
@@ -232,8 +272,9 @@ def differences(got: dict[str, Any], expected: dict[str, Any]) -> dict[str, floa
     return out
 
 
-def compare(got: dict[str, Any], expected: dict[str, Any], rtol: float = DEFAULT_RTOL,
-            atol: float = DEFAULT_ATOL) -> list[str]:
+def compare(
+    got: dict[str, Any], expected: dict[str, Any], rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL
+) -> list[str]:
     """A message per quantity (losses, training loss, weights, prior, prototypes) outside ``atol + rtol |expected|``;
     empty when the runs agree. A stage of ``got`` that ``expected`` lacks is reported (it cannot be checked)."""
     problems = [f"{stage}: not in the reference run" for stage in got["stages"] if stage not in expected["stages"]]
@@ -246,62 +287,105 @@ def compare(got: dict[str, Any], expected: dict[str, Any], rtol: float = DEFAULT
             if a.shape != b.shape:
                 problems.append(f"{stage}/{key}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
             elif not torch.allclose(a, b, rtol=rtol, atol=atol):
-                problems.append(f"{stage}/{key}: max |difference| {float((a - b).abs().max()):.3g} "
-                                f"(atol {atol:g}, rtol {rtol:g})")
+                problems.append(
+                    f"{stage}/{key}: max |difference| {float((a - b).abs().max()):.3g} (atol {atol:g}, rtol {rtol:g})"
+                )
     return problems
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m causalrec.training.distributed_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The check's options, one per ``CheckConfig`` field (its default), then ``--out``, ``--compare``,
+    ``--expect-processes``, ``--rtol``, ``--atol``: shared by ``main`` and ``causalrec check``."""
     defaults = CheckConfig()
     for f in dataclasses.fields(CheckConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "stages":
-            p.add_argument(flag, default=",".join(defaults.stages), help=f"comma-separated subset of {STAGES}")
+            parser.add_argument(flag, default=",".join(defaults.stages), help=f"comma-separated subset of {STAGES}")
         else:
             default = getattr(defaults, f.name)
-            p.add_argument(flag, type=type(default), default=default)
-    p.add_argument("--out", required=True, help="directory for rank<r>.pt")
-    p.add_argument("--compare", metavar="DIR", help="compare rank 0's result with DIR/rank0.pt; exit 1 on mismatch")
-    p.add_argument("--expect-processes", type=int, help="fail unless the launcher started this many processes")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL)
-    return p
+            parser.add_argument(flag, type=type(default), default=default)
+    parser.add_argument("--out", required=True, help="directory for rank<r>.pt")
+    parser.add_argument(
+        "--compare", metavar="DIR", help="compare rank 0's result with DIR/rank0.pt; exit 1 on mismatch"
+    )
+    parser.add_argument("--expect-processes", type=int, help="fail unless the launcher started this many processes")
+    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL)
+    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ns = _parser().parse_args(argv)
-    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(CheckConfig)}
-    values["stages"] = tuple(s.strip() for s in ns.stages.split(",") if s.strip())
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = run_check(CheckConfig(**values), ns.out)
-        if ns.expect_processes is not None and result["world_size"] != ns.expect_processes:
-            raise ConfigError(
-                f"the launcher started {result['world_size']} process(es), expected {ns.expect_processes}. On a "
-                "CPU-only machine 'accelerate launch --cpu' starts one process unless given --mpirun_hostfile; use "
-                "'ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N' or torchrun"
-            )
-    except CausalRecError as err:
-        logger.error("%s", err)
-        return 2
-    save_result(result, ns.out)
+def config_from_args(args: argparse.Namespace) -> CheckConfig:
+    """The ``CheckConfig`` of options parsed with ``add_arguments`` (``--stages``: comma-separated)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(CheckConfig)}
+    values["stages"] = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    return CheckConfig(**values)
+
+
+def check(
+    config: CheckConfig,
+    out: str | os.PathLike,
+    *,
+    compare_with: str | os.PathLike | None = None,
+    expect_processes: int | None = None,
+    rtol: float = DEFAULT_RTOL,
+    atol: float = DEFAULT_ATOL,
+) -> int:
+    """Run the check and save this process's result under ``out``; rank 0 logs each stage's losses and, with
+    ``compare_with``, compares its result with ``compare_with``/rank0.pt. Returns 0, or 1 on a mismatch. Raises
+    ``ConfigError`` (nothing saved) when the launcher did not start ``expect_processes`` processes."""
+    result = run_check(config, out)
+    if expect_processes is not None and result["world_size"] != expect_processes:
+        raise ConfigError(
+            f"the launcher started {result['world_size']} process(es), expected {expect_processes}. On a "
+            "CPU-only machine 'accelerate launch --cpu' starts one process unless given --mpirun_hostfile; use "
+            "'ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N' or torchrun"
+        )
+    save_result(result, out)
     if result["rank"] != 0:
         return 0
     for stage, res in result["stages"].items():
-        logger.info("%s: %s, %d process(es), losses %s", stage, result["distributed_type"], result["world_size"],
-                    " ".join(f"{x:.6f}" for x in res["losses"].tolist()))
-    if ns.compare:
-        problems = compare(result, load_result(ns.compare), ns.rtol, ns.atol)
+        logger.info(
+            "%s: %s, %d process(es), losses %s",
+            stage,
+            result["distributed_type"],
+            result["world_size"],
+            " ".join(f"{x:.6f}" for x in res["losses"].tolist()),
+        )
+    if compare_with:
+        problems = compare(result, load_result(compare_with), rtol, atol)
         for problem in problems:
-            logger.error("mismatch with %s: %s", ns.compare, problem)
+            logger.error("mismatch with %s: %s", compare_with, problem)
         if problems:
             return 1
-        logger.info("matches %s (rtol %g, atol %g)", ns.compare, ns.rtol, ns.atol)
+        logger.info("matches %s (rtol %g, atol %g)", compare_with, rtol, atol)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m causalrec.training.distributed_check`` (the module ``accelerate launch -m`` and ``torchrun -m``
+    start); ``causalrec check`` takes the same options. A ``CausalRecError`` is logged and exits 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m causalrec.training.distributed_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ns = add_arguments(parser).parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return check(
+            config_from_args(ns),
+            ns.out,
+            compare_with=ns.compare,
+            expect_processes=ns.expect_processes,
+            rtol=ns.rtol,
+            atol=ns.atol,
+        )
+    except CausalRecError as err:
+        logger.error("%s", err)
+        return 2
 
 
 if __name__ == "__main__":

@@ -241,4 +241,3 @@ class EnvironmentModel(nn.Module):
     def clustering_losses(self, h: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft k-means distortion, balance KL) for representations ``h`` and their assignments ``q``."""
         return cluster_loss(self.features(h), self.prototypes, q), balance_loss(q)
-

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from datasets import Dataset
-
 from causalrec.data.prompts import PromptFormat, completion_text
 from causalrec.errors import DataError
-from causalrec.training.preference import make_preference_dataset
+from causalrec.training.sdpo_trainer import make_preference_dataset
 from causalrec.training.sft import make_sft_dataset
+from datasets import Dataset
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,9 @@ def sft_sequence_dataset(
         ids = tokenize_text(tokenizer, r.prompt(fmt) + completion_text(r.target) + eos)
         positions = [k for k, t in enumerate(ids) if t in items]
         if not positions or positions[-1] != len(ids) - 2 or ids[-1] != tokenizer.eos_token_id:
-            raise DataError(f"a sequence SFT row does not end with one item token and EOS: {r.prompt(fmt)!r} "
-                            f"+ {r.target!r}")
+            raise DataError(
+                f"a sequence SFT row does not end with one item token and EOS: {r.prompt(fmt)!r} + {r.target!r}"
+            )
         mask = [0] * len(ids)
         for k in positions[1:]:
             mask[k] = 1
@@ -80,7 +80,9 @@ def preference_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | 
     fmt = fmt or PromptFormat()
     records = list(records)
     # no negatives on any row: num_negatives="all", the trainer takes the whole catalog
-    rejected = [[completion_text(t) for t in r.negatives] for r in records] if any(r.negatives for r in records) else None
+    rejected = (
+        [[completion_text(t) for t in r.negatives] for r in records] if any(r.negatives for r in records) else None
+    )
     return make_preference_dataset(
         [r.prompt(fmt) for r in records],
         [completion_text(r.target) for r in records],

@@ -14,12 +14,13 @@ import logging
 import math
 from typing import Iterable, Sequence
 
-from datasets import Dataset
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from causalrec.errors import ConfigError, DataError, TrainingError, UnknownNameError
+from causalrec.training.stage_cache import check_resume_checkpoint, last_checkpoint
 from causalrec.training.trl_compat import device_defaults, training_defaults
+from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ def build_sft_config(output_dir: str, **hf_args) -> SFTConfig:
     kwargs = {**training_defaults(), "completion_only_loss": True, **hf_args}
     # Resolve hardware-dependent defaults before TrainingArguments validates them (bf16 raises on CPU).
     kwargs["bf16"], kwargs["activation_checkpointing"] = device_defaults(
-        kwargs.get("bf16"), kwargs.get("fp16", False), kwargs.pop("gradient_checkpointing", None),
+        kwargs.get("bf16"),
+        kwargs.get("fp16", False),
+        kwargs.pop("gradient_checkpointing", None),
         kwargs.get("activation_checkpointing"),
     )
     try:
@@ -89,6 +92,7 @@ def run_sft(
 
     Raises:
         ConfigError: ``args`` is not an ``SFTConfig``.
+        CheckpointError: the checkpoint to resume from has a damaged file (checked before training starts).
         TrainingError: the training loss is not finite.
     """
     if not isinstance(args, SFTConfig):
@@ -96,6 +100,10 @@ def run_sft(
     missing = {"prompt", "completion"} - set(train_dataset.column_names)
     if missing:
         raise DataError(f"SFT dataset lacks column(s) {sorted(missing)}; build it with make_sft_dataset")
+    if resume_from_checkpoint is True:  # the newest complete checkpoint; none: transformers says so
+        resume_from_checkpoint = last_checkpoint(args.output_dir) or True
+    elif resume_from_checkpoint:
+        check_resume_checkpoint(resume_from_checkpoint)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from causalrec.data.frame import canonicalize, k_core
-from causalrec.data.spec import DataSpec
+from causalrec.data.frame import canonicalize, cap_titles, k_core
 from causalrec.data.sources import csv_table, movielens, retail_sim, uci_retail
+from causalrec.data.spec import DataSpec
 
 _log = logging.getLogger(__name__)
 
@@ -46,10 +46,31 @@ def load_frame(spec: DataSpec) -> pd.DataFrame:
         _log.warning("retail-sim is simulated; source %r is ignored", spec.source)
     raw, counts = LOADERS[spec.dataset](spec)
     frame = canonicalize(raw, spec.dataset)
+    frame, cut = cap_titles(frame, spec.max_title_chars)
+    if cut:
+        counts = {**counts, "titles_cut": cut}
+        _log.warning(
+            "%s: %d item title(s) are longer than max_title_chars=%d characters and were cut to it; a text "
+            "that long is usually a description: choose the title column(s) with csv_text, or raise "
+            "max_title_chars (at most 131072)",
+            spec.dataset,
+            cut,
+            spec.max_title_chars,
+        )
     filtered = k_core(frame, spec.min_user_inter, spec.min_item_inter)
-    counts = {**counts, "rows_before_k_core": len(frame), "users_before_k_core": int(frame["user_id"].nunique()),
-              "items_before_k_core": int(frame["item_id"].nunique()), "rows_after_k_core": len(filtered)}
+    counts = {
+        **counts,
+        "rows_before_k_core": len(frame),
+        "users_before_k_core": int(frame["user_id"].nunique()),
+        "items_before_k_core": int(frame["item_id"].nunique()),
+        "rows_after_k_core": len(filtered),
+    }
     filtered.attrs["cleaning"] = counts
-    _log.info("%s: %d interactions, %d users, %d items after cleaning and k-core", spec.dataset, len(filtered),
-              filtered["user_id"].nunique(), filtered["item_id"].nunique())
+    _log.info(
+        "%s: %d interactions, %d users, %d items after cleaning and k-core",
+        spec.dataset,
+        len(filtered),
+        filtered["user_id"].nunique(),
+        filtered["item_id"].nunique(),
+    )
     return filtered

@@ -41,44 +41,88 @@ class Category:
     name: str
     nouns: tuple[str, ...]
     months: tuple[int, ...] = ()  # peak months; empty = evergreen
-    regional: bool = False        # sells mostly in one home region
+    regional: bool = False  # sells mostly in one home region
 
 
 # Interleaved so that the first k categories mix seasonal, regional and evergreen ones.
 CATEGORIES = (
-    Category("christmas decorations", ("BAUBLE", "WREATH", "STAR GARLAND", "ADVENT CALENDAR", "TREE TOPPER",
-                                       "STOCKING", "CANDLE RING"), (11, 12)),
+    Category(
+        "christmas decorations",
+        ("BAUBLE", "WREATH", "STAR GARLAND", "ADVENT CALENDAR", "TREE TOPPER", "STOCKING", "CANDLE RING"),
+        (11, 12),
+    ),
     Category("kitchen", ("TEA TOWEL", "CAKE TIN", "MIXING BOWL", "APRON", "JAM JAR SET", "BREAD BIN")),
-    Category("garden", ("PLANT POT", "WATERING CAN", "BIRD FEEDER", "SEED TRAY", "GARDEN KNEELER", "TRELLIS"),
-             (4, 5, 6)),
-    Category("tea and coffee", ("TEAPOT", "CAFETIERE", "TEA CADDY", "MUG", "COFFEE GRINDER", "MILK JUG"),
-             regional=True),
-    Category("swimwear and beach", ("SWIMSUIT", "BEACH TOWEL", "SUN HAT", "FLIP FLOPS", "BEACH BAG", "PARASOL"),
-             (6, 7, 8)),
+    Category(
+        "garden", ("PLANT POT", "WATERING CAN", "BIRD FEEDER", "SEED TRAY", "GARDEN KNEELER", "TRELLIS"), (4, 5, 6)
+    ),
+    Category(
+        "tea and coffee", ("TEAPOT", "CAFETIERE", "TEA CADDY", "MUG", "COFFEE GRINDER", "MILK JUG"), regional=True
+    ),
+    Category(
+        "swimwear and beach", ("SWIMSUIT", "BEACH TOWEL", "SUN HAT", "FLIP FLOPS", "BEACH BAG", "PARASOL"), (6, 7, 8)
+    ),
     Category("home decor", ("CUSHION", "PHOTO FRAME", "WALL CLOCK", "VASE", "THROW", "MIRROR")),
-    Category("winter accessories", ("SCARF", "GLOVES", "BEANIE HAT", "HOT WATER BOTTLE", "EAR MUFFS",
-                                    "THERMAL SOCKS"), (12, 1, 2)),
-    Category("local crafts", ("WOVEN BASKET", "POTTERY DISH", "CARVED SPOON", "KNITTED COASTER", "LACE DOILY"),
-             regional=True),
-    Category("halloween", ("PUMPKIN LANTERN", "WITCH HAT", "SKULL GARLAND", "BAT DECORATION",
-                           "TRICK OR TREAT BAG"), (10,)),
+    Category(
+        "winter accessories",
+        ("SCARF", "GLOVES", "BEANIE HAT", "HOT WATER BOTTLE", "EAR MUFFS", "THERMAL SOCKS"),
+        (12, 1, 2),
+    ),
+    Category(
+        "local crafts", ("WOVEN BASKET", "POTTERY DISH", "CARVED SPOON", "KNITTED COASTER", "LACE DOILY"), regional=True
+    ),
+    Category(
+        "halloween", ("PUMPKIN LANTERN", "WITCH HAT", "SKULL GARLAND", "BAT DECORATION", "TRICK OR TREAT BAG"), (10,)
+    ),
     Category("stationery", ("NOTEBOOK", "PENCIL CASE", "GREETING CARD", "WRAPPING PAPER", "PEN SET")),
     Category("easter", ("EASTER EGG", "BUNNY FIGURE", "CHICK GARLAND", "EGG CUP", "EASTER BASKET"), (3, 4)),
     Category("sports fan gear", ("TEAM SCARF", "FAN FLAG", "SUPPORTER MUG", "JERSEY", "FOAM HAND"), regional=True),
     Category("back to school", ("LUNCH BOX", "SCHOOL BAG", "WATER BOTTLE", "RULER SET", "SHOE BAG"), (8, 9)),
     Category("toys", ("SPINNING TOP", "JIGSAW PUZZLE", "SKITTLES", "TEDDY BEAR", "DOLLS HOUSE")),
-    Category("regional delicacies", ("FUDGE TIN", "SHORTBREAD BOX", "CHUTNEY JAR", "HONEY POT", "TOFFEE BAG"),
-             regional=True),
+    Category(
+        "regional delicacies", ("FUDGE TIN", "SHORTBREAD BOX", "CHUTNEY JAR", "HONEY POT", "TOFFEE BAG"), regional=True
+    ),
     Category("lighting", ("T-LIGHT HOLDER", "LANTERN", "STRING LIGHTS", "TABLE LAMP", "NIGHT LIGHT")),
     Category("party supplies", ("PAPER PLATES", "BUNTING", "PARTY CUPS", "BALLOON SET", "NAPKINS")),
     Category("picnic", ("PICNIC BLANKET", "PICNIC HAMPER", "COOL BAG", "FLASK", "TUMBLER"), (6, 7)),
     Category("bathroom", ("SOAP DISH", "TOOTHBRUSH HOLDER", "BATH MAT", "TOWEL", "WASH BAG")),
     Category("storage", ("STORAGE TIN", "TRINKET BOX", "SHOE BOX", "LAUNDRY BAG", "STORAGE JAR")),
 )
-ADJECTIVES = ("RED", "BLUE", "GREEN", "PINK", "WHITE", "BLACK", "IVORY", "SILVER", "GOLD", "PASTEL", "VINTAGE",
-              "RETRO", "SPOTTY", "STRIPED", "FLORAL", "HEART", "STAR", "BIRD", "PAISLEY", "SCANDI")
-MATERIALS = ("WOOL", "CERAMIC", "ENAMEL", "GLASS", "WOODEN", "METAL", "COTTON", "PAPER", "FELT", "ZINC",
-             "BAMBOO", "WICKER")
+ADJECTIVES = (
+    "RED",
+    "BLUE",
+    "GREEN",
+    "PINK",
+    "WHITE",
+    "BLACK",
+    "IVORY",
+    "SILVER",
+    "GOLD",
+    "PASTEL",
+    "VINTAGE",
+    "RETRO",
+    "SPOTTY",
+    "STRIPED",
+    "FLORAL",
+    "HEART",
+    "STAR",
+    "BIRD",
+    "PAISLEY",
+    "SCANDI",
+)
+MATERIALS = (
+    "WOOL",
+    "CERAMIC",
+    "ENAMEL",
+    "GLASS",
+    "WOODEN",
+    "METAL",
+    "COTTON",
+    "PAPER",
+    "FELT",
+    "ZINC",
+    "BAMBOO",
+    "WICKER",
+)
 SIZES = ("", "MINI ", "SMALL ", "LARGE ", "JUMBO ")
 
 
@@ -115,8 +159,10 @@ class SimResult:
 def _titles(rng: np.random.Generator, category: Category, n: int) -> list[str]:
     combos = len(SIZES) * len(ADJECTIVES) * len(MATERIALS) * len(category.nouns)
     if n > combos:
-        raise ConfigError(f"retail-sim can title at most {combos} items per category; {n} were asked for "
-                          f"{category.name!r}: raise sim_categories or lower sim_items")
+        raise ConfigError(
+            f"retail-sim can title at most {combos} items per category; {n} were asked for "
+            f"{category.name!r}: raise sim_categories or lower sim_items"
+        )
     # the first len(ADJ)*len(MAT)*len(nouns) combinations carry no size word; prefer those
     plain = len(ADJECTIVES) * len(MATERIALS) * len(category.nouns)
     pick = rng.choice(plain, size=n, replace=False) if n <= plain else rng.choice(combos, size=n, replace=False)
@@ -162,13 +208,15 @@ def simulate(spec: DataSpec) -> SimResult:
     for k, cat in enumerate(cats):
         if cat.months:
             season[k] = np.where(np.isin(months, cat.months), 1.0, -1.0)
-    fashion = np.where(fashion_peak[:, None] > 0,
-                       np.cos(2 * np.pi * (months[None, :] - fashion_peak[:, None]) / 12), 0.0)
+    fashion = np.where(
+        fashion_peak[:, None] > 0, np.cos(2 * np.pi * (months[None, :] - fashion_peak[:, None]) / 12), 0.0
+    )
     # log exposure weight of item i in region r, month m: [items, regions, 12]
-    log_w = (pop[:, None, None]
-             + c * (SEASON_STRENGTH * season[item_cat][:, None, :]
-                    + STOCK_STRENGTH * np.where(stock, 1.0, -1.0)[:, :, None]
-                    + FASHION_STRENGTH * fashion[:, None, :]))
+    log_w = pop[:, None, None] + c * (
+        SEASON_STRENGTH * season[item_cat][:, None, :]
+        + STOCK_STRENGTH * np.where(stock, 1.0, -1.0)[:, :, None]
+        + FASHION_STRENGTH * fashion[:, None, :]
+    )
     w = np.exp(log_w)
     cat_w = np.stack([w[item_cat == k].sum(axis=0) for k in range(n_cat)])  # [cats, regions, 12]
 
@@ -182,9 +230,12 @@ def simulate(spec: DataSpec) -> SimResult:
     # purchase events: month by shop volume, time uniform within the month
     ev_user = np.repeat(np.arange(n_users), n_buy)
     ev_month = rng.choice(months, size=len(ev_user), p=MONTH_VOLUME / MONTH_VOLUME.sum())
-    bounds = np.array([f"{SIM_YEAR}-{m:02d}-01" for m in range(1, 13)] + [f"{SIM_YEAR + 1}-01-01"],
-                      dtype="datetime64[s]").astype(np.int64)
-    ev_time = bounds[ev_month - 1] + (rng.random(len(ev_user)) * (bounds[ev_month] - bounds[ev_month - 1])).astype(np.int64)
+    bounds = np.array(
+        [f"{SIM_YEAR}-{m:02d}-01" for m in range(1, 13)] + [f"{SIM_YEAR + 1}-01-01"], dtype="datetime64[s]"
+    ).astype(np.int64)
+    ev_time = bounds[ev_month - 1] + (rng.random(len(ev_user)) * (bounds[ev_month] - bounds[ev_month - 1])).astype(
+        np.int64
+    )
     ev_region = user_region[ev_user]
 
     # stage 1: category ~ theta_u[c] * W_c(r, m)
@@ -217,14 +268,16 @@ def simulate(spec: DataSpec) -> SimResult:
     user_ids = np.array([f"u{u + 1:05d}" for u in range(n_users)], dtype=object)
     item_ids = np.array([f"i{i + 1:05d}" for i in range(n_items)], dtype=object)
     cat_names = tuple(cat.name for cat in cats)
-    frame = pd.DataFrame({
-        "user_id": user_ids[ev_user],
-        "item_id": item_ids[ev_item],
-        "timestamp": ev_time.astype(np.int64),
-        "region": np.array(regions, dtype=object)[user_region[ev_user]],
-        "item_text": titles[ev_item],
-        "category": np.array(cat_names, dtype=object)[item_cat[ev_item]],
-    })
+    frame = pd.DataFrame(
+        {
+            "user_id": user_ids[ev_user],
+            "item_id": item_ids[ev_item],
+            "timestamp": ev_time.astype(np.int64),
+            "region": np.array(regions, dtype=object)[user_region[ev_user]],
+            "item_text": titles[ev_item],
+            "category": np.array(cat_names, dtype=object)[item_cat[ev_item]],
+        }
+    )
     return SimResult(
         frame=frame,
         user_taste=pd.DataFrame(taste, index=pd.Index(user_ids, name="user_id"), columns=list(cat_names)),
@@ -232,8 +285,9 @@ def simulate(spec: DataSpec) -> SimResult:
         item_category=pd.Series(np.array(cat_names, dtype=object)[item_cat], index=item_ids, name="category"),
         item_title=pd.Series(titles, index=item_ids, name="item_text"),
         item_popularity=pd.Series(pop, index=item_ids, name="popularity"),
-        item_home_region=pd.Series(np.where(home >= 0, np.array(regions + ("",), dtype=object)[home], ""),
-                                   index=item_ids, name="home_region"),
+        item_home_region=pd.Series(
+            np.where(home >= 0, np.array(regions + ("",), dtype=object)[home], ""), index=item_ids, name="home_region"
+        ),
         item_stock=pd.DataFrame(stock, index=item_ids, columns=list(regions)),
         item_fashion_peak=pd.Series(fashion_peak, index=item_ids, name="fashion_peak"),
         category_months={cat.name: cat.months for cat in cats},

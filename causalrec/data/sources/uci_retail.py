@@ -31,8 +31,10 @@ COLUMNS = {
     "customer": ("CustomerID", "Customer ID"),
     "country": ("Country",),
 }
-UCI_URLS = ("https://archive.ics.uci.edu/dataset/352/online+retail (Online Retail, 2010-2011)",
-            "https://archive.ics.uci.edu/dataset/502/online+retail+ii (Online Retail II, 2009-2011)")
+UCI_URLS = (
+    "https://archive.ics.uci.edu/dataset/352/online+retail (Online Retail, 2010-2011)",
+    "https://archive.ics.uci.edu/dataset/502/online+retail+ii (Online Retail II, 2009-2011)",
+)
 
 
 def _blank(values: pd.Series) -> pd.Series:
@@ -46,10 +48,12 @@ def _code(values: pd.Series) -> pd.Series:
 def load(spec: DataSpec) -> tuple[pd.DataFrame, dict]:
     """The source interface: (frame, cleaning counts)."""
     if not spec.source:
-        raise ConfigError("dataset 'online-retail' needs source: the path of the UCI file (.csv, .csv.gz or "
-                          "the original .xlsx). Download it from " + " or ".join(UCI_URLS))
+        raise ConfigError(
+            "dataset 'online-retail' needs source: the path of the UCI file (.csv, .csv.gz or "
+            "the original .xlsx). Download it from " + " or ".join(UCI_URLS)
+        )
     what = "online-retail"
-    table = read_table(spec.source, what=what)
+    table = read_table(spec.source, what=what, encoding_key=None)
     col = require_columns(table, COLUMNS, what=f"online-retail file {spec.source!r}")
     counts = {"rows_read": len(table)}
 
@@ -71,14 +75,22 @@ def load(spec: DataSpec) -> tuple[pd.DataFrame, dict]:
         counts["dropped_non_product"] = 0
     keep(~_blank(table[col["description"]]), "dropped_no_description")
 
-    customer = by_unique(table[col["customer"]], lambda u: u.astype(str).str.strip().str.replace(r"\.0+$", "", regex=True))
-    frame = pd.DataFrame({
-        "user_id": customer.to_numpy(),
-        "item_id": _code(table[col["stock code"]]).to_numpy(),
-        "timestamp": parse_times(table[col["date"]], column=col["date"], what=f"online-retail file {spec.source!r}"),
-        "region": by_unique(table[col["country"]].fillna("Unspecified"), lambda u: u.astype(str).str.strip()).to_numpy(),
-        "item_text": by_unique(table[col["description"]], lambda u: u.astype(str).str.strip()).to_numpy(),
-    })
+    customer = by_unique(
+        table[col["customer"]], lambda u: u.astype(str).str.strip().str.replace(r"\.0+$", "", regex=True)
+    )
+    frame = pd.DataFrame(
+        {
+            "user_id": customer.to_numpy(),
+            "item_id": _code(table[col["stock code"]]).to_numpy(),
+            "timestamp": parse_times(
+                table[col["date"]], column=col["date"], what=f"online-retail file {spec.source!r}"
+            ),
+            "region": by_unique(
+                table[col["country"]].fillna("Unspecified"), lambda u: u.astype(str).str.strip()
+            ).to_numpy(),
+            "item_text": by_unique(table[col["description"]], lambda u: u.astype(str).str.strip()).to_numpy(),
+        }
+    )
     before = len(frame)
     frame = frame.drop_duplicates(["user_id", "item_id", "timestamp"]).reset_index(drop=True)
     counts["dropped_duplicate"] = before - len(frame)
@@ -93,6 +105,6 @@ def non_product_codes(table: pd.DataFrame) -> pd.DataFrame:
     stock = table[col["stock code"]].astype(str).str.strip().str.upper()
     odd = table[~stock.str.match(r"^\d{5}").to_numpy()]
     grouped = odd.groupby(stock[~stock.str.match(r"^\d{5}")])[col["description"]]
-    return pd.DataFrame({"rows": grouped.size(),
-                         "description": grouped.agg(lambda s: s.mode().iloc[0] if s.notna().any() else np.nan)}
-                        ).sort_values("rows", ascending=False)
+    return pd.DataFrame(
+        {"rows": grouped.size(), "description": grouped.agg(lambda s: s.mode().iloc[0] if s.notna().any() else np.nan)}
+    ).sort_values("rows", ascending=False)

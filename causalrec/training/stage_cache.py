@@ -3,7 +3,7 @@
 A finished stage is ``model.safetensors`` (weights; only the trainable ones under LoRA) + ``stage.json``
 (format, key, the inputs the key covers, steps, loss), written into a temp dir and renamed into place. Its key is
 a SHA-256 of everything that shapes the trained weights, so a run with the same inputs loads it instead of
-training (``causalrec.trainer.LLMTrainer`` builds the keys). Nothing here is unpickled: safetensors and JSON only.
+training (``causalrec.recbole.trainer.LLMTrainer`` builds the keys). Nothing here is unpickled: safetensors and JSON only.
 
 No RecBole and no TRL at module level: torch/safetensors are imported when used.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from causalrec.io import digest
 
 _log = logging.getLogger(__name__)
 
@@ -29,18 +30,26 @@ STAGE_META = "stage.json"
 
 # TrainingArguments fields that do not change the trained weights: left out of stage keys, so that, e.g., a run
 # with resume (which turns step checkpoints on) and one without share their stages.
-_NOT_IN_KEY = ("output_dir", "logging_", "save_", "disable_tqdm", "report_to", "run_name", "push_to_hub", "hub_",
-               "resume_from_checkpoint", "overwrite_output_dir", "dataloader_pin_memory", "log_level",
-               "skip_memory_metrics", "project", "trackio_")
+_NOT_IN_KEY = (
+    "output_dir",
+    "logging_",
+    "save_",
+    "disable_tqdm",
+    "report_to",
+    "run_name",
+    "push_to_hub",
+    "hub_",
+    "resume_from_checkpoint",
+    "overwrite_output_dir",
+    "dataloader_pin_memory",
+    "log_level",
+    "skip_memory_metrics",
+    "project",
+    "trackio_",
+)
 
 
 # ------------------------------------------------------------------------------------------------ keys
-def digest(value: Any) -> str:
-    """SHA-256 (hex) of a JSON-able value (keys sorted; other objects by ``str``)."""
-    text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def training_args_key(args) -> dict[str, Any]:
     """The fields of a TRL/transformers config that shape the trained weights (see ``_NOT_IN_KEY``)."""
     return {k: v for k, v in args.to_dict().items() if not k.startswith(_NOT_IN_KEY)}
@@ -130,15 +139,23 @@ def load_stage(directory: str | os.PathLike, module, key: str | None = None) -> 
     try:
         meta = json.loads((directory / STAGE_META).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{str(directory)!r} is not a causalrec stage checkpoint (it has no {STAGE_META})") from None
+        raise CheckpointError(
+            f"{str(directory)!r} is not a causalrec stage checkpoint (it has no {STAGE_META})"
+        ) from None
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"stage checkpoint {str(directory)!r} is damaged ({STAGE_META}: {err}); {retrain}") from None
+        raise CheckpointError(
+            f"stage checkpoint {str(directory)!r} is damaged ({STAGE_META}: {err}); {retrain}"
+        ) from None
     if not isinstance(meta, dict) or meta.get("format") != STAGE_FORMAT:
-        raise CheckpointError(f"stage checkpoint {str(directory)!r} has format {meta.get('format') if isinstance(meta, dict) else '?'}, "
-                              f"this causalrec reads format {STAGE_FORMAT}; {retrain}")
+        raise CheckpointError(
+            f"stage checkpoint {str(directory)!r} has format {meta.get('format') if isinstance(meta, dict) else '?'}, "
+            f"this causalrec reads format {STAGE_FORMAT}; {retrain}"
+        )
     if key is not None and meta.get("key") != key:
-        raise CheckpointError(f"stage checkpoint {str(directory)!r} was trained from other inputs (key "
-                              f"{str(meta.get('key'))[:16]}, expected {key[:16]}); {retrain}")
+        raise CheckpointError(
+            f"stage checkpoint {str(directory)!r} was trained from other inputs (key "
+            f"{str(meta.get('key'))[:16]}, expected {key[:16]}); {retrain}"
+        )
     weights = directory / STAGE_WEIGHTS
     device = next(module.parameters()).device
     try:
@@ -149,31 +166,103 @@ def load_stage(directory: str | os.PathLike, module, key: str | None = None) -> 
             names, _ = _trainable_names(module)
             if set(state) != names:
                 extra, missing = sorted(set(state) - names)[:3], sorted(names - set(state))[:3]
-                raise ValueError(f"its tensors do not match the model's trainable parameters "
-                                 f"(unexpected {extra}, missing {missing})")
+                raise ValueError(
+                    f"its tensors do not match the model's trainable parameters (unexpected {extra}, missing {missing})"
+                )
             module.load_state_dict(state, strict=False)
     except FileNotFoundError:
         raise CheckpointError(f"stage checkpoint {str(directory)!r} has no {STAGE_WEIGHTS}; {retrain}") from None
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise CheckpointError(f"cannot load stage checkpoint {str(weights)!r} into {type(module).__name__}: {first}. "
-                              f"It is truncated or belongs to another model/backbone; {retrain}") from None
+        raise CheckpointError(
+            f"cannot load stage checkpoint {str(weights)!r} into {type(module).__name__}: {first}. "
+            f"It is truncated or belongs to another model/backbone; {retrain}"
+        ) from None
     return meta
 
 
+def _damaged_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a TRL checkpoint folder that does not hold together, and why; None when every file does.
+
+    Torch files (``optimizer.pt``, ``scheduler.pt``, ``rng_state*.pth``, ``*.bin``, ...) are inspected without
+    unpickling (``causalrec.recbole.checkpoints.torch_file_problem``: whole zip archive or pickle stream, CRC-32s,
+    data records), safetensors files by their header (``safetensors_problem``), JSON files by parsing them.
+    """
+    from causalrec.integrity import safetensors_problem, torch_file_problem
+
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.suffix in (".pt", ".pth", ".bin"):
+            problem = torch_file_problem(path)
+        elif path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+        elif path.suffix == ".json" and path.name != "trainer_state.json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+                problem = None
+            except (OSError, ValueError) as err:
+                problem = f"it is not valid JSON ({err})"
+        else:
+            continue
+        if problem is not None:
+            return path, problem
+    return None
+
+
+def check_resume_checkpoint(folder: str | os.PathLike, then: str = "") -> None:
+    """A ``CheckpointError`` if a file of the TRL checkpoint ``folder`` is damaged (``_damaged_file``), naming the
+    file and saying to delete the folder; ``then`` says what a run does once it is gone."""
+    damaged = _damaged_file(Path(folder))
+    if damaged is not None:
+        from causalrec.errors import CheckpointError
+
+        file, problem = damaged
+        then = f": {then}" if then else ""
+        raise CheckpointError(
+            f"resume checkpoint {str(folder)!r} is damaged: {str(file)!r}: {problem}; delete "
+            f"{str(folder)!r} and run again{then}"
+        )
+
+
 def last_checkpoint(directory: str | os.PathLike) -> str | None:
-    """The newest complete TRL checkpoint (``checkpoint-N`` whose ``trainer_state.json``, written last, says
-    step N) in ``directory``, or None. A checkpoint cut short by a kill is skipped."""
-    best: tuple[int, Path] | None = None
+    """The newest complete TRL checkpoint in ``directory`` (the one to resume from), or None.
+
+    Complete: ``checkpoint-N`` whose ``trainer_state.json`` (transformers writes it last) parses and says step N.
+    One without a whole ``trainer_state.json`` was cut short by a kill during the save, which is expected; it is
+    skipped (the previous checkpoint, or the start of the stage, is where that run really was).
+
+    Damaged: a complete checkpoint with a file that does not hold together (``check_resume_checkpoint``: a truncated
+    ``optimizer.pt``, a safetensors file whose header does not cover it, ...) is a ``CheckpointError`` naming the
+    file and the folder to delete, found here, before transformers reads anything, instead of a traceback deep in
+    TRL. It is not skipped with a warning: the damage happened after the save completed (the disk, a copy, a crash
+    before the data reached it), which the user should hear about; with resume one checkpoint is usually all there
+    is (``save_total_limit: 1``), so skipping would silently throw the stage's progress away and train it from
+    step 0 (the caller then deletes the partial run); and deleting the folder is one command, after which the run
+    resumes from the previous complete checkpoint (named in the message) or from the start of the stage.
+    Costs one read of the checkpoint's files.
+
+    Raises:
+        CheckpointError: the newest complete checkpoint is damaged.
+    """
+    complete: list[tuple[int, Path]] = []
     for path in Path(directory).glob("checkpoint-*"):
         try:
             step = int(path.name.rsplit("-", 1)[1])
             state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         except (ValueError, OSError):
             continue
-        if state.get("global_step") == step and (best is None or step > best[0]):
-            best = (step, path)
-    return str(best[1]) if best else None
+        if isinstance(state, dict) and state.get("global_step") == step:
+            complete.append((step, path))
+    if not complete:
+        return None
+    complete.sort(reverse=True)
+    newest = complete[0][1]
+    check_resume_checkpoint(
+        newest,
+        f"training then resumes from the previous checkpoint {str(complete[1][1])!r}"
+        if len(complete) > 1
+        else "training then starts again from the start of the stage (there is no earlier checkpoint)",
+    )
+    return str(newest)
 
 
 class StageCache:
@@ -233,88 +322,3 @@ class StageCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return final
-
-
-# ------------------------------------------------------------------------------------- loss guard
-def _batch_prompts(inputs, tokenizer, limit: int = 2) -> tuple[int, list[str]]:
-    """Number of examples in a TRL batch and the decoded prompts of the first ``limit``."""
-    ids = inputs.get("input_ids")
-    if ids is None or tokenizer is None:
-        return 0, []
-    lengths = inputs.get("prompt_lengths")  # preference batches: [chosen; rejected...] rows, one length per prompt
-    n = int(lengths.numel()) if lengths is not None else int(ids.shape[0])
-    prompts = []
-    for row in range(min(limit, n)):
-        if lengths is not None:
-            tokens = ids[row, : int(lengths[row])]
-        elif inputs.get("completion_mask") is not None:
-            keep = inputs["completion_mask"][row] == 0
-            if inputs.get("attention_mask") is not None:
-                keep &= inputs["attention_mask"][row] == 1
-            tokens = ids[row][keep]
-        else:
-            tokens = ids[row]
-        prompts.append(tokenizer.decode(tokens.tolist(), skip_special_tokens=True).strip()[:160])
-    return n, prompts
-
-
-def guard_training_losses(trainer, stage: str) -> None:
-    """Stop a transformers/TRL trainer at the first non-finite training loss, before the optimizer applies it.
-
-    Wraps ``trainer.training_step`` (public Trainer API). The ``TrainingError`` names the stage, the global step,
-    the batch (size and its first prompts) and the last complete checkpoint, which stays on disk.
-    """
-    import math
-
-    import torch
-
-    from causalrec.errors import TrainingError
-
-    step_fn = trainer.training_step
-
-    def fail(inputs, what: str):
-        n, prompts = _batch_prompts(inputs, getattr(trainer, "processing_class", None))
-        state = trainer.state
-        kept = last_checkpoint(trainer.args.output_dir)
-        where = (f"the last good checkpoint is kept at {kept!r}" if kept else
-                 "no checkpoint of this stage was written (set resume: true to write step checkpoints)")
-        epoch = state.epoch if state.epoch is not None and math.isfinite(state.epoch) else 0.0
-        shown = "; ".join(repr(p) for p in prompts) or "-"
-        return TrainingError(
-            f"{stage} training stopped: {what} at global step {state.global_step + 1} (epoch {epoch:.2f}) on a batch "
-            f"of {n} examples, first prompts: {shown}. The update was not applied; {where}. Lower learning_rate, "
-            f"enable gradient clipping (max_grad_norm) or check these rows"
-        )
-
-    def training_step(model, inputs, *args, **kwargs):
-        try:
-            loss = step_fn(model, inputs, *args, **kwargs)
-        except TrainingError as err:  # the preference trainers' own check: add the batch and the checkpoint
-            raise fail(inputs, str(err).split(";")[0]) from None
-        if not bool(torch.isfinite(loss).all()):
-            raise fail(inputs, f"the loss is {loss.float().mean().item()}")
-        return loss
-
-    trainer.training_step = training_step
-
-
-# ----------------------------------------------------------------------------- argument types
-def check_field_types(config_cls, values: dict[str, Any], *, where: str) -> None:
-    """A ConfigError for a value whose type cannot be what a numeric or boolean dataclass field needs
-    (``learning_rate: fast``), before transformers fails on it somewhere deep in training."""
-    from causalrec.errors import ConfigError
-
-    types = {f.name: f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
-             for f in dataclasses.fields(config_cls) if f.init}
-    for name, value in values.items():
-        kind = types.get(name)  # only plain bool/int/float annotations; unions and containers are left to the config
-        if value is None or kind not in ("bool", "int", "float"):
-            continue
-        if kind == "bool":
-            ok, wanted = isinstance(value, bool), "true or false"
-        elif kind == "int":
-            ok, wanted = isinstance(value, int) and not isinstance(value, bool), "an integer"
-        else:
-            ok, wanted = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        if not ok:
-            raise ConfigError(f"{where}: {name} must be {wanted}; got {value!r} ({type(value).__name__})")

@@ -6,7 +6,7 @@ with RecBole's evaluator and ``callback_fn(stage_index, valid_score)`` is called
 scores are kept in ``trainer.stage_results`` (the final, aligned model is the result: stages are never swapped).
 Evaluation, checkpoint loading and testing are RecBole's own.
 
-Stage checkpoints (``causalrec.stages.StageCache``): a finished stage is saved as ``model.safetensors`` + ``stage.json`` under
+Stage checkpoints (``causalrec.training.stage_cache.StageCache``): a finished stage is saved as ``model.safetensors`` + ``stage.json`` under
 ``<stage_cache_dir>/<stage>-<key16>/``, where the key is a SHA-256 of everything that shapes the trained weights
 (training rows, item titles, prompt format, backbone settings, the stage's TRL arguments, seed, library
 versions; for the preference stage also the SFT key, negatives and method arguments). A later run with the same
@@ -22,6 +22,8 @@ also covers the number of processes (N processes train another global batch than
 
 Only recbole and the standard library are imported at module level (``import causalrec`` stays fast);
 transformers/TRL are imported when training starts.
+
+Why this module is long: ``fit`` is one state machine over the stages (records, keys, the cache's load-or-train decision shared across processes, validation, saving); its argument building is in ``stage_args.py``, the cache in ``training/stage_cache.py``.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from typing import Any, Callable
 
 from recbole.trainer import Trainer
 
-from causalrec.stages import (
+from causalrec.io import digest
+from causalrec.recbole import stage_args
+from causalrec.training.loss_guard import guard_training_losses
+from causalrec.training.stage_cache import (
     STAGE_FORMAT,
     StageCache,
     backbone_identity,
-    check_field_types,
-    digest,
-    guard_training_losses,
     last_checkpoint,
     library_versions,
     load_stage,
@@ -52,14 +54,6 @@ from causalrec.stages import (
 
 _log = logging.getLogger(__name__)
 
-# Config keys LLMTrainer reads beyond the model YAMLs, with their defaults (``causalrec keys`` lists them).
-RUN_KEYS: dict[str, Any] = {
-    "stage_cache": True,  # (bool) Reuse a finished training stage whose inputs hash the same (shared SFT).
-    "stage_cache_dir": None,  # (str) Finished stages and in-progress TRL checkpoints; None: <checkpoint_dir>/stages.
-    "resume": False,  # (bool) TRL stages write step checkpoints; an interrupted stage continues from its last one.
-    "resume_save_steps": 100,  # (int) With resume, a checkpoint every this many optimizer steps if the args save none.
-    "validate_stages": "all",  # (str) all: validate after every stage (Optuna pruning sees SFT); last: the final stage only.
-}
 SEQUENCE_PATIENCE = 5  # sft_patience's default for sequence SFT (sft_positions: all)
 VALIDATE_STAGES = ("all", "last")
 
@@ -108,8 +102,13 @@ def _epoch_validation(score: Callable[[], float], patience: int, bigger: bool):
                 self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             elif len(self.scores) - 1 - self.best_epoch >= patience:
                 control.should_training_stop = True
-            _log.info("SFT epoch %d: valid %.4f (best %.4f at epoch %d)", len(self.scores), value,
-                      self.scores[self.best_epoch], self.best_epoch + 1)
+            _log.info(
+                "SFT epoch %d: valid %.4f (best %.4f at epoch %d)",
+                len(self.scores),
+                value,
+                self.scores[self.best_epoch],
+                self.best_epoch + 1,
+            )
             return control
 
         def restore_best(self, model) -> None:
@@ -146,8 +145,7 @@ class LLMTrainer(Trainer):
     stage_results: list[dict[str, Any]]
 
     def _setting(self, key: str) -> Any:
-        value = self.config[key]
-        return RUN_KEYS[key] if value is None else value
+        return stage_args.setting(self.config, key)
 
     # ---------------------------------------------------------------------------- records
     def _records(self, dataset, show_progress: bool = False):
@@ -173,12 +171,16 @@ class LLMTrainer(Trainer):
         for r in tqdm(range(len(targets)), desc="building records", unit="row", disable=not show_progress):
             history = [model.item_texts[i] for i in seqs[r, : int(lens[r])] if i]
             records.append(
-                PreferenceRecord(history=history, target=model.answers[int(targets[r])],
-                                 season=envs["season"][r], region=envs["region"][r])
+                PreferenceRecord(
+                    history=history,
+                    target=model.answers[int(targets[r])],
+                    season=envs["season"][r],
+                    region=envs["region"][r],
+                )
             )
         return records, np.asarray(targets, dtype=np.int64)
 
-    def _sequence_windows(self, dataset) -> "np.ndarray":
+    def _sequence_windows(self, dataset):  # -> numpy.ndarray
         """Rows whose histories tile each user's training sequence (``sft_positions: all``): the user's last row,
         then the row ``max_history_items`` positions before it, and so on (rows are in time order per user)."""
         import numpy as np
@@ -216,78 +218,18 @@ class LLMTrainer(Trainer):
         external = getattr(self.config, "external_config_dict", None)
         return external.get(key) if external is not None else self.config[key]
 
-    def _stage_args(self, key: str) -> dict[str, Any]:
-        """``sft_args`` / ``dpo_args``: the model YAML's defaults, the backbone preset's fields over them
-        (``causalrec.llm.presets``: a pretrained backbone's learning rates and batches), the user's dict over both.
-
-        RecBole replaces a dict-valued key wholesale, so a user who sets only ``num_train_epochs``
-        would otherwise silently lose the YAML's learning rate and fall back to TRL's default.
-        """
-        from causalrec.errors import ConfigError
-        from causalrec.llm.presets import stage_overlay
-        from causalrec.registry import model_defaults
-
-        defaults = model_defaults(type(self.model)).get(key)
-        user = self._user_value(key)
-        if user is not None and not isinstance(user, dict):
-            raise ConfigError(f"{key} must be a mapping of TRL config fields to values, e.g. "
-                              f"{{num_train_epochs: 1}}; got {user!r}")
-        return {**(defaults or {}), **stage_overlay(self.config["backbone"], key), **(user or {})}
-
-    def _checkpointing(self, stage_args: dict[str, Any]) -> dict[str, Any]:
-        """With ``resume``, step checkpoints for a stage whose arguments save none (the model YAMLs say "no",
-        for speed); one checkpoint is kept. Without ``resume``, the arguments as given."""
-        if not self._setting("resume") or str(stage_args.get("save_strategy", "epoch")) != "no":
-            return {}
-        return {"save_strategy": "steps", "save_steps": int(self._setting("resume_save_steps")), "save_total_limit": 1}
-
-    def _method_args(self, config_cls, output_dir: str) -> Any:
-        """The alignment config from the model's method keys and ``dpo_args``; unknown keys are a ConfigError."""
-        from causalrec.errors import ConfigError
-
-        args = {k: self.config[k] for k in self.model.method_keys if self.config[k] is not None}
-        check_field_types(config_cls, args, where="config")
-        stage_args = self._stage_args("dpo_args")
-        check_field_types(config_cls, stage_args, where="dpo_args")
-        args.update(stage_args)
-        args.update(self._checkpointing(stage_args))
-        valid = {f.name for f in dataclasses.fields(config_cls) if f.init}
-        unknown = sorted(set(args) - valid)
-        if unknown:
-            raise ConfigError(
-                f"unknown {config_cls.__name__} key(s) {unknown} in dpo_args; valid keys are the fields of "
-                f"{config_cls.__name__} (e.g. num_train_epochs, learning_rate, per_device_train_batch_size)"
-            )
-        args.setdefault("seed", int(self.config["seed"]))
-        try:
-            return config_cls(output_dir=output_dir, **args)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"invalid {config_cls.__name__} arguments: {err}") from err
+    def _user_values(self) -> dict[str, Any]:
+        return {key: self._user_value(key) for key in ("sft_args", "dpo_args")}
 
     def _sft_args(self, output_dir: str, show_progress: bool):
-        from trl import SFTConfig
-
-        from causalrec.training import build_sft_config
-
-        stage_args = self._stage_args("sft_args")
-        user = self._user_value("sft_args") or {}
-        if self.model.sft_positions == "all" and "num_train_epochs" not in user:
-            stage_args["num_train_epochs"] = int(self.config["sequence_sft_epochs"])
-        args = {"seed": int(self.config["seed"]), "disable_tqdm": not show_progress, **stage_args,
-                **self._checkpointing(stage_args)}
-        check_field_types(SFTConfig, args, where="sft_args")
-        return build_sft_config(output_dir, **args)
+        return stage_args.sft_config(
+            self.config, self._user_values(), self.model.sft_positions, output_dir, show_progress
+        )
 
     def _align_args(self, output_dir: str, show_progress: bool):
-        from causalrec.training import CausalDPOConfig, SDPOConfig
-
-        config_cls = CausalDPOConfig if self.model.alignment == "causal_dpo" else SDPOConfig
-        args = self._method_args(config_cls, output_dir)
-        if "disable_tqdm" not in self._stage_args("dpo_args"):
-            args.disable_tqdm = not show_progress
-        return args
+        return stage_args.alignment_config(
+            self.config, self._user_values(), type(self.model), output_dir, show_progress
+        )
 
     # ------------------------------------------------------------------------------- keys
     def _sft_inputs(self, records, args) -> dict[str, Any]:
@@ -315,8 +257,11 @@ class LLMTrainer(Trainer):
             "sft": sft_key,
             "records": records_digest(records),
             "rows": len(records),
-            "negatives": {"strategy": cfg["negative_strategy"], "num_negatives": cfg["num_negatives"],
-                          "seed": int(cfg["seed"])},
+            "negatives": {
+                "strategy": cfg["negative_strategy"],
+                "num_negatives": cfg["num_negatives"],
+                "seed": int(cfg["seed"]),
+            },
             "args": training_args_key(args),
             "versions": library_versions(),
         }
@@ -333,8 +278,9 @@ class LLMTrainer(Trainer):
             return None
         return int(value)
 
-    def _sft(self, records, args, resume_from: str | None, valid_data=None, patience: int | None = None
-             ) -> tuple[int, float]:
+    def _sft(
+        self, records, args, resume_from: str | None, valid_data=None, patience: int | None = None
+    ) -> tuple[int, float]:
         from trl import SFTTrainer
 
         from causalrec.training import sft_dataset
@@ -347,10 +293,16 @@ class LLMTrainer(Trainer):
             data = sft_dataset(records, model.prompt_format)
         stopper = None
         if patience is not None:
-            stopper = _epoch_validation(lambda: self._valid_epoch(valid_data)[0], patience,
-                                        bool(self.config["valid_metric_bigger"]))
-        trainer = SFTTrainer(model=model.llm, args=args, train_dataset=data, processing_class=model.tokenizer,
-                             callbacks=[stopper] if stopper else None)
+            stopper = _epoch_validation(
+                lambda: self._valid_epoch(valid_data)[0], patience, bool(self.config["valid_metric_bigger"])
+            )
+        trainer = SFTTrainer(
+            model=model.llm,
+            args=args,
+            train_dataset=data,
+            processing_class=model.tokenizer,
+            callbacks=[stopper] if stopper else None,
+        )
         guard_training_losses(trainer, "SFT")
         result = trainer.train(resume_from_checkpoint=resume_from)
         if stopper is not None:
@@ -374,7 +326,9 @@ class LLMTrainer(Trainer):
             prompts = model.encode_prompts([r.prompt(model.prompt_format) for r in records])
 
             def scorer(rows):
-                return model.score_prompts([prompts[r] for r in rows], show_progress=show_progress).float().cpu().numpy()
+                return (
+                    model.score_prompts([prompts[r] for r in rows], show_progress=show_progress).float().cpu().numpy()
+                )
 
         popularity, groups = np.bincount(targets, minlength=n_items), None
         field = ENVIRONMENT_NEGATIVES.get(cfg["negative_strategy"])
@@ -384,8 +338,14 @@ class LLMTrainer(Trainer):
             groups = np.array([names.index(v) for v in labels], dtype=np.int64)
             popularity = np.stack([np.bincount(targets[groups == g], minlength=n_items) for g in range(len(names))])
         return sample_negatives(
-            targets, n_items, int(cfg["num_negatives"]), cfg["negative_strategy"], rng=rng,
-            popularity=popularity, scorer=scorer, groups=groups,
+            targets,
+            n_items,
+            int(cfg["num_negatives"]),
+            cfg["negative_strategy"],
+            rng=rng,
+            popularity=popularity,
+            scorer=scorer,
+            groups=groups,
         )
 
     def _align(self, records, targets, args, resume_from: str | None, show_progress: bool) -> tuple[int, float]:
@@ -400,13 +360,20 @@ class LLMTrainer(Trainer):
             ]
         trainer_cls = CausalDPOTrainer if self.model.alignment == "causal_dpo" else SDPOTrainer
         trainer = trainer_cls(
-            self.model.llm, args=args, train_dataset=preference_dataset(records, self.model.prompt_format),
-            processing_class=self.model.tokenizer, item_token_ids=self.model.item_token_ids or None,
+            self.model.llm,
+            args=args,
+            train_dataset=preference_dataset(records, self.model.prompt_format),
+            processing_class=self.model.tokenizer,
+            item_token_ids=self.model.item_token_ids or None,
         )
         guard_training_losses(trainer, trainer_cls._name)
         result = trainer.train(resume_from_checkpoint=resume_from)
-        _log.info("%s finished: %d steps, training loss %.4f", trainer_cls.__name__, trainer.state.global_step,
-                  result.training_loss)
+        _log.info(
+            "%s finished: %d steps, training loss %.4f",
+            trainer_cls.__name__,
+            trainer.state.global_step,
+            result.training_loss,
+        )
         llm = trainer.model
         if hasattr(llm, "peft_config") and "ref" in llm.peft_config:
             # TRL's frozen copy of the SFT adapter served as the reference; it is not part of the model, and
@@ -437,7 +404,8 @@ class LLMTrainer(Trainer):
             raise TrainingError(
                 f"process {rank} built other {stage.name} training inputs than the main process (stage key "
                 f"{stage.key[:16]}, main {shared['key'][:16]}): every process must see the same data, config and "
-                f"backbone; launch them from one config and one data_cache_dir")
+                f"backbone; launch them from one config and one data_cache_dir"
+            )
         return shared
 
     def _run_stage(self, cache: StageCache, stage: _Stage) -> dict[str, Any]:
@@ -461,14 +429,27 @@ class LLMTrainer(Trainer):
         return info
 
     def _execute(self, cache: StageCache, stage: _Stage, plan: dict[str, Any], install: bool) -> dict[str, Any]:
-        info: dict[str, Any] = {"stage": stage.name, "key": stage.key[:16], "reused": False,
-                                "resumed_from_step": None, "train_seconds": 0.0}
+        info: dict[str, Any] = {
+            "stage": stage.name,
+            "key": stage.key[:16],
+            "reused": False,
+            "resumed_from_step": None,
+            "train_seconds": 0.0,
+        }
         if plan["action"] == "load":
             meta = load_stage(plan["directory"], self.model.llm, key=stage.key)
-            info.update(reused=True, directory=plan["directory"], global_step=meta.get("global_step"),
-                        training_loss=meta.get("training_loss"))
-            _log.info("stage %s: loaded %s (trained by %s), not trained again", stage.name, plan["directory"],
-                      meta.get("model"))
+            info.update(
+                reused=True,
+                directory=plan["directory"],
+                global_step=meta.get("global_step"),
+                training_loss=meta.get("training_loss"),
+            )
+            _log.info(
+                "stage %s: loaded %s (trained by %s), not trained again",
+                stage.name,
+                plan["directory"],
+                meta.get("model"),
+            )
             return info
         resume_from = plan["resume_from"]
         if resume_from is not None:
@@ -482,8 +463,13 @@ class LLMTrainer(Trainer):
         info.update(self.__dict__.pop("_stage_extra", {}))  # SFT's per-epoch validation, if it ran
         if install:
             if self._setting("stage_cache"):
-                meta = {"model": self.config["model"], "inputs": stage.inputs, "global_step": global_step,
-                        "training_loss": loss, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                meta = {
+                    "model": self.config["model"],
+                    "inputs": stage.inputs,
+                    "global_step": global_step,
+                    "training_loss": loss,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
                 info["directory"] = str(cache.install(stage.name, stage.key, self.model.llm, meta))
             shutil.rmtree(work, ignore_errors=True)  # the finished stage replaces its step checkpoints
         return info
@@ -501,7 +487,8 @@ class LLMTrainer(Trainer):
             raise ConfigError(
                 f"this is process {rank} of {processes} (WORLD_SIZE={processes}), but the TRL arguments created no "
                 f"torch.distributed process group: without GPUs launch with ACCELERATE_USE_CPU=true (gloo), see "
-                f"docs/scale.md")
+                f"docs/scale.md"
+            )
         return rank, processes
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -511,8 +498,9 @@ class LLMTrainer(Trainer):
         if rank != 0:
             _log.info("process %d of %d: evaluation runs on the main process only", rank, processes)
             return None
-        return super().evaluate(eval_data, load_best_model=load_best_model, model_file=model_file,
-                                show_progress=show_progress)
+        return super().evaluate(
+            eval_data, load_best_model=load_best_model, model_file=model_file, show_progress=show_progress
+        )
 
     # -------------------------------------------------------------------------------- fit
     def fit(
@@ -532,7 +520,13 @@ class LLMTrainer(Trainer):
         are loaded, not trained. Under a multi-process launch only the main process validates (``callback_fn``
         included) and saves; the others return ``(None, None)``.
         """
-        cache = StageCache(self._setting("stage_cache_dir") or os.path.join(self.checkpoint_dir, "stages"))
+        cache_dir = self._setting("stage_cache_dir")
+        if cache_dir is None and not saved:  # --no-save: nothing left behind, the stages live in a temp folder
+            import tempfile
+
+            self._scratch = tempfile.TemporaryDirectory(prefix="causalrec-stages-")
+            cache_dir = self._scratch.name
+        cache = StageCache(cache_dir or os.path.join(self.checkpoint_dir, "stages"))
         pending = str(cache.root / "pending")  # each stage's output_dir is set once its key is known
         # Every stage's settings are checked before any training, so a typo costs no SFT run.
         sft_args = self._sft_args(pending, show_progress)
@@ -548,22 +542,33 @@ class LLMTrainer(Trainer):
         sft_inputs = self._sft_inputs(sft_records, sft_args)
         patience = self._sft_patience(valid_data)
         if patience is not None:  # the trained weights then depend on the validation cases too
-            sft_inputs["early_stopping"] = {"patience": patience, "metric": self.valid_metric,
-                                            "valid": self._valid_identity(valid_data)}
+            sft_inputs["early_stopping"] = {
+                "patience": patience,
+                "metric": self.valid_metric,
+                "valid": self._valid_identity(valid_data),
+            }
         if processes > 1:  # N processes train on N times the global batch: other weights than one process
             sft_inputs["processes"] = processes
         sft_key = digest(sft_inputs)
-        stages = [_Stage("sft", sft_key, sft_inputs, sft_args,
-                         lambda a, r: self._sft(sft_records, a, r, valid_data, patience))]
+        stages = [
+            _Stage(
+                "sft", sft_key, sft_inputs, sft_args, lambda a, r: self._sft(sft_records, a, r, valid_data, patience)
+            )
+        ]
         if align_args is not None:
             dpo_records, dpo_targets = self._capped(records, targets, "dpo_max_samples")
             inputs = self._align_inputs(sft_key, dpo_records, align_args)
             if processes > 1:
                 inputs["processes"] = processes
-            stages.append(_Stage(
-                self.model.alignment, digest(inputs), inputs, align_args,
-                lambda a, r: self._align(dpo_records, dpo_targets, a, r, show_progress),
-            ))
+            stages.append(
+                _Stage(
+                    self.model.alignment,
+                    digest(inputs),
+                    inputs,
+                    align_args,
+                    lambda a, r: self._align(dpo_records, dpo_targets, a, r, show_progress),
+                )
+            )
         validate = self._setting("validate_stages")
         if validate not in VALIDATE_STAGES:
             from causalrec.errors import UnknownNameError

@@ -36,8 +36,9 @@ def _worst(metric: str, values: list[float]) -> float:
     return max(values) if smaller_is_better(metric) else min(values)
 
 
-def worst_environment(per_env: Mapping[str, Any], metric: str, fields: Sequence[str], min_cases: int = 1,
-                      smaller: bool | None = None) -> tuple[float, str] | None:
+def worst_environment(
+    per_env: Mapping[str, Any], metric: str, fields: Sequence[str], min_cases: int = 1, smaller: bool | None = None
+) -> tuple[float, str] | None:
     """``(value, "<field>=<label>")`` of the worst environment of ``fields`` with at least ``min_cases`` cases
     (``per_env`` as ``evaluate_with_environments`` returns it); None when no group is that large. ``smaller``:
     whether smaller values are better (None: RecBole's rule for ``metric``)."""
@@ -145,7 +146,11 @@ def _recording(trainer, eval_data, fields: Sequence[str], users: bool = False):
 
 
 def evaluate_with_environments(
-    trainer, eval_data, *, load_best_model: bool = True, show_progress: bool = False,
+    trainer,
+    eval_data,
+    *,
+    load_best_model: bool = True,
+    show_progress: bool = False,
     fields: Sequence[str] = ENV_FIELDS,
 ) -> tuple[dict[str, float], dict[str, dict[str, dict[str, float]]]]:
     """Returns ``(overall, per_env)`` where ``per_env[field][label]`` is a metric dict, plus
@@ -203,7 +208,8 @@ def record_environments(trainer, eval_data, fields: Sequence[str] = ENV_FIELDS):
         trainer.evaluate = original  # evaluate_with_environments calls trainer.evaluate itself
         try:
             overall, per_env = evaluate_with_environments(
-                trainer, data, load_best_model=load_best_model, show_progress=show_progress, fields=fields)
+                trainer, data, load_best_model=load_best_model, show_progress=show_progress, fields=fields
+            )
         finally:
             trainer.evaluate = evaluate
         history.append(per_env)

@@ -1,6 +1,6 @@
 """GenRec: a generative recommender fine-tuned with SFT only (next item title given the purchase history)."""
 
-from causalrec.models.llm_recommender import LLMRecommender
+from causalrec.recbole.models.llm_recommender import LLMRecommender
 
 
 class GenRec(LLMRecommender):

@@ -24,18 +24,18 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from datasets import Dataset, IterableDataset
 from transformers.data.data_collator import DataCollatorMixin
-from trl import DPOConfig, DPOTrainer
+from trl import DPOTrainer
 from trl.data_utils import is_conversational
 
 from causalrec.errors import ConfigError, DataError, TrainingError
 from causalrec.llm.items import MASKED_LOGIT, item_logps_at
 from causalrec.training.losses import sdpo_logits, sdpo_loss_from_logits
+from causalrec.training.sdpo_config import CHOSEN_ITEM, ENV_COLUMNS, SDPOConfig, env_id_column
 from causalrec.training.trl_compat import (
     backbone_module,
     capture_last_hidden_state,
@@ -43,109 +43,12 @@ from causalrec.training.trl_compat import (
     is_peft_model,
     pad,
     reference_context,
-    resolve_device_defaults,
     sequence_logps,
     tokenize_text,
 )
+from datasets import Dataset, IterableDataset
 
 logger = logging.getLogger(__name__)
-
-ENV_COLUMNS = ("season", "region")
-ALL_NEGATIVES = "all"
-CHOSEN_ITEM = "chosen_item"  # column of the chosen item's index in item_token_ids (num_negatives="all")
-
-
-def env_id_column(name: str) -> str:
-    """Integer column/batch key holding the index of environment column ``name`` in its vocabulary."""
-    return f"{name}_id"
-
-
-def require_numbers(config, integers: Sequence[str] = (), numbers: Sequence[str] = ()) -> None:
-    """A ConfigError naming each field that is not an integer (``integers``) or a number (``numbers``), so a
-    value such as ``beta="high"`` fails with what it must be instead of a TypeError inside a comparison."""
-    wrong = [f"{name} must be an integer; got {getattr(config, name)!r}" for name in integers
-             if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), int)]
-    wrong += [f"{name} must be a number; got {getattr(config, name)!r}" for name in numbers
-              if isinstance(getattr(config, name), bool) or not isinstance(getattr(config, name), (int, float))]
-    if wrong:
-        raise ConfigError(f"invalid {type(config).__name__}: " + "; ".join(wrong))
-
-
-@dataclass
-class SDPOConfig(DPOConfig):
-    r"""
-    Configuration class for [`SDPOTrainer`]: S-DPO, DPO with several rejected completions per prompt.
-
-    Only the parameters specific to S-DPO are listed; every [`~trl.DPOConfig`] and
-    [`~transformers.TrainingArguments`] field is accepted. Only the sigmoid path of DPO is implemented: `loss_type`
-    must stay `["sigmoid"]`, `f_divergence_type` `"reverse_kl"`, `ld_alpha` unset, `use_weighting` and
-    `precompute_ref_log_probs` off.
-
-    Parameters:
-        num_negatives (`int` or `"all"`, *optional*, defaults to `3`):
-            Number J of rejected completions per prompt; every row's `rejected` list must have this length. With
-            `1` the loss is TRL's sigmoid DPO loss. `"all"`: every other catalog item (item-token answers; the
-            trainer needs `item_token_ids`).
-
-    > Defaults that differ from [`~trl.DPOConfig`]:
-    > - `bf16` and `gradient_checkpointing`: on only on a GPU (bf16 only where the GPU supports it), so the same
-    >   config runs on a CPU-only machine.
-    > - `report_to="none"`, `save_strategy="epoch"`, `save_total_limit=1`, `dataloader_pin_memory` only with CUDA.
-    """
-
-    num_negatives: int | str = field(
-        default=3,
-        metadata={"help": "Number J of rejected completions per prompt (1 gives TRL's sigmoid DPO loss), or 'all' "
-                          "(every other catalog item; item-token answers only)."},
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None,
-        metadata={"help": "Activation checkpointing; unset means on only on a GPU."},
-    )
-    report_to: None | str | list[str] = field(
-        default="none", metadata={"help": "Integrations to report results and logs to ('none' for none)."}
-    )
-    save_strategy: str = field(
-        default="epoch", metadata={"help": "When to save checkpoints: 'no', 'epoch', 'steps' or 'best'."}
-    )
-    save_total_limit: int | None = field(default=1, metadata={"help": "How many checkpoints to keep."})
-    dataloader_pin_memory: bool = field(
-        default_factory=torch.cuda.is_available, metadata={"help": "Pin dataloader memory (default: only with CUDA)."}
-    )
-
-    def __post_init__(self):
-        resolve_device_defaults(self)
-        require_numbers(self, integers=() if self.all_negatives else ("num_negatives",), numbers=("beta",))
-        if not self.all_negatives and self.num_negatives < 1:
-            raise ConfigError(f"num_negatives must be >= 1 or 'all'; got {self.num_negatives}")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0; got {self.beta}")
-        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        unsupported = {
-            "loss_type": loss_type != ["sigmoid"],
-            "f_divergence_type": self.f_divergence_type != "reverse_kl",
-            "ld_alpha": self.ld_alpha is not None,
-            "use_weighting": self.use_weighting,
-            "precompute_ref_log_probs": self.precompute_ref_log_probs,
-            "truncation_mode": self.truncation_mode != "keep_start",
-        }
-        bad = [name for name, is_bad in unsupported.items() if is_bad]
-        if bad:
-            raise ConfigError(
-                f"S-DPO implements only TRL's sigmoid DPO path; unsupported setting(s): {', '.join(bad)}. "
-                "Use the DPOConfig defaults for them."
-            )
-        super().__post_init__()
-
-    @property
-    def all_negatives(self) -> bool:
-        """Whether every other catalog item is a negative (``num_negatives="all"``)."""
-        return self.num_negatives == ALL_NEGATIVES
-
-    @property
-    def rows_per_prompt(self) -> int:
-        """Sequences one prompt puts through a forward: the chosen one and its J rejected ones (1 with "all")."""
-        return 1 if self.all_negatives else 1 + int(self.num_negatives)
 
 
 @dataclass
@@ -296,8 +199,10 @@ class SDPOTrainer(DPOTrainer):
         self.item_token_ids = None
         if args.all_negatives:
             if not item_token_ids or len(item_token_ids) < 2:
-                raise ConfigError("num_negatives: all needs item tokens (item_repr: id or title+id) and a catalog of "
-                                  "at least 2 items: with titles, use a number of sampled negatives")
+                raise ConfigError(
+                    "num_negatives: all needs item tokens (item_repr: id or title+id) and a catalog of "
+                    "at least 2 items: with titles, use a number of sampled negatives"
+                )
             self.item_token_ids = torch.as_tensor(list(item_token_ids), dtype=torch.long)
             self._item_column = {int(t): c for c, t in enumerate(self.item_token_ids.tolist())}
         if ref_model is None and peft_config is None and not is_peft_model(model):
@@ -365,8 +270,12 @@ class SDPOTrainer(DPOTrainer):
             before = len(dataset)
             dataset = dataset.filter(lambda ex: len(ex["prompt_ids"]) < args.max_length)
             if len(dataset) < before:
-                logger.warning("%s: dropped %d rows whose prompt fills max_length=%d",
-                               dataset_name, before - len(dataset), args.max_length)
+                logger.warning(
+                    "%s: dropped %d rows whose prompt fills max_length=%d",
+                    dataset_name,
+                    before - len(dataset),
+                    args.max_length,
+                )
         return dataset
 
     def _tokenize_catalog_row(self, example, dataset_name: str) -> dict[str, Any]:
@@ -379,9 +288,16 @@ class SDPOTrainer(DPOTrainer):
         n_prompt = common_prefix_length(prompt_ids, full)
         answer = full[n_prompt:]
         if n_prompt != len(prompt_ids) or not answer or answer[0] not in self._item_column:
-            raise DataError(f"{dataset_name}: with num_negatives: all the chosen completion must be one item token "
-                            f"right after the prompt; {chosen!r} is not")
-        out = {"prompt_ids": prompt_ids, "chosen_ids": answer, "rejected_ids": [], CHOSEN_ITEM: self._item_column[answer[0]]}
+            raise DataError(
+                f"{dataset_name}: with num_negatives: all the chosen completion must be one item token "
+                f"right after the prompt; {chosen!r} is not"
+            )
+        out = {
+            "prompt_ids": prompt_ids,
+            "chosen_ids": answer,
+            "rejected_ids": [],
+            CHOSEN_ITEM: self._item_column[answer[0]],
+        }
         return {**out, **self._environment_ids(example)}
 
     def _environment_ids(self, example) -> dict[str, int]:
@@ -404,8 +320,12 @@ class SDPOTrainer(DPOTrainer):
         logits are computed at the last position only; the output layer is applied at the prompt ends."""
         unwrapped = self.accelerator.unwrap_model(model)
         with capture_last_hidden_state(backbone_module(unwrapped)) as store:
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
-                  logits_to_keep=1)
+            model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
+                logits_to_keep=1,
+            )
         ends = inputs["prompt_lengths"] - 1
         logps = item_logps_at(store["hidden"], ends, unwrapped.get_output_embeddings(), self.item_token_ids)
         return logps, store["hidden"][torch.arange(ends.size(0), device=ends.device), ends]
@@ -496,7 +416,9 @@ class SDPOTrainer(DPOTrainer):
         metrics["rewards/accuracies"].append(gather((chosen > batch.rejected_max(rejected)).float()).mean().item())
         metrics["rewards/margins"].append(gather(chosen - batch.rejected_mean(rejected)).mean().item())
         metrics["logps/chosen"].append(gather(batch.policy_chosen_logps.detach()).mean().item())
-        metrics["logps/rejected"].append(gather(batch.rejected_mean(batch.policy_rejected_logps.detach())).mean().item())
+        metrics["logps/rejected"].append(
+            gather(batch.rejected_mean(batch.policy_rejected_logps.detach())).mean().item()
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation computes the loss only (the fused LM head builds no logits)."""

@@ -1,6 +1,6 @@
 """CausalDPO: SFT, then S-DPO with a backdoor adjustment over environments and an invariance penalty."""
 
-from causalrec.models.sdporec import SDPORec
+from causalrec.recbole.models.sdporec import SDPORec
 
 
 class CausalDPO(SDPORec):

@@ -1,6 +1,6 @@
 """Resumable epochs for RecBole's classical models (BPR, GRU4Rec, SASRec, LightGCN, ...).
 
-With ``resume: true`` (``causalrec run --resume``, ``causalrec.run(..., resume=True)``), ``causalrec.quick_start.build``
+With ``resume: true`` (``causalrec run --resume``, ``causalrec.run(..., resume=True)``), ``causalrec.recbole.quick_start.build``
 gives a classical model a subclass of its RecBole trainer (``resumable``) that writes a *last-epoch checkpoint*
 after every finished epoch (after its validation, when it validated):
 
@@ -10,7 +10,7 @@ holding the model, the optimizer, the epoch, RecBole's early-stopping state (``b
 ``best_valid_result``, ``cur_step``), the best model so far (so ``load_best_model`` still works), the validation
 scores so far, and the random states (python, numpy, torch (+ CUDA), and the train and validation data loaders'
 generators; RecBole's negative samplers draw from numpy's global state). It is written atomically (temp file, then
-``os.replace``) with pickle protocol 2 and read back with ``causalrec.compat.load_recbole_checkpoint``
+``os.replace``) with pickle protocol 2 and read back with ``causalrec.recbole.checkpoints.load_recbole_checkpoint``
 (``torch.load(weights_only=True)`` and the allow-list): a damaged file is a ``CheckpointError``.
 
 ``key16`` starts the SHA-256 of what shapes training (``training_key``): every config key except the operational
@@ -31,13 +31,13 @@ import contextlib
 import copy
 import glob
 import hashlib
-import json
 import logging
 import os
 import random
 from typing import Any
 
 from causalrec.errors import CheckpointError
+from causalrec.io import digest
 
 _log = logging.getLogger(__name__)
 
@@ -47,12 +47,41 @@ SUFFIX = ".last.pth"
 
 # Config keys that do not shape the trained weights: where files go, logging, progress, devices and thread counts,
 # evaluation-only settings, and the LLM trainer's run settings. Everything else is in the key.
-_NOT_IN_KEY = frozenset({
-    "checkpoint_dir", "show_progress", "state", "log_wandb", "wandb_project", "save_dataset", "save_dataloaders",
-    "dataset_save_path", "dataloaders_save_path", "config_files", "data_path", "prepared_dir", "data_cache_dir",
-    "device", "gpu_id", "use_gpu", "local_rank", "nproc", "world_size", "offset", "ip", "port", "worker_id",
-    "num_threads", "eval_batch_size", "env_metrics", "resume", "resume_save_steps", "stage_cache", "stage_cache_dir",
-})
+_NOT_IN_KEY = frozenset(
+    {
+        "checkpoint_dir",
+        "log_dir",
+        "show_progress",
+        "state",
+        "log_wandb",
+        "wandb_project",
+        "save_dataset",
+        "save_dataloaders",
+        "dataset_save_path",
+        "dataloaders_save_path",
+        "config_files",
+        "data_path",
+        "prepared_dir",
+        "data_cache_dir",
+        "device",
+        "gpu_id",
+        "use_gpu",
+        "local_rank",
+        "nproc",
+        "world_size",
+        "offset",
+        "ip",
+        "port",
+        "worker_id",
+        "num_threads",
+        "eval_batch_size",
+        "env_metrics",
+        "resume",
+        "resume_save_steps",
+        "stage_cache",
+        "stage_cache_dir",
+    }
+)
 # RecBole's atomic file suffixes (the data the model trains on).
 _DATA_SUFFIXES = (".inter", ".user", ".item", ".kg", ".link", ".net")
 
@@ -92,10 +121,14 @@ def training_key(config, trainer_cls: type) -> tuple[str, dict[str, Any]]:
             versions[name] = md.version(name)
         except md.PackageNotFoundError:
             versions[name] = "-"
-    inputs = {"format": LAST_EPOCH_FORMAT, "trainer": f"{trainer_cls.__module__}.{trainer_cls.__qualname__}",
-              "config": values, "data": data_fingerprint(config), "versions": versions}
-    text = json.dumps(inputs, sort_keys=True, default=str, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest(), inputs
+    inputs = {
+        "format": LAST_EPOCH_FORMAT,
+        "trainer": f"{trainer_cls.__module__}.{trainer_cls.__qualname__}",
+        "config": values,
+        "data": data_fingerprint(config),
+        "versions": versions,
+    }
+    return digest(inputs), inputs
 
 
 # ------------------------------------------------------------------------------------------ RNG states
@@ -107,9 +140,13 @@ def _rng_state(loaders: dict[str, Any]) -> dict[str, Any]:
     np_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"bit_generator": np_state["bit_generator"], "key": np_state["state"]["key"].tolist(),
-                  "pos": int(np_state["state"]["pos"]), "has_gauss": int(np_state["has_gauss"]),
-                  "gauss": float(np_state["gauss"])},
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": np_state["state"]["key"].tolist(),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "loaders": {},
@@ -127,9 +164,14 @@ def _set_rng_state(state: dict[str, Any], loaders: dict[str, Any]) -> None:
 
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     numpy = state["numpy"]
-    np.random.set_state({"bit_generator": numpy["bit_generator"],
-                         "state": {"key": np.asarray(numpy["key"], dtype=np.uint32), "pos": numpy["pos"]},
-                         "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+    np.random.set_state(
+        {
+            "bit_generator": numpy["bit_generator"],
+            "state": {"key": np.asarray(numpy["key"], dtype=np.uint32), "pos": numpy["pos"]},
+            "has_gauss": numpy["has_gauss"],
+            "gauss": numpy["gauss"],
+        }
+    )
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -176,13 +218,22 @@ def resumable(trainer_cls: type) -> type:
         return trainer_cls
     if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, Trainer) and trainer_cls.fit is Trainer.fit):
         if not getattr(trainer_cls, "__module__", "").startswith("causalrec."):  # the LLM trainer resumes itself
-            _log.info("resume: %s has its own training loop, which causalrec cannot checkpoint per epoch; "
-                      "an interrupted run trains again from epoch 0", getattr(trainer_cls, "__name__", trainer_cls))
+            _log.info(
+                "resume: %s has its own training loop, which causalrec cannot checkpoint per epoch; "
+                "an interrupted run trains again from epoch 0",
+                getattr(trainer_cls, "__name__", trainer_cls),
+            )
         return trainer_cls
     if trainer_cls not in _RESUMABLE:
-        _RESUMABLE[trainer_cls] = type(f"Resumable{trainer_cls.__name__}", (EpochCheckpoints, trainer_cls),
-                                       {"__module__": __name__, "_base_trainer": trainer_cls,
-                                        "__doc__": f"RecBole's {trainer_cls.__name__} with last-epoch checkpoints."})
+        _RESUMABLE[trainer_cls] = type(
+            f"Resumable{trainer_cls.__name__}",
+            (EpochCheckpoints, trainer_cls),
+            {
+                "__module__": __name__,
+                "_base_trainer": trainer_cls,
+                "__doc__": f"RecBole's {trainer_cls.__name__} with last-epoch checkpoints.",
+            },
+        )
     return _RESUMABLE[trainer_cls]
 
 
@@ -240,25 +291,39 @@ class EpochCheckpoints:
 
     def _saved_state(self, epoch: int) -> dict[str, Any]:
         """What RecBole's ``_save_checkpoint`` writes for the best model (a copy: training changes it in place)."""
-        return {"epoch": epoch, "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
-                "state_dict": _cpu_copy(self.model.state_dict()),
-                "other_parameter": _cpu_copy(self.model.other_parameter()),
-                "optimizer": _cpu_copy(self.optimizer.state_dict())}
+        return {
+            "epoch": epoch,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "state_dict": _cpu_copy(self.model.state_dict()),
+            "other_parameter": _cpu_copy(self.model.other_parameter()),
+            "optimizer": _cpu_copy(self.optimizer.state_dict()),
+        }
 
     # ------------------------------------------------------------------------------------------ fit
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         self._active = bool(self.config["single_spec"]) and self.epochs > 1
         if not self._active:
-            return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                               callback_fn=callback_fn)
+            return super().fit(
+                train_data,
+                valid_data,
+                verbose=verbose,
+                saved=saved,
+                show_progress=show_progress,
+                callback_fn=callback_fn,
+            )
         self._loaders = {"train": train_data, "valid": valid_data}
         self._saved = saved
         self._key, _ = training_key(self.config, self._base_trainer or type(self))
         self.last_epoch_file = os.path.join(self.checkpoint_dir, f"{self.config['model']}-{self._key[:16]}{SUFFIX}")
         other = self.model.other_parameter()
         if not _plain(other):
-            _log.warning("resume: %s keeps %s outside its weights; its last-epoch checkpoint can be read back only "
-                         "with CAUSALREC_TRUST_CHECKPOINTS=1", self.config["model"], sorted(other))
+            _log.warning(
+                "resume: %s keeps %s outside its weights; its last-epoch checkpoint can be read back only "
+                "with CAUSALREC_TRUST_CHECKPOINTS=1",
+                self.config["model"],
+                sorted(other),
+            )
         checkpoint = self._read_last_epoch()
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -266,13 +331,17 @@ class EpochCheckpoints:
                 for epoch, score in self._valid_history:
                     callback_fn(epoch, score)
             if checkpoint["finished"]:
-                _log.info("resume: %s finished training (epoch %d) before the interruption; nothing left to train",
-                          self.config["model"], checkpoint["epoch"])
+                _log.info(
+                    "resume: %s finished training (epoch %d) before the interruption; nothing left to train",
+                    self.config["model"],
+                    checkpoint["epoch"],
+                )
                 self.eval_collector.data_collect(train_data)
                 return self.best_valid_score, self.best_valid_result
         self._first_epoch = self.start_epoch
-        result = super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
-                             callback_fn=callback_fn)
+        result = super().fit(
+            train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress, callback_fn=callback_fn
+        )
         if self._epoch is not None and self._epoch >= self._first_epoch:
             self._epoch_done(self._epoch, finished=True)
         if not self.keep_finished_checkpoint:
@@ -293,7 +362,7 @@ class EpochCheckpoints:
 
     # ---------------------------------------------------------------------------------- write / read
     def _write_last_epoch(self, epoch: int, finished: bool) -> None:
-        from causalrec.compat import atomic_torch_save
+        from causalrec.recbole.checkpoints import atomic_torch_save
 
         # The best model so far: RecBole saved it at epoch best_epoch; without validation it saves every epoch.
         validates = bool(self._loaders.get("valid")) and self.eval_step > 0
@@ -304,26 +373,36 @@ class EpochCheckpoints:
         else:
             best = self._best_state
         state = {
-            "kind": LAST_EPOCH_KIND, "format": LAST_EPOCH_FORMAT, "key": self._key, "model": self.config["model"],
-            "epoch": epoch, "finished": finished, "epochs": self.epochs,
-            "cur_step": self.cur_step, "best_valid_score": self.best_valid_score,
-            "best_valid_result": self.best_valid_result, "best_epoch": self._best_epoch,
+            "kind": LAST_EPOCH_KIND,
+            "format": LAST_EPOCH_FORMAT,
+            "key": self._key,
+            "model": self.config["model"],
+            "epoch": epoch,
+            "finished": finished,
+            "epochs": self.epochs,
+            "cur_step": self.cur_step,
+            "best_valid_score": self.best_valid_score,
+            "best_valid_result": self.best_valid_result,
+            "best_epoch": self._best_epoch,
             "valid_history": [list(item) for item in self._valid_history],
             "train_loss": {int(k): v for k, v in self.train_loss_dict.items()},
-            "state_dict": self.model.state_dict(), "other_parameter": self.model.other_parameter(),
+            "state_dict": self.model.state_dict(),
+            "other_parameter": self.model.other_parameter(),
             "optimizer": self.optimizer.state_dict(),
-            "best": best, "best_model_file": os.path.basename(self.saved_model_file),
+            "best": best,
+            "best_model_file": os.path.basename(self.saved_model_file),
             "rng": _rng_state(self._loaders),
         }
         atomic_torch_save(state, self.last_epoch_file)
-        _log.info("resume: epoch %d%s saved to %s", epoch, " (training finished)" if finished else "",
-                  self.last_epoch_file)
+        _log.info(
+            "resume: epoch %d%s saved to %s", epoch, " (training finished)" if finished else "", self.last_epoch_file
+        )
 
     def _read_last_epoch(self) -> dict[str, Any] | None:
         """The checkpoint of this run's key, or None (with a log line saying why training starts at epoch 0)."""
         import torch
 
-        from causalrec.compat import load_recbole_checkpoint
+        from causalrec.recbole.checkpoints import load_recbole_checkpoint
 
         model, path = self.config["model"], self.last_epoch_file
         for stale in self._stale_temp_files():  # a write cut short by a kill
@@ -333,28 +412,43 @@ class EpochCheckpoints:
             pattern = os.path.join(glob.escape(self.checkpoint_dir), f"{glob.escape(model)}-*{SUFFIX}")
             others = [p for p in glob.glob(pattern) if p != path]
             if others:
-                _log.info("resume: no last-epoch checkpoint of %s with these settings (key %s); %d of other settings "
-                          "in %s (%s) are not used: training starts at epoch 0", model, self._key[:16], len(others),
-                          self.checkpoint_dir, ", ".join(sorted(os.path.basename(p) for p in others)))
+                _log.info(
+                    "resume: no last-epoch checkpoint of %s with these settings (key %s); %d of other settings "
+                    "in %s (%s) are not used: training starts at epoch 0",
+                    model,
+                    self._key[:16],
+                    len(others),
+                    self.checkpoint_dir,
+                    ", ".join(sorted(os.path.basename(p) for p in others)),
+                )
             else:
-                _log.info("resume: no last-epoch checkpoint of %s with these settings (%s): training starts at epoch 0",
-                          model, path)
+                _log.info(
+                    "resume: no last-epoch checkpoint of %s with these settings (%s): training starts at epoch 0",
+                    model,
+                    path,
+                )
             return None
         try:
             checkpoint = load_recbole_checkpoint(torch.load, path, map_location="cpu")
         except CheckpointError as err:
             raise CheckpointError(f"{err}. To train {model} from epoch 0 instead, delete {path}") from None
         if not (isinstance(checkpoint, dict) and checkpoint.get("kind") == LAST_EPOCH_KIND):
-            raise CheckpointError(f"{path!r} is not a causalrec last-epoch checkpoint; delete it to train {model} "
-                                  "from epoch 0")
+            raise CheckpointError(
+                f"{path!r} is not a causalrec last-epoch checkpoint; delete it to train {model} from epoch 0"
+            )
         if checkpoint.get("format") != LAST_EPOCH_FORMAT or checkpoint.get("key") != self._key:
-            _log.info("resume: %s was written with other settings or another causalrec version (key %s, not %s): "
-                      "training starts at epoch 0", path, str(checkpoint.get("key"))[:16], self._key[:16])
+            _log.info(
+                "resume: %s was written with other settings or another causalrec version (key %s, not %s): "
+                "training starts at epoch 0",
+                path,
+                str(checkpoint.get("key"))[:16],
+                self._key[:16],
+            )
             return None
         return checkpoint
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
-        from causalrec.compat import atomic_torch_save
+        from causalrec.recbole.checkpoints import atomic_torch_save
 
         path = self.last_epoch_file
         try:
@@ -380,9 +474,10 @@ class EpochCheckpoints:
             _set_rng_state(checkpoint["rng"], self._loaders)
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise CheckpointError(f"last-epoch checkpoint {path!r} does not fit this {self.config['model']} run "
-                                  f"({type(err).__name__}: {first}); delete it to train from epoch 0") from None
+            raise CheckpointError(
+                f"last-epoch checkpoint {path!r} does not fit this {self.config['model']} run "
+                f"({type(err).__name__}: {first}); delete it to train from epoch 0"
+            ) from None
         self._epoch = epoch
         self.epoch_summary.update(resumed_from=epoch, last=epoch, best=self._best_epoch)
         _log.info("resume: %s continues after epoch %d (of %d) from %s", self.config["model"], epoch, self.epochs, path)
-

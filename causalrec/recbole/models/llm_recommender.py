@@ -4,7 +4,7 @@ The model reads item titles from the prepared dataset (``<prepared_dir>/<dataset
 as ``item_repr`` says (``causalrec.llm.items``: its title, one added item token, or both), turns a case's history
 into a prompt (``causalrec.data.prompts``) and ranks the whole catalog exactly: one forward per prompt batch for
 item tokens (``causalrec.llm.items.score_item_tokens``), the title trie walk for titles
-(``causalrec.llm.ranking.score_catalog``). It is not trained by RecBole's loop: ``causalrec.trainer.LLMTrainer``
+(``causalrec.llm.ranking.score_catalog``). It is not trained by RecBole's loop: ``causalrec.recbole.trainer.LLMTrainer``
 runs the TRL stages (SFT, then S-DPO or CausalDPO) on ``self.llm``.
 """
 
@@ -69,10 +69,10 @@ class LLMRecommender(SequentialRecommender):
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
-        from causalrec.llm.backbone import TINY, BackboneConfig, load_backbone
         from causalrec.data.frame import warn_if_texts_tie
+        from causalrec.llm.backbone import TINY, BackboneConfig, load_backbone
         from causalrec.llm.items import ITEM_REPRS, item_token, item_token_ids, uses_item_tokens
-        from causalrec.llm.ranking import TitleTrie, title_token_ids
+        from causalrec.llm.trie import TitleTrie, title_token_ids
 
         self.titles = self._load_titles(config, dataset)
         self.item_repr = config["item_repr"] or ITEM_REPRS[0]
@@ -91,7 +91,8 @@ class LLMRecommender(SequentialRecommender):
         self.prompt_format = PromptFormat(
             template=config["prompt_template"] or (ITEM_TOKEN_TEMPLATE if self.item_repr == "id" else DEFAULT_TEMPLATE),
             max_history_items=self._history_length(config),
-            separator=SEPARATORS[self.item_repr], environment=config["prompt_environment"] or None,
+            separator=SEPARATORS[self.item_repr],
+            environment=config["prompt_environment"] or None,
             environment_template=config["environment_template"] or DEFAULT_ENVIRONMENT_TEMPLATE,
             environment_last=self.item_repr == "id",
         )
@@ -104,10 +105,13 @@ class LLMRecommender(SequentialRecommender):
         values["device"] = str(config["device"])
         self.backbone_config = BackboneConfig.from_dict(values)
         # the tiny tokenizer learns the words it will see: titles only where prompts show them
-        corpus = (self.titles[1:] if self.item_repr != "id" else []) + [self.prompt_format.template] + self._empty_prompts()
+        corpus = (
+            (self.titles[1:] if self.item_repr != "id" else []) + [self.prompt_format.template] + self._empty_prompts()
+        )
         init_texts = self.titles[1:] if self.item_repr == "title+id" and self.backbone_config.backbone != TINY else None
-        self.llm, self.tokenizer = load_backbone(self.backbone_config, corpus=corpus,
-                                                 items=list(item_ids) if tokens else (), item_init_texts=init_texts)
+        self.llm, self.tokenizer = load_backbone(
+            self.backbone_config, corpus=corpus, items=list(item_ids) if tokens else (), item_init_texts=init_texts
+        )
         self._apply_chat_template(config["use_chat_template"])
         self.item_token_ids: list[int] = item_token_ids(self.tokenizer, item_ids) if tokens else []
         self.trie = None
@@ -163,8 +167,10 @@ class LLMRecommender(SequentialRecommender):
         if value not in SFT_POSITIONS:
             raise UnknownNameError("sft_positions", value, SFT_POSITIONS)
         if value == "all" and not applies:
-            raise ConfigError(f"sft_positions: all needs item_repr: id (each history item is a target given the "
-                              f"items before it); got item_repr: {self.item_repr}")
+            raise ConfigError(
+                f"sft_positions: all needs item_repr: id (each history item is a target given the "
+                f"items before it); got item_repr: {self.item_repr}"
+            )
         return value
 
     def _init_environments(self, config, dataset) -> None:
@@ -176,8 +182,10 @@ class LLMRecommender(SequentialRecommender):
         self.environments, self.env_log_prior, self.env_index = [], None, None
         self.environment_inference = config["environment_inference"] or ENVIRONMENT_INFERENCE[0]
         prior_kind = config["environment_prior"] or ENVIRONMENT_PRIORS[0]
-        for key, value, choices in (("environment_prior", prior_kind, ENVIRONMENT_PRIORS),
-                                    ("environment_inference", self.environment_inference, ENVIRONMENT_INFERENCE)):
+        for key, value, choices in (
+            ("environment_prior", prior_kind, ENVIRONMENT_PRIORS),
+            ("environment_inference", self.environment_inference, ENVIRONMENT_INFERENCE),
+        ):
             if value not in choices:
                 raise UnknownNameError(key, value, choices)
         if field is None:
@@ -200,8 +208,13 @@ class LLMRecommender(SequentialRecommender):
         self.env_log_prior = prior.log().float()
         self.env_index = torch.full((len(vocab),), -1, dtype=torch.long)
         self.env_index[seen] = torch.arange(len(seen))
-        _log.info("prompt_environment=%s: ranking sums over %s with P(e) = %s (%s)", field, self.environments,
-                  [round(p, 3) for p in prior.tolist()], self.environment_inference)
+        _log.info(
+            "prompt_environment=%s: ranking sums over %s with P(e) = %s (%s)",
+            field,
+            self.environments,
+            [round(p, 3) for p in prior.tolist()],
+            self.environment_inference,
+        )
 
     def _empty_prompts(self) -> list[str]:
         """The prompt of an empty history, once per training environment (once without environments)."""
@@ -255,13 +268,20 @@ class LLMRecommender(SequentialRecommender):
         if self.item_token_ids:
             from causalrec.llm.items import score_item_tokens
 
-            scores = score_item_tokens(self.llm, prompt_ids, self.item_token_ids, batch_size=self.rank_batch_size,
-                                       pad_token_id=self.tokenizer.pad_token_id, show_progress=show_progress)
+            scores = score_item_tokens(
+                self.llm,
+                prompt_ids,
+                self.item_token_ids,
+                batch_size=self.rank_batch_size,
+                pad_token_id=self.tokenizer.pad_token_id,
+                show_progress=show_progress,
+            )
         else:
             from causalrec.llm.ranking import score_catalog
 
-            scores = score_catalog(self.llm, prompt_ids, self.trie, batch_size=self.rank_batch_size,
-                                   show_progress=show_progress)
+            scores = score_catalog(
+                self.llm, prompt_ids, self.trie, batch_size=self.rank_batch_size, show_progress=show_progress
+            )
         pad = torch.full((scores.shape[0], 1), float("-inf"), device=scores.device, dtype=scores.dtype)
         return torch.cat([pad, scores], dim=1)
 
@@ -291,9 +311,13 @@ class LLMRecommender(SequentialRecommender):
         real = [p for p, (r, _) in enumerate(pairs) if int(items[r]) > 0]  # padding candidates stay -inf
         if real and self.item_token_ids:  # one forward gives every item: read the candidates off it
             rows = torch.tensor([int(items[pairs[p][0]]) for p in real])
-            scores[real] = self.score_prompts([prompts[p] for p in real])[torch.arange(len(real)), rows].to(scores.device)
+            scores[real] = self.score_prompts([prompts[p] for p in real])[torch.arange(len(real)), rows].to(
+                scores.device
+            )
         elif real:
-            found = score_pairs(self.llm, [prompts[p] for p in real], [int(items[pairs[p][0]]) - 1 for p in real], self.trie)
+            found = score_pairs(
+                self.llm, [prompts[p] for p in real], [int(items[pairs[p][0]]) - 1 for p in real], self.trie
+            )
             scores[real] = found.to(scores.device)
         return self._combine(scores, interaction)
 
@@ -302,6 +326,6 @@ class LLMRecommender(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         raise NotImplementedError(
-            f"{type(self).__name__} is trained with TRL by causalrec.trainer.LLMTrainer (fit), not by RecBole's "
+            f"{type(self).__name__} is trained with TRL by causalrec.recbole.trainer.LLMTrainer (fit), not by RecBole's "
             "per-batch loss; use causalrec.run or run_recbole after `import causalrec`"
         )

@@ -1,6 +1,6 @@
 """SDPORec: SFT, then S-DPO (DPO with several sampled rejected items per prompt)."""
 
-from causalrec.models.llm_recommender import LLMRecommender
+from causalrec.recbole.models.llm_recommender import LLMRecommender
 
 
 class SDPORec(LLMRecommender):

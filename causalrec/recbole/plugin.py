@@ -12,9 +12,9 @@ RecBole 1.2.1 has no plugin discovery (notes §1.1, §1.3), so ``install()`` —
   own files (as RecBole-GNN does), from a checkout or an installed wheel;
 * datasets: after RecBole merged the config, a causalrec dataset (``retail-sim``,
   ``online-retail``, ``csv``, or ``ml-100k`` with a ``split``) is prepared on disk and the
-  config points RecBole at the prepared benchmark files (``causalrec.protocol``);
+  config points RecBole at the prepared benchmark files (``causalrec.recbole.protocol``);
 * evaluation protocol: RecBole's ``data_preparation`` as seen by ``run_recbole`` applies the
-  same history-masking rule to every model (``causalrec.protocol.apply_history_protocol``).
+  same history-masking rule to every model (``causalrec.recbole.protocol.apply_history_protocol``).
 
 This is the only module that writes into RecBole's namespaces.
 """
@@ -82,6 +82,12 @@ def register_model(model_name: str, target_module: str, *, flops: bool = True) -
         NO_FLOPS.add(model_name)
 
 
+def model_class(model_name: str) -> type | None:
+    """The class of a model registered here (causalrec's LLM models), or None for RecBole's own."""
+    target = MODELS.get(model_name)
+    return getattr(importlib.import_module(target), model_name) if target else None
+
+
 def register_trainer(model_name: str, trainer_cls: type) -> None:
     """Make ``get_trainer(..., model_name)`` return ``trainer_cls``."""
     import recbole.trainer
@@ -94,8 +100,11 @@ def model_yaml_files(model_class) -> list[Path]:
     class in its MRO that has one (GenRec: LLMRecommender.yaml; CausalDPO: LLMRecommender, SDPORec, CausalDPO),
     so keys shared by a family of models live in one file."""
     folder = properties_dir() / "model"
-    return [folder / f"{cls.__name__}.yaml" for cls in reversed(getattr(model_class, "__mro__", ()))
-            if (folder / f"{cls.__name__}.yaml").is_file()]
+    return [
+        folder / f"{cls.__name__}.yaml"
+        for cls in reversed(getattr(model_class, "__mro__", ()))
+        if (folder / f"{cls.__name__}.yaml").is_file()
+    ]
 
 
 def model_defaults(model_class) -> dict:
@@ -128,7 +137,7 @@ def _patch_config() -> None:
 
     @functools.wraps(set_defaults)
     def _set_default_parameters(self):
-        from causalrec import protocol
+        from causalrec.recbole import protocol
 
         final = self.final_config_dict
         if final.get("loss_type") == "CE" and "train_neg_sample_args" not in self.external_config_dict:
@@ -159,7 +168,7 @@ def _patch_quick_start() -> None:
 
     @functools.wraps(data_preparation)
     def _data_preparation(config, dataset):
-        from causalrec import protocol
+        from causalrec.recbole import protocol
 
         loaders = data_preparation(config, dataset)
         for loader in loaders[1:]:

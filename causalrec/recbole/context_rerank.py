@@ -37,8 +37,10 @@ def context_log_ratio(dataset, field: str, alpha: float = 1.0) -> tuple[torch.Te
     row of each label seen in training. Item 0 (RecBole's padding) and unseen labels get 0."""
     feat = dataset.inter_feat
     if field not in feat.columns:
-        raise DataError(f"context_rerank: {field} needs a {field!r} column in the interactions; "
-                        f"{dataset.dataset_name!r} has {sorted(feat.columns)}")
+        raise DataError(
+            f"context_rerank: {field} needs a {field!r} column in the interactions; "
+            f"{dataset.dataset_name!r} has {sorted(feat.columns)}"
+        )
     if alpha <= 0:
         raise ConfigError(f"context_rerank_alpha must be > 0; got {alpha}")
     n_items = dataset.item_num
@@ -74,7 +76,7 @@ class ContextRerank:
 
     def adjust(self, scores: torch.Tensor, eval_data, interaction) -> torch.Tensor:
         """``[B, n_items]`` scores of one evaluation batch of ``eval_data`` -> re-ranked scores."""
-        from causalrec.evaluation import _case_environments
+        from causalrec.recbole.evaluation import _case_environments
 
         labels = _case_environments(eval_data, interaction, self.field)
         index = torch.tensor([self.rows.get(str(v), 0) for v in labels], dtype=torch.long, device=scores.device)
@@ -103,6 +105,10 @@ def install(trainer, train_dataset, field: str, alpha: float = 1.0) -> ContextRe
 
     trainer.evaluate, trainer._full_sort_batch_eval = evaluate_in_context, batch_eval_in_context
     trainer.context_rerank = rerank
-    _log.info("context_rerank=%s: scores + log P(i | %s) - log P(i) (training rows; labels %s)", field, field,
-              sorted(rerank.rows))
+    _log.info(
+        "context_rerank=%s: scores + log P(i | %s) - log P(i) (training rows; labels %s)",
+        field,
+        field,
+        sorted(rerank.rows),
+    )
     return rerank
