@@ -217,3 +217,67 @@ def test_default_tau_keeps_environments_apart():
     assert entropy < math.log(4) - 0.3 and gap > 0.1
     collapsed_entropy, collapsed_gap = _train_prototypes(1.0)
     assert collapsed_entropy == pytest.approx(math.log(4), abs=1e-3) and collapsed_gap < 0.05
+
+
+def _u_statistic(values, groups, bandwidth=1.0):
+    """Textbook unbiased MMD² between hard groups, by loops (Gretton et al. 2012, eq. 3), averaged over pairs."""
+    k = lambda a, b: math.exp(-((a - b) ** 2) / (2 * bandwidth**2))  # noqa: E731
+    names = sorted(set(groups))
+    members = {g: [v for v, h in zip(values, groups) if h == g] for g in names}
+    total, pairs = 0.0, 0
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            x, y = members[names[a]], members[names[b]]
+            m, n = len(x), len(y)
+            xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+            yy = sum(k(y[i], y[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+            xy = sum(k(xi, yj) for xi in x for yj in y) / (m * n)
+            total, pairs = total + xx + yy - 2 * xy, pairs + 1
+    return total / pairs
+
+
+def test_unbiased_mmd_is_the_u_statistic_and_does_not_penalise_size():
+    values = [0.3, -1.2, 0.8, 2.0, 1.1, -0.4, 0.9, 0.0, 1.7]
+    groups = [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    q = torch.nn.functional.one_hot(torch.tensor(groups), 3).double()
+    got = mmd_penalty(torch.tensor(values, dtype=torch.float64), q, unbiased=True).item()
+    assert got == pytest.approx(_u_statistic(values, groups), rel=1e-12)
+    # The same distribution seen by a small (2) and a large (40) environment: the biased form charges them for their
+    # sizes, E = (1/2 + 1/40)(1 - E k(x, x')) with E k = 1/sqrt(3) for N(0, 1) and sigma 1, i.e. 0.2220; the unbiased
+    # one is 0 in expectation.
+    gen = torch.Generator().manual_seed(0)
+    biased, unbiased = [], []
+    for _ in range(200):
+        v = torch.randn(42, generator=gen, dtype=torch.float64)
+        hard = torch.nn.functional.one_hot(torch.tensor([0] * 2 + [1] * 40), 2).double()
+        biased.append(mmd_penalty(v, hard).item())
+        unbiased.append(mmd_penalty(v, hard, unbiased=True).item())
+    bias = (1 / 2 + 1 / 40) * (1 - 1 / math.sqrt(3))
+    assert sum(biased) / 200 == pytest.approx(bias, abs=0.02) and abs(sum(unbiased) / 200) < 0.02
+
+
+def test_unbiased_mmd_with_soft_weights_drops_self_pairs_and_too_small_environments():
+    v = torch.tensor([0.0, 1.0, 2.5, -0.5], dtype=torch.float64)
+    q = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    w = (q / q.sum(0)).t()
+    kern = torch.exp(-((v[:, None] - v[None, :]) ** 2) / 2)
+
+    def g(e, f):  # sum over i != j only, renormalised by the weight left
+        num = sum(w[e, i] * w[f, j] * kern[i, j] for i in range(4) for j in range(4) if i != j)
+        den = sum(w[e, i] * w[f, j] for i in range(4) for j in range(4) if i != j)
+        return num / den
+
+    expected = g(0, 0) + g(1, 1) - 2 * g(0, 1)
+    assert mmd_penalty(v, q, unbiased=True).item() == pytest.approx(float(expected), rel=1e-12)
+    one = torch.nn.functional.one_hot(torch.tensor([0, 1, 1, 1]), 2).double()  # environment 0 has one sample
+    assert mmd_penalty(v, one, unbiased=True).item() == 0.0
+    assert mmd_penalty(v, one).item() > 0.0
+
+
+def test_mmd_estimator_is_a_checked_setting(tmp_path):
+    from causalrec.errors import UnknownNameError
+    from causalrec.training import CausalDPOConfig
+
+    assert CausalDPOConfig(str(tmp_path), mmd_estimator="unbiased").mmd_estimator == "unbiased"
+    with pytest.raises(UnknownNameError, match="mmd_estimator"):
+        CausalDPOConfig(str(tmp_path), mmd_estimator="fair")

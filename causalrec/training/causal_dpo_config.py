@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.training.environments import MMD_ESTIMATORS
 from causalrec.training.sdpo_config import SDPOConfig, require_numbers
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class CausalDPOConfig(SDPOConfig):
             released code uses 0.001 on a different quantity); 0.1 is our default — tune it.
         inv_warmup_steps (`int`, *optional*, defaults to `0`):
             Linear warm-up of `lambda_inv` from 0 over this many optimizer steps (0: full weight from the start).
+        mmd_estimator (`str`, *optional*, defaults to `"biased"`):
+            `"biased"` (V-statistic, as the paper's code) or `"unbiased"` (U-statistic; see
+            `causalrec.training.environments.mmd_penalty`).
         mmd_bandwidths (`list[float]`, *optional*, defaults to `[1.0]`):
             RBF bandwidths σ (kernel `Σ_σ exp(-d²/2σ²)`); the paper and its code use one RBF kernel with σ = 1.
         cluster_weight (`float`, *optional*, defaults to `1.0`):
@@ -76,6 +80,13 @@ class CausalDPOConfig(SDPOConfig):
     lambda_inv: float = field(default=0.1, metadata={"help": "Weight of the invariance penalty after warm-up."})
     inv_warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps over which lambda_inv rises linearly from 0."}
+    )
+    mmd_estimator: str = field(
+        default="biased",
+        metadata={
+            "help": "MMD² estimator of the penalty: 'biased' (V-statistic, the paper's code) or 'unbiased' "
+            "(U-statistic: no sample compared with itself; environments need >= 2 samples' weight)."
+        },
     )
     mmd_bandwidths: list[float] = field(
         default_factory=lambda: [1.0], metadata={"help": "RBF kernel bandwidths for the MMD penalty."}
@@ -109,6 +120,8 @@ class CausalDPOConfig(SDPOConfig):
             isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.mmd_bandwidths
         ):
             raise ConfigError(f"mmd_bandwidths must be a list of numbers; got {self.mmd_bandwidths!r}")
+        if self.mmd_estimator not in MMD_ESTIMATORS:
+            raise UnknownNameError("mmd_estimator", self.mmd_estimator, MMD_ESTIMATORS)
         checks = {
             "n_environments must be >= 1": self.n_environments >= 1,
             "tau must be > 0": self.tau > 0,

@@ -186,7 +186,8 @@ class CausalDPOTrainer(SDPOTrainer):
     def invariance_penalty(self, batch: PreferenceBatch, q: torch.Tensor, mask: torch.Tensor, risks: torch.Tensor):
         kind = self.args.invariance
         if kind == "mmd":
-            return mmd_penalty(batch.chosen_logratios, q, self.args.mmd_bandwidths, mask)
+            unbiased = self.args.mmd_estimator == "unbiased"
+            return mmd_penalty(batch.chosen_logratios, q, self.args.mmd_bandwidths, mask, unbiased=unbiased)
         if kind == "vrex":
             return vrex_penalty(risks, mask)
         if kind == "irm":

@@ -78,24 +78,46 @@ def rbf_kernel(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float]) ->
     return sum(torch.exp(-sq / (2.0 * s * s)) for s in bandwidths)
 
 
+MMD_ESTIMATORS = ("biased", "unbiased")
+
+
 def mmd_penalty(
-    values: torch.Tensor, q: torch.Tensor, bandwidths: Sequence[float] = (1.0,), mask: torch.Tensor | None = None
+    values: torch.Tensor,
+    q: torch.Tensor,
+    bandwidths: Sequence[float] = (1.0,),
+    mask: torch.Tensor | None = None,
+    unbiased: bool = False,
 ) -> torch.Tensor:
     """Mean pairwise RBF-MMD² between the environments' soft-weighted distributions of ``values [N]``.
 
-    Environment e's distribution puts weight ``q_ie / Σ_i q_ie`` on ``values_i``; for two environments
-    ``MMD² = (w_e - w_f)ᵀ K (w_e - w_f)`` with ``K`` the kernel matrix, averaged over active pairs (as the
+    Environment e's distribution puts weight ``w_ei = q_ie / Σ_i q_ie`` on ``values_i``; for two environments
+    ``MMD² = G_ee + G_ff - 2 G_ef`` with ``G_ef = Σ_ij w_ei w_fj k(v_i, v_j)``, averaged over active pairs (as the
     paper's released code does). Zero when all environments see the same distribution, > 0 otherwise.
+
+    ``unbiased``: the U-statistic. The biased (V-statistic) form compares every sample with itself too
+    (``k(v_i, v_i) = Σ_σ 1``), which inflates ``G_ee`` by about ``1 / n_e`` and so penalises small environments
+    for their size, not for a shift. The unbiased form drops the ``i = j`` terms and renormalises by the weight left:
+    ``G_ef = (Σ_ij w_ei w_fj k_ij - Σ_i w_ei w_fi k_ii) / (1 - Σ_i w_ei w_fi)`` — with hard assignments exactly
+    ``Σ_{i≠j∈e} k_ij / (n_e (n_e - 1))`` within and ``Σ_{i∈e, j∈f} k_ij / (n_e n_f)`` across environments. An
+    environment with fewer than two samples' worth of weight (effective size ``1 / Σ_i w_ei² < 2``) has no
+    unbiased estimate and is left out. The estimate can be slightly negative when the distributions agree.
     """
     if not bandwidths or any(s <= 0 for s in bandwidths):
         raise ConfigError(f"mmd_bandwidths must be positive numbers; got {list(bandwidths)}")
     if mask is None:
         mask = torch.ones(q.size(1), dtype=torch.bool, device=q.device)
-    if int(mask.sum()) < 2:
-        return values.sum() * 0.0
     w = q[:, mask].t().to(values)
     w = w / w.sum(dim=1, keepdim=True)  # [K_active, N]
-    gram = w @ rbf_kernel(values, values, bandwidths) @ w.t()
+    if unbiased:
+        keep = w.pow(2).sum(dim=1) <= 0.5 + 1e-6  # effective size >= 2
+        w = w[keep]
+    if w.size(0) < 2:
+        return values.sum() * 0.0
+    kernel = rbf_kernel(values, values, bandwidths)
+    gram = w @ kernel @ w.t()
+    if unbiased:
+        self_terms = (w * kernel.diagonal()) @ w.t()
+        gram = (gram - self_terms) / (1.0 - w @ w.t()).clamp_min(1e-12)
     diag = gram.diagonal()
     pairwise = diag.unsqueeze(0) + diag.unsqueeze(1) - 2.0 * gram
     k = gram.size(0)
