@@ -41,6 +41,14 @@ changes no shape and so neither time nor memory.
 
 Activation checkpointing is off on a CPU (causalrec turns it on only on a GPU), so the step peaks hold every
 layer's activations; with it on, the activations shrink and the resident weights and optimizer state weigh more.
+
+3. **Extra, off by default: the reference-memory comparison of part 1 with activation checkpointing on**
+   (``Options.checkpointing``: the sizes to run it at; ``python -m benchmarks.pretrained --checkpointing``). The
+   same three variants and steps, the ``SDPOConfig`` built with ``gradient_checkpointing=True`` (what causalrec's
+   ``pretrained`` preset resolves to on a GPU) and the checkpointing switched on exactly as
+   ``Trainer.train`` does (``activation_checkpointing_enable``, non-reentrant; TRL's reference forward turns it
+   off around itself). Its results go to ``results["reference_checkpointing"]`` and its own goal rows; the
+   default run's payload and numbers are unchanged.
 """
 
 from __future__ import annotations
@@ -111,6 +119,12 @@ class Options:
     large_profile: bool = True
     sft_rows: int = 8
     judged: bool = True  # the stated sizes: goals are judged
+    # Extra (part 3): the reference comparison again with activation checkpointing on, at each of these sizes.
+    checkpointing: tuple[Size, ...] = ()
+    checkpointing_repeats: int = 3
+    # Part 3 at a size other than ``small``: also run it without checkpointing there (the time and memory baseline;
+    # at ``small`` part 1 is the baseline).
+    checkpointing_baseline: bool = False
 
     @classmethod
     def quick(cls) -> "Options":
@@ -202,13 +216,32 @@ def _common_args(prompts: int) -> dict[str, Any]:
     )
 
 
-def _sdpo_trainer(model, tok, dataset, opts: Options, out_dir: str, ref_model=None):
+def _enable_checkpointing(trainer) -> None:
+    """Activation checkpointing as ``Trainer.train`` switches it on (it is not on before ``train``)."""
+    kwargs = dict(trainer.args.activation_checkpointing_kwargs or {})
+    every_n_layers = kwargs.pop("every_n_layers", 1)
+    offload = kwargs.pop("offload", False)
+    trainer.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+    )
+    assert trainer.model.is_gradient_checkpointing
+
+
+def _sdpo_trainer(model, tok, dataset, opts: Options, out_dir: str, ref_model=None, checkpointing: bool = False):
     from causalrec.training import SDPOConfig, SDPOTrainer
 
+    extra = {"gradient_checkpointing": True} if checkpointing else {}
     args = SDPOConfig(
-        output_dir=out_dir, num_negatives=opts.negatives, beta=0.1, learning_rate=5e-6, **_common_args(opts.prompts)
+        output_dir=out_dir,
+        num_negatives=opts.negatives,
+        beta=0.1,
+        learning_rate=5e-6,
+        **_common_args(opts.prompts),
+        **extra,
     )
     trainer = SDPOTrainer(model, ref_model=ref_model, args=args, train_dataset=dataset, processing_class=tok)
+    if checkpointing:
+        _enable_checkpointing(trainer)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(opts.prompts)]))
@@ -300,11 +333,21 @@ def _records_and_format(opts: Options):
 
 
 # ------------------------------------------------------------------------------------ 1. reference memory
-def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
+def run_reference(
+    opts: Options,
+    tok,
+    fmt_,
+    records,
+    size: Size | None = None,
+    checkpointing: bool = False,
+    repeats: int | None = None,
+) -> dict[str, Any]:
     from causalrec.training import preference_dataset
     from causalrec.training.sdpo_trainer import _frozen_copy
 
-    base = qwen2(tok, opts.small)
+    size = size or opts.small
+    repeats = opts.repeats if repeats is None else repeats
+    base = qwen2(tok, size)
     dataset = preference_dataset(records, fmt_)
     with tempfile.TemporaryDirectory(prefix="bench-pretrained-") as tmp:
         trainers, inputs, steps = {}, {}, {}
@@ -315,19 +358,22 @@ def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
                 ref = _frozen_copy(model)  # the plain model as it is now (the SFT model)
             if kind.startswith("lora"):
                 model = _lora(model, opts)
-            trainers[kind], inputs[kind] = _sdpo_trainer(model, tok, dataset, opts, f"{tmp}/{kind}", ref_model=ref)
+            trainers[kind], inputs[kind] = _sdpo_trainer(
+                model, tok, dataset, opts, f"{tmp}/{kind}", ref_model=ref, checkpointing=checkpointing
+            )
             steps[kind] = _step(trainers[kind], inputs[kind])
         del base
         shape = list(inputs[VARIANTS[0]]["input_ids"].shape)
         assert all(list(x["input_ids"].shape) == shape for x in inputs.values())
         log_progress(
-            "pretrained: reference memory, Qwen2 %s, batch %s, %d variants x %d repeats",
-            opts.small,
+            "pretrained: reference memory, Qwen2 %s, batch %s, %d variants x %d repeats, checkpointing %s",
+            size,
             tuple(shape),
             len(VARIANTS),
-            opts.repeats,
+            repeats,
+            checkpointing,
         )
-        measured = _measure(steps, opts.repeats, opts.warmup)
+        measured = _measure(steps, repeats, opts.warmup)
         tensor_peak = {kind: tensor_peak_bytes(steps[kind])[0] for kind in VARIANTS}  # deterministic: once
         resident = {kind: _resident(trainers[kind]) for kind in VARIANTS}
         ref_kind = {
@@ -339,9 +385,13 @@ def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
             for kind in VARIANTS
         }
         prompt_tokens = inputs[VARIANTS[0]]["prompt_lengths"].float().mean().item()
+        checkpointed = {kind: bool(trainers[kind].model.is_gradient_checkpointing) for kind in VARIANTS}
+        parameters = sum(p.numel() for p in trainers["full_deepcopy_ref"].model.parameters())
     variants = {}
     for kind in VARIANTS:
         v = {**_summarise(measured[kind], tensor_peak[kind]), **resident[kind], "reference": ref_kind[kind]}
+        if checkpointing:
+            v["gradient_checkpointing"] = checkpointed[kind]
         v["model_state_bytes"] = v["resident_bytes"] + v["gradient_bytes"]
         v["total_bytes"] = v["resident_bytes"] + v["tensor_peak_bytes"]  # the goal: tensor bytes at the peak
         v["total_touched_bytes"] = v["resident_bytes"] + v["step_peak_bytes"]
@@ -360,13 +410,38 @@ def run_reference(opts: Options, tok, fmt_, records) -> dict[str, Any]:
             "total_touched_bytes",
         ):
             v[f"{key}_vs_full"] = ratio(v[key], b[key])
-    return {
-        "model": opts.small.__dict__,
+    out = {
+        "model": size.__dict__,
         "vocabulary": len(tok),
         "batch_shape": shape,
         "prompt_tokens_mean": prompt_tokens,
         "variants": variants,
     }
+    if checkpointing:
+        out.update({"gradient_checkpointing": True, "parameters": parameters, "repeats": repeats})
+    return out
+
+
+def run_checkpointing(opts: Options, tok, fmt_, records, baseline: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Part 3: the reference comparison with activation checkpointing at each of ``opts.checkpointing``; each entry
+    has ``baseline``, the same comparison without it (part 1 at ``small``; run here with
+    ``checkpointing_baseline``), and the per-variant ratios to it."""
+    out = []
+    for size in opts.checkpointing:
+        gc.collect()
+        base = baseline if size == opts.small else None
+        if base is None and opts.checkpointing_baseline:
+            base = run_reference(opts, tok, fmt_, records, size, False, opts.checkpointing_repeats)
+            gc.collect()
+        r = run_reference(opts, tok, fmt_, records, size, True, opts.checkpointing_repeats)
+        r["baseline"] = base
+        if base is not None:
+            for kind, v in r["variants"].items():
+                b = base["variants"][kind]
+                for key in ("median_s", "cpu_median_s", "tensor_peak_bytes", "total_bytes"):
+                    v[f"{key}_vs_no_checkpointing"] = ratio(v[key], b[key])
+        out.append(r)
+    return out
 
 
 # ------------------------------------------------------------------------------------ 2. ~100M parameters
@@ -436,6 +511,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     reference = run_reference(opts, tok, fmt_, records)
     gc.collect()
     large = run_large(opts, tok, fmt_, records) if opts.large is not None else None
+    checkpointed = run_checkpointing(opts, tok, fmt_, records, reference) if opts.checkpointing else None
     v = reference["variants"]
     a, _b = v["lora_adapter_ref"], v["full_deepcopy_ref"]
     judged = opts.judged and opts.prompts == 8 and opts.negatives == 3 and opts.small == SMALL
@@ -445,7 +521,21 @@ def run(opts: Options | None = None) -> dict[str, Any]:
 
     total_ratio = a["total_bytes_vs_full"]
     ref_ratio = a["reference_bytes_vs_full"]
-    return {
+    extra_goals = []
+    for r in checkpointed or []:
+        measured = r["variants"]["lora_adapter_ref"]["total_bytes_vs_full"]
+        size_judged = opts.judged and opts.prompts == 8 and opts.negatives == 3
+        extra_goals.append(
+            {
+                "name": "S-DPO step with activation checkpointing, Qwen2 "
+                f"{r['parameters'] / 1e6:.1f}M, total tensor memory at the peak, "
+                "LoRA + adapter reference / full FT + deep-copy reference",
+                "target": f"<= {GOAL_MEMORY}x",
+                "measured": measured,
+                "passed": (measured <= GOAL_MEMORY) if size_judged else None,
+            }
+        )
+    payload = {
         "benchmark": NAME,
         "config": {
             **{k: (val.__dict__ if isinstance(val, Size) else val) for k, val in opts.__dict__.items()},
@@ -491,6 +581,18 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             "copy of the adapter (what causalrec's pipeline does after SFT). Activation checkpointing off (CPU).",
         ],
     }
+    if checkpointed is not None:  # the extra (part 3): absent from the default payload
+        payload["config"]["checkpointing"] = [s.__dict__ for s in opts.checkpointing]
+        payload["goals"] += extra_goals
+        payload["results"]["reference_checkpointing"] = checkpointed
+        payload["notes"].append(
+            "Part 3 (extra): the reference comparison of part 1 with activation checkpointing on (SDPOConfig "
+            "gradient_checkpointing=True, then activation_checkpointing_enable as Trainer.train does: "
+            "non-reentrant, every decoder layer; TRL's no-grad reference forward switches it off around itself), "
+            "as causalrec's pretrained preset runs on a GPU; float32 on CPU. 'vs no ckpt': the same variant "
+            "without checkpointing in the same process."
+        )
+    return payload
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -599,4 +701,103 @@ def summary(result: dict[str, Any]) -> list[str]:
             ],
             rows,
         )
+    for r in result["results"].get("reference_checkpointing") or []:
+        lines += [""] + _checkpointing_summary(r, result["config"])
     return lines
+
+
+def _checkpointing_summary(r: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    m, shape = r["model"], r["batch_shape"]
+    lines = [
+        f"3. With activation checkpointing: S-DPO step, Qwen2 {r['parameters'] / 1e6:.1f}M (hidden {m['hidden']}, "
+        f"{m['layers']} layers, MLP {m['intermediate']}, {m['vocab_rows'] or r['vocabulary']} vocabulary rows), "
+        f"{config['prompts']} prompts x (1 + {config['negatives']}) = {shape[0]} rows x {shape[1]} tokens, "
+        f"float32, median of {r['repeats']}. 'vs no ckpt': the same variant without checkpointing.",
+        "",
+    ]
+    base = r.get("baseline")
+    rows = []
+    for kind, d in r["variants"].items():
+        b = base["variants"][kind] if base else None
+        rows.append(
+            [
+                _LABELS.get(kind, kind),
+                mib(d["reference_bytes"]),
+                mib(d["resident_bytes"]),
+                mib(d["tensor_peak_bytes"]),
+                mib(d["total_bytes"]),
+                f"{fmt(d['total_bytes_vs_full'])}x",
+                "–" if b is None else mib(b["total_bytes"]),
+                "–" if b is None else f"{fmt(b['total_bytes_vs_full'])}x",
+                d["median_s"],
+                f"{fmt(d['median_s_vs_full'])}x",
+                "–" if b is None else f"{fmt(d['median_s_vs_no_checkpointing'])}x",
+            ]
+        )
+    return lines + md_table(
+        [
+            "variant",
+            "reference weights MiB",
+            "resident MiB",
+            "step peak MiB (allocated)",
+            "total MiB",
+            "total vs (b)",
+            "total MiB, no ckpt",
+            "total vs (b), no ckpt",
+            "step s",
+            "time vs (b)",
+            "time vs no ckpt",
+        ],
+        rows,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.pretrained --checkpointing [--sizes small,large] [--out DIR]``: part 1 and the extra
+    part 3 (no part 2), written to ``DIR/pretrained_checkpointing.json`` and ``.md``."""
+    import argparse
+    import logging
+    import os
+    import sys
+    from pathlib import Path
+
+    from benchmarks.__main__ import render_summary, run_benchmark
+    from benchmarks.common import write_json
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pretrained", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--checkpointing", action="store_true", help="run part 3 (required: the only mode here)")
+    parser.add_argument("--sizes", default="small", help="comma-separated of small (25M), large (~100M)")
+    parser.add_argument("--repeats", type=int, default=None, help="part 3's measured rounds (default 3)")
+    parser.add_argument("--baseline", action="store_true", help="at large: also run it without checkpointing")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    if not args.checkpointing:
+        parser.error("--checkpointing is the only mode (the default benchmark: python -m benchmarks --only pretrained)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_threads(args.threads)
+    from benchmarks import pretrained as mod  # not __main__'s copy: run() compares with its own SMALL
+
+    sizes = {"small": mod.SMALL, "large": mod.LARGE}
+    opts = mod.Options(
+        large=None,
+        checkpointing=tuple(sizes[n.strip()] for n in args.sizes.split(",") if n.strip()),
+        checkpointing_baseline=args.baseline,
+    )
+    if args.repeats is not None:
+        opts.checkpointing_repeats = args.repeats
+    result = run_benchmark(NAME, opts=opts)
+    command = "python -m benchmarks.pretrained " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = command
+    out = Path(args.out)
+    write_json(out / "pretrained_checkpointing.json", result)
+    (out / "pretrained_checkpointing.md").write_text(render_summary([result], command) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
