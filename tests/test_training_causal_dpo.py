@@ -221,6 +221,41 @@ def test_lambda_warmup(tmp_path):
     assert trainer.current_lambda_inv() == pytest.approx(0.4)
 
 
+def test_tau_annealing_is_geometric_from_tau_to_tau_final(tmp_path, monkeypatch):
+    tok = tiny_tokenizer()
+    trainer = _lora_trainer(CausalDPOTrainer, _causal(tmp_path, tau=0.4, tau_final=0.025), tok)
+    trainer.state.max_steps = 40
+    for step, expected in ((0, 0.4), (10, 0.2), (20, 0.1), (40, 0.025), (80, 0.025)):  # halves every 10 steps
+        trainer.state.global_step = step
+        assert trainer.current_tau() == pytest.approx(expected)
+    # Through a real (short) training run, the environment model follows the schedule step by step.
+    args = _causal(tmp_path / "run", n_environments=2, max_steps=6, tau=0.4, tau_final=0.025, learning_rate=2e-2)
+    trained = CausalDPOTrainer(
+        tiny_model(tok),
+        args=args,
+        processing_class=tok,
+        peft_config=_lora(),
+        train_dataset=preference_dataset(_records()),
+    )
+    seen = []
+    original = CausalDPOTrainer.environment_assignments
+
+    def spy(self, batch):
+        out = original(self, batch)
+        seen.append(self.environment_model.tau)
+        return out
+
+    monkeypatch.setattr(CausalDPOTrainer, "environment_assignments", spy)
+    trained.train()
+    assert seen[0] == pytest.approx(0.4) and seen[-1] == pytest.approx(0.4 * (0.025 / 0.4) ** (5 / 6))
+    assert all(a > b for a, b in zip(seen, seen[1:]))
+    fixed = _lora_trainer(CausalDPOTrainer, _causal(tmp_path / "f", tau=0.4), tok)
+    fixed.state.max_steps, fixed.state.global_step = 40, 20
+    assert fixed.current_tau() == 0.4
+    with pytest.raises(ConfigError, match="tau_final must be > 0"):
+        _causal(tmp_path / "bad", tau_final=0.0)
+
+
 def test_training_lowers_the_loss_and_trains_prototypes(tmp_path):
     tok = tiny_tokenizer()
     args = _causal(tmp_path, n_environments=2, max_steps=30, learning_rate=2e-2, prototype_learning_rate=0.05)

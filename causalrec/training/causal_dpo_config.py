@@ -32,6 +32,10 @@ class CausalDPOConfig(SDPOConfig):
         env_source (`str`, *optional*, defaults to `"season"`):
             Where environments come from: `"latent"` (soft clustering of prompt representations), `"season"` or
             `"region"` (the known label columns).
+        tau_final (`float` or `None`, *optional*, defaults to `None`):
+            With a value, `tau` is annealed geometrically, `tau * (tau_final / tau) ** (step / max_steps)`, from the
+            first optimizer step to the last (latent environments only): soft assignments while the prototypes
+            move, hard ones at the end, so the result does not hinge on one temperature. `None`: `tau` throughout.
         tau (`float`, *optional*, defaults to `0.1`):
             Softmax temperature of the soft assignment over L2-normalised representations (squared distances in
             [0, 4]); smaller is harder. At 0.3 and above the assignments of real prompt states are near uniform,
@@ -73,6 +77,13 @@ class CausalDPOConfig(SDPOConfig):
         },
     )
     tau: float = field(default=0.1, metadata={"help": "Temperature of the soft environment assignment."})
+    tau_final: float | None = field(
+        default=None,
+        metadata={
+            "help": "Anneal tau geometrically from tau to this value over the training steps (deterministic "
+            "annealing: soft, then hard clusters); None keeps tau fixed."
+        },
+    )
     env_normalize: bool = field(
         default=True, metadata={"help": "L2-normalise prompt representations before clustering."}
     )
@@ -125,6 +136,7 @@ class CausalDPOConfig(SDPOConfig):
         checks = {
             "n_environments must be >= 1": self.n_environments >= 1,
             "tau must be > 0": self.tau > 0,
+            "tau_final must be > 0": self.tau_final is None or self.tau_final > 0,
             "lambda_inv must be >= 0": self.lambda_inv >= 0,
             "inv_warmup_steps must be >= 0": self.inv_warmup_steps >= 0,
             "mmd_bandwidths must be positive numbers": bool(self.mmd_bandwidths)

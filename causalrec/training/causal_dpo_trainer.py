@@ -173,6 +173,15 @@ class CausalDPOTrainer(SDPOTrainer):
             return self.args.lambda_inv
         return self.args.lambda_inv * min(1.0, self.state.global_step / warmup)
 
+    def current_tau(self) -> float:
+        """The assignment temperature at the current optimizer step: ``tau``, or with ``tau_final`` the geometric
+        interpolation ``tau * (tau_final / tau) ** (step / max_steps)``."""
+        tau, final = self.args.tau, self.args.tau_final
+        total = self.state.max_steps
+        if final is None or not total:
+            return tau
+        return tau * (final / tau) ** min(1.0, self.state.global_step / total)
+
     def environment_assignments(self, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(q [B, K] without grad, q with grad to the prototypes or None)``."""
         if self.environment_model is None:
@@ -180,6 +189,7 @@ class CausalDPOTrainer(SDPOTrainer):
             return label_assign(labels, self.n_environments).to(batch.logits.dtype), None
         if not bool(self.environment_model.initialized):
             self.initialize_environments()
+        self.environment_model.tau = self.current_tau()
         q = self.environment_model(batch.extras["prompt_states"].detach())
         return q.detach(), q
 
