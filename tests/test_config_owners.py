@@ -59,3 +59,20 @@ def test_data_keys_of_the_overall_yaml_have_one_default():
     overall = load_yaml((properties_dir() / "overall.yaml").read_text(encoding="utf-8"))
     differ = {k: pair for k, pair in _owned(DataSpec, overall).items() if pair[0] != pair[1]}
     assert not differ, f"overall.yaml and DataSpec disagree (yaml, dataclass): {differ}"
+
+
+def test_llm_recommender_keys_have_one_default():
+    """The first model YAML that defines a key of ``LLMRecommenderConfig`` (base class first) states its default;
+    subclasses' YAMLs may then preset it per model (CausalDPO.yaml's ``prompt_environment: season``)."""
+    from causalrec.recbole.settings import LLMRecommenderConfig
+
+    first: dict = {}
+    for name in ("LLMRecommender", "SDPORec"):
+        values = load_yaml((properties_dir() / "model" / f"{name}.yaml").read_text(encoding="utf-8"))
+        for key, value in values.items():
+            first.setdefault(key, value)
+    defaults = LLMRecommenderConfig.defaults()
+    missing = sorted(set(defaults) - set(first))
+    assert not missing, f"keys RecBole's Config would not know: {missing}"
+    differ = {k: (first[k], v) for k, v in defaults.items() if k in first and first[k] != v}
+    assert not differ, f"model YAML and LLMRecommenderConfig disagree (yaml, dataclass): {differ}"

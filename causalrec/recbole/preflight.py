@@ -36,6 +36,7 @@ from causalrec.errors import CausalRecError, ConfigError, DataError, PreflightEr
 from causalrec.io import literal_value, load_yaml, read_yaml_file
 from causalrec.recbole import plugin as registry
 from causalrec.recbole import protocol
+from causalrec.recbole.settings import LLMRecommenderConfig
 
 
 @lru_cache(maxsize=1)
@@ -158,11 +159,6 @@ _POSITIVE = (
     "stopping_step",
     "eval_step",
     "n_environments",
-    "sft_max_samples",
-    "dpo_max_samples",
-    "rank_batch_size",
-    "max_history_items",
-    "resume_save_steps",
     "tiny_hidden_size",
     "tiny_layers",
     "tiny_heads",
@@ -172,6 +168,9 @@ _POSITIVE = (
 )
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: (lambda v: v >= 1, ">= 1") for key in _POSITIVE},
+    **{  # the LLM models' own keys: the lower bounds their owner states
+        key: (lambda v, low=low: v >= low, f">= {low}") for key, low in LLMRecommenderConfig.rules()[1].items()
+    },
     "num_negatives": (lambda v: v == "all" or (isinstance(v, int) and v >= 1), ">= 1, or 'all' (item tokens)"),
     "learning_rate": (lambda v: v > 0, "> 0"),
     "beta": (lambda v: v > 0, "> 0"),
@@ -187,22 +186,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 @lru_cache(maxsize=1)
 def _choices() -> dict[str, tuple[str, ...]]:
     """causalrec's keys with a fixed set of values (checked before any data or training work)."""
-    from causalrec.data.prompts import ENVIRONMENTS, NEGATIVE_STRATEGIES
-    from causalrec.llm.items import ITEM_REPRS
     from causalrec.recbole.context_rerank import CONTEXTS
-    from causalrec.recbole.models.llm_recommender import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, SFT_POSITIONS
-    from causalrec.recbole.trainer import VALIDATE_STAGES
 
-    return {
-        "context_rerank": CONTEXTS,
-        "item_repr": ITEM_REPRS,
-        "prompt_environment": ENVIRONMENTS,
-        "environment_prior": ENVIRONMENT_PRIORS,
-        "environment_inference": ENVIRONMENT_INFERENCE,
-        "validate_stages": VALIDATE_STAGES,
-        "negative_strategy": NEGATIVE_STRATEGIES,
-        "sft_positions": SFT_POSITIONS,
-    }
+    return {"context_rerank": CONTEXTS, **LLMRecommenderConfig.rules()[0]}
 
 
 def _value_problem(key: str, raw: Any) -> CausalRecError | None:

@@ -14,14 +14,12 @@ import math
 from typing import Any, Mapping
 
 from causalrec.errors import ConfigError
+from causalrec.recbole.settings import LLMRecommenderConfig
 
-# Config keys LLMTrainer reads beyond the model YAMLs, with their defaults (``causalrec keys`` lists them).
+# The stage cache and resume keys LLMTrainer reads, with their owner's defaults (``causalrec keys`` lists them).
 RUN_KEYS: dict[str, Any] = {
-    "stage_cache": True,  # (bool) Reuse a finished training stage whose inputs hash the same (shared SFT).
-    "stage_cache_dir": None,  # (str) Finished stages and in-progress TRL checkpoints; None: <checkpoint_dir>/stages.
-    "resume": False,  # (bool) TRL stages write step checkpoints; an interrupted stage continues from its last one.
-    "resume_save_steps": 100,  # (int) With resume, a checkpoint every this many optimizer steps if the args save none.
-    "validate_stages": "all",  # (str) all: validate after every stage (Optuna pruning sees SFT); last: the final stage only.
+    k: LLMRecommenderConfig.defaults()[k]
+    for k in ("stage_cache", "stage_cache_dir", "resume", "resume_save_steps", "validate_stages")
 }
 # Stage-argument fields that must be finite and positive: a NaN or infinite one trains nothing meaningful.
 _POSITIVE_FIELDS = ("learning_rate", "beta", "num_train_epochs", "per_device_train_batch_size")

@@ -40,6 +40,7 @@ from recbole.trainer import Trainer
 
 from causalrec.io import digest
 from causalrec.recbole import stage_args
+from causalrec.recbole.settings import SEQUENCE_PATIENCE, VALIDATE_STAGES
 from causalrec.training.loss_guard import guard_training_losses
 from causalrec.training.stage_cache import (
     STAGE_FORMAT,
@@ -53,9 +54,6 @@ from causalrec.training.stage_cache import (
 )
 
 _log = logging.getLogger(__name__)
-
-SEQUENCE_PATIENCE = 5  # sft_patience's default for sequence SFT (sft_positions: all)
-VALIDATE_STAGES = ("all", "last")
 
 
 # -------------------------------------------------------------------------------------- processes

@@ -21,15 +21,13 @@ from recbole.utils import InputType
 
 from causalrec.data.prompts import DEFAULT_ENVIRONMENT_TEMPLATE, DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat
 from causalrec.errors import ConfigError, DataError, UnknownNameError
+from causalrec.recbole.settings import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, SFT_POSITIONS
 
 _log = logging.getLogger(__name__)
 
 PAD_TITLE = "[padding item]"
 DEFAULT_TITLE_HISTORY = 10  # history items shown in a prompt of titles (max_history_items: ~)
 SEPARATORS = {"title": "; ", "id": " ", "title+id": "; "}  # between history items in the prompt
-SFT_POSITIONS = ("last", "all")
-ENVIRONMENT_PRIORS = ("train", "uniform")
-ENVIRONMENT_INFERENCE = ("marginal", "observed")
 
 
 def read_titles(path: str) -> dict[str, str]:

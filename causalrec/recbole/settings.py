@@ -1,0 +1,85 @@
+"""``LLMRecommenderConfig``: the owner of the LLM models' own config keys (type, default, choices, range, help).
+
+Keys owned elsewhere are not repeated here: the backbone's by ``causalrec.llm.backbone.BackboneConfig``, the
+preference methods' (``beta``, ``num_negatives``, ``n_environments``, ...) by ``SDPOConfig`` / ``CausalDPOConfig``,
+``sft_args`` / ``dpo_args`` by TRL's configs, the data's by ``DataSpec``, evaluation and ``MAX_ITEM_LIST_LENGTH`` by
+RecBole. ``properties/model/LLMRecommender.yaml`` (and ``SDPORec.yaml`` for the preference-stage keys) repeat these
+defaults for RecBole's ``Config``; ``tests/test_config_owners.py`` holds them equal, and the preflight takes each
+key's choices and lower bound from here (``choices`` / ``minimum`` in the field metadata).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from causalrec.data.prompts import ENVIRONMENTS, NEGATIVE_STRATEGIES
+from causalrec.llm.chat import CHAT_CHOICES
+from causalrec.llm.items import ITEM_REPRS
+
+SFT_POSITIONS = ("last", "all")
+ENVIRONMENT_PRIORS = ("train", "uniform")
+ENVIRONMENT_INFERENCE = ("marginal", "observed")
+VALIDATE_STAGES = ("all", "last")
+SEQUENCE_PATIENCE = 5  # sft_patience's value when unset, for sequence SFT (sft_positions: all)
+
+
+def _key(default: Any, help: str, **rules: Any) -> Any:
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class LLMRecommenderConfig:
+    """The config keys of GenRec, SDPORec and CausalDPO that no other config class owns."""
+
+    item_repr: str = _key("id", "How an item is written: title | id (one added token) | title+id.", choices=ITEM_REPRS)
+    prompt_template: str | None = _key(None, "Prompt text with one {history} field; None: the item_repr's own.")
+    max_history_items: int | None = _key(
+        None, "Last this-many history items in the prompt; None: MAX_ITEM_LIST_LENGTH for id, 10 otherwise.", minimum=1
+    )
+    prompt_environment: str | None = _key(
+        None, "Write the row's season or region into prompts and rank by the backdoor sum.", choices=ENVIRONMENTS
+    )
+    environment_prior: str = _key("train", "P(e) of the backdoor ranking.", choices=ENVIRONMENT_PRIORS)
+    environment_inference: str = _key(
+        "marginal",
+        "marginal: the backdoor sum for every case; observed: p(y|x,e) of a seen e.",
+        choices=ENVIRONMENT_INFERENCE,
+    )
+    use_chat_template: str = _key(
+        "auto", f"Wrap prompts in the tokenizer's chat template: {' | '.join(CHAT_CHOICES)} (a YAML bool works too)."
+    )
+    environment_template: str = _key("{name} {value}. ", "Text of the environment in a prompt.")
+    sft_patience: int | None = _key(
+        None,
+        f"SFT epochs without a better valid_metric before stopping; None: {SEQUENCE_PATIENCE} for sequence SFT.",
+        minimum=1,
+    )
+    sequence_sft_epochs: int = _key(50, "SFT epochs (at most) for sft_positions all.", minimum=1)
+    sft_positions: str | None = _key(
+        None, "last: one target per row; all: every item token (item_repr id); None: all for id.", choices=SFT_POSITIONS
+    )
+    sft_max_samples: int | None = _key(None, "At most this many training rows for SFT (seeded); None: all.", minimum=1)
+    negative_strategy: str = _key("popularity", "How rejected items are drawn.", choices=NEGATIVE_STRATEGIES)
+    dpo_max_samples: int | None = _key(4096, "At most this many rows for the preference stage; None: all.", minimum=1)
+    rank_batch_size: int | None = _key(
+        None, "Prompts scored together when ranking; None: 8 per title-trie walk, 64 per item-token forward.", minimum=1
+    )
+    stage_cache: bool = _key(True, "Reuse a finished training stage whose inputs hash the same.")
+    stage_cache_dir: str | None = _key(None, "Finished stages and TRL checkpoints; None: <checkpoint_dir>/stages.")
+    resume: bool = _key(False, "TRL stages write step checkpoints; an interrupted stage continues from its last one.")
+    resume_save_steps: int = _key(100, "With resume, a step checkpoint every this many optimizer steps.", minimum=1)
+    validate_stages: str = _key(
+        "all", "all: validate after every stage; last: after the final stage only.", choices=VALIDATE_STAGES
+    )
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return {f.name: f.default for f in fields(cls)}
+
+    @classmethod
+    def rules(cls) -> tuple[dict[str, tuple[str, ...]], dict[str, int]]:
+        """``({key: choices}, {key: minimum})`` from the field metadata."""
+        choices = {f.name: tuple(f.metadata["choices"]) for f in fields(cls) if "choices" in f.metadata}
+        minimum = {f.name: f.metadata["minimum"] for f in fields(cls) if "minimum" in f.metadata}
+        return choices, minimum
