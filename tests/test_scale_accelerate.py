@@ -146,6 +146,65 @@ def accumulation_run(tmp_path_factory):
     return _one_process(tmp_path_factory, "ga", gradient_accumulation_steps=N_PROCESSES)
 
 
+# SFT with LoRA is left out: under gradient accumulation it does not equal a larger batch even in one process
+# (likely a per-micro-batch loss normalisation on the PEFT path; not yet pinned down), with the tiny backbone too.
+PRESET_STAGES = ("sft", "sdpo+lora", "causal_dpo+lora")
+
+
+@pytest.fixture(scope="module")
+def preset_backbone(tmp_path_factory):
+    """A random Llama saved as a Hugging Face directory: as a ``backbone`` it gets the ``pretrained`` preset."""
+    from causalrec.data.prompts import PromptFormat
+    from causalrec.llm.backbone import BackboneConfig, build_tiny_llama, build_tokenizer
+
+    fmt = PromptFormat()
+    tok = build_tokenizer(list(dc.TITLES) + [fmt.template, fmt.prompt([])])
+    directory = tmp_path_factory.mktemp("preset") / "llama"
+    build_tiny_llama(tok, BackboneConfig(tiny_hidden_size=16, tiny_heads=2, tiny_layers=1)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_the_pretrained_preset_trains_the_same_under_launch(preset_backbone, tmp_path_factory):
+    """``distributed_check`` covers the presets: with a directory backbone (LoRA rank 16, alpha 32 from the
+    ``pretrained`` preset), 2 DDP processes equal 1 process with gradient accumulation 2 (``PRESET_STAGES``)."""
+    tmp = tmp_path_factory.mktemp("ddp_preset")
+    args = ["--stages", ",".join(PRESET_STAGES), "--backbone", str(preset_backbone)]
+    for key in ("rows", "max_steps", "per_device_train_batch_size"):
+        args += ["--" + key.replace("_", "-"), str(BASE[key])]
+    _launch(
+        tmp,
+        tmp / "launch",
+        [
+            "-m",
+            "causalrec.training.distributed_check",
+            "--out",
+            str(tmp / "result"),
+            "--expect-processes",
+            str(N_PROCESSES),
+            *args,
+        ],
+    )
+    one = dc.run_check(
+        dc.CheckConfig(
+            **{
+                **BASE,
+                "stages": PRESET_STAGES,
+                "backbone": str(preset_backbone),
+                "gradient_accumulation_steps": N_PROCESSES,
+            }
+        ),
+        tmp / "one",
+    )
+    assert dc.compare(dc.load_result(tmp / "result"), one) == []
+    from causalrec.data.prompts import PromptFormat
+    from causalrec.llm.presets import PRESETS
+
+    model, _ = dc._backbone(dc.CheckConfig(backbone=str(preset_backbone)), PromptFormat(), lora=True)
+    ranks = {p.shape[0] for n, p in model.named_parameters() if "lora_A" in n}
+    assert ranks == {PRESETS["pretrained"]["lora_r"]}
+
+
 def test_every_process_holds_the_same_model(ddp_dir):
     rank0, rank1 = dc.load_result(ddp_dir, 0), dc.load_result(ddp_dir, 1)
     assert (rank0["world_size"], rank0["rank"], rank1["rank"]) == (N_PROCESSES, 0, 1)

@@ -81,7 +81,10 @@ class CheckConfig:
         n_environments: latent environments.
         prior_momentum: EMA momentum of the latent prior (low, so a prior that differs between processes shows).
         hidden_size / layers: size of the tiny Llama.
-        lora_r: LoRA rank of the ``+lora`` stages.
+        lora_r: LoRA rank of the ``+lora`` stages (tiny backbone).
+        backbone: ``tiny`` (built here), or a Hugging Face model directory: then it is loaded with its backbone
+            preset's settings (``causalrec.llm.presets``: LoRA rank 16 and alpha 32 in the ``+lora`` stages, the
+            preset's dtype), as a run with that ``backbone`` loads it, so the check covers the ``pretrained`` preset.
     """
 
     stages: tuple[str, ...] = (*STAGES, "causal_dpo" + LORA_SUFFIX)
@@ -98,6 +101,7 @@ class CheckConfig:
     hidden_size: int = 16
     layers: int = 1
     lora_r: int = 4
+    backbone: str = "tiny"
 
     def __post_init__(self):
         self.stages = tuple(self.stages)
@@ -134,20 +138,33 @@ def synthetic_records(rows: int, num_negatives: int, seed: int = 0):
     return out
 
 
-def _tiny_backbone(cfg: CheckConfig, fmt: PromptFormat, lora: bool):
+def _backbone(cfg: CheckConfig, fmt: PromptFormat, lora: bool):
     from causalrec.llm.backbone import BackboneConfig, load_backbone
+    from causalrec.llm.presets import TINY_BACKBONE, backbone_settings
 
     corpus = list(TITLES) + [fmt.template, fmt.prompt([])]
     # No LoRA dropout: each process would draw its own masks, so runs would agree only statistically.
-    backbone = BackboneConfig(
-        tiny_hidden_size=cfg.hidden_size,
-        tiny_layers=cfg.layers,
-        tiny_heads=2,
-        seed=cfg.seed,
-        device="cpu",  # the Trainer moves it to its process's device
-        lora_r=cfg.lora_r if lora else 0,
-        lora_dropout=0.0,
-    )
+    if cfg.backbone == TINY_BACKBONE:
+        backbone = BackboneConfig(
+            tiny_hidden_size=cfg.hidden_size,
+            tiny_layers=cfg.layers,
+            tiny_heads=2,
+            seed=cfg.seed,
+            device="cpu",  # the Trainer moves it to its process's device
+            lora_r=cfg.lora_r if lora else 0,
+            lora_dropout=0.0,
+        )
+    else:  # the preset's settings, as a run with this backbone would load it
+        preset = backbone_settings({"backbone": cfg.backbone, "lora_r": None, "lora_alpha": None, "dtype": None})
+        backbone = BackboneConfig(
+            backbone=cfg.backbone,
+            seed=cfg.seed,
+            device="cpu",
+            lora_r=preset["lora_r"] if lora else 0,
+            lora_alpha=preset["lora_alpha"],
+            lora_dropout=0.0,
+            dtype=preset["dtype"],
+        )
     return load_backbone(backbone, corpus)
 
 
@@ -187,7 +204,7 @@ def _summary(trainer) -> dict[str, Any]:
 
 
 def run_stage(stage: str, cfg: CheckConfig, output_dir: str | os.PathLike) -> dict[str, Any]:
-    """Train one stage from a fresh tiny model; returns per-step ``losses``, ``training_loss``, flat ``weights``
+    """Train one stage from a fresh model (``cfg.backbone``); returns per-step ``losses``, ``training_loss``, flat ``weights``
     (and ``env_prior``/``prototypes`` for latent CausalDPO), identical in every process of a DDP run."""
     from causalrec.training import (
         CausalDPOConfig,
@@ -202,7 +219,7 @@ def run_stage(stage: str, cfg: CheckConfig, output_dir: str | os.PathLike) -> di
 
     fmt = PromptFormat()
     records = synthetic_records(cfg.rows, cfg.num_negatives, cfg.seed)
-    model, tokenizer = _tiny_backbone(cfg, fmt, lora=stage.endswith(LORA_SUFFIX))
+    model, tokenizer = _backbone(cfg, fmt, lora=stage.endswith(LORA_SUFFIX))
     out = str(Path(output_dir) / stage)
     stage = stage.removesuffix(LORA_SUFFIX)
     if stage == "sft":
