@@ -147,7 +147,7 @@ def accumulation_run(tmp_path_factory):
 
 
 # SFT with LoRA is left out: under gradient accumulation it does not equal a larger batch even in one process
-# (likely a per-micro-batch loss normalisation on the PEFT path; not yet pinned down), with the tiny backbone too.
+# (cause not found yet; the loss normalisation is not it), with the tiny backbone too.
 PRESET_STAGES = ("sft", "sdpo+lora", "causal_dpo+lora")
 
 
