@@ -36,7 +36,7 @@ from causalrec.errors import CausalRecError, ConfigError, DataError, PreflightEr
 from causalrec.io import literal_value, load_yaml, read_yaml_file
 from causalrec.recbole import plugin as registry
 from causalrec.recbole import protocol
-from causalrec.recbole.settings import LLMRecommenderConfig
+from causalrec.recbole.settings import LLMRecommenderConfig, resolve_sft_positions
 
 
 @lru_cache(maxsize=1)
@@ -274,16 +274,16 @@ def _stage_problems(model: str, settings: _Settings, params: Mapping[str, Any]) 
     if model_cls is None or not hasattr(model_cls, "alignment"):
         return []
     user = {k: params.get(k) for k in ("sft_args", "dpo_args")}
-    item_repr = settings["item_repr"] or "id"
-    positions = settings["sft_positions"] or ("all" if item_repr == "id" else "last")
     problems = []
     with tempfile.TemporaryDirectory(prefix="causalrec-preflight-") as tmp:
-        for build in (
-            lambda: stage_args.sft_config(settings, user, positions, tmp),
-            lambda: model_cls.alignment and stage_args.alignment_config(settings, user, model_cls, tmp),
-        ):
+        try:
+            positions = resolve_sft_positions(settings["sft_positions"], settings["item_repr"])
+            stage_args.sft_config(settings, user, positions, tmp)
+        except CausalRecError as err:
+            problems.append(err)
+        if model_cls.alignment is not None:
             try:
-                build()
+                stage_args.alignment_config(settings, user, model_cls, tmp)
             except CausalRecError as err:
                 problems.append(err)
     return problems
@@ -342,7 +342,7 @@ def remove_created(created: list[Path]) -> None:
 def _folder_problems(
     settings: _Settings, output: str | os.PathLike | None, saved: bool, created: list[Path]
 ) -> list[CausalRecError]:
-    from causalrec.data import DataSpec
+    from causalrec.data.spec import default_cache_dir
 
     folders = []
     if output is not None:
@@ -358,15 +358,8 @@ def _folder_problems(
         folders.append((settings["stage_cache_dir"] or Path(checkpoint_dir) / "stages", "the stage cache"))
     if protocol.needs_preparation(settings):
         spec_cache = settings["data_cache_dir"]
-        folders.append((Path(spec_cache) if spec_cache else _default_cache(DataSpec), "the prepared-data cache"))
-    problems = [p for p in (probe_writable(f, what, created) for f, what in folders) if p is not None]
-    return problems
-
-
-def _default_cache(spec_cls) -> Path:
-    from causalrec.data.spec import default_cache_dir
-
-    return default_cache_dir()
+        folders.append((Path(spec_cache) if spec_cache else default_cache_dir(), "the prepared-data cache"))
+    return [p for p in (probe_writable(f, what, created) for f, what in folders) if p is not None]
 
 
 def _input_problems(settings: _Settings) -> list[CausalRecError]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from causalrec.data.prompts import ENVIRONMENTS, NEGATIVE_STRATEGIES
+from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.llm.chat import CHAT_CHOICES
 from causalrec.llm.items import ITEM_REPRS
 
@@ -22,6 +23,23 @@ ENVIRONMENT_PRIORS = ("train", "uniform")
 ENVIRONMENT_INFERENCE = ("marginal", "observed")
 VALIDATE_STAGES = ("all", "last")
 SEQUENCE_PATIENCE = 5  # sft_patience's value when unset, for sequence SFT (sft_positions: all)
+
+
+def resolve_sft_positions(value: str | None, item_repr: str) -> str:
+    """``sft_positions``: ``all`` (every item token of a sequence is a target) needs a history of item tokens
+    (``item_repr: id``, whose prompts write the environment after the history, so it conditions only the
+    answer); unset: ``all`` where it applies, else ``last``."""
+    applies = item_repr == "id"
+    if value is None:
+        return "all" if applies else "last"
+    if value not in SFT_POSITIONS:
+        raise UnknownNameError("sft_positions", value, SFT_POSITIONS)
+    if value == "all" and not applies:
+        raise ConfigError(
+            f"sft_positions: all needs item_repr: id (each history item is a target given the "
+            f"items before it); got item_repr: {item_repr}"
+        )
+    return value
 
 
 def _key(default: Any, help: str, **rules: Any) -> Any:

@@ -21,7 +21,7 @@ from recbole.utils import InputType
 
 from causalrec.data.prompts import DEFAULT_ENVIRONMENT_TEMPLATE, DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat
 from causalrec.errors import ConfigError, DataError, UnknownNameError
-from causalrec.recbole.settings import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, SFT_POSITIONS
+from causalrec.recbole.settings import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, resolve_sft_positions
 
 _log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class LLMRecommender(SequentialRecommender):
             environment_last=self.item_repr == "id",
         )
         self._init_environments(config, dataset)
-        self.sft_positions = self._sft_positions(config)
+        self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
         from causalrec.llm.presets import backbone_settings
 
@@ -153,23 +153,6 @@ class LLMRecommender(SequentialRecommender):
         if value is not None:
             return int(value)
         return int(config["MAX_ITEM_LIST_LENGTH"]) if self.item_repr == "id" else DEFAULT_TITLE_HISTORY
-
-    def _sft_positions(self, config) -> str:
-        """``sft_positions``: ``all`` (every item token of a sequence is a target) needs a history of item tokens
-        (``item_repr: id``, whose prompts write the environment after the history, so it conditions only the
-        answer); default: ``all`` where it applies, else ``last``."""
-        value = config["sft_positions"]
-        applies = self.item_repr == "id"
-        if value is None:
-            return "all" if applies else "last"
-        if value not in SFT_POSITIONS:
-            raise UnknownNameError("sft_positions", value, SFT_POSITIONS)
-        if value == "all" and not applies:
-            raise ConfigError(
-                f"sft_positions: all needs item_repr: id (each history item is a target given the "
-                f"items before it); got item_repr: {self.item_repr}"
-            )
-        return value
 
     def _init_environments(self, config, dataset) -> None:
         """``environments`` (the label values seen in training), ``env_log_prior`` (``log P(e)``: their shares of
