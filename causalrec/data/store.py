@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from causalrec.data.frame import cap_titles, describe, warn_if_texts_tie
+from causalrec.data.frame import describe, warn_if_texts_tie
 from causalrec.data.shifts import Split, split_frame
 from causalrec.data.sources import input_files, load_frame
 from causalrec.data.sources.tables import check_file, permission_error
@@ -263,8 +263,7 @@ def write_split(
             }
         )
         _write_tsv(seq, SEQ_COLUMNS, directory / names[f"seq_{part}.inter"])
-    # load_frame already cut (and counted) long titles; cutting here too keeps every items.tsv readable
-    catalog, _ = cap_titles(f.drop_duplicates("item_id").sort_values("item_id"), spec.max_title_chars)
+    catalog = f.drop_duplicates("item_id").sort_values("item_id")  # titles already capped by load_frame
     warn_if_texts_tie(catalog["item_text"].tolist(), spec.dataset)
     _write_tsv(catalog[["item_id"]], ("item_id:token",), directory / names["item"])
     items = pd.DataFrame(

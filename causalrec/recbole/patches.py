@@ -350,11 +350,7 @@ def patch_log_dir() -> bool:
         md5 = hashlib.md5(config_str.encode(encoding="utf-8")).hexdigest()[:6]
         name = f"{config['model']}-{config['dataset']}-{utils.get_local_time()}-{md5}.log"
         state = str(config["state"] or "info").upper()
-        level = (
-            getattr(logging, state, logging.INFO)
-            if state in ("INFO", "DEBUG", "ERROR", "WARNING", "CRITICAL")
-            else logging.INFO
-        )
+        level = getattr(logging, state) if state in ("INFO", "DEBUG", "ERROR", "WARNING", "CRITICAL") else logging.INFO
         file_handler = logging.FileHandler(os.path.join(folder, name))
         file_handler.setLevel(level)
         file_handler.setFormatter(
