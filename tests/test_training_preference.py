@@ -77,6 +77,39 @@ def test_trl_private_api_is_pinned():
     assert "log_probs" in FusedCausalLMOutput.__dataclass_fields__
 
 
+def test_fused_head_projects_only_labelled_positions_with_the_same_log_probs(monkeypatch):
+    """On a CPU TRL 1.16 projects every position; ``sequence_logps`` projects only the completion positions (as TRL
+    does on CUDA) and must give bit-identical log-probs to TRL's own all-position path."""
+    from trl.trainer import utils as trl_utils
+    from trl.trainer.utils import add_fused_lm_head
+
+    from causalrec.training.trl_compat import labelled_positions_only, sequence_logps
+
+    model = tiny_model(tiny_tokenizer())
+    add_fused_lm_head(model)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, model.config.vocab_size, (6, 12), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[:2, :3] = 0  # left padding
+    completion = torch.zeros_like(ids)
+    completion[:, -2:] = 1
+    completion[0, -3:] = 1
+    projected = []
+    apply = trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *a: projected.append(len(hidden)) or apply(hidden, *a)
+    )
+    ours, _ = sequence_logps(model, ids, attention, completion)
+    labels = ids.masked_fill(completion == 0, -100)
+    out = model(input_ids=ids, attention_mask=attention, labels=labels, use_cache=False, fused_lm_head=True)
+    assert projected == [int(completion[:, 1:].sum()), 6 * 11]  # ours: 13 labelled positions; TRL on a CPU: all
+    assert torch.equal(ours, out.log_probs.sum(dim=1))
+    original = trl_utils._use_triton
+    with pytest.raises(RuntimeError), labelled_positions_only():
+        raise RuntimeError
+    assert trl_utils._use_triton is original
+
+
 def test_config_validation_and_cpu_defaults(tmp_path):
     args = _config(tmp_path)
     assert args.num_negatives == 3 and args.loss_type == ["sigmoid"] and args.report_to == []

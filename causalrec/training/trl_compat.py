@@ -16,6 +16,7 @@ import torch
 from accelerate.utils import is_peft_model
 from trl.data_utils import _tokenize, common_prefix_length
 from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer import utils as trl_utils
 from trl.trainer.dpo_trainer import DPOTrainer
 from trl.trainer.utils import pad, use_adapter
 
@@ -28,6 +29,7 @@ __all__ = [
     "device_defaults",
     "disable_gradient_checkpointing",
     "is_peft_model",
+    "labelled_positions_only",
     "pad",
     "reference_context",
     "resolve_device_defaults",
@@ -103,15 +105,39 @@ def backbone_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.base_model
 
 
+# Device types whose eager kernels take any tile shape: projecting only the labelled positions costs no recompilation.
+_EAGER_DEVICES = ("cpu", "mps")
+
+
+@contextlib.contextmanager
+def labelled_positions_only() -> Iterator[None]:
+    """Inside the block, TRL's fused LM head projects only the positions that carry a label, on every eager device.
+
+    TRL 1.16 does so ("compact") only where it runs its Triton kernel (CUDA, XPU) and projects every position
+    elsewhere, so that compiled backends (Neuron, XLA) keep one tile shape. On a CPU that means the S-DPO step
+    projects each row's prompt too (~55 positions per row with item tokens, of which 2 carry labels) and allocates
+    a ``[positions, 32768]`` scratch tile per forward. The result is the same quantity either way: positions
+    without a label score exactly zero. Only the forward reads the switch (the backward reuses its saved tensors).
+    """
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: original(device) or device.type in _EAGER_DEVICES
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
     """Sum of log-probabilities of the completion tokens of each row, through TRL's fused LM head.
 
-    Prompt and padding positions have label -100 and contribute exactly zero. Returns ``(logps [N], outputs)``.
+    Prompt and padding positions have label -100 and contribute exactly zero; only the labelled positions are
+    projected onto the vocabulary (``labelled_positions_only``). Returns ``(logps [N], outputs)``.
     """
     labels = input_ids.masked_fill(completion_mask == 0, -100)
-    outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, fused_lm_head=True
-    )
+    with labelled_positions_only():
+        outputs = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, fused_lm_head=True
+        )
     seq_len = completion_mask.size(1) - 1
     # Prompt-learning PEFT prepends virtual tokens; keep the positions of the real tokens (as TRL does)
     per_token = outputs.log_probs[:, -seq_len:]
