@@ -97,7 +97,9 @@ def test_fused_head_projects_only_labelled_positions_with_the_same_log_probs(mon
     projected = []
     apply = trl_utils._ChunkedLogProbFunction.apply
     monkeypatch.setattr(
-        trl_utils._ChunkedLogProbFunction, "apply", lambda hidden, *a: projected.append(len(hidden)) or apply(hidden, *a)
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *a: projected.append(len(hidden)) or apply(hidden, *a),
     )
     ours, _ = sequence_logps(model, ids, attention, completion)
     labels = ids.masked_fill(completion == 0, -100)
