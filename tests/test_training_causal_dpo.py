@@ -58,6 +58,10 @@ def test_config_validation(tmp_path):
         _causal(tmp_path, env_source="seasn")
     with pytest.raises(UnknownNameError):
         _causal(tmp_path, invariance="coral")
+    with pytest.raises(UnknownNameError, match="estimated"):
+        _causal(tmp_path, env_prior="learned")
+    with pytest.raises(UnknownNameError, match="margin"):
+        _causal(tmp_path, invariance_target="reward")
 
 
 def test_one_environment_without_penalty_is_exactly_sdpo(tmp_path):
@@ -254,6 +258,66 @@ def test_tau_annealing_is_geometric_from_tau_to_tau_final(tmp_path, monkeypatch)
     assert fixed.current_tau() == 0.4
     with pytest.raises(ConfigError, match="tau_final must be > 0"):
         _causal(tmp_path / "bad", tau_final=0.0)
+
+
+def test_margin_penalty_by_hand(tmp_path):
+    """``invariance_target="margin"``: MMD between the seasons' distributions of beta * (chosen log-ratio - mean
+    rejected log-ratio), the per-sample reward margin."""
+    tok = tiny_tokenizer()
+    policy, reference = tiny_model(tok, seed=0), tiny_model(tok, seed=1)
+    beta = 0.5
+    trainer = CausalDPOTrainer(
+        policy,
+        ref_model=reference,
+        processing_class=tok,
+        args=_causal(tmp_path, env_source="season", invariance_target="margin", lambda_inv=1.0),
+        train_dataset=preference_dataset(_records()),
+    )
+    trainer.compute_loss(trainer.model, _batch(trainer))
+    margins = []
+    for history, chosen, rejected, _, _ in ROWS:
+        prompt = FMT.prompt(history)
+
+        def ratio(title):
+            return completion_logp(policy, tok, prompt, completion_text(title)) - completion_logp(
+                reference, tok, prompt, completion_text(title)
+            )
+
+        margins.append(beta * (ratio(chosen) - sum(ratio(r) for r in rejected) / len(rejected)))
+
+    def k(a, b):
+        return math.exp(-((a - b) ** 2) / 2)
+
+    x, winter = margins, [0, 2, 3]
+    penalty = (
+        k(x[1], x[1])
+        + sum(k(x[i], x[j]) for i in winter for j in winter) / 9
+        - 2 * sum(k(x[1], x[i]) for i in winter) / 3
+    )
+    assert penalty > 1e-4
+    assert trainer._metrics["train"]["causal/penalty"][-1] == pytest.approx(penalty, rel=1e-4)
+
+
+def test_environment_recovery_against_the_season_labels(tmp_path):
+    """NMI / ARI of the latent environments' hard assignments against the labelled seasons, and nothing for label
+    environments."""
+    from causalrec.training.environments import adjusted_rand_index, normalized_mutual_information
+
+    tok = tiny_tokenizer()
+    args = _causal(tmp_path, n_environments=2, env_prior="estimated")
+    trainer = _lora_trainer(CausalDPOTrainer, args, tok)
+    assert trainer.environment_recovery() == {}  # not seeded yet
+    trainer.initialize_environments()
+    assert trainer.environment_model.estimated_prior
+    recovery = trainer.environment_recovery()
+    assert set(recovery) == {"nmi/season", "ari/season", "nmi/region", "ari/region"}
+    rows = trainer._sample_rows(None)
+    assigned = trainer.environment_model(trainer.prompt_states(rows)).argmax(1)
+    seasons = torch.tensor(trainer.train_dataset.select(rows)["season_id"])
+    assert recovery["nmi/season"] == pytest.approx(normalized_mutual_information(assigned, seasons))
+    assert recovery["ari/season"] == pytest.approx(adjusted_rand_index(assigned, seasons))
+    labelled = _lora_trainer(CausalDPOTrainer, _causal(tmp_path, env_source="season"), tok)
+    assert labelled.environment_recovery() == {}
 
 
 def test_training_lowers_the_loss_and_trains_prototypes(tmp_path):

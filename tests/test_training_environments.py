@@ -7,12 +7,13 @@ import math
 import pytest
 import test_training_fixtures  # noqa: F401  (one torch thread: the test machine's 2 cores are shared)
 import torch
-from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from causalrec.errors import ConfigError, DataError
 from causalrec.training.environments import (
     EnvironmentModel,
     active_environments,
+    adjusted_rand_index,
     assignment_entropy,
     backdoor_loss,
     balance_loss,
@@ -23,6 +24,7 @@ from causalrec.training.environments import (
     kmeans_plus_plus,
     label_assign,
     mmd_penalty,
+    normalized_mutual_information,
     soft_assign,
     vrex_penalty,
 )
@@ -146,6 +148,65 @@ def test_balance_and_cluster_losses():
     q = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
     # row 0: 0; row 1: 0.5 * 25 + 0.5 * 16
     assert cluster_loss(h, c, q).item() == pytest.approx((0 + 0.5 * 25 + 0.5 * 16) / 2)
+
+
+def test_assignment_and_balance_with_a_prior_by_hand():
+    h = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    c = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    prior = torch.tensor([0.2, 0.8])
+    q = soft_assign(h, c, tau=2.0, prior=prior)
+    for i, d2 in enumerate(([0.0, 4.0], [1.0, 1.0])):
+        w = [prior[e].item() * math.exp(-d2[e] / 2.0) for e in range(2)]
+        assert q[i].tolist() == pytest.approx([w[0] / sum(w), w[1] / sum(w)], rel=1e-6)
+    torch.testing.assert_close(soft_assign(h, c, 2.0, torch.tensor([0.5, 0.5])), soft_assign(h, c, 2.0))
+    # KL(mean q || P): mean q = (0.5, 0.5), P = (0.2, 0.8)
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    expected = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
+    assert balance_loss(q, prior).item() == pytest.approx(expected, rel=1e-6)
+    assert balance_loss(q, torch.tensor([0.5, 0.5])).item() == pytest.approx(balance_loss(q).item(), abs=1e-7)
+
+
+def test_nmi_and_ari_equal_scikit_learn():
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.randint(4, (300,), generator=gen), torch.randint(3, (300,), generator=gen))]
+    a = torch.randint(5, (200,), generator=gen)
+    cases += [(a, (a * 7 + 3) % 5), (a, a.clamp(max=2)), (a, torch.where(torch.rand(200, generator=gen) < 0.3, 0, a))]
+    cases += [(torch.tensor([0, 0, 1, 1]), torch.tensor([1, 1, 0, 0])), (torch.tensor([0, 1, 2]), torch.zeros(3))]
+    for x, y in cases:
+        assert normalized_mutual_information(x, y) == pytest.approx(normalized_mutual_info_score(x, y), abs=1e-9)
+        assert adjusted_rand_index(x, y) == pytest.approx(adjusted_rand_score(x, y), abs=1e-9)
+    assert normalized_mutual_information(a, (a * 7 + 3) % 5) == pytest.approx(1.0)  # a renaming
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_estimated_prior_recovers_unequal_environments(seed):
+    """Planted clusters of 60 / 25 / 15 %: balancing towards equal sizes (the paper's term) pulls rows of the large
+    cluster into the small ones; the estimated prior lets the clusters keep the data's sizes."""
+
+    def train(estimated: bool):
+        gen = torch.Generator().manual_seed(seed)
+        sizes, dim = [600, 250, 150], 32
+        means = torch.randn(3, dim, generator=gen)
+        labels = torch.cat([torch.full((n,), j) for j, n in enumerate(sizes)])
+        h = means[labels] + torch.randn(len(labels), dim, generator=gen)
+        env = EnvironmentModel(3, dim, tau=0.1, prior_momentum=0.95, estimated_prior=estimated)
+        env.initialize(h[torch.randperm(len(h), generator=gen)[:512]], seed=1)
+        optimizer = torch.optim.Adam(env.parameters(), lr=1e-2)
+        for _ in range(300):
+            batch = h[torch.randint(len(h), (32,), generator=gen)]
+            q = env(batch)
+            distortion, balance = env.clustering_losses(batch, q)
+            optimizer.zero_grad()
+            (distortion + balance).backward()
+            optimizer.step()
+            env.update_prior(q.detach())
+        return adjusted_rand_index(env(h).argmax(1), labels), sorted(env.prior.tolist(), reverse=True)
+
+    ari_uniform, _ = train(False)
+    ari_estimated, prior = train(True)
+    print(f"seed {seed}: ARI {ari_uniform:.3f} balanced to uniform, {ari_estimated:.3f} with the estimated prior")
+    assert ari_estimated >= 0.95 and ari_uniform <= 0.8
+    assert prior == pytest.approx([0.6, 0.25, 0.15], abs=0.05)
 
 
 def test_prior_is_a_moving_average_of_assignments():

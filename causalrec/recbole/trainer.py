@@ -372,6 +372,10 @@ class LLMTrainer(Trainer):
             trainer.state.global_step,
             result.training_loss,
         )
+        recovery = trainer.environment_recovery() if isinstance(trainer, CausalDPOTrainer) else {}
+        if recovery:  # latent environments: how much of the labelled seasons / regions they found
+            _log.info("CausalDPO latent environments vs the labels: %s", {k: round(v, 3) for k, v in recovery.items()})
+            self._stage_extra = {"environment_recovery": recovery}
         llm = trainer.model
         if hasattr(llm, "peft_config") and "ref" in llm.peft_config:
             # TRL's frozen copy of the SFT adapter served as the reference; it is not part of the model, and

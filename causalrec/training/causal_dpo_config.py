@@ -14,6 +14,8 @@ logger = logging.getLogger(__name__)
 
 ENV_SOURCES = ("latent", "season", "region")
 INVARIANCES = ("mmd", "vrex", "irm", "none")
+ENV_PRIORS = ("uniform", "estimated")
+INVARIANCE_TARGETS = ("chosen", "margin")
 ENV_STATE_FILE = "causal_environments.pt"
 
 
@@ -51,6 +53,11 @@ class CausalDPOConfig(SDPOConfig):
             released code uses 0.001 on a different quantity); 0.1 is our default — tune it.
         inv_warmup_steps (`int`, *optional*, defaults to `0`):
             Linear warm-up of `lambda_inv` from 0 over this many optimizer steps (0: full weight from the start).
+        invariance_target (`str`, *optional*, defaults to `"chosen"`):
+            The per-sample value whose distributions the `mmd` penalty compares across environments: `"chosen"`,
+            the policy's chosen-item log-ratio (the paper's released code), or `"margin"`, the reward margin
+            `beta * (chosen log-ratio - mean rejected log-ratio)` (TRL's `rewards/margins` per sample: the
+            quantity the paper's text names).
         mmd_estimator (`str`, *optional*, defaults to `"biased"`):
             `"biased"` (V-statistic, as the paper's code) or `"unbiased"` (U-statistic; see
             `causalrec.training.environments.mmd_penalty`).
@@ -59,7 +66,13 @@ class CausalDPOConfig(SDPOConfig):
         cluster_weight (`float`, *optional*, defaults to `1.0`):
             Weight of the soft k-means distortion that trains the prototypes (latent environments only).
         balance_weight (`float`, *optional*, defaults to `1.0`):
-            Weight of `KL(mean_i q_i || uniform)`, which keeps clusters from collapsing (latent only).
+            Weight of `KL(mean_i q_i || P)`, which keeps clusters from collapsing (latent only); `P` is uniform or
+            the estimated prior (`env_prior`).
+        env_prior (`str`, *optional*, defaults to `"uniform"`):
+            Latent environments: `"uniform"` (the paper) assigns by the plain softmax and balances every batch
+            towards equal cluster sizes; `"estimated"` assigns by the mixture posterior `q ∝ P(e) exp(-d² / tau)`
+            with `P` the running estimate of the environment frequencies (`prior_momentum`) and balances towards
+            it, so the data, not the loss, decides how unequal the environments are.
         prototype_learning_rate (`float`, *optional*, defaults to `1e-2`):
             Learning rate of the prototypes' optimizer parameter group.
         prior_momentum (`float`, *optional*, defaults to `0.99`):
@@ -92,6 +105,13 @@ class CausalDPOConfig(SDPOConfig):
     inv_warmup_steps: int = field(
         default=0, metadata={"help": "Optimizer steps over which lambda_inv rises linearly from 0."}
     )
+    invariance_target: str = field(
+        default="chosen",
+        metadata={
+            "help": "Values the mmd penalty compares across environments: 'chosen' (chosen-item log-ratio, the "
+            "paper's code) or 'margin' (per-sample reward margin beta * (chosen - mean rejected log-ratio))."
+        },
+    )
     mmd_estimator: str = field(
         default="biased",
         metadata={
@@ -105,6 +125,13 @@ class CausalDPOConfig(SDPOConfig):
     cluster_weight: float = field(default=1.0, metadata={"help": "Weight of the soft k-means distortion."})
     balance_weight: float = field(
         default=1.0, metadata={"help": "Weight of the cluster balance term KL(mean q || uniform)."}
+    )
+    env_prior: str = field(
+        default="uniform",
+        metadata={
+            "help": "Latent environments' prior: 'uniform' (balanced towards equal sizes, the paper) or "
+            "'estimated' (mixture posterior with the running frequency estimate, balanced towards it)."
+        },
     )
     prototype_learning_rate: float = field(default=1e-2, metadata={"help": "Learning rate of the prototypes."})
     prior_momentum: float = field(default=0.99, metadata={"help": "EMA momentum of the latent environment prior."})
@@ -131,6 +158,10 @@ class CausalDPOConfig(SDPOConfig):
             isinstance(s, (int, float)) and not isinstance(s, bool) for s in self.mmd_bandwidths
         ):
             raise ConfigError(f"mmd_bandwidths must be a list of numbers; got {self.mmd_bandwidths!r}")
+        if self.env_prior not in ENV_PRIORS:
+            raise UnknownNameError("env_prior", self.env_prior, ENV_PRIORS)
+        if self.invariance_target not in INVARIANCE_TARGETS:
+            raise UnknownNameError("invariance_target", self.invariance_target, INVARIANCE_TARGETS)
         if self.mmd_estimator not in MMD_ESTIMATORS:
             raise UnknownNameError("mmd_estimator", self.mmd_estimator, MMD_ESTIMATORS)
         checks = {

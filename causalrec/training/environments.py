@@ -27,9 +27,17 @@ from causalrec.training.losses import sdpo_loss_from_logits
 MIN_MASS = 1e-6
 
 
-def soft_assign(h: torch.Tensor, prototypes: torch.Tensor, tau: float) -> torch.Tensor:
-    """``q_ie = softmax_e(-||h_i - c_e||² / tau)``: ``[N, H]``, ``[K, H]`` -> ``[N, K]``."""
-    return torch.softmax(-torch.cdist(h, prototypes).pow(2) / tau, dim=-1)
+def soft_assign(
+    h: torch.Tensor, prototypes: torch.Tensor, tau: float, prior: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``q_ie = softmax_e(-||h_i - c_e||² / tau)``: ``[N, H]``, ``[K, H]`` -> ``[N, K]``.
+
+    With a ``prior [K]`` the mixture posterior ``q_ie ∝ P(e) exp(-||h_i - c_e||² / tau)`` (an isotropic Gaussian
+    mixture's E-step with mixing weights ``P``); a uniform prior gives the plain softmax."""
+    logits = -torch.cdist(h, prototypes).pow(2) / tau
+    if prior is not None:
+        logits = logits + prior.to(logits).clamp_min(1e-12).log()
+    return torch.softmax(logits, dim=-1)
 
 
 def label_assign(labels: torch.Tensor, n_environments: int) -> torch.Tensor:
@@ -153,11 +161,53 @@ def cluster_loss(h: torch.Tensor, prototypes: torch.Tensor, q: torch.Tensor) -> 
     return (q * torch.cdist(h, prototypes).pow(2)).sum(dim=-1).mean()
 
 
-def balance_loss(q: torch.Tensor) -> torch.Tensor:
-    """``KL(mean_i q_i || uniform)``: zero when the batch uses every environment equally; keeps clusters from
-    collapsing into one."""
+def balance_loss(q: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """``KL(mean_i q_i || P)``, ``P`` uniform by default: zero when the batch uses the environments in the
+    proportions ``P``; keeps clusters from collapsing into one (uniform) or from drifting away from the frequencies
+    estimated so far (``P`` the running prior: the data, not the loss, decides how unequal they are)."""
     mean_q = q.mean(dim=0).clamp_min(1e-12)
-    return (mean_q * (mean_q * q.size(1)).log()).sum()
+    target = torch.full_like(mean_q, 1.0 / q.size(1)) if prior is None else prior.to(mean_q).clamp_min(1e-12)
+    return (mean_q * (mean_q / target).log()).sum()
+
+
+def contingency(labels_a: torch.Tensor, labels_b: torch.Tensor) -> torch.Tensor:
+    """``[A, B]`` counts of the pairs ``(labels_a[i], labels_b[i])`` (non-negative integer labels)."""
+    a, b = labels_a.long(), labels_b.long()
+    n_b = int(b.max()) + 1 if b.numel() else 0
+    table = torch.zeros(int(a.max()) + 1 if a.numel() else 0, n_b, dtype=torch.float64)
+    table.view(-1).index_add_(0, a * n_b + b, torch.ones(a.numel(), dtype=torch.float64))
+    return table
+
+
+def normalized_mutual_information(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float:
+    """NMI with the arithmetic-mean normaliser ``I(A; B) / ((H(A) + H(B)) / 2)`` (scikit-learn's default); 1 when
+    one labelling determines the other up to renaming, 0 when independent (and when both are constant)."""
+    p = contingency(labels_a, labels_b)
+    p = p / p.sum()
+    pa, pb = p.sum(1), p.sum(0)
+
+    def entropy(x):
+        x = x[x > 0]
+        return float(-(x * x.log()).sum())
+
+    nz = p > 0
+    mi = float((p[nz] * (p[nz] / (pa[:, None] * pb[None, :])[nz]).log()).sum())
+    norm = (entropy(pa) + entropy(pb)) / 2
+    return max(0.0, mi / norm) if norm > 0 else 1.0 if mi == 0 and entropy(pa) == entropy(pb) == 0 else 0.0
+
+
+def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float:
+    """Hubert and Arabie's adjusted Rand index: 1 for identical partitions (up to renaming), ~0 for random ones."""
+    table = contingency(labels_a, labels_b)
+
+    def pairs(x):
+        return float((x * (x - 1) / 2).sum())
+
+    n = float(table.sum())
+    index, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    expected = rows * cols / (n * (n - 1) / 2) if n > 1 else 0.0
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else (index - expected) / (top - expected)
 
 
 def assignment_entropy(q: torch.Tensor) -> torch.Tensor:
@@ -204,6 +254,9 @@ class EnvironmentModel(nn.Module):
             L2-normalise it, so squared distances lie in [0, 4] whatever the backbone. Without the centring, an
             LLM's prompt states all point the same way (anisotropy) and every assignment comes out uniform.
         prior_momentum: EMA momentum of the environment prior ``P(e)`` (see ``update_prior``).
+        estimated_prior: assign by the mixture posterior ``q ∝ P(e) exp(-d² / tau)`` with ``P`` the running
+            prior, and balance towards ``P`` (``clustering_losses``), instead of the plain softmax balanced towards
+            equal sizes.
     """
 
     def __init__(
@@ -213,6 +266,7 @@ class EnvironmentModel(nn.Module):
         tau: float = 1.0,
         normalize: bool = True,
         prior_momentum: float = 0.99,
+        estimated_prior: bool = False,
     ):
         super().__init__()
         if n_environments < 1:
@@ -222,6 +276,7 @@ class EnvironmentModel(nn.Module):
         if not 0.0 <= prior_momentum < 1.0:
             raise ConfigError(f"prior_momentum must be in [0, 1); got {prior_momentum}")
         self.tau, self.normalize, self.prior_momentum = float(tau), normalize, float(prior_momentum)
+        self.estimated_prior = estimated_prior
         self.prototypes = nn.Parameter(torch.zeros(n_environments, hidden_size))
         self.register_buffer("prior", torch.full((n_environments,), 1.0 / n_environments))
         self.register_buffer("center", torch.zeros(hidden_size))
@@ -238,12 +293,13 @@ class EnvironmentModel(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """``[N, H]`` raw representations -> ``[N, K]`` soft assignments."""
-        return soft_assign(self.features(h), self.prototypes, self.tau)
+        return soft_assign(self.features(h), self.prototypes, self.tau, self.prior if self.estimated_prior else None)
 
     @torch.no_grad()
     def initialize(self, h: torch.Tensor, n_iter: int = 10, seed: int = 0) -> None:
         """Fix the standardisation, seed the prototypes by k-means++ and ``n_iter`` Lloyd steps on a sample
-        ``h [N, H]``, and the prior by the sample's mean assignment."""
+        ``h [N, H]``, and the prior by the sample's mean assignment (with ``estimated_prior``: 10 EM steps of the
+        mixing weights, the prototypes fixed)."""
         h = h.to(self.prototypes)
         if self.normalize:
             self.center.copy_(h.mean(dim=0))
@@ -252,7 +308,9 @@ class EnvironmentModel(nn.Module):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         centres = lloyd(x, kmeans_plus_plus(x.cpu(), self.n_environments, generator).to(x), n_iter)
         self.prototypes.copy_(centres)
-        self.prior.copy_(self(h).mean(dim=0))
+        self.prior.fill_(1.0 / self.n_environments)
+        for _ in range(10 if self.estimated_prior else 1):  # EM on the mixing weights, the centres fixed
+            self.prior.copy_(self(h).mean(dim=0))
         self.initialized.fill_(True)
 
     @torch.no_grad()
@@ -262,4 +320,5 @@ class EnvironmentModel(nn.Module):
 
     def clustering_losses(self, h: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(soft k-means distortion, balance KL) for representations ``h`` and their assignments ``q``."""
-        return cluster_loss(self.features(h), self.prototypes, q), balance_loss(q)
+        target = self.prior if self.estimated_prior else None
+        return cluster_loss(self.features(h), self.prototypes, q), balance_loss(q, target)
