@@ -549,3 +549,33 @@ def test_lora_on_an_untied_model_trains_both_item_row_tables(setup):
     torch.testing.assert_close(
         score_item_tokens(lora, prompts, ids), _brute_force(lora, prompts, ids), atol=1e-5, rtol=0
     )
+
+
+def test_shuffled_records_reorder_each_basket_and_map_the_answer():
+    """Order augmentation (``history_shuffles``): every copy holds the record's items (history + target) in some
+    order, the last one written as an answer; season and region kept; seeded; title+id texts mapped both ways."""
+    from causalrec.errors import DataError
+    from causalrec.training import PreferenceRecord
+    from causalrec.training.records import shuffled_records
+
+    history_text = {f"<item_{j}>": f"mug {j} <item_{j}>" for j in range(8)}  # title+id: history "title token"
+    answer = {v: k for k, v in history_text.items()}
+    records = [
+        PreferenceRecord([history_text[f"<item_{j}>"] for j in range(6)], "<item_6>", season="winter", region="north"),
+        PreferenceRecord([history_text["<item_7>"]], "<item_0>", season="summer"),
+    ]
+    out = shuffled_records(records, 3, 0, answer, history_text)
+    assert len(out) == 8 and out[0] == records[0] and out[4] == records[1]  # each record, then its 3 copies
+    for original, copies in ((records[0], out[1:4]), (records[1], out[5:8])):
+        basket = sorted([*original.history, history_text[original.target]])
+        for copy in copies:
+            assert sorted([*copy.history, history_text[copy.target]]) == basket
+            assert copy.target in answer.values() and (copy.season, copy.region) == (original.season, original.region)
+    assert len({tuple(c.history) for c in out[1:4]}) > 1  # not one order three times
+    assert out == shuffled_records(records, 3, 0, answer, history_text)
+    assert out != shuffled_records(records, 3, 1, answer, history_text)
+    only = shuffled_records(records, 2, 0, answer, history_text, keep_ordered=False)
+    assert len(only) == 4 and records[0] not in only
+    assert shuffled_records(records, 0, 0, answer, history_text) == records
+    with pytest.raises(DataError, match="history_shuffles"):
+        shuffled_records(records, -1, 0, answer, history_text)

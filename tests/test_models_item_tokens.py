@@ -117,3 +117,31 @@ def test_sequence_sft_validates_every_epoch_and_keeps_the_best(in_tmp):
     assert result["best_valid_score"] == pytest.approx(max(scores), abs=1e-6)
     if len(scores) < 4:  # stopped early: patience 1 after the best
         assert len(scores) - sft["best_epoch"] == 1
+
+
+def _stage_meta(result, name):
+    import json
+    from pathlib import Path
+
+    (stage,) = [s for s in result["stages"] if s["stage"] == name]
+    return json.loads((Path(stage["directory"]) / "stage.json").read_text())
+
+
+def test_history_shuffles_add_reordered_copies_of_every_sft_row(in_tmp):
+    """``history_shuffles: 2``: the SFT stage trains on 3x the rows (each window and two random orders of it), under
+    its own stage key; at 0 (the default) a compare cell's identity does not contain the key."""
+
+    def sft_meta(**extra):
+        return _stage_meta(
+            causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", **extra)), "sft"
+        )
+
+    plain, shuffled = sft_meta(), sft_meta(history_shuffles=2)
+    assert shuffled["inputs"]["rows"] == 3 * plain["inputs"]["rows"]
+    assert shuffled["inputs"]["records"] != plain["inputs"]["records"]
+    from causalrec.experiments.compare import _config_identity
+
+    assert "history_shuffles" not in _config_identity("GenRec", "retail-sim", {})
+    assert _config_identity("GenRec", "retail-sim", {"history_shuffles": 2})["history_shuffles"] == 2
+    with pytest.raises(CausalRecError, match="history_shuffles"):
+        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", history_shuffles=-1))

@@ -277,12 +277,12 @@ def _config_identity(model: str, dataset: str, params: dict[str, Any]) -> dict[s
 
     final = make_config(model, dataset, config_dict=params).final_config_dict
     from causalrec.data.spec import KEY_OMITTED_AT_DEFAULT
+    from causalrec.recbole.settings import OMITTED_AT_DEFAULT
 
     # Keys added after cells were cached count only when set away from their default, so old cells stay valid.
+    omitted = {**KEY_OMITTED_AT_DEFAULT, **OMITTED_AT_DEFAULT}
     identity = {
-        k: v
-        for k, v in final.items()
-        if k not in VOLATILE_KEYS and not (k in KEY_OMITTED_AT_DEFAULT and _at_default(v, KEY_OMITTED_AT_DEFAULT[k]))
+        k: v for k, v in final.items() if k not in VOLATILE_KEYS and not (k in omitted and _at_default(v, omitted[k]))
     }
     if final.get("prepared_dir"):  # <cache>/<dataset>/<hash16>/<dataset>: the prepared files' input hash
         identity["data_hash"] = Path(final["prepared_dir"]).parent.name

@@ -46,6 +46,11 @@ def _key(default: Any, help: str, **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
+# Keys added after published cells were cached: a cell's identity (``compare``) counts them only away from these
+# defaults, so the cells computed before them stay valid.
+OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0}
+
+
 @dataclass(frozen=True)
 class LLMRecommenderConfig:
     """The config keys of GenRec, SDPORec and CausalDPO that no other config class owns."""
@@ -78,6 +83,9 @@ class LLMRecommenderConfig:
         None, "last: one target per row; all: every item token (item_repr id); None: all for id.", choices=SFT_POSITIONS
     )
     sft_max_samples: int | None = _key(None, "At most this many training rows for SFT (seeded); None: all.", minimum=1)
+    history_shuffles: int = _key(
+        0, "SFT also on this many random orders of each row's items (order augmentation); 0: time order.", minimum=0
+    )
     negative_strategy: str = _key("popularity", "How rejected items are drawn.", choices=NEGATIVE_STRATEGIES)
     dpo_max_samples: int | None = _key(4096, "At most this many rows for the preference stage; None: all.", minimum=1)
     rank_batch_size: int | None = _key(

@@ -196,6 +196,19 @@ class LLMTrainer(Trainer):
             keep.extend(rows[::-1][::window].tolist())
         return np.sort(np.asarray(keep, dtype=np.int64))
 
+    def _order_augmented(self, records):
+        """``history_shuffles`` random orders of every SFT record's items besides the record (order augmentation,
+        ``training.records.shuffled_records``); the records themselves when it is 0."""
+        from causalrec.training.records import shuffled_records
+
+        copies = int(self.config["history_shuffles"] or 0)
+        if not copies:
+            return records
+        model = self.model
+        answer_of = dict(zip(model.item_texts[1:], model.answers[1:]))
+        history_text_of = dict(zip(model.answers[1:], model.item_texts[1:]))
+        return shuffled_records(records, copies, int(self.config["seed"]), answer_of, history_text_of)
+
     def _valid_identity(self, valid_data) -> str:
         """Digest of the validation cases (users, histories, targets, environments)."""
         feat = valid_data._dataset.inter_feat
@@ -541,6 +554,7 @@ class LLMTrainer(Trainer):
             sft_records, _ = self._capped([records[i] for i in windows], targets[windows], "sft_max_samples")
         else:
             sft_records, _ = self._capped(records, targets, "sft_max_samples")
+        sft_records = self._order_augmented(sft_records)
         sft_inputs = self._sft_inputs(sft_records, sft_args)
         patience = self._sft_patience(valid_data)
         if patience is not None:  # the trained weights then depend on the validation cases too

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+import random
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping, Sequence
 
 from causalrec.data.prompts import PromptFormat, completion_text
 from causalrec.errors import DataError
@@ -32,6 +33,38 @@ class PreferenceRecord:
     def prompt(self, fmt: PromptFormat) -> str:
         """The record's prompt; an environment-conditioned format gets the record's own label."""
         return fmt.prompt(self.history, None if fmt.environment is None else getattr(self, fmt.environment))
+
+
+def shuffled_records(
+    records: Sequence[PreferenceRecord],
+    copies: int,
+    seed: int,
+    answer_of: Mapping[str, str],
+    history_text_of: Mapping[str, str],
+    keep_ordered: bool = True,
+) -> list[PreferenceRecord]:
+    """Order augmentation: each record's items (history and target) as one basket in ``copies`` random orders, the
+    last item of each order the answer; the time-ordered record first when ``keep_ordered``.
+
+    A model trained on time order alone learns that the next purchase resembles the last ones, which carries the
+    season of the last purchases into the next one; in a random order the history says only what the customer
+    buys (their taste), as a bag-of-items model (BPR) sees it. The reordered copies keep the record's season and
+    region. ``answer_of`` maps a history text to its answer text and ``history_text_of`` back (identical for
+    ``item_repr`` title and id; ``title <item_j>`` <-> ``<item_j>`` for title+id). Seeded: the same records and
+    seed give the same copies.
+    """
+    if copies < 0:
+        raise DataError(f"history_shuffles must be >= 0; got {copies}")
+    rng = random.Random(seed)
+    out = []
+    for r in records:
+        if keep_ordered or not copies:
+            out.append(r)
+        basket = list(r.history) + [history_text_of[r.target]]
+        for _ in range(copies):
+            rng.shuffle(basket)
+            out.append(replace(r, history=tuple(basket[:-1]), target=answer_of[basket[-1]]))
+    return out
 
 
 def sft_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | None = None) -> Dataset:
