@@ -44,7 +44,7 @@ def shuffled_records(
     keep_ordered: bool = True,
 ) -> list[PreferenceRecord]:
     """Order augmentation: each record's items (history and target) as one basket in ``copies`` random orders, the
-    last item of each order the answer; the time-ordered record first when ``keep_ordered``.
+    last item of each order the answer; after the time-ordered records when ``keep_ordered``.
 
     A model trained on time order alone learns that the next purchase resembles the last ones, which carries the
     season of the last purchases into the next one; in a random order the history says only what the customer
@@ -56,12 +56,10 @@ def shuffled_records(
     if copies < 0:
         raise DataError(f"history_shuffles must be >= 0; got {copies}")
     rng = random.Random(seed)
-    out = []
+    out = list(records) if keep_ordered or not copies else []
     for r in records:
-        if keep_ordered or not copies:
-            out.append(r)
-        basket = list(r.history) + [history_text_of[r.target]]
         for _ in range(copies):
+            basket = list(r.history) + [history_text_of[r.target]]
             rng.shuffle(basket)
             out.append(replace(r, history=tuple(basket[:-1]), target=answer_of[basket[-1]]))
     return out
