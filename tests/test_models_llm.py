@@ -133,6 +133,12 @@ def test_preference_models_end_to_end(in_tmp, model, env_source):
     assert overall == pytest.approx(result["test_result"]["hit@10"], abs=1e-3)
     stage = "sdpo" if model == "SDPORec" else "causal_dpo"
     assert len(glob.glob(str(in_tmp / "saved" / "stages" / f"{stage}-*" / "model.safetensors"))) == 1
+    recovery = result["stages"][-1].get("environment_recovery")  # latent environments vs the labels
+    if env_source == "latent":
+        assert set(recovery) == {"nmi/season", "ari/season", "nmi/region", "ari/region"}
+        assert all(0.0 <= recovery[k] <= 1.0 for k in recovery if k.startswith("nmi"))
+    else:
+        assert recovery is None
     (checkpoint,) = glob.glob(str(in_tmp / "saved" / f"{model}-*.pth"))
     _, reloaded, fresh, *_ = _rebuild(checkpoint)  # strict load_state_dict into a fresh instance
     changed = [k for k, v in reloaded.state_dict().items() if not torch.equal(fresh[k], v)]
