@@ -113,8 +113,9 @@ def test_one_environment_one_negative_is_trl_dpo(tmp_path):
 
 
 def _brute_force_terms(policy, reference, tok, beta=0.5):
-    """Per-row S-DPO loss and chosen log-ratio from separate plain forwards."""
-    losses, chosen_ratios = [], []
+    """Per-row S-DPO loss, chosen log-ratio and reward margin (beta * (chosen - mean rejected log-ratio)) from
+    separate plain forwards."""
+    losses, chosen_ratios, margins = [], [], []
     for history, chosen, rejected, _, _ in ROWS:
         prompt = FMT.prompt(history)
 
@@ -127,27 +128,27 @@ def _brute_force_terms(policy, reference, tok, beta=0.5):
         inner = math.log(sum(math.exp(beta * (ratio(r) - rc)) for r in rejected))
         losses.append(math.log1p(math.exp(inner)))
         chosen_ratios.append(rc)
-    return losses, chosen_ratios
+        margins.append(beta * (rc - sum(ratio(r) for r in rejected) / len(rejected)))
+    return losses, chosen_ratios, margins
 
 
-@pytest.mark.parametrize("invariance", ["vrex", "mmd"])
-def test_backdoor_loss_and_penalty_by_hand(tmp_path, invariance):
-    """Seasons in training: winter x3, summer x1 -> P = (summer 0.25, winter 0.75), the batch is the whole set."""
+@pytest.mark.parametrize("invariance,target", [("vrex", "chosen"), ("mmd", "chosen"), ("mmd", "margin")])
+def test_backdoor_loss_and_penalty_by_hand(tmp_path, invariance, target):
+    """Seasons in training: winter x3, summer x1 -> P = (summer 0.25, winter 0.75), the batch is the whole set.
+    ``invariance_target="margin"``: the MMD compares the per-sample reward margins instead of the chosen log-ratios."""
     tok = tiny_tokenizer()
     policy, reference = tiny_model(tok, seed=0), tiny_model(tok, seed=1)
     lam = 2.0
+    args = _causal(tmp_path, env_source="season", invariance=invariance, invariance_target=target, lambda_inv=lam)
     trainer = CausalDPOTrainer(
-        policy,
-        ref_model=reference,
-        processing_class=tok,
-        args=_causal(tmp_path, env_source="season", invariance=invariance, lambda_inv=lam),
-        train_dataset=preference_dataset(_records()),
+        policy, ref_model=reference, processing_class=tok, args=args, train_dataset=preference_dataset(_records())
     )
     assert trainer.env_names == ["summer", "winter"]
     assert trainer.env_prior.tolist() == pytest.approx([0.25, 0.75])
     loss = trainer.compute_loss(trainer.model, _batch(trainer)).item()
 
-    losses, x = _brute_force_terms(policy, reference, tok)
+    losses, chosen_ratios, margins = _brute_force_terms(policy, reference, tok)
+    x = margins if target == "margin" else chosen_ratios
     _summer, winter = [1], [0, 2, 3]
     r_summer, r_winter = losses[1], sum(losses[i] for i in winter) / 3
     backdoor = 0.25 * r_summer + 0.75 * r_winter
@@ -258,44 +259,6 @@ def test_tau_annealing_is_geometric_from_tau_to_tau_final(tmp_path, monkeypatch)
     assert fixed.current_tau() == 0.4
     with pytest.raises(ConfigError, match="tau_final must be > 0"):
         _causal(tmp_path / "bad", tau_final=0.0)
-
-
-def test_margin_penalty_by_hand(tmp_path):
-    """``invariance_target="margin"``: MMD between the seasons' distributions of beta * (chosen log-ratio - mean
-    rejected log-ratio), the per-sample reward margin."""
-    tok = tiny_tokenizer()
-    policy, reference = tiny_model(tok, seed=0), tiny_model(tok, seed=1)
-    beta = 0.5
-    trainer = CausalDPOTrainer(
-        policy,
-        ref_model=reference,
-        processing_class=tok,
-        args=_causal(tmp_path, env_source="season", invariance_target="margin", lambda_inv=1.0),
-        train_dataset=preference_dataset(_records()),
-    )
-    trainer.compute_loss(trainer.model, _batch(trainer))
-    margins = []
-    for history, chosen, rejected, _, _ in ROWS:
-        prompt = FMT.prompt(history)
-
-        def ratio(title):
-            return completion_logp(policy, tok, prompt, completion_text(title)) - completion_logp(
-                reference, tok, prompt, completion_text(title)
-            )
-
-        margins.append(beta * (ratio(chosen) - sum(ratio(r) for r in rejected) / len(rejected)))
-
-    def k(a, b):
-        return math.exp(-((a - b) ** 2) / 2)
-
-    x, winter = margins, [0, 2, 3]
-    penalty = (
-        k(x[1], x[1])
-        + sum(k(x[i], x[j]) for i in winter for j in winter) / 9
-        - 2 * sum(k(x[1], x[i]) for i in winter) / 3
-    )
-    assert penalty > 1e-4
-    assert trainer._metrics["train"]["causal/penalty"][-1] == pytest.approx(penalty, rel=1e-4)
 
 
 def test_environment_recovery_against_the_season_labels(tmp_path):
