@@ -123,11 +123,14 @@ def test_model_yaml_layers_follow_the_class_hierarchy():
 
 
 def test_recbole_model_overlay_applies_to_that_model_only():
-    """properties/model/LightGCN.yaml lengthens LightGCN's patience (its validation metric dips before it rises);
+    """properties/model/LightGCN.yaml lengthens LightGCN's patience (its validation metric dips before it rises) and
+    lifts RecBole's 300-epoch cap;
     other RecBole models get causalrec's overall default (30, over RecBole's 10), and a user's value still wins."""
     from causalrec.recbole.quick_start import make_config
 
     small = {"sim_users": 60, "sim_items": 30}
     assert make_config("LightGCN", "retail-sim", config_dict=small)["stopping_step"] == 100
+    assert make_config("LightGCN", "retail-sim", config_dict=small)["epochs"] == 3000  # not RecBole's cap of 300
     assert make_config("BPR", "retail-sim", config_dict=small)["stopping_step"] == 30
+    assert make_config("BPR", "retail-sim", config_dict=small)["epochs"] == 300
     assert make_config("LightGCN", "retail-sim", config_dict={**small, "stopping_step": 7})["stopping_step"] == 7
