@@ -143,9 +143,8 @@ class CausalDPOTrainer(SDPOTrainer):
     def _sample_rows(self, num_samples: int | None) -> list[int]:
         """A seeded random sample of up to ``num_samples`` training rows (default ``args.env_init_samples``)."""
         n = min(num_samples or self.args.env_init_samples, len(self.train_dataset))
-        return torch.randperm(len(self.train_dataset), generator=torch.Generator().manual_seed(self.args.seed))[
-            :n
-        ].tolist()
+        generator = torch.Generator().manual_seed(self.args.seed)
+        return torch.randperm(len(self.train_dataset), generator=generator)[:n].tolist()
 
     @torch.no_grad()
     def prompt_states(self, rows: list[int]) -> torch.Tensor:
@@ -196,9 +195,10 @@ class CausalDPOTrainer(SDPOTrainer):
             return {}
         rows = self._sample_rows(num_samples)
         assigned = env(self.prompt_states(rows)).argmax(dim=1).cpu()
+        sample = self.train_dataset.select(rows)
         out = {}
         for col in self.env_vocabs:
-            labels = torch.tensor(self.train_dataset.select(rows)[env_id_column(col)], dtype=torch.long)
+            labels = torch.tensor(sample[env_id_column(col)], dtype=torch.long)
             known = labels >= 0
             out[f"nmi/{col}"] = normalized_mutual_information(assigned[known], labels[known])
             out[f"ari/{col}"] = adjusted_rand_index(assigned[known], labels[known])

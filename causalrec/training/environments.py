@@ -193,7 +193,7 @@ def normalized_mutual_information(labels_a: torch.Tensor, labels_b: torch.Tensor
     nz = p > 0
     mi = float((p[nz] * (p[nz] / (pa[:, None] * pb[None, :])[nz]).log()).sum())
     norm = (entropy(pa) + entropy(pb)) / 2
-    return max(0.0, mi / norm) if norm > 0 else 1.0 if mi == 0 and entropy(pa) == entropy(pb) == 0 else 0.0
+    return max(0.0, mi / norm) if norm > 0 else 1.0  # norm 0: both labellings constant, hence identical
 
 
 def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float:
