@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import numpy as np
@@ -139,3 +140,29 @@ def test_size_parameters():
         simulate(DataSpec(sim_categories=len(CATEGORIES) + 1))
     with pytest.raises(ConfigError, match="sim_items"):
         simulate(DataSpec(sim_items=3, sim_categories=4))
+
+
+def test_season_exclusive_lines_sell_only_in_their_peak_months_and_are_never_trained_on():
+    """sim_season_exclusive: a seasonal category's items are bought (repeats included) only in its peak months,
+    so on the seasonal split (train Jan-Aug, test Oct-Dec) Halloween and Christmas items never train yet are test
+    targets; the default draw is untouched (the same frame as without the key)."""
+    spec = DataSpec(split="seasonal", seed=4, sim_season_exclusive=True)
+    result = simulate(spec)
+    frame = result.frame
+    months = months_of(frame["timestamp"])
+    peaks = frame["category"].map(lambda name: dict((c.name, c.months) for c in CATEGORIES)[name])
+    in_peak = np.array([not peak or month in peak for peak, month in zip(peaks, months)])
+    assert in_peak.all() and (frame.duplicated(["user_id", "item_id"])).mean() > 0.1  # repeats still happen
+    on_sale = result.item_on_sale.to_numpy()[result.item_on_sale.index.get_indexer(frame["item_id"]), months - 1]
+    assert on_sale.all()
+    split = split_frame(load_frame(spec), spec)
+    lines = set(result.item_category.index[result.item_category.isin(["halloween", "christmas decorations"])])
+    assert not lines & set(split.train["item_id"]) and not lines & set(split.valid["item_id"])
+    assert split.test["item_id"].isin(lines).mean() > 0.1
+    # the default draw is the one measured before the key existed (its digest then), and keeps its cache key
+    default = simulate(DataSpec(split="seasonal", seed=4)).frame
+    assert hashlib.sha256(default.to_csv(index=False).encode()).hexdigest()[:16] == "246d6bd9862acd19"
+    assert "sim_season_exclusive" not in DataSpec(sim_season_exclusive=False).key_fields()
+    assert DataSpec(sim_season_exclusive=True).key_fields()["sim_season_exclusive"] is True
+    with pytest.raises(ConfigError, match="sim_season_exclusive must be true or false"):
+        DataSpec(sim_season_exclusive="yes")

@@ -34,6 +34,18 @@ def test_exposure_weights_match_the_simulators_formula():
         assert without_season == pytest.approx(expected / np.exp(0.8 * 2 * season), rel=1e-12)
 
 
+def test_off_sale_items_have_no_exposure_unless_the_season_factor_is_left_out():
+    spec = DataSpec(dataset="retail-sim", split="seasonal", seed=7, sim_season_exclusive=True, **SMALL)
+    sim = retail_sim.simulate(spec)
+    exposure = Exposure.of(sim, 0.8)
+    halloween = np.flatnonzero(sim.item_category.to_numpy() == "halloween")
+    assert len(halloween) and sim.category_months["halloween"] == (10,)
+    region = np.eye(len(sim.regions))[0]
+    assert (exposure.weights(region, np.eye(12)[6])[halloween] == 0).all()  # July: off sale
+    assert (exposure.weights(region, np.eye(12)[9])[halloween] > 0).all()  # October: its peak
+    assert (exposure.weights(region, np.eye(12)[6], keep=("stock", "fashion"))[halloween] > 0).all()
+
+
 @pytest.mark.parametrize("split", ["seasonal", "regional"])
 def test_without_confounding_every_oracle_ranks_alike(split):
     # sim_confounding 0: exposure is exp(popularity) everywhere, so the three oracles are the same scorer

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -242,46 +241,46 @@ KILL_CONFIG = {
 }
 
 
-def _cli_args(where: Path) -> list[str]:
-    args = [
-        sys.executable,
-        "-m",
-        "causalrec",
-        "run",
-        "--model",
-        "CausalDPO",
-        "--dataset",
-        "retail-sim",
-        "--resume",
-        "--output",
-        str(where / "result.json"),
-    ]
+# The child process: causalrec's CLI, with a kill switch that SIGKILLs it right after the first complete TRL
+# checkpoint of the stage whose output folder matches argv[1] ("" = run to the end). Killing from inside, after
+# the Trainer's on_save event (the checkpoint folder is complete then, the environment model's file included), is
+# deterministic; a parent polling the folder could miss the window on a loaded machine.
+KILL_SWITCH = """
+import fnmatch, os, signal, sys
+pattern, sys.argv = sys.argv[1], ["causalrec", *sys.argv[2:]]
+if pattern:
+    from transformers.trainer_callback import CallbackHandler
+    on_save = CallbackHandler.on_save
+    def save_then_die(self, args, state, control):
+        control = on_save(self, args, state, control)
+        if fnmatch.fnmatch(os.path.basename(args.output_dir), pattern):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return control
+    CallbackHandler.on_save = save_then_die
+from causalrec.cli import main
+sys.exit(main())
+"""
+
+
+def _cli_args(where: Path, kill_in: str) -> list[str]:
+    args = [sys.executable, "-c", KILL_SWITCH, kill_in, "run", "--model", "CausalDPO", "--dataset", "retail-sim"]
+    args += ["--resume", "--output", str(where / "result.json")]
     for key, value in {**KILL_CONFIG, "checkpoint_dir": str(where / "saved")}.items():
         args += ["-p", f"{key}={json.dumps(value)}"]
     return args
 
 
-def _run_until(where: Path, pattern: str | None, log: str) -> subprocess.Popen:
-    """Start the CLI run; SIGKILL it as soon as a complete TRL checkpoint matching ``pattern`` exists."""
+def _run_until(where: Path, kill_in: str | None, log: str) -> subprocess.CompletedProcess:
+    """Run the CLI; it SIGKILLs itself after the first checkpoint of the stage folder matching ``kill_in``."""
     with open(where / log, "w") as out:
-        proc = subprocess.Popen(
-            _cli_args(where),
+        return subprocess.run(
+            _cli_args(where, kill_in or ""),
             cwd=where,
             stdout=out,
             stderr=subprocess.STDOUT,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
+            timeout=600,
         )
-    if pattern is None:
-        proc.wait(timeout=600)
-        return proc
-    deadline = time.time() + 600
-    while proc.poll() is None and time.time() < deadline:
-        if list((where / "saved" / "stages").glob(pattern + "/trainer_state.json")):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    return proc
 
 
 @pytest.mark.slow
@@ -293,11 +292,13 @@ def test_a_run_killed_in_sft_and_in_the_preference_stage_resumes_to_the_same_met
     assert reference.returncode == 0, (ref_dir / "ref.log").read_text()[-3000:]
     expected = json.loads((ref_dir / "result.json").read_text())
 
-    first = _run_until(kill_dir, "sft-*.partial/checkpoint-*", "first.log")
+    first = _run_until(kill_dir, "sft-*.partial", "first.log")
     assert first.returncode == -signal.SIGKILL, "the run ended before it could be killed in SFT"
     assert not list((kill_dir / "saved" / "stages").glob(f"sft-*/{STAGE_META}"))  # SFT unfinished
+    (kept,) = (kill_dir / "saved" / "stages").glob("sft-*.partial/checkpoint-*")
+    assert kept.name == "checkpoint-2"  # killed at its first checkpoint (resume_save_steps 2)
 
-    second = _run_until(kill_dir, "causal_dpo-*.partial/checkpoint-*", "second.log")
+    second = _run_until(kill_dir, "causal_dpo-*.partial", "second.log")
     log = (kill_dir / "second.log").read_text()
     assert second.returncode == -signal.SIGKILL, "the run ended before it could be killed in the preference stage"
     assert "stage sft: resuming from" in log and "checkpoint-" in log

@@ -56,6 +56,7 @@ KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {
     "csv_encoding": "utf-8",
     "csv_timezone": None,
     "csv_exclude_items": (),
+    "sim_season_exclusive": False,
 }
 
 MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -137,6 +138,8 @@ class DataSpec:
         sim_inter_per_user: mean purchases per user.
         sim_confounding: 0 = exposure ignores season/region/fashion (no shift); 1 = full confounding.
         sim_repeat: probability that a purchase re-buys an item the user bought before.
+        sim_season_exclusive: seasonal categories are on sale only in their peak months (on the seasonal split
+            the test season's Christmas and Halloween lines are never bought in training).
     csv (bring your own table):
         csv_user, csv_item, csv_time: column names; csv_region: optional region/store column;
         csv_text: item-text column(s), joined with a space (None: the item id is the text);
@@ -182,6 +185,7 @@ class DataSpec:
     sim_inter_per_user: float = 30.0
     sim_confounding: float = 0.8
     sim_repeat: float = 0.2
+    sim_season_exclusive: bool = False
     # csv
     csv_user: str = "user_id"
     csv_item: str = "item_id"
@@ -238,6 +242,8 @@ class DataSpec:
         ):
             raise ConfigError(f"sim_inter_per_user must be a number in [3, 1000]; got {self.sim_inter_per_user!r}")
         self.sim_inter_per_user = float(self.sim_inter_per_user)
+        if not isinstance(self.sim_season_exclusive, bool):
+            raise ConfigError(f"sim_season_exclusive must be true or false; got {self.sim_season_exclusive!r}")
         _disjoint(
             "months", train_months=self.train_months, valid_months=self.valid_months, test_months=self.test_months
         )

@@ -53,6 +53,7 @@ class Exposure:
     stock: np.ndarray  # [I, R]   STOCK_STRENGTH * (+-1)
     fashion: np.ndarray  # [I, 12]  FASHION_STRENGTH * cos(...)
     confounding: float
+    on_sale: np.ndarray  # [I, 12]  0 where sim_season_exclusive takes the item off sale (part of the season factor)
 
     @classmethod
     def of(cls, sim: retail_sim.SimResult, confounding: float) -> "Exposure":
@@ -71,6 +72,7 @@ class Exposure:
             retail_sim.STOCK_STRENGTH * np.where(sim.item_stock.to_numpy(), 1.0, -1.0),
             retail_sim.FASHION_STRENGTH * fashion,
             confounding,
+            sim.item_on_sale.to_numpy().astype(float),
         )
 
     def weights(self, regions: np.ndarray, months: np.ndarray, keep: tuple[str, ...] = FACTORS) -> np.ndarray:
@@ -84,7 +86,8 @@ class Exposure:
             log_w = log_w + c * self.stock[:, :, None]
         if "fashion" in keep:
             log_w = log_w + c * self.fashion[:, None, :]
-        return np.einsum("irm,r,m->i", np.exp(log_w), regions, months)
+        w = np.exp(log_w) * (self.on_sale[:, None, :] if "season" in keep else 1.0)
+        return np.einsum("irm,r,m->i", w, regions, months)
 
 
 def _share(values: np.ndarray, n: int) -> np.ndarray:

@@ -12,7 +12,10 @@ Generative story (one calendar year, ``SIM_YEAR``):
   where ``season`` is +1 in the category's peak months and -1 otherwise (0 for evergreen categories),
   ``stock`` is +1 where stocked/home and -1 elsewhere, ``fashion = cos(2 pi (m - peak_i) / 12)`` and
   ``c = sim_confounding``. With ``c = 0`` exposure is uniform and there is no shift at all;
-* with probability ``sim_repeat`` a purchase instead re-buys one of the user's earlier items.
+* with probability ``sim_repeat`` a purchase instead re-buys one of the user's earlier items (one on sale);
+* with ``sim_season_exclusive``, seasonal categories are on sale only in their peak months (weight 0 outside
+  them, whatever ``c``): on the seasonal split the test season's Christmas and Halloween lines are never bought
+  in training, exposure no training row shows (as a shop's new seasonal lines).
 
 Sampling is exact and vectorised: the category first (``theta_u[c] * W_c(r, m)``), then the item within
 the category. ``simulate`` returns the frame and the ground truth for tests.
@@ -139,6 +142,7 @@ class SimResult:
         item_stock: items x regions, True where the item is stocked (sold without penalty).
         item_fashion_peak: month a fashion item peaks (0 for items without fashion).
         category_months: peak months of each seasonal category (empty for evergreen ones).
+        item_on_sale: items x months 1-12, False where ``sim_season_exclusive`` takes the item off sale.
         regions, categories: names.
     """
 
@@ -152,6 +156,7 @@ class SimResult:
     item_stock: pd.DataFrame
     item_fashion_peak: pd.Series
     category_months: dict[str, tuple[int, ...]]
+    item_on_sale: pd.DataFrame
     regions: tuple[str, ...]
     categories: tuple[str, ...]
 
@@ -211,13 +216,14 @@ def simulate(spec: DataSpec) -> SimResult:
     fashion = np.where(
         fashion_peak[:, None] > 0, np.cos(2 * np.pi * (months[None, :] - fashion_peak[:, None]) / 12), 0.0
     )
+    on_sale = ~(bool(spec.sim_season_exclusive) & (season[item_cat] < 0))  # [items, 12]
     # log exposure weight of item i in region r, month m: [items, regions, 12]
     log_w = pop[:, None, None] + c * (
         SEASON_STRENGTH * season[item_cat][:, None, :]
         + STOCK_STRENGTH * np.where(stock, 1.0, -1.0)[:, :, None]
         + FASHION_STRENGTH * fashion[:, None, :]
     )
-    w = np.exp(log_w)
+    w = np.exp(log_w) * on_sale[:, None, :]
     cat_w = np.stack([w[item_cat == k].sum(axis=0) for k in range(n_cat)])  # [cats, regions, 12]
 
     # users: region, taste, purchase count
@@ -263,7 +269,9 @@ def simulate(spec: DataSpec) -> SimResult:
         earlier = (rng.random(len(ev_user)) * pos).astype(np.int64)
         for k in range(1, int(pos.max()) + 1 if len(pos) else 0):  # position by position: chains resolve
             rows = np.flatnonzero(repeat & (pos == k))
-            ev_item[rows] = ev_item[rows - pos[rows] + earlier[rows]]
+            again = ev_item[rows - pos[rows] + earlier[rows]]
+            on = on_sale[again, ev_month[rows] - 1]  # an item off sale cannot be re-bought: the fresh draw stays
+            ev_item[rows[on]] = again[on]
 
     user_ids = np.array([f"u{u + 1:05d}" for u in range(n_users)], dtype=object)
     item_ids = np.array([f"i{i + 1:05d}" for i in range(n_items)], dtype=object)
@@ -291,6 +299,7 @@ def simulate(spec: DataSpec) -> SimResult:
         item_stock=pd.DataFrame(stock, index=item_ids, columns=list(regions)),
         item_fashion_peak=pd.Series(fashion_peak, index=item_ids, name="fashion_peak"),
         category_months={cat.name: cat.months for cat in cats},
+        item_on_sale=pd.DataFrame(on_sale, index=item_ids, columns=list(months)),
         regions=regions,
         categories=cat_names,
     )
