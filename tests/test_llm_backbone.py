@@ -183,6 +183,22 @@ def test_lora_freezes_the_base_and_trains_only_adapters():
     assert len(trainable) == 2 * 7 * 2
 
 
+def test_lora_adapters_start_from_the_configs_seed_whatever_ran_before():
+    # peft draws lora_A from torch's global generator; apply_lora seeds it by cfg.seed and leaves the caller's RNG
+    # as it was (unseeded, two runs of one config trained different adapters, which looked like an accumulation bug)
+    def adapters(seed, draws_before):
+        torch.manual_seed(123)
+        torch.rand(draws_before)
+        state = torch.get_rng_state()
+        model, _ = load_backbone(BackboneConfig(lora_r=4, **{**SMALL, "seed": seed}), CORPUS)
+        assert torch.equal(torch.get_rng_state(), state)
+        return torch.cat([p.detach().flatten() for n, p in sorted(model.named_parameters()) if "lora_A" in n])
+
+    first = adapters(0, 1)
+    assert torch.equal(first, adapters(0, 1000)) and first.abs().sum() > 0
+    assert not torch.equal(first, adapters(1, 1))
+
+
 def test_lora_on_lm_head_is_refused():
     with pytest.raises(ConfigError, match="lm_head"):
         BackboneConfig(lora_r=4, target_modules=["q_proj", "lm_head"])

@@ -379,7 +379,11 @@ def apply_lora(model, cfg: BackboneConfig, trainable_tokens: Sequence[int] = ())
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lcfg)
+        # peft draws the adapters' initial weights from torch's global generator: seed them by cfg.seed, so the
+        # same config gives the same adapters whatever ran before in the process (and the caller's RNG is kept).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return get_peft_model(model, lcfg)
     except ValueError as err:  # e.g. target modules that do not exist in this architecture
         raise BackboneError(f"cannot add LoRA adapters ({err}); check target_modules for this architecture") from err
 
