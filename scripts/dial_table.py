@@ -1,0 +1,92 @@
+"""The confounding dial's table (docs/causaldpo.md, issue 22 point 3) from published compare cells.
+
+    python scripts/dial_table.py docs/results/retail-sim-dial docs/results/retail-sim-items/llm \
+        docs/results/retail-sim-items/genrec-season docs/results/retail-sim-items/context
+
+Reads every ``cells/*.json`` under the given folders, keeps retail-sim seasonal cells of model seed 2020 whose
+settings are the defaults but for ``sim_confounding``, ``data_seed`` and the information class (``prompt_environment:
+season`` + ``environment_inference: observed`` -> "GenRec + season"; ``context_rerank: season`` -> "BPR + season"),
+and prints test NDCG@10 per confounding level: the mean over data seeds (± std where there are several) and
+CausalDPO's relative change against SDPORec and against GenRec + season, averaged over the data seeds that have both.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+COLUMNS = ("GenRec", "SDPORec", "CausalDPO", "GenRec + season", "BPR", "BPR + season")
+# settings that do not change what a cell measures (its bookkeeping), or that this table reads itself
+IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "split", "seed", "sim_confounding", "data_seed"}
+CLASSES = {
+    (): "",
+    (("environment_inference", "observed"), ("prompt_environment", "season")): " + season",
+    (("context_rerank", "season"),): " + season",
+}
+
+
+def column(cell: dict) -> str | None:
+    """The table column of a cell, or None when it is not a default-settings dial cell."""
+    params = cell["params"]
+    extra = tuple(sorted((k, v) for k, v in params.items() if k not in IGNORED))
+    if extra not in CLASSES or cell["split"] != "seasonal" or cell["seed"] != 2020 or cell["status"] != "ok":
+        return None
+    name = cell["model"] + CLASSES[extra]
+    return name if name in COLUMNS else None
+
+
+def collect(folders: list[str]) -> dict[tuple[float, int], dict[str, float]]:
+    """{(sim_confounding, data_seed): {column: test NDCG@10}}; the first folder holding a cell wins."""
+    table: dict[tuple[float, int], dict[str, float]] = defaultdict(dict)
+    for folder in folders:
+        for path in sorted(Path(folder).rglob("cells/*.json")):
+            cell = json.loads(path.read_text())
+            name = column(cell)
+            if name is None:
+                continue
+            key = (float(cell["params"].get("sim_confounding", 0.8)), int(cell["params"].get("data_seed", 2020)))
+            table[key].setdefault(name, cell["result"]["test_result"]["ndcg@10"])
+    return table
+
+
+def _mean(values: list[float]) -> str:
+    if not values:
+        return "not run"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _change(rows: list[dict[str, float]], baseline: str) -> str:
+    changes = [r["CausalDPO"] / r[baseline] - 1 for r in rows if "CausalDPO" in r and baseline in r]
+    if not changes:
+        return ""
+    text = f"{100 * statistics.mean(changes):+.1f} %"
+    return text + (
+        f" (n={len(changes)}: " + ", ".join(f"{100 * c:+.1f}" for c in changes) + ")" if len(changes) > 1 else ""
+    )
+
+
+def markdown(table: dict[tuple[float, int], dict[str, float]]) -> str:
+    levels = sorted({c for c, _ in table})
+    lines = [
+        "| sim_confounding | data seeds | " + " | ".join(COLUMNS) + " | CausalDPO vs SDPORec | vs GenRec + season |",
+        "|" + "---|" * (len(COLUMNS) + 4),
+    ]
+    for level in levels:
+        seeds = sorted(s for c, s in table if c == level)
+        rows = [table[(level, s)] for s in seeds]
+        cells = [_mean([r[name] for r in rows if name in r]) for name in COLUMNS]
+        lines.append(
+            f"| {level:.1f} | {', '.join(map(str, seeds))} | "
+            + " | ".join(cells)
+            + f" | {_change(rows, 'SDPORec')} | {_change(rows, 'GenRec + season')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(collect(sys.argv[1:])))
