@@ -75,21 +75,31 @@ def test_unknown_item_repr_names_the_choices(in_tmp):
         causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="ids"))
 
 
-def test_backdoor_sum_with_item_tokens_and_the_environment_after_the_history(in_tmp):
-    """CausalDPO's default prompts with item tokens: the season after the history, ranking = sum_e P(e) p(y|x,e)."""
+@pytest.mark.parametrize("position", [None, "first"])
+def test_backdoor_sum_with_item_tokens_and_the_environment_after_or_before_the_history(in_tmp, position):
+    """CausalDPO's default prompts with item tokens: the season after the history (``environment_position: first``:
+    before it), ranking = sum_e P(e) p(y|x,e); the key counts in a compare cell's identity only when set."""
+    from causalrec.experiments.compare import _config_identity
     from causalrec.llm.ranking import naive_scores
 
-    causalrec.run("GenRec", "retail-sim", config_dict={**TINY, "item_repr": "id", "prompt_environment": "season"})
+    extra = {} if position is None else {"environment_position": position}
+    causalrec.run(
+        "GenRec", "retail-sim", config_dict={**TINY, "item_repr": "id", "prompt_environment": "season", **extra}
+    )
     (checkpoint,) = glob.glob(str(in_tmp / "saved" / "GenRec-*.pth"))
     _, model, _, _, valid, _ = _rebuild(checkpoint)
-    assert model.prompt_format.environment_last and model.sft_positions == "all"
+    assert model.prompt_format.environment_last == (position is None) and model.sft_positions == "all"
+    assert ("environment_position" in _config_identity("GenRec", "retail-sim", extra)) == (position is not None)
     batch = next(iter(valid))[0][:3]
     histories = model.history_texts(batch[model.ITEM_SEQ], batch[model.ITEM_SEQ_LEN])
     prior = model.env_log_prior.exp().double()
     brute = torch.zeros(3, len(model.titles) - 1, dtype=torch.float64)
     for e, p_e in zip(model.environments, prior.tolist()):
         prompts = [model.prompt_format.prompt(h, e) for h in histories]
-        assert all(p.endswith(f"season {e}.") for p in prompts)
+        if position is None:
+            assert all(p.endswith(f"season {e}.") for p in prompts)
+        else:
+            assert all(p.startswith(f"season {e}. A customer bought") for p in prompts)
         brute += (
             p_e
             * naive_scores(model.llm, model.encode_prompts(prompts), [[t] for t in model.item_token_ids]).double().exp()

@@ -21,6 +21,7 @@ from causalrec.llm.items import ITEM_REPRS
 SFT_POSITIONS = ("last", "all")
 ENVIRONMENT_PRIORS = ("train", "uniform")
 ENVIRONMENT_INFERENCE = ("marginal", "observed")
+ENVIRONMENT_POSITIONS = ("first", "last")
 VALIDATE_STAGES = ("all", "last")
 SEQUENCE_PATIENCE = 5  # sft_patience's value when unset, for sequence SFT (sft_positions: all)
 
@@ -48,7 +49,7 @@ def _key(default: Any, help: str, **rules: Any) -> Any:
 
 # Keys added after published cells were cached: a cell's identity (``compare``) counts them only away from these
 # defaults, so the cells computed before them stay valid.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0, "environment_position": None}
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class LLMRecommenderConfig:
         "auto", f"Wrap prompts in the tokenizer's chat template: {' | '.join(CHAT_CHOICES)} (a YAML bool works too)."
     )
     environment_template: str = _key("{name} {value}. ", "Text of the environment in a prompt.")
+    environment_position: str | None = _key(
+        None,
+        "first: the environment before the history; last: after it; None: last for item_repr id, else first.",
+        choices=ENVIRONMENT_POSITIONS,
+    )
     sft_patience: int | None = _key(
         None,
         f"SFT epochs without a better valid_metric before stopping; None: {SEQUENCE_PATIENCE} for sequence SFT.",

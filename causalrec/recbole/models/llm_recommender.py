@@ -86,13 +86,15 @@ class LLMRecommender(SequentialRecommender):
             self.item_texts = list(self.titles)
             warn_if_texts_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
         self.answers = [PAD_TITLE] + [item_token(j) for j in item_ids] if tokens else list(self.titles)
+        # item tokens: after the history, so the history stays a plain item sequence (docs/items.md)
+        position = config["environment_position"] or ("last" if self.item_repr == "id" else "first")
         self.prompt_format = PromptFormat(
             template=config["prompt_template"] or (ITEM_TOKEN_TEMPLATE if self.item_repr == "id" else DEFAULT_TEMPLATE),
             max_history_items=self._history_length(config),
             separator=SEPARATORS[self.item_repr],
             environment=config["prompt_environment"] or None,
             environment_template=config["environment_template"] or DEFAULT_ENVIRONMENT_TEMPLATE,
-            environment_last=self.item_repr == "id",
+            environment_last=position == "last",
         )
         self._init_environments(config, dataset)
         self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
