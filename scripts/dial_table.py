@@ -20,7 +20,8 @@ from pathlib import Path
 
 COLUMNS = ("GenRec", "SDPORec", "CausalDPO", "GenRec + season", "BPR", "BPR + season")
 # settings that do not change what a cell measures (its bookkeeping), or that this table reads itself
-IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "split", "seed", "sim_confounding", "data_seed"}
+IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "show_progress", "stage_cache_dir"}
+IGNORED |= {"split", "seed", "sim_confounding", "data_seed"}
 CLASSES = {
     (): "",
     (("environment_inference", "observed"), ("prompt_environment", "season")): " + season",
