@@ -155,3 +155,11 @@ def test_history_shuffles_add_reordered_copies_of_every_sft_row(in_tmp):
     assert _config_identity("GenRec", "retail-sim", {"history_shuffles": 2})["history_shuffles"] == 2
     with pytest.raises(CausalRecError, match="history_shuffles"):
         causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", history_shuffles=-1))
+
+
+def test_environment_position_without_an_environment_reuses_the_same_sft_stage(in_tmp):
+    # the position only places an environment; with none in the prompt it must not split the stage cache (a tuning
+    # space crossing it with prompt_environment: null would otherwise train the same SFT model twice)
+    plain = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id"))
+    first = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", environment_position="first"))
+    assert first["stages"][0]["key"] == plain["stages"][0]["key"] and first["stages"][0]["reused"]

@@ -216,7 +216,7 @@ def simulate(spec: DataSpec) -> SimResult:
     fashion = np.where(
         fashion_peak[:, None] > 0, np.cos(2 * np.pi * (months[None, :] - fashion_peak[:, None]) / 12), 0.0
     )
-    on_sale = ~(bool(spec.sim_season_exclusive) & (season[item_cat] < 0))  # [items, 12]
+    on_sale = ~(spec.sim_season_exclusive & (season[item_cat] < 0))  # [items, 12]
     # log exposure weight of item i in region r, month m: [items, regions, 12]
     log_w = pop[:, None, None] + c * (
         SEASON_STRENGTH * season[item_cat][:, None, :]

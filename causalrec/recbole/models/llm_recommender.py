@@ -86,8 +86,10 @@ class LLMRecommender(SequentialRecommender):
             self.item_texts = list(self.titles)
             warn_if_texts_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
         self.answers = [PAD_TITLE] + [item_token(j) for j in item_ids] if tokens else list(self.titles)
-        # item tokens: after the history, so the history stays a plain item sequence (docs/items.md)
-        position = config["environment_position"] or ("last" if self.item_repr == "id" else "first")
+        # item tokens: after the history, so the history stays a plain item sequence (docs/items.md); without an
+        # environment the key means nothing and is ignored, so it does not split the SFT stage cache
+        chosen = config["environment_position"] if config["prompt_environment"] else None
+        position = chosen or ("last" if self.item_repr == "id" else "first")
         self.prompt_format = PromptFormat(
             template=config["prompt_template"] or (ITEM_TOKEN_TEMPLATE if self.item_repr == "id" else DEFAULT_TEMPLATE),
             max_history_items=self._history_length(config),
