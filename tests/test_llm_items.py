@@ -579,3 +579,71 @@ def test_shuffled_records_reorder_each_basket_and_map_the_answer():
     assert shuffled_records(records, 0, 0, answer, history_text) == records
     with pytest.raises(DataError, match="history_shuffles"):
         shuffled_records(records, -1, 0, answer, history_text)
+
+
+def test_user_token_goes_first_and_is_never_a_target(setup):
+    """``user_token``: the customer's token starts the prompt (before an environment written first), tokenises as
+    one token of its own, and sequence SFT never trains on it (it is context, not an item)."""
+    from causalrec.data.prompts import ITEM_TOKEN_TEMPLATE
+    from causalrec.llm.backbone import build_tokenizer
+    from causalrec.llm.items import add_item_tokens, add_user_tokens, user_token, user_token_ids
+    from causalrec.training import PreferenceRecord
+    from causalrec.training.records import sft_sequence_dataset
+
+    for last, expected in (
+        (True, "<user_7> A customer bought, in order: <item_1> <item_2> season winter."),
+        (False, "<user_7> season winter. A customer bought, in order: <item_1> <item_2>"),
+    ):
+        fmt = PromptFormat(template=ITEM_TOKEN_TEMPLATE, separator=" ", environment="season", environment_last=last)
+        assert fmt.prompt(["<item_1>", "<item_2>"], "winter", user=user_token(7)) == expected
+    tok = build_tokenizer([ITEM_TOKEN_TEMPLATE])
+    ids = add_item_tokens(tok, ITEMS)
+    users = add_user_tokens(tok, [1, 2, 7])
+    assert user_token_ids(tok, [7]) == [users[2]] and len(set(users) | set(ids)) == N_ITEMS + 3
+    fmt = PromptFormat(template=ITEM_TOKEN_TEMPLATE, separator=" ", max_history_items=50)
+    rec = PreferenceRecord(history=[item_token(j) for j in (3, 5)], target=item_token(9), user=user_token(7))
+    row = sft_sequence_dataset([rec], fmt, tok, ids)[0]
+    assert row["input_ids"][:2] == [tok.bos_token_id, users[2]]  # one token, right after BOS
+    assert [t for t, m in zip(row["input_ids"], row["completion_mask"]) if m] == [ids[4], ids[8], tok.eos_token_id]
+    with pytest.raises(Exception, match="user token"):
+        add_user_tokens(tok, [7])
+    with pytest.raises(Exception, match="lacks user token"):
+        user_token_ids(tok, [99])
+
+
+def test_pretrained_backbone_user_rows_start_at_the_mean_row():
+    """Added user tokens of a pretrained backbone start at the mean row of the tokenizer's own tokens (no text), the
+    item tokens beside them at their titles' means."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from causalrec.llm.backbone import build_tokenizer
+    from causalrec.llm.items import add_item_tokens, add_user_tokens
+
+    titles = ["red mug", "blue scarf wool"]
+    tok = build_tokenizer(titles)
+    n_old = len(tok)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=n_old, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    own = model.get_input_embeddings().weight[:n_old].detach().clone()
+    items, users = add_item_tokens(tok, [1, 2]), add_user_tokens(tok, [1, 2, 3])
+    resize_for_items(model, tok, items + users, titles + [None, None, None])
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] == n_old + 5
+    for t in users:
+        torch.testing.assert_close(emb[t], own.mean(0))
+    pieces = tok(titles[1], add_special_tokens=False).input_ids
+    torch.testing.assert_close(emb[items[1]], own[pieces].mean(0))
+
+
+def test_records_digest_counts_the_user_only_when_prompts_show_it():
+    from causalrec.training import PreferenceRecord
+    from causalrec.training.stage_cache import digest, records_digest
+
+    plain = PreferenceRecord(history=["a", "b"], target="c", season="winter")
+    # the formula every stage key before user tokens was computed with: those stages stay reusable
+    assert records_digest([plain]) == digest([[["a", "b"], "c", "winter", "all"]])
+    assert records_digest([PreferenceRecord(history=["a", "b"], target="c", season="winter", user="<user_1>")]) not in (
+        records_digest([plain]),
+        records_digest([PreferenceRecord(history=["a", "b"], target="c", season="winter", user="<user_2>")]),
+    )

@@ -163,3 +163,29 @@ def test_environment_position_without_an_environment_reuses_the_same_sft_stage(i
     plain = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id"))
     first = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", environment_position="first"))
     assert first["stages"][0]["key"] == plain["stages"][0]["key"] and first["stages"][0]["reused"]
+
+
+def test_user_token_model_ranks_each_case_with_its_own_customer_token(in_tmp):
+    """``user_token: true``: every user of the data set has one added token; a case's prompts start with its own
+    customer's token, training rows too, and the one-forward ranking still equals brute force; the key counts in a
+    compare cell's identity only when set."""
+    from causalrec.experiments.compare import _config_identity
+    from causalrec.llm.items import user_token
+    from causalrec.llm.ranking import naive_scores
+
+    causalrec.run(
+        "CausalDPO", "retail-sim", config_dict={**TINY, "item_repr": "id", "num_negatives": 2, "user_token": True}
+    )
+    (checkpoint,) = glob.glob(str(in_tmp / "saved" / "CausalDPO-*.pth"))
+    config, model, *_, valid, _ = _rebuild(checkpoint)
+    n_users = valid._dataset.num(config["USER_ID_FIELD"])
+    assert len(model.user_token_ids) == n_users - 1 > TINY["sim_users"] // 2  # RecBole's user 0 pads
+    batch = next(iter(valid))[0][:4]
+    prompts = model.prompts(batch)  # CausalDPO: one per (case, training season)
+    pairs, _ = model._environment_rows(batch)
+    users = batch[model.USER_ID].tolist()
+    assert all(p.startswith(user_token(users[r]) + " A customer bought") for p, (r, _) in zip(prompts, pairs))
+    brute = naive_scores(model.llm, model.prompt_ids(batch), [[t] for t in model.item_token_ids])
+    torch.testing.assert_close(model.score_prompts(model.prompt_ids(batch))[:, 1:], brute, atol=1e-5, rtol=0)
+    assert "user_token" not in _config_identity("GenRec", "retail-sim", {})
+    assert _config_identity("GenRec", "retail-sim", {"user_token": True})["user_token"] is True

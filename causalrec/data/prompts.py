@@ -65,8 +65,9 @@ class PromptFormat:
         if self.environment is not None and "{value}" not in self.environment_template:
             raise ConfigError(f"environment_template must contain '{{value}}'; got {self.environment_template!r}")
 
-    def prompt(self, history: Sequence[str], environment: str | None = None) -> str:
-        """The prompt for a history; ``environment`` is the label value, required when ``self.environment`` is set."""
+    def prompt(self, history: Sequence[str], environment: str | None = None, user: str | None = None) -> str:
+        """The prompt for a history; ``environment`` is the label value, required when ``self.environment`` is set;
+        ``user`` (the customer's own token, ``user_token: true``) goes first, so every position sees it."""
         shown = list(history)[-self.max_history_items :]
         text = self.template.format(history=self.separator.join(shown))
         if self.environment is not None:
@@ -74,6 +75,8 @@ class PromptFormat:
                 raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
             label = self.environment_template.format(name=self.environment, value=environment)
             text = f"{text} {label.strip()}" if self.environment_last else label + text
+        if user is not None:
+            text = f"{user} {text}"
         return self.prefix + text + self.suffix
 
 

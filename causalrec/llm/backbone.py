@@ -395,6 +395,7 @@ def load_backbone(
     apply_lora_adapters: bool = True,
     items: Sequence[int] = (),
     item_init_texts: Sequence[str] | None = None,
+    users: Sequence[int] = (),
 ):
     """The model and tokenizer for ``cfg``.
 
@@ -409,40 +410,50 @@ def load_backbone(
         item_init_texts: per item, a text whose token embeddings' mean initialises the item's rows in a
             pretrained backbone (``item_repr: title+id``); None: the mean of all rows. The tiny backbone's rows are
             random, like all its weights (title-mean rows measured worse on retail-sim: valid NDCG@10 0.057 vs 0.069).
+        users: RecBole user ids that get one added token each (``user_token: true``), added and trained as the item
+            tokens are; a pretrained backbone's user rows start from the mean row.
     Returns:
         ``(model, tokenizer)``, the model on ``cfg.device`` in ``cfg.dtype`` (``item_token_ids(tokenizer, items)``
         gives the item tokens' ids).
     """
-    from causalrec.llm.items import add_item_tokens, resize_for_items
+    from causalrec.llm.items import add_item_tokens, add_user_tokens, resize_for_items
 
     device = resolve_device(cfg.device)
     item_ids: list[int] = []
+    user_ids: list[int] = []
     if cfg.backbone == TINY:
         tokenizer = build_tokenizer(corpus, lowercase=cfg.lowercase, max_length=cfg.max_seq_length)
-        if items:
-            item_ids = add_item_tokens(tokenizer, items)
-        model = build_tiny_llama(tokenizer, cfg)  # sized with the item tokens: no resize needed
+        item_ids = add_item_tokens(tokenizer, items) if items else []
+        user_ids = add_user_tokens(tokenizer, users) if users else []
+        model = build_tiny_llama(tokenizer, cfg)  # sized with the added tokens: no resize needed
         if cfg.dtype not in ("auto", "float32"):
             model.to(DTYPES[cfg.dtype])
         model.to(device)
     else:
         model, tokenizer = _load_pretrained(cfg, device)
-        if items:
-            if any(t.startswith("<item_") for t in tokenizer.get_vocab()):  # saved by save_backbone with them
-                from causalrec.llm.items import item_token_ids
+        if items or users:
+            vocab = tokenizer.get_vocab()
+            saved = [any(t.startswith(prefix) for t in vocab) for prefix in ("<item_", "<user_")]
+            if saved[0] or saved[1]:  # saved by save_backbone with them: every added token must be there
+                from causalrec.llm.items import item_token_ids, user_token_ids
 
-                item_ids = item_token_ids(tokenizer, items)
+                item_ids = item_token_ids(tokenizer, items) if items else []
+                user_ids = user_token_ids(tokenizer, users) if users else []
             elif hasattr(model, "peft_config"):
                 raise BackboneError(
-                    f"backbone {cfg.backbone!r} carries a LoRA adapter; item tokens are added to a "
+                    f"backbone {cfg.backbone!r} carries a LoRA adapter; item and user tokens are added to a "
                     "plain model (save the item-token model with save_backbone and load that)"
                 )
             else:
-                item_ids = add_item_tokens(tokenizer, items)
-                resize_for_items(model, tokenizer, item_ids, item_init_texts)
+                item_ids = add_item_tokens(tokenizer, items) if items else []
+                user_ids = add_user_tokens(tokenizer, users) if users else []
+                texts = None
+                if item_init_texts is not None or user_ids:
+                    texts = list(item_init_texts or [None] * len(item_ids)) + [None] * len(user_ids)
+                resize_for_items(model, tokenizer, item_ids + user_ids, texts)
     check_tokenizer(tokenizer, model)
     if apply_lora_adapters and not hasattr(model, "peft_config"):
-        model = apply_lora(model, cfg, trainable_tokens=item_ids)
+        model = apply_lora(model, cfg, trainable_tokens=item_ids + user_ids)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     _log.info(

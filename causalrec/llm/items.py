@@ -43,32 +43,55 @@ def item_token(item_id: int) -> str:
     return f"<item_{int(item_id)}>"
 
 
+def user_token(user_id: int) -> str:
+    """The added token of RecBole internal user ``user_id`` (``user_token: true``: P5's user ids)."""
+    return f"<user_{int(user_id)}>"
+
+
 def add_item_tokens(tokenizer, item_ids: Sequence[int]) -> list[int]:
     """Add one token per item to ``tokenizer`` (in place); returns their ids in the order of ``item_ids``."""
+    return _add_tokens(tokenizer, [item_token(j) for j in item_ids], "item")
+
+
+def add_user_tokens(tokenizer, user_ids: Sequence[int]) -> list[int]:
+    """Add one token per user to ``tokenizer`` (in place); returns their ids in the order of ``user_ids``."""
+    return _add_tokens(tokenizer, [user_token(u) for u in user_ids], "user")
+
+
+def _add_tokens(tokenizer, names: list[str], kind: str) -> list[int]:
     from tokenizers import AddedToken
 
-    names = [item_token(j) for j in item_ids]
     clash = [n for n in names if n in tokenizer.get_vocab()]
     if clash:
-        raise BackboneError(f"the tokenizer already has item token(s) {clash[:3]}; pass a tokenizer without them")
+        raise BackboneError(f"the tokenizer already has {kind} token(s) {clash[:3]}; pass a tokenizer without them")
     tokenizer.add_tokens([AddedToken(n, lstrip=True, rstrip=False, normalized=False, single_word=False) for n in names])
     ids = tokenizer.convert_tokens_to_ids(names)
     if len(set(ids)) != len(ids) or any(i is None or i == tokenizer.unk_token_id for i in ids):
-        raise BackboneError("adding item tokens to the tokenizer failed: some did not get their own id")
+        raise BackboneError(f"adding {kind} tokens to the tokenizer failed: some did not get their own id")
     return list(ids)
 
 
 def item_token_ids(tokenizer, item_ids: Sequence[int]) -> list[int]:
     """Ids of the item tokens of ``item_ids`` in ``tokenizer`` (a BackboneError if one is missing)."""
-    names = [item_token(j) for j in item_ids]
+    return _token_ids(tokenizer, [item_token(j) for j in item_ids], "item", "catalog")
+
+
+def user_token_ids(tokenizer, user_ids: Sequence[int]) -> list[int]:
+    """Ids of the user tokens of ``user_ids`` in ``tokenizer`` (a BackboneError if one is missing)."""
+    return _token_ids(tokenizer, [user_token(u) for u in user_ids], "user", "data set's customers")
+
+
+def _token_ids(tokenizer, names: list[str], kind: str, owner: str) -> list[int]:
     ids = tokenizer.convert_tokens_to_ids(names)
     missing = [n for n, i in zip(names, ids) if i is None or i == tokenizer.unk_token_id]
     if missing:
-        raise BackboneError(f"the tokenizer lacks item token(s) {missing[:3]}: it was not built for this catalog")
+        raise BackboneError(f"the tokenizer lacks {kind} token(s) {missing[:3]}: it was not built for this {owner}")
     return list(ids)
 
 
-def resize_for_items(model, tokenizer, token_ids: Sequence[int], init_texts: Sequence[str] | None = None) -> None:
+def resize_for_items(
+    model, tokenizer, token_ids: Sequence[int], init_texts: Sequence[str | None] | None = None
+) -> None:
     """Give every item token its own embedding rows and initialise them (input and, if untied, output embedding).
 
     The embeddings grow to ``len(tokenizer)`` when the item tokens need more rows. A checkpoint's embedding may
@@ -77,7 +100,8 @@ def resize_for_items(model, tokenizer, token_ids: Sequence[int], init_texts: Seq
     every item row is set here, wherever it is: to the mean of the rows of the tokenizer's own tokens (what
     transformers' ``mean_resizing`` gives added rows, without its small noise), or, with ``init_texts``, to the
     mean of the rows of its text's tokens as a prompt shows the text (after a space: ``title_token_ids`` without
-    its EOS, e.g. ``ĠWHITE`` rather than the bare ``WHITE`` of a byte-level BPE tokenizer).
+    its EOS, e.g. ``ĠWHITE`` rather than the bare ``WHITE`` of a byte-level BPE tokenizer); a None text (a user
+    token) keeps the mean.
     """
     token_ids = [int(t) for t in token_ids]
     if init_texts is not None and len(init_texts) != len(token_ids):
@@ -101,9 +125,9 @@ def resize_for_items(model, tokenizer, token_ids: Sequence[int], init_texts: Seq
     if init_texts is not None:
         from causalrec.llm.trie import title_token_ids
 
-        pieces = [
-            [i for i in seq[:-1] if i < n_new and real[i]] for seq in title_token_ids(tokenizer, list(init_texts))
-        ]
+        texts = [t for t in init_texts if t is not None]
+        found = iter(title_token_ids(tokenizer, texts) if texts else [])
+        pieces = [[] if t is None else [i for i in next(found)[:-1] if i < n_new and real[i]] for t in init_texts]
     with torch.no_grad():
         for table in tables:
             table[targets.to(table.device)] = _mean_rows(table, real).to(table.dtype)

@@ -49,7 +49,7 @@ def _key(default: Any, help: str, **rules: Any) -> Any:
 
 # Keys added after published cells were cached: a cell's identity (``compare``) counts them only away from these
 # defaults, so the cells computed before them stay valid.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0, "environment_position": None}
+OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0, "environment_position": None, "user_token": False}
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class LLMRecommenderConfig:
     history_shuffles: int = _key(
         0, "SFT also on this many random orders of each row's items (order augmentation); 0: time order.", minimum=0
     )
+    user_token: bool = _key(False, "Each customer's own added token first in every prompt (a per-user embedding).")
     negative_strategy: str = _key("popularity", "How rejected items are drawn.", choices=NEGATIVE_STRATEGIES)
     dpo_max_samples: int | None = _key(4096, "At most this many rows for the preference stage; None: all.", minimum=1)
     rank_batch_size: int | None = _key(

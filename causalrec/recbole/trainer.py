@@ -165,6 +165,7 @@ class LLMTrainer(Trainer):
                 envs[name] = [str(vocab[i]) for i in feat[name].numpy()]
             else:
                 envs[name] = ["all"] * len(targets)
+        users = feat[cfg["USER_ID_FIELD"]].numpy()
         records = []
         for r in tqdm(range(len(targets)), desc="building records", unit="row", disable=not show_progress):
             history = [model.item_texts[i] for i in seqs[r, : int(lens[r])] if i]
@@ -174,6 +175,7 @@ class LLMTrainer(Trainer):
                     target=model.answers[int(targets[r])],
                     season=envs["season"][r],
                     region=envs["region"][r],
+                    user=model.user_text(users[r]),
                 )
             )
         return records, np.asarray(targets, dtype=np.int64)

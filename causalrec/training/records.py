@@ -22,6 +22,7 @@ class PreferenceRecord:
         target: the title of the next item (the SFT completion, the DPO chosen item).
         negatives: titles of the rejected items (may be empty for SFT).
         season / region: environment labels of the row.
+        user: the customer's token for prompts that show it (``user_token: true``), else None.
     """
 
     history: Sequence[str]
@@ -29,10 +30,13 @@ class PreferenceRecord:
     negatives: Sequence[str] = ()
     season: str = "all"
     region: str = "all"
+    user: str | None = None
 
     def prompt(self, fmt: PromptFormat) -> str:
         """The record's prompt; an environment-conditioned format gets the record's own label."""
-        return fmt.prompt(self.history, None if fmt.environment is None else getattr(self, fmt.environment))
+        return fmt.prompt(
+            self.history, None if fmt.environment is None else getattr(self, fmt.environment), user=self.user
+        )
 
 
 def shuffled_records(

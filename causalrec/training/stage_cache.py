@@ -79,7 +79,8 @@ def backbone_identity(cfg) -> dict[str, Any]:
 
 
 def records_digest(records) -> str:
-    return digest([[list(r.history), r.target, r.season, r.region] for r in records])
+    # the user joins a record's identity only where prompts show it, so earlier stage keys stay valid
+    return digest([[list(r.history), r.target, r.season, r.region] + ([r.user] if r.user else []) for r in records])
 
 
 # ------------------------------------------------------------------------------------ stage checkpoints

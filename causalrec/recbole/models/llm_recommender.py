@@ -69,7 +69,14 @@ class LLMRecommender(SequentialRecommender):
         super().__init__(config, dataset)
         from causalrec.data.frame import warn_if_texts_tie
         from causalrec.llm.backbone import TINY, BackboneConfig, load_backbone
-        from causalrec.llm.items import ITEM_REPRS, item_token, item_token_ids, uses_item_tokens
+        from causalrec.llm.items import (
+            ITEM_REPRS,
+            item_token,
+            item_token_ids,
+            user_token,
+            user_token_ids,
+            uses_item_tokens,
+        )
         from causalrec.llm.trie import TitleTrie, title_token_ids
 
         self.titles = self._load_titles(config, dataset)
@@ -99,6 +106,10 @@ class LLMRecommender(SequentialRecommender):
             environment_last=position == "last",
         )
         self._init_environments(config, dataset)
+        # user_token: each customer's own token first in every prompt (P5's user ids): a per-customer embedding, as
+        # BPR and LightGCN learn; RecBole numbers users 1..n_users-1 (0 pads)
+        user_ids = range(1, dataset.num(self.USER_ID)) if config["user_token"] else range(0)
+        self.user_texts: list[str | None] = [None] + [user_token(u) for u in user_ids] if user_ids else []
         self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
         from causalrec.llm.presets import backbone_settings
@@ -112,10 +123,15 @@ class LLMRecommender(SequentialRecommender):
         )
         init_texts = self.titles[1:] if self.item_repr == "title+id" and self.backbone_config.backbone != TINY else None
         self.llm, self.tokenizer = load_backbone(
-            self.backbone_config, corpus=corpus, items=list(item_ids) if tokens else (), item_init_texts=init_texts
+            self.backbone_config,
+            corpus=corpus,
+            items=list(item_ids) if tokens else (),
+            item_init_texts=init_texts,
+            users=list(user_ids),
         )
         self._apply_chat_template(config["use_chat_template"])
         self.item_token_ids: list[int] = item_token_ids(self.tokenizer, item_ids) if tokens else []
+        self.user_token_ids: list[int] = user_token_ids(self.tokenizer, user_ids) if user_ids else []
         self.trie = None
         if not tokens:
             self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self._empty_prompts()[0])
@@ -211,6 +227,10 @@ class LLMRecommender(SequentialRecommender):
         seqs, lens = item_seq.tolist(), item_seq_len.tolist()
         return [[self.item_texts[i] for i in seq[: int(n)] if i] for seq, n in zip(seqs, lens)]
 
+    def user_text(self, user_id: int) -> str | None:
+        """The prompt's token of RecBole user ``user_id``; None without ``user_token``."""
+        return self.user_texts[int(user_id)] if self.user_texts else None
+
     def environment_weights(self, interaction) -> torch.Tensor:
         """``[B, K]`` ``log`` weights of the training environments in each row's ranking: ``log P(e)`` (the
         backdoor sum); with ``environment_inference: observed``, a row whose own label occurs in training puts all
@@ -236,8 +256,14 @@ class LLMRecommender(SequentialRecommender):
         """One prompt per row; with ``prompt_environment``, one per (row, environment) the ranking sums over
         (all K training environments per row under ``environment_inference: marginal``), row-major."""
         histories = self.history_texts(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
+        users = interaction[self.USER_ID].tolist() if self.user_texts else [0] * len(histories)
         pairs, _ = self._environment_rows(interaction)
-        return [self.prompt_format.prompt(histories[r], self.environments[e] if e >= 0 else None) for r, e in pairs]
+        return [
+            self.prompt_format.prompt(
+                histories[r], self.environments[e] if e >= 0 else None, user=self.user_text(users[r])
+            )
+            for r, e in pairs
+        ]
 
     def encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of prompts, as TRL tokenises them (special tokens included)."""
