@@ -19,7 +19,7 @@ def space(params, **top):
     return SearchSpace.from_mapping({"params": params, **top}, source="test.yaml")
 
 
-@pytest.mark.parametrize("model", ["SASRec", "BPR", "GenRec", "SDPORec", "CausalDPO"])
+@pytest.mark.parametrize("model", ["SASRec", "BPR", "LightGCN", "GenRec", "SDPORec", "CausalDPO"])
 def test_shipped_spaces_are_valid_for_their_model(model):
     path = resolve_space(None, model)
     assert path == tuning_dir() / f"{model.lower()}.yaml"
