@@ -12,7 +12,7 @@ import pytest
 
 from causalrec.data import DataSpec, PreparedDataset, load_frame, prepare, split_frame, store
 from causalrec.data.store import FILE_SUFFIXES
-from causalrec.errors import DataError
+from causalrec.errors import ConfigError, DataError
 
 INTER_HEADER = ["user_id:token", "item_id:token", "timestamp:float", "season:token", "region:token"]
 SEQ_HEADER = [
@@ -320,3 +320,37 @@ def test_recbole_loads_every_row(in_tmp, model, prefix):
     for part, built in zip(("train", "valid", "test"), (train, valid, test)):
         assert len(built) == len(read_atomic(out.file(f"{prefix}{part}.inter")))
     assert dataset.item_num == out.n_items + 1  # + RecBole's padding id
+
+
+def test_history_environments_brute_force(tmp_path):
+    """``history_environments``: the sequence files also hold each history item's season and region, aligned with
+    ``item_id_list`` (checked against the frame's own rows); the flag joins the data key only when set."""
+    plain = small(tmp_path, split="regional")
+    spec = small(tmp_path, split="regional", history_environments=True)
+    assert "history_environments" not in plain.key_fields() and spec.key_fields()["history_environments"] is True
+    out = prepare(spec, show_progress=False)
+    assert out.data_path != prepare(plain, show_progress=False).data_path
+    frame = split_frame(load_frame(spec), spec).frame  # the labels the split derives (season from the month)
+    ordered = frame.assign(row=range(len(frame))).sort_values(["user_id", "timestamp", "row"])
+    groups = {u: g for u, g in ordered.groupby("user_id")}
+    checked = 0
+    for part in ("seq_train", "seq_valid", "seq_test"):
+        rows = read_atomic(out.file(f"{part}.inter"))
+        assert list(rows.columns) == SEQ_HEADER + ["season_list:token_seq", "region_list:token_seq"]
+        for user, hist, ts, seasons, regions in zip(
+            rows["user_id:token"],
+            rows["item_id_list:token_seq"],
+            rows["timestamp:float"].astype(int),
+            rows["season_list:token_seq"],
+            rows["region_list:token_seq"],
+        ):
+            g = groups[user]
+            k = list(g["timestamp"]).index(ts)
+            earlier = g.iloc[:k].tail(spec.max_history)
+            assert hist.split(" ") == list(earlier["item_id"])
+            assert seasons.split(" ") == [str(s).replace(" ", "_") for s in earlier["season"]]
+            assert regions.split(" ") == [str(r).replace(" ", "_") for r in earlier["region"]]
+            checked += 1
+    assert checked > 100
+    with pytest.raises(ConfigError, match="history_environments"):
+        small(tmp_path, history_environments="yes")

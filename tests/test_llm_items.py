@@ -647,3 +647,37 @@ def test_records_digest_counts_the_user_only_when_prompts_show_it():
         records_digest([plain]),
         records_digest([PreferenceRecord(history=["a", "b"], target="c", season="winter", user="<user_2>")]),
     )
+
+
+def test_environment_each_writes_every_history_items_label_before_it():
+    from causalrec.data.prompts import ITEM_TOKEN_TEMPLATE
+
+    fmt = PromptFormat(
+        template=ITEM_TOKEN_TEMPLATE, separator=" ", max_history_items=2, environment="season", environment_each=True
+    )
+    history, labels = ["<item_1>", "<item_2>", "<item_3>"], ["winter", "spring", "summer"]
+    # the last two items, each after its own season, then the answer's season
+    assert fmt.prompt(history, "autumn", history_environments=labels) == (
+        "A customer bought, in order: spring <item_2> summer <item_3> autumn"
+    )
+    assert fmt.prompt([], "autumn") == "A customer bought, in order: autumn"
+    with pytest.raises(ConfigError, match="every history item"):
+        fmt.prompt(history, "autumn", history_environments=labels[:2])
+
+
+def test_shuffled_records_keep_each_item_with_its_own_label():
+    from causalrec.training import PreferenceRecord
+    from causalrec.training.records import shuffled_records
+
+    record = PreferenceRecord(
+        history=("a", "b", "c"), target="d", season="autumn", history_environments=("winter", "spring", "summer")
+    )
+    label_of = {"a": "winter", "b": "spring", "c": "summer", "d": "autumn"}
+    same = {k: k for k in "abcd"}
+    copies = shuffled_records([record], 6, 0, same, same, environment="season")[1:]
+    assert len(copies) == 6 and len({(c.history, c.target) for c in copies}) > 1
+    for c in copies:
+        assert sorted(c.history + (c.target,)) == ["a", "b", "c", "d"]
+        assert list(c.history_environments) == [label_of[h] for h in c.history] and c.season == label_of[c.target]
+    with pytest.raises(DataError, match="environment"):
+        shuffled_records([record], 1, 0, same, same)

@@ -189,3 +189,40 @@ def test_user_token_model_ranks_each_case_with_its_own_customer_token(in_tmp):
     torch.testing.assert_close(model.score_prompts(model.prompt_ids(batch))[:, 1:], brute, atol=1e-5, rtol=0)
     assert "user_token" not in _config_identity("GenRec", "retail-sim", {})
     assert _config_identity("GenRec", "retail-sim", {"user_token": True})["user_token"] is True
+
+
+def test_environment_each_puts_every_history_items_own_season_before_it(in_tmp):
+    """``environment_position: each``: the data is prepared with each history item's season, every prompt writes
+    it before the item's token and the answer's season last; the ranking is the backdoor sum over the answer's
+    season (the history's seasons are observed facts), equal to brute force; titles are refused."""
+    from causalrec.llm.items import item_token
+    from causalrec.llm.ranking import naive_scores
+
+    config = {**TINY, "item_repr": "id", "prompt_environment": "season", "environment_position": "each"}
+    result = causalrec.run("GenRec", "retail-sim", config_dict=config)
+    assert _stage_meta(result, "sft")["inputs"]["prompt"]["environment_each"] is True
+    (checkpoint,) = glob.glob(str(in_tmp / "saved" / "GenRec-*.pth"))
+    _, model, _, _, valid, _ = _rebuild(checkpoint)
+    batch = next(iter(valid))[0][:3]
+    seasons = valid._dataset.field2id_token["season_list"]
+    prior = model.env_log_prior.exp().double()
+    brute = torch.zeros(3, len(model.titles) - 1, dtype=torch.float64)
+    for e, p_e in zip(model.environments, prior.tolist()):
+        prompts = []
+        for r in range(3):
+            n = int(batch[model.ITEM_SEQ_LEN][r])
+            items, labels = batch[model.ITEM_SEQ][r][:n].tolist(), batch["season_list"][r][:n].tolist()
+            pairs = " ".join(f"{seasons[s]} {item_token(i)}" for i, s in zip(items, labels))
+            prompts.append(f"A customer bought, in order: {pairs} {e}".replace(":  ", ": "))
+        assert prompts == [
+            p
+            for p, (_, k) in zip(model.prompts(batch), model._environment_rows(batch)[0])
+            if k == model.environments.index(e)
+        ]
+        brute += (
+            p_e
+            * naive_scores(model.llm, model.encode_prompts(prompts), [[t] for t in model.item_token_ids]).double().exp()
+        )
+    torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute.log(), atol=1e-5, rtol=0)
+    with pytest.raises(CausalRecError, match="item_repr: id"):
+        causalrec.run("GenRec", "retail-sim", config_dict={**config, "item_repr": "title"})

@@ -40,6 +40,9 @@ class PromptFormat:
         environment_last: write the environment after the history, right before the answer, instead of before
             the template (item tokens: the history is then a plain item sequence whose every position can be a
             training target, and the environment conditions only the answer it belongs to).
+        environment_each: write every history item's own label before it and the answer's label last
+            (``environment_position: each``; item tokens): every item is then predicted right after its own
+            environment, the position the answer is ranked from.
         prefix / suffix: text around the whole prompt; a tokenizer's chat template rendered around a user
             message (``causalrec.llm.chat``), so the answer follows the assistant's turn marker.
     """
@@ -50,6 +53,7 @@ class PromptFormat:
     environment: str | None = None
     environment_template: str = DEFAULT_ENVIRONMENT_TEMPLATE
     environment_last: bool = False
+    environment_each: bool = False
     prefix: str = ""
     suffix: str = ""
 
@@ -65,14 +69,29 @@ class PromptFormat:
         if self.environment is not None and "{value}" not in self.environment_template:
             raise ConfigError(f"environment_template must contain '{{value}}'; got {self.environment_template!r}")
 
-    def prompt(self, history: Sequence[str], environment: str | None = None, user: str | None = None) -> str:
+    def prompt(
+        self,
+        history: Sequence[str],
+        environment: str | None = None,
+        user: str | None = None,
+        history_environments: Sequence[str] | None = None,
+    ) -> str:
         """The prompt for a history; ``environment`` is the label value, required when ``self.environment`` is set;
-        ``user`` (the customer's own token, ``user_token: true``) goes first, so every position sees it."""
+        ``user`` (the customer's own token, ``user_token: true``) goes first, so every position sees it;
+        ``history_environments`` (``environment_each``) the label of each history item."""
         shown = list(history)[-self.max_history_items :]
+        if self.environment is not None and environment is None:
+            raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
+        if self.environment is not None and self.environment_each:
+            labels = list(history_environments if history_environments is not None else [])
+            if len(labels) != len(history):
+                raise ConfigError(
+                    f"environment_position: each needs the {self.environment} of every history item; got "
+                    f"{len(labels)} label(s) for {len(history)} item(s)"
+                )
+            shown = [f"{e} {h}" for e, h in zip(labels[-len(shown) :] if shown else [], shown)] + [environment]
         text = self.template.format(history=self.separator.join(shown))
-        if self.environment is not None:
-            if environment is None:
-                raise ConfigError(f"this prompt format writes the {self.environment} into every prompt; none was given")
+        if self.environment is not None and not self.environment_each:
             label = self.environment_template.format(name=self.environment, value=environment)
             text = f"{text} {label.strip()}" if self.environment_last else label + text
         if user is not None:

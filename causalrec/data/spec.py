@@ -57,6 +57,7 @@ KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {
     "csv_timezone": None,
     "csv_exclude_items": (),
     "sim_season_exclusive": False,
+    "history_environments": False,
 }
 
 MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -118,6 +119,9 @@ class DataSpec:
             reads ``data_seed`` and falls back to ``seed`` when a mapping has no ``data_seed``.
         min_user_inter, min_item_inter: k-core thresholds, iterated to a fixed point.
         max_history: sequence files keep each history's last this-many items.
+        history_environments: sequence files also hold each history item's own season and region
+            (``season_list`` / ``region_list``, aligned with ``item_id_list``); set by ``environment_position:
+            each``, which writes every history item's season before it.
         max_title_chars: item texts longer than this are cut (and counted, with a warning), so no prepared
             file holds a field Python's csv reader refuses (1 to 131072; default 1000).
         exclude_stock_codes: online-retail non-product stock codes dropped (case-insensitive, ``*`` wildcard).
@@ -163,6 +167,7 @@ class DataSpec:
     min_user_inter: int = 5
     min_item_inter: int = 5
     max_history: int = 50
+    history_environments: bool = False
     max_title_chars: int = DEFAULT_MAX_TITLE_CHARS
     exclude_stock_codes: tuple[str, ...] = DEFAULT_EXCLUDE_STOCK_CODES
     data_cache_dir: str | None = None
@@ -242,6 +247,8 @@ class DataSpec:
         ):
             raise ConfigError(f"sim_inter_per_user must be a number in [3, 1000]; got {self.sim_inter_per_user!r}")
         self.sim_inter_per_user = float(self.sim_inter_per_user)
+        if not isinstance(self.history_environments, bool):
+            raise ConfigError(f"history_environments must be true or false; got {self.history_environments!r}")
         if not isinstance(self.sim_season_exclusive, bool):
             raise ConfigError(f"sim_season_exclusive must be true or false; got {self.sim_season_exclusive!r}")
         _disjoint(

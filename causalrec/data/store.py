@@ -47,6 +47,8 @@ SEQ_COLUMNS = (
     "season:token",
     "region:token",
 )
+# with ``history_environments``: each history item's own labels, aligned with ``item_id_list``
+HISTORY_ENVIRONMENT_COLUMNS = ("season_list:token_seq", "region_list:token_seq")
 FILE_SUFFIXES = (
     "train.inter",
     "valid.inter",
@@ -215,15 +217,25 @@ def _install(tmp: Path, data_path: Path, dataset: str, key: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _histories(split: Split, rows: np.ndarray, max_history: int, show_progress: bool, what: str) -> list[str]:
-    """Space-joined earlier items of each row (the frame is ordered by user and time, so a row's history
-    is the ``position`` rows right before it), the last ``max_history`` kept."""
-    items = split.frame["item_id"].tolist()
+def _histories(
+    split: Split, rows: np.ndarray, max_history: int, show_progress: bool, what: str, column: str = "item_id"
+) -> list[str]:
+    """Space-joined ``column`` of the earlier interactions of each row (the frame is ordered by user and time, so a
+    row's history is the ``position`` rows right before it), the last ``max_history`` kept. A label with a space
+    (``United Kingdom``) is written with ``_`` (``history_label``), as a token_seq splits on spaces."""
+    items = split.frame[column].astype(str).tolist()
+    if column != "item_id":
+        items = [history_label(v) for v in items]
     position = split.frame["position"].to_numpy()
     out = []
     for r in tqdm(rows.tolist(), desc=f"histories ({what})", disable=not show_progress, mininterval=1.0, leave=False):
         out.append(" ".join(items[r - min(position[r], max_history) : r]))
     return out
+
+
+def history_label(value: str) -> str:
+    """An environment label as a ``season_list`` / ``region_list`` token: spaces become ``_``."""
+    return str(value).replace(" ", "_")
 
 
 def _write_tsv(table: pd.DataFrame, header: tuple[str, ...], path: Path, quoting: int = csv.QUOTE_NONE) -> None:
@@ -262,7 +274,12 @@ def write_split(
                 "region": rows["region"].to_numpy(),
             }
         )
-        _write_tsv(seq, SEQ_COLUMNS, directory / names[f"seq_{part}.inter"])
+        header = SEQ_COLUMNS
+        if spec.history_environments:
+            for name in ("season", "region"):
+                seq[f"{name}_list"] = _histories(split, index, spec.max_history, False, part, column=name)
+            header = SEQ_COLUMNS + HISTORY_ENVIRONMENT_COLUMNS
+        _write_tsv(seq, header, directory / names[f"seq_{part}.inter"])
     catalog = f.drop_duplicates("item_id").sort_values("item_id")  # titles already capped by load_frame
     warn_if_texts_tie(catalog["item_text"].tolist(), spec.dataset)
     _write_tsv(catalog[["item_id"]], ("item_id:token",), directory / names["item"])

@@ -28,15 +28,17 @@ def needs_preparation(config: MutableMapping[str, Any]) -> bool:
     return dataset in PREPARED_DATASETS or (dataset == "ml-100k" and config.get("split") is not None)
 
 
-def benchmark_config(model_type, max_history: int) -> dict[str, Any]:
-    """RecBole keys that load a prepared dataset for a model of ``model_type``."""
+def benchmark_config(model_type, max_history: int, history_environments: bool = False) -> dict[str, Any]:
+    """RecBole keys that load a prepared dataset for a model of ``model_type`` (with ``history_environments``, the
+    sequence files' ``season_list`` / ``region_list`` too)."""
     from recbole.utils import ModelType
 
     if model_type == ModelType.SEQUENTIAL:
+        lists = ["season_list", "region_list"] if history_environments else []
         return {
             "benchmark_filename": ["seq_train", "seq_valid", "seq_test"],
             "load_col": {
-                "inter": ["user_id", "item_id_list", "item_id", "timestamp", "season", "region"],
+                "inter": ["user_id", "item_id_list", "item_id", "timestamp", "season", "region", *lists],
                 "item": ["item_id"],
             },
             "alias_of_item_id": ["item_id_list"],
@@ -57,10 +59,12 @@ def configure_dataset(config: MutableMapping[str, Any]) -> None:
         return
     from causalrec.data import DataSpec, prepare
 
+    if config.get("environment_position") == "each" and config.get("prompt_environment"):
+        config["history_environments"] = True  # every history item's own label goes into the prompt
     spec = DataSpec.from_mapping(config, strict=False)
     prepared = prepare(spec, show_progress=bool(config.get("show_progress", True)))
     config["data_path"] = os.path.join(prepared.data_path, prepared.dataset)
-    config.update(benchmark_config(config["MODEL_TYPE"], spec.max_history))
+    config.update(benchmark_config(config["MODEL_TYPE"], spec.max_history, spec.history_environments))
     config["prepared_dir"] = str(prepared.directory)
     _log.info("dataset %s (split %s) prepared at %s", prepared.dataset, spec.split, prepared.directory)
 

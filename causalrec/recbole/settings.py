@@ -21,7 +21,7 @@ from causalrec.llm.items import ITEM_REPRS
 SFT_POSITIONS = ("last", "all")
 ENVIRONMENT_PRIORS = ("train", "uniform")
 ENVIRONMENT_INFERENCE = ("marginal", "observed")
-ENVIRONMENT_POSITIONS = ("first", "last")
+ENVIRONMENT_POSITIONS = ("first", "last", "each")
 VALIDATE_STAGES = ("all", "last")
 SEQUENCE_PATIENCE = 5  # sft_patience's value when unset, for sequence SFT (sft_positions: all)
 
@@ -76,7 +76,7 @@ class LLMRecommenderConfig:
     environment_template: str = _key("{name} {value}. ", "Text of the environment in a prompt.")
     environment_position: str | None = _key(
         None,
-        "first: the environment before the history; last: after it; None: last for item_repr id, else first.",
+        "first: before the history; last: after it; each: every history item's own before it (id); None: last for id.",
         choices=ENVIRONMENT_POSITIONS,
     )
     sft_patience: int | None = _key(

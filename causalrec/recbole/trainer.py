@@ -117,6 +117,14 @@ def _epoch_validation(score: Callable[[], float], patience: int, bigger: bool):
     return EpochValidation()
 
 
+def prompt_key(fmt) -> dict[str, Any]:
+    """A prompt format in a stage key; ``environment_each`` only when set, so stages keyed before it stay valid."""
+    key = dataclasses.asdict(fmt)
+    if not key["environment_each"]:
+        del key["environment_each"]
+    return key
+
+
 @dataclasses.dataclass
 class _Stage:
     name: str
@@ -166,6 +174,9 @@ class LLMTrainer(Trainer):
             else:
                 envs[name] = ["all"] * len(targets)
         users = feat[cfg["USER_ID_FIELD"]].numpy()
+        labels = None
+        if model.prompt_format.environment_each:
+            labels = model.history_environment_texts(seqs, lens, feat[model.history_env_field])
         records = []
         for r in tqdm(range(len(targets)), desc="building records", unit="row", disable=not show_progress):
             history = [model.item_texts[i] for i in seqs[r, : int(lens[r])] if i]
@@ -176,6 +187,7 @@ class LLMTrainer(Trainer):
                     season=envs["season"][r],
                     region=envs["region"][r],
                     user=model.user_text(users[r]),
+                    history_environments=None if labels is None else labels[r],
                 )
             )
         return records, np.asarray(targets, dtype=np.int64)
@@ -209,7 +221,14 @@ class LLMTrainer(Trainer):
         model = self.model
         answer_of = dict(zip(model.item_texts[1:], model.answers[1:]))
         history_text_of = dict(zip(model.answers[1:], model.item_texts[1:]))
-        return shuffled_records(records, copies, int(self.config["seed"]), answer_of, history_text_of)
+        return shuffled_records(
+            records,
+            copies,
+            int(self.config["seed"]),
+            answer_of,
+            history_text_of,
+            environment=model.prompt_format.environment,
+        )
 
     def _valid_identity(self, valid_data) -> str:
         """Digest of the validation cases (users, histories, targets, environments)."""
@@ -255,7 +274,7 @@ class LLMTrainer(Trainer):
             "titles": digest(list(model.titles)),
             "item_repr": model.item_repr,
             "positions": model.sft_positions,
-            "prompt": dataclasses.asdict(model.prompt_format),
+            "prompt": prompt_key(model.prompt_format),
             "backbone": backbone_identity(model.backbone_config),
             "args": training_args_key(args),
             "seed": int(self.config["seed"]),
@@ -362,13 +381,13 @@ class LLMTrainer(Trainer):
         )
 
     def _align(self, records, targets, args, resume_from: str | None, show_progress: bool) -> tuple[int, float]:
-        from causalrec.training import CausalDPOTrainer, PreferenceRecord, SDPOTrainer, preference_dataset
+        from causalrec.training import CausalDPOTrainer, SDPOTrainer, preference_dataset
 
         negatives = self._negatives(records, targets, show_progress)
         answers = self.model.answers
-        if negatives is not None:
+        if negatives is not None:  # everything else of the record (user, history labels) stays
             records = [
-                PreferenceRecord(r.history, r.target, [answers[j] for j in neg], r.season, r.region)
+                dataclasses.replace(r, negatives=[answers[j] for j in neg])
                 for r, neg in zip(records, negatives.tolist())
             ]
         trainer_cls = CausalDPOTrainer if self.model.alignment == "causal_dpo" else SDPOTrainer

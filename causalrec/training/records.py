@@ -23,6 +23,8 @@ class PreferenceRecord:
         negatives: titles of the rejected items (may be empty for SFT).
         season / region: environment labels of the row.
         user: the customer's token for prompts that show it (``user_token: true``), else None.
+        history_environments: the environment label of each history item, for prompts that show them
+            (``environment_position: each``), else None.
     """
 
     history: Sequence[str]
@@ -31,11 +33,15 @@ class PreferenceRecord:
     season: str = "all"
     region: str = "all"
     user: str | None = None
+    history_environments: Sequence[str] | None = None
 
     def prompt(self, fmt: PromptFormat) -> str:
         """The record's prompt; an environment-conditioned format gets the record's own label."""
         return fmt.prompt(
-            self.history, None if fmt.environment is None else getattr(self, fmt.environment), user=self.user
+            self.history,
+            None if fmt.environment is None else getattr(self, fmt.environment),
+            user=self.user,
+            history_environments=self.history_environments,
         )
 
 
@@ -46,6 +52,7 @@ def shuffled_records(
     answer_of: Mapping[str, str],
     history_text_of: Mapping[str, str],
     keep_ordered: bool = True,
+    environment: str | None = None,
 ) -> list[PreferenceRecord]:
     """Order augmentation: each record's items (history and target) as one basket in ``copies`` random orders, the
     last item of each order the answer; after the time-ordered records when ``keep_ordered``.
@@ -55,7 +62,8 @@ def shuffled_records(
     buys (their taste), as a bag-of-items model (BPR) sees it. The reordered copies keep the record's season and
     region. ``answer_of`` maps a history text to its answer text and ``history_text_of`` back (identical for
     ``item_repr`` title and id; ``title <item_j>`` <-> ``<item_j>`` for title+id). Seeded: the same records and
-    seed give the same copies.
+    seed give the same copies. Records with ``history_environments`` shuffle each item with its own label, and the
+    answer's label becomes the record's ``environment`` (``season`` or ``region``).
     """
     if copies < 0:
         raise DataError(f"history_shuffles must be >= 0; got {copies}")
@@ -63,6 +71,24 @@ def shuffled_records(
     out = list(records) if keep_ordered or not copies else []
     for r in records:
         for _ in range(copies):
+            if r.history_environments is not None:
+                if environment is None:
+                    raise DataError("records with history_environments need the environment their labels are of")
+                pairs = list(zip(r.history_environments, r.history)) + [
+                    (getattr(r, environment), history_text_of[r.target])
+                ]
+                rng.shuffle(pairs)
+                labels, items = zip(*pairs)
+                out.append(
+                    replace(
+                        r,
+                        history=tuple(items[:-1]),
+                        history_environments=tuple(labels[:-1]),
+                        target=answer_of[items[-1]],
+                        **{environment: labels[-1]},
+                    )
+                )
+                continue
             basket = list(r.history) + [history_text_of[r.target]]
             rng.shuffle(basket)
             out.append(replace(r, history=tuple(basket[:-1]), target=answer_of[basket[-1]]))

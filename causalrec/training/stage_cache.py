@@ -79,8 +79,16 @@ def backbone_identity(cfg) -> dict[str, Any]:
 
 
 def records_digest(records) -> str:
-    # the user joins a record's identity only where prompts show it, so earlier stage keys stay valid
-    return digest([[list(r.history), r.target, r.season, r.region] + ([r.user] if r.user else []) for r in records])
+    # the user and the history's labels join a record's identity only where prompts show them, so earlier stage
+    # keys stay valid
+    return digest(
+        [
+            [list(r.history), r.target, r.season, r.region]
+            + ([r.user] if r.user else [])
+            + ([list(r.history_environments)] if r.history_environments is not None else [])
+            for r in records
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------ stage checkpoints

@@ -97,6 +97,11 @@ class LLMRecommender(SequentialRecommender):
         # environment the key means nothing and is ignored, so it does not split the SFT stage cache
         chosen = config["environment_position"] if config["prompt_environment"] else None
         position = chosen or ("last" if self.item_repr == "id" else "first")
+        if position == "each" and self.item_repr != "id":
+            raise ConfigError(
+                f"environment_position: each writes each history item's label before its token: it needs "
+                f"item_repr: id; got item_repr: {self.item_repr}"
+            )
         self.prompt_format = PromptFormat(
             template=config["prompt_template"] or (ITEM_TOKEN_TEMPLATE if self.item_repr == "id" else DEFAULT_TEMPLATE),
             max_history_items=self._history_length(config),
@@ -104,8 +109,10 @@ class LLMRecommender(SequentialRecommender):
             environment=config["prompt_environment"] or None,
             environment_template=config["environment_template"] or DEFAULT_ENVIRONMENT_TEMPLATE,
             environment_last=position == "last",
+            environment_each=position == "each",
         )
         self._init_environments(config, dataset)
+        self._init_history_environments(dataset)
         # user_token: each customer's own token first in every prompt (P5's user ids): a per-customer embedding, as
         # BPR and LightGCN learn; RecBole numbers users 1..n_users-1 (0 pads)
         user_ids = range(1, dataset.num(self.USER_ID)) if config["user_token"] else range(0)
@@ -119,7 +126,10 @@ class LLMRecommender(SequentialRecommender):
         self.backbone_config = BackboneConfig.from_dict(values)
         # the tiny tokenizer learns the words it will see: titles only where prompts show them
         corpus = (
-            (self.titles[1:] if self.item_repr != "id" else []) + [self.prompt_format.template] + self._empty_prompts()
+            (self.titles[1:] if self.item_repr != "id" else [])
+            + [self.prompt_format.template]
+            + self._empty_prompts()
+            + [" ".join(self.history_label_values.values())]  # labels seen only in histories (a later season)
         )
         init_texts = self.titles[1:] if self.item_repr == "title+id" and self.backbone_config.backbone != TINY else None
         self.llm, self.tokenizer = load_backbone(
@@ -217,6 +227,36 @@ class LLMRecommender(SequentialRecommender):
             self.environment_inference,
         )
 
+    def _init_history_environments(self, dataset) -> None:
+        """``environment_position: each``: the sequence field holding each history item's label
+        (``history_env_field``, ``season_list`` / ``region_list`` of data prepared with ``history_environments``)
+        and ``history_label_values`` (its token -> the label as prompts write it). Empty otherwise."""
+        self.history_env_field, self.history_label_values = None, {}
+        if not self.prompt_format.environment_each:
+            return
+        from causalrec.data.store import history_label
+
+        field = self.history_env_field = f"{self.env_field}_list"
+        if field not in dataset.inter_feat.columns:
+            raise DataError(
+                f"environment_position: each needs each history item's {self.env_field} ({field!r}); the data was "
+                f"prepared without it (history_environments: true prepares it; causalrec sets it for this position)"
+            )
+        spelled = {history_label(v): str(v) for v in dataset.field2id_token[self.env_field][1:]}
+        self._history_vocab = [str(t) for t in dataset.field2id_token[field]]
+        self.history_label_values = {t: spelled.get(t, t.replace("_", " ")) for t in self._history_vocab[1:]}
+
+    def history_environment_texts(self, item_seq, item_seq_len, label_seq) -> list[list[str]]:
+        """Each row's history labels as the prompt writes them, aligned with ``history_texts`` (``[B, L]`` RecBole
+        ids of ``history_env_field``)."""
+        vocab = self.history_label_values
+        tokens = self._history_vocab
+        seqs, lens, labels = (torch.as_tensor(x).tolist() for x in (item_seq, item_seq_len, label_seq))
+        return [
+            [vocab[tokens[e]] for i, e in zip(seq[: int(n)], row[: int(n)]) if i]
+            for seq, n, row in zip(seqs, lens, labels)
+        ]
+
     def _empty_prompts(self) -> list[str]:
         """The prompt of an empty history, once per training environment (once without environments)."""
         return [self.prompt_format.prompt([], e) for e in self.environments] or [self.prompt_format.prompt([])]
@@ -257,10 +297,18 @@ class LLMRecommender(SequentialRecommender):
         (all K training environments per row under ``environment_inference: marginal``), row-major."""
         histories = self.history_texts(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])
         users = interaction[self.USER_ID].tolist() if self.user_texts else [0] * len(histories)
+        labels = [None] * len(histories)
+        if self.history_env_field:
+            labels = self.history_environment_texts(
+                interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], interaction[self.history_env_field]
+            )
         pairs, _ = self._environment_rows(interaction)
         return [
             self.prompt_format.prompt(
-                histories[r], self.environments[e] if e >= 0 else None, user=self.user_text(users[r])
+                histories[r],
+                self.environments[e] if e >= 0 else None,
+                user=self.user_text(users[r]),
+                history_environments=labels[r],
             )
             for r, e in pairs
         ]
