@@ -165,7 +165,7 @@ def test_environment_position_without_an_environment_reuses_the_same_sft_stage(i
     assert first["stages"][0]["key"] == plain["stages"][0]["key"] and first["stages"][0]["reused"]
 
 
-def test_user_token_model_ranks_each_case_with_its_own_customer_token(in_tmp):
+def test_user_token_model_ranks_each_case_with_its_own_customer_token(in_tmp, monkeypatch):
     """``user_token: true``: every user of the data set has one added token; a case's prompts start with its own
     customer's token, training rows too, and the one-forward ranking still equals brute force; the key counts in a
     compare cell's identity only when set."""
@@ -173,9 +173,15 @@ def test_user_token_model_ranks_each_case_with_its_own_customer_token(in_tmp):
     from causalrec.llm.items import user_token
     from causalrec.llm.ranking import naive_scores
 
+    import causalrec.training as training
+
+    seen = []  # the preference stage's rows: its prompts must carry the user too (the rejected items are added)
+    real = training.preference_dataset
+    monkeypatch.setattr(training, "preference_dataset", lambda records, fmt: seen.extend(records) or real(records, fmt))
     causalrec.run(
         "CausalDPO", "retail-sim", config_dict={**TINY, "item_repr": "id", "num_negatives": 2, "user_token": True}
     )
+    assert seen and all(r.user and len(r.negatives) == 2 for r in seen)
     (checkpoint,) = glob.glob(str(in_tmp / "saved" / "CausalDPO-*.pth"))
     config, model, *_, valid, _ = _rebuild(checkpoint)
     n_users = valid._dataset.num(config["USER_ID_FIELD"])
