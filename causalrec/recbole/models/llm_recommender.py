@@ -129,7 +129,7 @@ class LLMRecommender(SequentialRecommender):
             (self.titles[1:] if self.item_repr != "id" else [])
             + [self.prompt_format.template]
             + self._empty_prompts()
-            + [" ".join(self.history_label_values.values())]  # labels seen only in histories (a later season)
+            + list(self.history_label_values.values())  # labels seen only in histories (a later season)
         )
         init_texts = self.titles[1:] if self.item_repr == "title+id" and self.backbone_config.backbone != TINY else None
         self.llm, self.tokenizer = load_backbone(
