@@ -169,11 +169,10 @@ def test_user_token_model_ranks_each_case_with_its_own_customer_token(in_tmp, mo
     """``user_token: true``: every user of the data set has one added token; a case's prompts start with its own
     customer's token, training rows too, and the one-forward ranking still equals brute force; the key counts in a
     compare cell's identity only when set."""
+    import causalrec.training as training
     from causalrec.experiments.compare import _config_identity
     from causalrec.llm.items import user_token
     from causalrec.llm.ranking import naive_scores
-
-    import causalrec.training as training
 
     seen = []  # the preference stage's rows: its prompts must carry the user too (the rejected items are added)
     real = training.preference_dataset
