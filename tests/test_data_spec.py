@@ -112,6 +112,7 @@ def test_field_names_are_prefixed_or_common():
         "min_user_inter",
         "min_item_inter",
         "max_history",
+        "history_environments",
         "exclude_stock_codes",
         "data_cache_dir",
         "train_months",
