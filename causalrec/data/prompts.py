@@ -89,7 +89,7 @@ class PromptFormat:
                     f"environment_position: each needs the {self.environment} of every history item; got "
                     f"{len(labels)} label(s) for {len(history)} item(s)"
                 )
-            shown = [f"{e} {h}" for e, h in zip(labels[-len(shown) :] if shown else [], shown)] + [environment]
+            shown = [f"{e} {h}" for e, h in zip(labels[len(labels) - len(shown) :], shown)] + [environment]
         text = self.template.format(history=self.separator.join(shown))
         if self.environment is not None and not self.environment_each:
             label = self.environment_template.format(name=self.environment, value=environment)

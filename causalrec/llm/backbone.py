@@ -432,9 +432,8 @@ def load_backbone(
     else:
         model, tokenizer = _load_pretrained(cfg, device)
         if items or users:
-            vocab = tokenizer.get_vocab()
-            saved = [any(t.startswith(prefix) for t in vocab) for prefix in ("<item_", "<user_")]
-            if saved[0] or saved[1]:  # saved by save_backbone with them: every added token must be there
+            # saved by save_backbone with them: every added token must be there
+            if any(t.startswith(("<item_", "<user_")) for t in tokenizer.get_vocab()):
                 from causalrec.llm.items import item_token_ids, user_token_ids
 
                 item_ids = item_token_ids(tokenizer, items) if items else []
@@ -447,9 +446,7 @@ def load_backbone(
             else:
                 item_ids = add_item_tokens(tokenizer, items) if items else []
                 user_ids = add_user_tokens(tokenizer, users) if users else []
-                texts = None
-                if item_init_texts is not None or user_ids:
-                    texts = list(item_init_texts or [None] * len(item_ids)) + [None] * len(user_ids)
+                texts = list(item_init_texts or [None] * len(item_ids)) + [None] * len(user_ids)  # None: the mean row
                 resize_for_items(model, tokenizer, item_ids + user_ids, texts)
     check_tokenizer(tokenizer, model)
     if apply_lora_adapters and not hasattr(model, "peft_config"):
