@@ -166,3 +166,36 @@ def test_season_exclusive_lines_sell_only_in_their_peak_months_and_are_never_tra
     assert DataSpec(sim_season_exclusive=True).key_fields()["sim_season_exclusive"] is True
     with pytest.raises(ConfigError, match="sim_season_exclusive must be true or false"):
         DataSpec(sim_season_exclusive="yes")
+
+
+def test_promotion_plants_a_regional_line_in_training_histories_that_stops_afterwards():
+    """sim_promotion: region r of R promotes its own evergreen category Jan-Aug with log boost 3 s (r + 1) / R;
+    each region's share of its promoted line rises with the boost in the promotion months and falls back after
+    them (repeats keep a little of it); the draw without the key is the default one (no extra random draw)."""
+    spec = DataSpec(split="seasonal", seed=2020, sim_promotion=1.0)
+    result = simulate(spec)
+    table = result.region_promotion
+    assert list(table.index) == list(result.regions) and table["category"].is_unique
+    assert table["boost"].tolist() == pytest.approx([0.75, 1.5, 2.25, 3.0])
+    assert all(not c.months and not c.regional for c in CATEGORIES if c.name in set(table["category"]))
+    frame = result.frame
+    months = months_of(frame["timestamp"])
+    promoted = frame["category"].to_numpy() == frame["region"].map(table["category"]).to_numpy()
+    base = simulate(DataSpec(split="seasonal", seed=2020)).frame
+    base_promoted = base["category"].to_numpy() == base["region"].map(table["category"]).to_numpy()
+    base_months = months_of(base["timestamp"])
+    during, after = [], []
+    for region in result.regions:
+        mine = frame["region"].to_numpy() == region
+        mine_base = base["region"].to_numpy() == region
+        during.append(promoted[mine & (months <= 8)].mean() - base_promoted[mine_base & (base_months <= 8)].mean())
+        after.append(promoted[mine & (months >= 9)].mean())
+        assert promoted[mine & (months <= 8)].mean() > promoted[mine & (months >= 9)].mean() + 0.04
+    assert np.all(np.diff(during) > 0) and during[0] > 0.03  # a stronger promotion, a larger lift
+    assert max(after) < 0.2
+    # without promotions: the same frame as before the key existed, and the same cache key
+    assert simulate(DataSpec(split="seasonal", seed=2020, sim_promotion=0)).frame.equals(base)
+    assert "sim_promotion" not in DataSpec(sim_promotion=0).key_fields()
+    assert DataSpec(sim_promotion=0.5).key_fields()["sim_promotion"] == 0.5
+    with pytest.raises(ConfigError, match=r"sim_promotion must be a number in \[0, 1\]"):
+        DataSpec(sim_promotion=1.5)

@@ -67,6 +67,8 @@ def test_with_confounding_the_test_month_oracle_is_best_and_cases_match_the_spli
 def test_other_datasets_are_refused_and_the_cli_prints_a_table(capsys, tmp_path):
     with pytest.raises(ConfigError, match="retail-sim"):
         oracle_metrics(DataSpec(dataset="csv", split="seasonal", source="x.csv"))
+    with pytest.raises(ConfigError, match="not sim_promotion"):  # exposure the oracles do not model
+        oracle_metrics(DataSpec(dataset="retail-sim", split="seasonal", sim_promotion=0.5))
     out = tmp_path / "h.json"
     assert (
         main(

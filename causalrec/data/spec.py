@@ -57,6 +57,7 @@ KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {
     "csv_timezone": None,
     "csv_exclude_items": (),
     "sim_season_exclusive": False,
+    "sim_promotion": 0.0,
     "history_environments": False,
 }
 
@@ -144,6 +145,8 @@ class DataSpec:
         sim_repeat: probability that a purchase re-buys an item the user bought before.
         sim_season_exclusive: seasonal categories are on sale only in their peak months (on the seasonal split
             the test season's Christmas and Halloween lines are never bought in training).
+        sim_promotion: 0 (default) to 1: each region promotes one evergreen category from January to August,
+            more strongly in later regions, and none afterwards (a planted spurious feature; datasets/retail-sim.md).
     csv (bring your own table):
         csv_user, csv_item, csv_time: column names; csv_region: optional region/store column;
         csv_text: item-text column(s), joined with a space (None: the item id is the text);
@@ -191,6 +194,7 @@ class DataSpec:
     sim_confounding: float = 0.8
     sim_repeat: float = 0.2
     sim_season_exclusive: bool = False
+    sim_promotion: float = 0.0
     # csv
     csv_user: str = "user_id"
     csv_item: str = "item_id"
@@ -233,8 +237,9 @@ class DataSpec:
         self.csv_timezone = _timezone("csv_timezone", self.csv_timezone)
         for key in ("test_ratio", "valid_ratio", "tail_ratio", "valid_user_ratio"):
             _ratio(key, getattr(self, key), open_low=True, open_high=True)
-        for key in ("sim_confounding", "sim_repeat"):
+        for key in ("sim_confounding", "sim_repeat", "sim_promotion"):
             _ratio(key, getattr(self, key), open_low=False, open_high=key == "sim_repeat")
+        self.sim_promotion = float(self.sim_promotion)
         if self.test_ratio + self.valid_ratio >= 1:
             raise ConfigError(
                 f"test_ratio + valid_ratio must be < 1 (a training period must remain); "

@@ -114,6 +114,10 @@ def oracle_metrics(spec: DataSpec, k: int = 10) -> pd.DataFrame:
         raise ConfigError(
             f"oracle headroom needs the simulator's truth: dataset must be 'retail-sim', got {spec.dataset!r}"
         )
+    if spec.sim_promotion > 0:
+        raise ConfigError(
+            "oracle headroom models season, stock and fashion exposure, not sim_promotion: set sim_promotion to 0"
+        )
     sim = retail_sim.simulate(spec)
     split = split_frame(load_frame(spec), spec)  # cleaned and k-core filtered: the cases RecBole evaluates
     exposure = Exposure.of(sim, float(spec.sim_confounding))

@@ -15,7 +15,13 @@ Generative story (one calendar year, ``SIM_YEAR``):
 * with probability ``sim_repeat`` a purchase instead re-buys one of the user's earlier items (one on sale);
 * with ``sim_season_exclusive``, seasonal categories are on sale only in their peak months (weight 0 outside
   them, whatever ``c``): on the seasonal split the test season's Christmas and Halloween lines are never bought
-  in training, exposure no training row shows (as a shop's new seasonal lines).
+  in training, exposure no training row shows (as a shop's new seasonal lines);
+* with ``sim_promotion = s > 0`` (a planted spurious feature, issue 22 point 5d), region ``r`` of ``R`` promotes one
+  evergreen category from January to August (the seasonal split's training months) with strength
+  ``PROMOTION_STRENGTH * s * (r + 1) / R`` added to its items' log exposure there: each region's customers fill
+  their histories with its promoted line, at a strength that differs by region, and every promotion has ended by
+  the validation and test months. A history's promoted items predict the next purchase in training through
+  exposure, not taste (the customers' taste is the same in every region), and stop predicting it afterwards.
 
 Sampling is exact and vectorised: the category first (``theta_u[c] * W_c(r, m)``), then the item within
 the category. ``simulate`` returns the frame and the ground truth for tests.
@@ -34,6 +40,8 @@ from causalrec.errors import ConfigError
 
 SIM_YEAR = 2023
 SEASON_STRENGTH, STOCK_STRENGTH, FASHION_STRENGTH = 2.0, 2.0, 1.0
+PROMOTION_STRENGTH = 3.0
+PROMOTION_MONTHS = (1, 2, 3, 4, 5, 6, 7, 8)
 # Shopping volume by month: the pre-Christmas peak of a gift shop (Online Retail shows the same shape).
 MONTH_VOLUME = np.array([0.8, 0.7, 0.8, 0.8, 0.85, 0.85, 0.9, 0.85, 1.1, 1.3, 1.6, 1.2])
 REGION_NAMES = ("north", "south", "east", "west", "central", "coast", "highlands", "islands")
@@ -143,6 +151,8 @@ class SimResult:
         item_fashion_peak: month a fashion item peaks (0 for items without fashion).
         category_months: peak months of each seasonal category (empty for evergreen ones).
         item_on_sale: items x months 1-12, False where ``sim_season_exclusive`` takes the item off sale.
+        region_promotion: per region, the promoted category and its log-exposure boost in ``PROMOTION_MONTHS``
+            (boost 0 everywhere without ``sim_promotion``).
         regions, categories: names.
     """
 
@@ -157,6 +167,7 @@ class SimResult:
     item_fashion_peak: pd.Series
     category_months: dict[str, tuple[int, ...]]
     item_on_sale: pd.DataFrame
+    region_promotion: pd.DataFrame
     regions: tuple[str, ...]
     categories: tuple[str, ...]
 
@@ -173,6 +184,17 @@ def _titles(rng: np.random.Generator, category: Category, n: int) -> list[str]:
     pick = rng.choice(plain, size=n, replace=False) if n <= plain else rng.choice(combos, size=n, replace=False)
     table = list(product(SIZES, ADJECTIVES, MATERIALS, category.nouns))
     return [f"{s}{a} {m} {noun}" for s, a, m, noun in (table[k] for k in pick)]
+
+
+def _promotions(cats: tuple[Category, ...], n_regions: int, strength: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each region's promoted category (the evergreen ones in turn; no random draw, so the rest of the simulation
+    is the same with or without promotions) and its log-exposure boost, rising with the region's index."""
+    evergreen = [k for k, cat in enumerate(cats) if not cat.months and not cat.regional]
+    if strength > 0 and not evergreen:
+        raise ConfigError("sim_promotion needs an evergreen category to promote: raise sim_categories")
+    promoted = np.array([evergreen[r % len(evergreen)] if evergreen else 0 for r in range(n_regions)])
+    boost = PROMOTION_STRENGTH * strength * (np.arange(n_regions) + 1) / n_regions
+    return promoted, boost
 
 
 def simulate(spec: DataSpec) -> SimResult:
@@ -223,6 +245,9 @@ def simulate(spec: DataSpec) -> SimResult:
         + STOCK_STRENGTH * np.where(stock, 1.0, -1.0)[:, :, None]
         + FASHION_STRENGTH * fashion[:, None, :]
     )
+    promoted, boost = _promotions(cats, n_regions, float(spec.sim_promotion))
+    in_promotion = np.isin(months, PROMOTION_MONTHS)
+    log_w += (item_cat[:, None] == promoted[None, :])[:, :, None] * boost[None, :, None] * in_promotion[None, None, :]
     w = np.exp(log_w) * on_sale[:, None, :]
     cat_w = np.stack([w[item_cat == k].sum(axis=0) for k in range(n_cat)])  # [cats, regions, 12]
 
@@ -300,6 +325,9 @@ def simulate(spec: DataSpec) -> SimResult:
         item_fashion_peak=pd.Series(fashion_peak, index=item_ids, name="fashion_peak"),
         category_months={cat.name: cat.months for cat in cats},
         item_on_sale=pd.DataFrame(on_sale, index=item_ids, columns=list(months)),
+        region_promotion=pd.DataFrame(
+            {"category": np.array(cat_names, dtype=object)[promoted], "boost": boost}, index=list(regions)
+        ),
         regions=regions,
         categories=cat_names,
     )
