@@ -135,8 +135,8 @@ def test_preference_models_end_to_end(in_tmp, model, env_source):
     assert len(glob.glob(str(in_tmp / "saved" / "stages" / f"{stage}-*" / "model.safetensors"))) == 1
     recovery = result["stages"][-1].get("environment_recovery")  # latent environments vs the labels
     if env_source == "latent":
-        assert set(recovery) == {"nmi/season", "ari/season", "nmi/region", "ari/region"}
-        assert all(0.0 <= recovery[k] <= 1.0 for k in recovery if k.startswith("nmi"))
+        assert set(recovery) == {f"{m}/{c}" for m in ("nmi", "ari", "probe", "chance") for c in ("season", "region")}
+        assert all(0.0 <= recovery[k] <= 1.0 for k in recovery if not k.startswith("ari"))
     else:
         assert recovery is None
     (checkpoint,) = glob.glob(str(in_tmp / "saved" / f"{model}-*.pth"))

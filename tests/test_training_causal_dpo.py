@@ -264,7 +264,7 @@ def test_tau_annealing_is_geometric_from_tau_to_tau_final(tmp_path, monkeypatch)
 def test_environment_recovery_against_the_season_labels(tmp_path):
     """NMI / ARI of the latent environments' hard assignments against the labelled seasons, and nothing for label
     environments."""
-    from causalrec.training.environments import adjusted_rand_index, normalized_mutual_information
+    from causalrec.training.environments import adjusted_rand_index, linear_probe, normalized_mutual_information
 
     tok = tiny_tokenizer()
     args = _causal(tmp_path, n_environments=2, env_prior="estimated")
@@ -273,12 +273,16 @@ def test_environment_recovery_against_the_season_labels(tmp_path):
     trainer.initialize_environments()
     assert trainer.environment_model.estimated_prior
     recovery = trainer.environment_recovery()
-    assert set(recovery) == {"nmi/season", "ari/season", "nmi/region", "ari/region"}
+    assert set(recovery) == {f"{m}/{c}" for m in ("nmi", "ari", "probe", "chance") for c in ("season", "region")}
     rows = trainer._sample_rows(None)
     assigned = trainer.environment_model(trainer.prompt_states(rows)).argmax(1)
     seasons = torch.tensor(trainer.train_dataset.select(rows)["season_id"])
     assert recovery["nmi/season"] == pytest.approx(normalized_mutual_information(assigned, seasons))
     assert recovery["ari/season"] == pytest.approx(adjusted_rand_index(assigned, seasons))
+    features = trainer.environment_model.features(trainer.prompt_states(rows))
+    assert (recovery["probe/season"], recovery["chance/season"]) == pytest.approx(
+        linear_probe(features, seasons, seed=args.seed)
+    )
     labelled = _lora_trainer(CausalDPOTrainer, _causal(tmp_path, env_source="season"), tok)
     assert labelled.environment_recovery() == {}
 

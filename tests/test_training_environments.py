@@ -23,6 +23,7 @@ from causalrec.training.environments import (
     irm_penalty_autograd,
     kmeans_plus_plus,
     label_assign,
+    linear_probe,
     mmd_penalty,
     normalized_mutual_information,
     soft_assign,
@@ -342,3 +343,28 @@ def test_mmd_estimator_is_a_checked_setting(tmp_path):
     assert CausalDPOConfig(str(tmp_path), mmd_estimator="unbiased").mmd_estimator == "unbiased"
     with pytest.raises(UnknownNameError, match="mmd_estimator"):
         CausalDPOConfig(str(tmp_path), mmd_estimator="fair")
+
+
+def test_linear_probe_reaches_the_bayes_accuracy_and_chance_without_signal():
+    """Two unit-variance Gaussians at -1 and +1 on the first of 8 dimensions: the Bayes classifier's accuracy is
+    Phi(1) = 0.841; labels independent of x give the majority rate. Also equal to scikit-learn's logistic regression
+    on the same halves (same penalty: C = 1 / (2 n_fit weight_decay))."""
+    from sklearn.linear_model import LogisticRegression
+
+    gen = torch.Generator().manual_seed(0)
+    n = 4000
+    y = torch.randint(2, (n,), generator=gen)
+    x = torch.randn(n, 8, generator=gen)
+    x[:, 0] += 2.0 * y - 1.0
+    accuracy, chance = linear_probe(x, y, seed=3)
+    assert accuracy == pytest.approx(0.5 * (1 + math.erf(1 / math.sqrt(2))), abs=0.02)
+    assert chance == pytest.approx(0.5, abs=0.03)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(3))
+    fit, held = order[: n // 2], order[n // 2 :]
+    reference = LogisticRegression(C=1 / (2 * len(fit) * 1e-3), max_iter=1000).fit(x[fit].numpy(), y[fit].numpy())
+    assert accuracy == pytest.approx(reference.score(x[held].numpy(), y[held].numpy()), abs=0.005)
+    noise = torch.randint(3, (n,), generator=gen)
+    accuracy, chance = linear_probe(x, noise, seed=3)
+    assert abs(accuracy - chance) < 0.04 and chance == pytest.approx(1 / 3, abs=0.03)
+    with pytest.raises(DataError, match="at least 4 samples"):
+        linear_probe(x[:3], y[:3])

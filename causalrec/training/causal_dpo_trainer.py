@@ -44,6 +44,7 @@ from causalrec.training.environments import (
     environment_risks,
     irm_penalty,
     label_assign,
+    linear_probe,
     mmd_penalty,
     normalized_mutual_information,
     vrex_penalty,
@@ -188,13 +189,16 @@ class CausalDPOTrainer(SDPOTrainer):
     def environment_recovery(self, num_samples: int | None = None) -> dict[str, float]:
         """How well the latent environments match each labelled environment column of the training set: NMI and
         adjusted Rand index of the hard assignments of a seeded sample of training prompts (the policy as it is
-        now) against the season / region labels, e.g. ``{"nmi/season": 0.07, "ari/season": 0.03, ...}``.
-        Empty for label environments."""
+        now) against the season / region labels, e.g. ``{"nmi/season": 0.07, "ari/season": 0.03, ...}``, and
+        whether each label is in the clustered features at all: the held-out accuracy of a linear probe on them
+        (``probe/season``) beside the majority-label rate (``chance/season``). Empty for label environments."""
         env = self.environment_model
         if env is None or not bool(env.initialized):
             return {}
         rows = self._sample_rows(num_samples)
-        assigned = env(self.prompt_states(rows)).argmax(dim=1).cpu()
+        states = self.prompt_states(rows)
+        assigned = env(states).argmax(dim=1).cpu()
+        features = env.features(states).cpu()
         sample = self.train_dataset.select(rows)
         out = {}
         for col in self.env_vocabs:
@@ -202,6 +206,10 @@ class CausalDPOTrainer(SDPOTrainer):
             known = labels >= 0
             out[f"nmi/{col}"] = normalized_mutual_information(assigned[known], labels[known])
             out[f"ari/{col}"] = adjusted_rand_index(assigned[known], labels[known])
+            if int(known.sum()) >= 4:
+                out[f"probe/{col}"], out[f"chance/{col}"] = linear_probe(
+                    features[known], labels[known], seed=self.args.seed
+                )
         return out
 
     # ------------------------------------------------------------------------------------- loss

@@ -210,6 +210,39 @@ def adjusted_rand_index(labels_a: torch.Tensor, labels_b: torch.Tensor) -> float
     return 1.0 if top == expected else (index - expected) / (top - expected)
 
 
+def linear_probe(
+    x: torch.Tensor, labels: torch.Tensor, seed: int = 0, weight_decay: float = 1e-3, steps: int = 100
+) -> tuple[float, float]:
+    """``(accuracy, chance)`` of a multinomial logistic regression predicting ``labels`` from ``x [N, H]``: fitted
+    (L-BFGS, L2 ``weight_decay``) on a seeded half of the rows, scored on the other half; ``chance`` is the
+    held-out share of the training half's most frequent label. Whether an environment is in a representation at
+    all, whatever clusters the representation forms."""
+    n = x.size(0)
+    if n < 4:
+        raise DataError(f"a linear probe needs at least 4 samples; got {n}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, held = order[: n // 2], order[n // 2 :]
+    x = x.double()
+    y = labels.long()
+    n_classes = int(y.max()) + 1
+    weight = torch.zeros(x.size(1), n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x[fit] @ weight + bias, y[fit]) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        accuracy = float(((x[held] @ weight + bias).argmax(dim=1) == y[held]).double().mean())
+    majority = int(torch.bincount(y[fit], minlength=n_classes).argmax())
+    return accuracy, float((y[held] == majority).double().mean())
+
+
 def assignment_entropy(q: torch.Tensor) -> torch.Tensor:
     """Mean entropy of the assignment rows (0: hard assignments, log K: uniform)."""
     return -(q * q.clamp_min(1e-12).log()).sum(dim=-1).mean()
