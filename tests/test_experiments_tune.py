@@ -14,6 +14,7 @@ import yaml
 import causalrec
 from causalrec.errors import ConfigError
 from causalrec.experiments.space import SearchSpace
+from causalrec.experiments.tune import budget_used
 
 TINY = {
     "sim_users": 150,
@@ -188,6 +189,22 @@ def test_resume_keeps_finished_trials(in_tmp):
     # max_trials counts what the study already holds
     capped = causalrec.tune("BPR", "retail-sim", trials=5, max_trials=4, resume=True, **settings)
     assert len(capped.trials) == 4
+    # a trial whose worker died (failed by its stale heartbeat) and was retried spends the budget once
+    done = capped.trials[0]
+    stale = optuna.trial.create_trial(
+        state=States.FAIL, params=done.params, distributions=done.distributions, system_attrs={}
+    )
+    capped.add_trial(stale)
+    retry = optuna.trial.create_trial(
+        params=done.params,
+        distributions=done.distributions,
+        value=done.value,
+        system_attrs={"failed_trial": 4, "retry_history": [4]},
+    )
+    capped.add_trial(retry)
+    assert budget_used(capped) == 5 and len(capped.trials) == 6
+    resumed = causalrec.tune("BPR", "retail-sim", trials=5, max_trials=6, resume=True, **settings)
+    assert len(resumed.trials) == 7 and budget_used(resumed) == 6
 
 
 @pytest.mark.slow

@@ -471,7 +471,6 @@ def tune(model: str, dataset: str = "retail-sim", **kwargs):
 
 def run_study(cfg: TuneConfig):
     """``tune`` for a ``TuneConfig``."""
-    import optuna
 
     from causalrec.experiments.compare import VOLATILE_KEYS
 
@@ -497,10 +496,8 @@ def run_study(cfg: TuneConfig):
     n_trials = cfg.trials
     callbacks = []
     if cfg.max_trials is not None:
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        done = len(study.get_trials(deepcopy=False, states=finished))
-        n_trials = min(n_trials, max(0, cfg.max_trials - done))
-        callbacks.append(optuna.study.MaxTrialsCallback(cfg.max_trials, states=finished))
+        n_trials = min(n_trials, max(0, cfg.max_trials - budget_used(study)))
+        callbacks.append(_StopAtBudget(cfg.max_trials))
     _log.info(
         "study %s (%s %s of %s, %s): %d trial(s) to run in %s",
         cfg.study_name,
@@ -525,6 +522,35 @@ def run_study(cfg: TuneConfig):
     finally:
         write_outputs(study, cfg, base, url)
     return study
+
+
+def budget_used(study) -> int:
+    """Finished trials (complete, pruned, failed) counted against ``max_trials``, leaving out a trial that failed
+    because its worker died (a stale heartbeat) and was then retried: the retry spends that budget, not both, so
+    a study killed and resumed evaluates as many configurations as one that ran straight through."""
+    import optuna
+    from optuna.storages import RetryFailedTrialCallback
+
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # stable since 2.8
+        retried = {RetryFailedTrialCallback.retried_trial_number(t) for t in trials} - {None}
+    return sum(
+        t.state in (states.COMPLETE, states.PRUNED) or (t.state == states.FAIL and t.number not in retried)
+        for t in trials
+    )
+
+
+class _StopAtBudget:
+    """``study.optimize`` callback: stop once ``budget_used`` reaches ``max_trials`` (every worker's trials)."""
+
+    def __init__(self, max_trials: int):
+        self.max_trials = max_trials
+
+    def __call__(self, study, trial) -> None:
+        if budget_used(study) >= self.max_trials:
+            study.stop()
 
 
 # ------------------------------------------------------------------------------------------- outputs
