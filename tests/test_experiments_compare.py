@@ -516,6 +516,14 @@ def test_per_model_sections_and_layering(in_tmp):
         )
     )
     assert faster[0].key != cells[0].key
+    # a tuned best.yaml names its split: accepted where the grid runs that one split, and changes no key
+    (in_tmp / "best.yaml").write_text((in_tmp / "cmp.yaml").read_text() + "split: seasonal\n")
+    tuned = dict(models=["BPR", "SASRec"], seeds=[1, 2], out=in_tmp / "o", params=config.params)
+    same = plan(CompareConfig(splits=["seasonal"], config_files=[in_tmp / "best.yaml"], **tuned))
+    assert [c.key for c in same] == [c.key for c in cells]
+    for splits in (["iid"], ["iid", "seasonal"]):
+        with pytest.raises(ConfigError, match=r"config files set \['split'\]"):
+            plan(CompareConfig(splits=splits, config_files=[in_tmp / "best.yaml"], **tuned))
 
 
 @pytest.mark.parametrize(

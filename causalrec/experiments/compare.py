@@ -250,6 +250,9 @@ def cell_params(config: CompareConfig) -> dict[str, dict[str, Any]]:
                     f"{source}: {model}'s section sets {fixed}; every cell of a comparison shares "
                     f"one evaluator and the grid sets split/seed, so set them for all models"
                 )
+    if file_shared.get("split") is not None and list(config.splits) == [file_shared["split"]]:
+        # a tuned best.yaml names the split it was chosen on: agreeing with a one-split grid, it changes nothing
+        file_shared = {k: v for k, v in file_shared.items() if k != "split"}
     for source, shared in (("config files", file_shared), ("params", param_shared)):
         fixed = sorted(set(shared) & set(GRID_KEYS))
         if fixed:
