@@ -217,3 +217,19 @@ def test_no_save_leaves_no_stages_behind(tmp_path):
     )
     assert math.isfinite(result["test_result"]["ndcg@10"])
     assert not (tmp_path / "saved" / "stages").exists() and not list(tmp_path.rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["bpr", "lightgcn", "genrec", "sdporec", "causaldpo"])
+def test_shipped_tuned_configs_pass_the_preflight_for_their_model(name):
+    """tuning/tuned/retail-sim-seasonal/<model>.yaml (an equal-budget study's best.yaml) names its model in its
+    first line and holds only keys and values the preflight accepts for that model."""
+    from pathlib import Path
+
+    from causalrec.recbole.preflight import read_config_files, validate
+
+    path = Path(__file__).resolve().parents[1] / "tuning" / "tuned" / "retail-sim-seasonal" / f"{name}.yaml"
+    model = path.read_text().split("Optuna study '")[1].split("-")[0]
+    assert model.lower() == name
+    params = read_config_files([path])
+    assert params["split"] == "seasonal"
+    validate(model, "retail-sim", resolve_nulls(params))
