@@ -191,3 +191,24 @@ def test_validate_last_stage_only(in_tmp):
     assert calls == [(1, pytest.approx(result["best_valid_score"]))]
     with pytest.raises(CausalRecError, match="validate_stages"):
         causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, validate_stages="first"))
+
+
+def test_validate_best_stage_keeps_the_sft_model_when_the_preference_stage_validates_worse(in_tmp):
+    """validate_stages: best with a preference stage that lowers validation (learning rate 2e-2 on this tiny shop):
+    the run reports the SFT stage's validation and tests the SFT model, the same ranking GenRec's run gets from the
+    same (cached) SFT stage; with validate_stages: all the same preference stage is tested instead."""
+    harsh = dict(TINY, dpo_args=dict(TINY["dpo_args"], learning_rate=2e-2))
+    best = causalrec.run("SDPORec", "retail-sim", config_dict=dict(harsh, validate_stages="best"))
+    sft, sdpo = best["stages"]
+    assert sdpo["valid_score"] < sft["valid_score"]
+    assert sft["selected"] and "selected" not in sdpo
+    assert best["best_valid_score"] == pytest.approx(sft["valid_score"])
+    genrec = causalrec.run("GenRec", "retail-sim", config_dict=TINY)
+    assert genrec["stages"][0]["reused"] and genrec["best_valid_score"] == pytest.approx(sft["valid_score"])
+    assert best["test_result"] == pytest.approx(genrec["test_result"])
+    last = causalrec.run("SDPORec", "retail-sim", config_dict=dict(harsh, validate_stages="all"))
+    assert [s["reused"] for s in last["stages"]] == [True, True]
+    assert last["best_valid_score"] == pytest.approx(sdpo["valid_score"])
+    assert last["test_result"] != pytest.approx(best["test_result"])
+    with pytest.raises(CausalRecError, match="validate_stages: best reloads.*stage_cache: true"):
+        causalrec.run("SDPORec", "retail-sim", config_dict=dict(harsh, validate_stages="best", stage_cache=False))

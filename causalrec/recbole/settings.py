@@ -22,7 +22,7 @@ SFT_POSITIONS = ("last", "all")
 ENVIRONMENT_PRIORS = ("train", "uniform")
 ENVIRONMENT_INFERENCE = ("marginal", "observed")
 ENVIRONMENT_POSITIONS = ("first", "last", "each")
-VALIDATE_STAGES = ("all", "last")
+VALIDATE_STAGES = ("all", "last", "best")
 SEQUENCE_PATIENCE = 5  # sft_patience's value when unset, for sequence SFT (sft_positions: all)
 
 
@@ -103,7 +103,10 @@ class LLMRecommenderConfig:
     resume: bool = _key(False, "TRL stages write step checkpoints; an interrupted stage continues from its last one.")
     resume_save_steps: int = _key(100, "With resume, a step checkpoint every this many optimizer steps.", minimum=1)
     validate_stages: str = _key(
-        "all", "all: validate after every stage; last: after the final stage only.", choices=VALIDATE_STAGES
+        "all",
+        "all: validate after every stage; last: after the final stage only; best: after every stage, and keep the "
+        "stage that validates best (needs stage_cache).",
+        choices=VALIDATE_STAGES,
     )
 
     @classmethod

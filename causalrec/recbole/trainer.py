@@ -510,6 +510,27 @@ class LLMTrainer(Trainer):
             shutil.rmtree(work, ignore_errors=True)  # the finished stage replaces its step checkpoints
         return info
 
+    def _keep_best_stage(self, stages: list[_Stage]) -> tuple[float, dict]:
+        """``validate_stages: best``: reload the stage with the best validation score (the earliest on a tie) when
+        it is not the last one; marks it ``selected`` in ``stage_results`` and returns its validation."""
+        scores = [info["valid_score"] for info in self.stage_results]
+        sign = 1 if self.config["valid_metric_bigger"] else -1
+        best = max(range(len(scores)), key=lambda i: (sign * scores[i], -i))
+        chosen = self.stage_results[best]
+        chosen["selected"] = True
+        if best != len(stages) - 1:
+            load_stage(chosen["directory"], self.model.llm, key=stages[best].key)
+            self.model.to(self.device)
+            _log.info(
+                "validate_stages best: keeping stage %s (valid %s %.4f) over %s (%.4f)",
+                chosen["stage"],
+                self.valid_metric,
+                scores[best],
+                self.stage_results[-1]["stage"],
+                scores[-1],
+            )
+        return chosen["valid_score"], chosen["valid_result"]
+
     @staticmethod
     def _processes() -> tuple[int, int]:
         """``(rank, processes)`` of the training run; a launch of several processes without a process group is a
@@ -550,9 +571,9 @@ class LLMTrainer(Trainer):
     ):
         """Run SFT (and the model's alignment stage); returns ``(best_valid_score, best_valid_result)``.
 
-        The final model is the result (stages are not early-stopped against each other); it is validated
-        after every stage (after the last one only with ``validate_stages: last``) and saved to
-        ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
+        The final model is the result, validated after every stage (after the last one only with
+        ``validate_stages: last``), unless ``validate_stages: best`` keeps an earlier stage that validates better
+        (reloaded from the stage cache); the result is saved to ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
         are loaded, not trained. Under a multi-process launch only the main process validates (``callback_fn``
         included) and saves; the others return ``(None, None)``.
         """
@@ -611,6 +632,12 @@ class LLMTrainer(Trainer):
             from causalrec.errors import UnknownNameError
 
             raise UnknownNameError("validate_stages", validate, VALIDATE_STAGES)
+        if validate == "best" and not self._setting("stage_cache"):
+            from causalrec.errors import ConfigError
+
+            raise ConfigError(
+                "validate_stages: best reloads the chosen stage from the stage cache; set stage_cache: true"
+            )
         self.stage_results = []
         valid_score, valid_result = None, None
         for index, stage in enumerate(stages):
@@ -620,7 +647,7 @@ class LLMTrainer(Trainer):
             rows = stage.inputs["rows"]
             how = "loaded from the stage cache" if info["reused"] else f"trained in {info['train_seconds']:.1f}s"
             message = f"stage {stage.name}: {rows} training rows, {how}"
-            if valid_data and main and (validate == "all" or index == len(stages) - 1):
+            if valid_data and main and (validate != "last" or index == len(stages) - 1):
                 start = time.perf_counter()
                 valid_score, valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
                 info.update(valid_score=float(valid_score), valid_result=dict(valid_result))
@@ -631,6 +658,8 @@ class LLMTrainer(Trainer):
             if verbose:
                 self.logger.info(message)
             _log.debug(message)
+        if validate == "best" and valid_data and main:
+            valid_score, valid_result = self._keep_best_stage(stages)
         self.best_valid_score, self.best_valid_result = valid_score, valid_result
         self.cur_step = 0
         if saved and main:
