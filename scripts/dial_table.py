@@ -3,13 +3,18 @@
     python scripts/dial_table.py docs/results/retail-sim-dial docs/results/retail-sim-items/llm \
         docs/results/retail-sim-items/genrec-season docs/results/retail-sim-items/context
 
-Reads every ``cells/*.json`` under the given folders, keeps retail-sim seasonal cells of model seed 2020 whose
+Reads every ``cells/*.json`` under the given folders, keeps retail-sim seasonal cells of the model seeds asked for
+(``--model-seeds``, default 2020) whose
 settings are the defaults but for ``sim_confounding``, ``data_seed`` and the information class (``prompt_environment:
 season`` + ``environment_inference: observed`` -> "GenRec + season"; ``context_rerank: season`` -> "BPR + season"),
 and prints test NDCG@10 per confounding level: the mean over data seeds (± std where there are several) and
 CausalDPO's relative change against SDPORec and against GenRec + season, averaged over the data seeds that have both;
 then the trend of each relative change over the confounding level (least squares over the (level, data seed) points,
 scipy's ``linregress``: slope and two-sided p). ``--plot PATH`` also draws both (matplotlib).
+
+With several model seeds (``--model-seeds 2020,2021,2022``) a shop's value for a column is the mean over those
+seeds, and only the columns holding every one of them count: each (level, data seed) point then averages three
+training runs instead of resting on one.
 """
 
 from __future__ import annotations
@@ -31,28 +36,37 @@ CLASSES = {
 }
 
 
-def column(cell: dict) -> str | None:
-    """The table column of a cell, or None when it is not a default-settings dial cell."""
+def column(cell: dict, model_seeds: tuple[int, ...] = (2020,)) -> str | None:
+    """The table column of a cell, or None when it is not a default-settings dial cell of those model seeds."""
     params = cell["params"]
     extra = tuple(sorted((k, v) for k, v in params.items() if k not in IGNORED))
-    if extra not in CLASSES or cell["split"] != "seasonal" or cell["seed"] != 2020 or cell["status"] != "ok":
+    if extra not in CLASSES or cell["split"] != "seasonal" or cell["seed"] not in model_seeds or cell["status"] != "ok":
         return None
     name = cell["model"] + CLASSES[extra]
     return name if name in COLUMNS else None
 
 
-def collect(folders: list[str]) -> dict[tuple[float, int], dict[str, float]]:
-    """{(sim_confounding, data_seed): {column: test NDCG@10}}; the first folder holding a cell wins."""
-    table: dict[tuple[float, int], dict[str, float]] = defaultdict(dict)
+def collect(folders: list[str], model_seeds: tuple[int, ...] = (2020,)) -> dict[tuple[float, int], dict[str, float]]:
+    """{(sim_confounding, data_seed): {column: test NDCG@10, the mean over ``model_seeds``}}, keeping the columns
+    that hold every one of those seeds; the first folder holding a cell wins."""
+    runs: dict[tuple[float, int], dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for folder in folders:
         for path in sorted(Path(folder).rglob("cells/*.json")):
             cell = json.loads(path.read_text())
-            name = column(cell)
+            name = column(cell, model_seeds)
             if name is None:
                 continue
             key = (float(cell["params"].get("sim_confounding", 0.8)), int(cell["params"].get("data_seed", 2020)))
-            table[key].setdefault(name, cell["result"]["test_result"]["ndcg@10"])
-    return table
+            runs[key][name].setdefault(int(cell["seed"]), cell["result"]["test_result"]["ndcg@10"])
+    table = {
+        key: {
+            name: statistics.mean(by_seed.values())
+            for name, by_seed in cols.items()
+            if len(by_seed) == len(model_seeds)
+        }
+        for key, cols in runs.items()
+    }
+    return {key: cols for key, cols in table.items() if cols}
 
 
 def _mean(values: list[float]) -> str:
@@ -106,6 +120,9 @@ def trends(table) -> str:
     lines = []
     for baseline in ("SDPORec", "GenRec + season"):
         points = changes(table, baseline)
+        if len({c for c, _ in points}) < 2 or len(points) < 3:
+            lines.append(f"CausalDPO vs {baseline}: {len(points)} (level, data seed) points, too few for a trend")
+            continue
         fit = linregress([c for c, _ in points], [100 * d for _, d in points])
         lines.append(
             f"CausalDPO vs {baseline}: slope {fit.slope:+.1f} points of relative change per unit of confounding "
@@ -140,11 +157,14 @@ def plot(table, path: str) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    target = None
+    target, seeds = None, (2020,)
     if "--plot" in args:
         i = args.index("--plot")
         target, args = args[i + 1], args[:i] + args[i + 2 :]
-    found = collect(args)
+    if "--model-seeds" in args:
+        i = args.index("--model-seeds")
+        seeds, args = tuple(int(x) for x in args[i + 1].split(",")), args[:i] + args[i + 2 :]
+    found = collect(args, seeds)
     print(markdown(found))
     print()
     print(trends(found))
