@@ -1,0 +1,65 @@
+"""scripts/dial_table.py and scripts/arm_table.py: the docs' tables from compare cells, checked on hand-made cells."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import arm_table  # noqa: E402
+import dial_table  # noqa: E402
+
+
+def _cell(folder: Path, model: str, seed: int, ndcg: float, valid: float = 0.0, recovery=None, **params) -> None:
+    record = {
+        "model": model,
+        "split": "seasonal",
+        "seed": seed,
+        "status": "ok",
+        "params": {"num_threads": 1, "split": "seasonal", "seed": seed, **params},
+        "result": {
+            "test_result": {"ndcg@10": ndcg},
+            "best_valid_result": {"ndcg@10": valid},
+            "stages": [{"stage": "sft"}, {"stage": "x", "environment_recovery": recovery}],
+        },
+    }
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    (folder / "cells" / f"{model}-seasonal-seed{seed}-{abs(hash((model, seed, ndcg))):x}.json").write_text(
+        json.dumps(record)
+    )
+
+
+def test_dial_table_averages_the_model_seeds_and_keeps_only_complete_columns(tmp_path):
+    shop = dict(sim_confounding=1.0, data_seed=2021)
+    _cell(tmp_path, "CausalDPO", 2020, 0.10, **shop)
+    _cell(tmp_path, "CausalDPO", 2021, 0.12, **shop)
+    _cell(tmp_path, "SDPORec", 2020, 0.08, **shop)  # seed 2021 missing: left out with two model seeds
+    _cell(tmp_path, "SDPORec", 2021, 0.09, **shop, beta=2.0)  # not the defaults: not a dial cell
+    _cell(tmp_path, "GenRec", 2020, 0.09, prompt_environment="season", environment_inference="observed", **shop)
+    _cell(tmp_path, "GenRec", 2021, 0.11, prompt_environment="season", environment_inference="observed", **shop)
+    one = dial_table.collect([str(tmp_path)])
+    assert one == {(1.0, 2021): {"CausalDPO": 0.10, "SDPORec": 0.08, "GenRec + season": 0.09}}
+    both = dial_table.collect([str(tmp_path)], (2020, 2021))
+    assert both == {(1.0, 2021): {"CausalDPO": pytest.approx(0.11), "GenRec + season": pytest.approx(0.10)}}
+    assert dial_table.changes(both, "GenRec + season") == [(1.0, pytest.approx(0.11 / 0.10 - 1))]
+    assert "too few for a trend" in dial_table.trends(both)
+
+
+def test_arm_table_row_is_mean_and_sample_std_over_seeds_with_the_recovery_means(tmp_path):
+    recovery = [
+        {"nmi/region": 0.2, "ari/region": 0.1, "probe/region": 0.6, "chance/region": 0.3},
+        {"nmi/region": 0.4, "ari/region": 0.3, "probe/region": 0.8, "chance/region": 0.3},
+    ]
+    for seed, (test, valid, found) in enumerate(zip((0.10, 0.14), (0.2, 0.3), recovery), start=2020):
+        _cell(tmp_path, "CausalDPO", seed, test, valid, recovery=found)
+    row = arm_table.row("latent", str(tmp_path), "CausalDPO", "seasonal", "region")
+    std = statistics.stdev([0.10, 0.14])
+    assert row == (
+        f"| latent | 2 | 0.2500 ± {statistics.stdev([0.2, 0.3]):.4f} | 0.1200 ± {std:.4f} | "
+        "0.300 / 0.200 / 0.700 / 0.300 |"
+    )
+    assert arm_table.row("none", str(tmp_path), "SDPORec", "seasonal", "region") == "| none | 0 | – | – | – |"
