@@ -516,6 +516,20 @@ def test_per_model_sections_and_layering(in_tmp):
         )
     )
     assert faster[0].key != cells[0].key
+    # which validations run is bookkeeping; testing the stage that validates best is another model
+    stage_keys = {
+        v: plan(
+            CompareConfig(
+                models=["GenRec"],
+                splits=["seasonal"],
+                seeds=[1],
+                out=in_tmp / "o",
+                params={**config.params, "validate_stages": v},
+            )
+        )[0].key
+        for v in ("all", "last", "best")
+    }
+    assert stage_keys["all"] == stage_keys["last"] != stage_keys["best"]
     # a tuned best.yaml names its split: accepted where the grid runs that one split, and changes no key
     (in_tmp / "best.yaml").write_text((in_tmp / "cmp.yaml").read_text() + "split: seasonal\n")
     tuned = dict(models=["BPR", "SASRec"], seeds=[1, 2], out=in_tmp / "o", params=config.params)

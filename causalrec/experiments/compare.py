@@ -287,6 +287,8 @@ def _config_identity(model: str, dataset: str, params: dict[str, Any]) -> dict[s
     identity = {
         k: v for k, v in final.items() if k not in VOLATILE_KEYS and not (k in omitted and _at_default(v, omitted[k]))
     }
+    if final.get("validate_stages") == "best":  # all / last only choose which validations run; best picks the model
+        identity["validate_stages"] = "best"
     if final.get("prepared_dir"):  # <cache>/<dataset>/<hash16>/<dataset>: the prepared files' input hash
         identity["data_hash"] = Path(final["prepared_dir"]).parent.name
     identity["causalrec_version"] = causalrec.__version__
