@@ -10,25 +10,18 @@ values (seeds, then users within seed), Holm over all arguments, Cohen's d_z
 
 from __future__ import annotations
 
-import glob
-import json
 import sys
 
+import arm_table
 import numpy as np
+from arm_table import METRIC
 
 from causalrec.experiments.statistics import hierarchical_bootstrap, holm, paired_seed_test
 
-METRIC = "ndcg@10"
-
 
 def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:
-    out = {}
-    for path in glob.glob(f"{folder}/cells/{model}-{split}-seed*.json"):
-        with open(path) as fh:
-            cell = json.load(fh)
-        if cell.get("status") == "ok" and "cases" in cell:
-            out[cell["seed"]] = cell
-    return out
+    """The finished cells that kept their per-case values (a run's folder, not a published one), by seed."""
+    return {seed: cell for seed, cell in arm_table.finished_cells(folder, model, split).items() if "cases" in cell}
 
 
 def per_user(cell: dict) -> dict[str, float]:

@@ -471,7 +471,6 @@ def tune(model: str, dataset: str = "retail-sim", **kwargs):
 
 def run_study(cfg: TuneConfig):
     """``tune`` for a ``TuneConfig``."""
-
     from causalrec.experiments.compare import VOLATILE_KEYS
 
     space = cfg.load_space()

@@ -573,8 +573,8 @@ class LLMTrainer(Trainer):
 
         The final model is the result, validated after every stage (after the last one only with
         ``validate_stages: last``), unless ``validate_stages: best`` keeps an earlier stage that validates better
-        (reloaded from the stage cache); the result is saved to ``self.saved_model_file`` when ``saved``. Stages found in the stage cache
-        are loaded, not trained. Under a multi-process launch only the main process validates (``callback_fn``
+        (reloaded from the stage cache); the result is saved to ``self.saved_model_file`` when ``saved``. Stages
+        found in the stage cache are loaded, not trained. Under a multi-process launch only the main process validates (``callback_fn``
         included) and saves; the others return ``(None, None)``.
         """
         cache_dir = self._setting("stage_cache_dir")
