@@ -178,6 +178,12 @@ def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_dama
     assert left == f"BPR-{key()[:16]}{classical_trainer.SUFFIX}"
     assert key() == key(show_progress=True, eval_batch_size=128, checkpoint_dir=str(in_tmp / "elsewhere"))
     assert key() != key(learning_rate=0.01)
+    # A key added after a checkpoint was written, at its default, leaves the key as it was (the checkpoint
+    # resumes); set away from its default it is in the key.
+    before = _recbole_config(config)
+    del before.final_config_dict["history_environments"]
+    assert key() == classical_trainer.training_key(before, _trainer_class("BPR"))[0]
+    assert key() != key(history_environments=True)
 
     # Killed after training finished, during the test: the rerun trains nothing and gives the same result.
     _interrupt_after(monkeypatch, EPOCHS - 1, at_the_end=True)

@@ -277,26 +277,17 @@ def _config_identity(model: str, dataset: str, params: dict[str, Any]) -> dict[s
     """What a cell's result depends on: RecBole's final config without paths/devices, and the data's hash."""
     import causalrec
     from causalrec.recbole.quick_start import make_config
+    from causalrec.recbole.settings import without_late_defaults
 
     final = make_config(model, dataset, config_dict=params).final_config_dict
-    from causalrec.data.spec import KEY_OMITTED_AT_DEFAULT
-    from causalrec.recbole.settings import OMITTED_AT_DEFAULT
-
     # Keys added after cells were cached count only when set away from their default, so old cells stay valid.
-    omitted = {**KEY_OMITTED_AT_DEFAULT, **OMITTED_AT_DEFAULT}
-    identity = {
-        k: v for k, v in final.items() if k not in VOLATILE_KEYS and not (k in omitted and _at_default(v, omitted[k]))
-    }
+    identity = without_late_defaults({k: v for k, v in final.items() if k not in VOLATILE_KEYS})
     if final.get("validate_stages") == "best":  # all / last only choose which validations run; best picks the model
         identity["validate_stages"] = "best"
     if final.get("prepared_dir"):  # <cache>/<dataset>/<hash16>/<dataset>: the prepared files' input hash
         identity["data_hash"] = Path(final["prepared_dir"]).parent.name
     identity["causalrec_version"] = causalrec.__version__
     return identity
-
-
-def _at_default(value: Any, default: Any) -> bool:
-    return value == default or (isinstance(default, tuple) and list(value or []) == list(default))
 
 
 def plan(config: CompareConfig) -> list[Cell]:

@@ -114,7 +114,10 @@ def training_key(config, trainer_cls: type) -> tuple[str, dict[str, Any]]:
     """``(sha256 hex, inputs)``: what shapes the training of a classical model (see the module docstring)."""
     import importlib.metadata as md
 
-    values = {k: v for k, v in config.final_config_dict.items() if k not in _NOT_IN_KEY}
+    from causalrec.recbole.settings import without_late_defaults
+
+    # keys added later, at their default, stay out: a checkpoint written before them still resumes
+    values = without_late_defaults({k: v for k, v in config.final_config_dict.items() if k not in _NOT_IN_KEY})
     versions = {}
     for name in ("recbole", "torch"):
         try:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from causalrec.data.prompts import ENVIRONMENTS, NEGATIVE_STRATEGIES
+from causalrec.data.spec import KEY_OMITTED_AT_DEFAULT
 from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.llm.chat import CHAT_CHOICES
 from causalrec.llm.items import ITEM_REPRS
@@ -50,6 +51,18 @@ def _key(default: Any, help: str, **rules: Any) -> Any:
 # Keys added after published cells were cached: a cell's identity (``compare``) counts them only away from these
 # defaults, so the cells computed before them stay valid.
 OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0, "environment_position": None, "user_token": False}
+
+
+def without_late_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` less the keys added after results were keyed (run settings and data fields) that sit at their
+    default: a cell's identity and a classical run's last-epoch key both use it, so adding a key with a default
+    that reproduces the old behaviour orphans neither cached cells nor resumable checkpoints."""
+    omitted = {**KEY_OMITTED_AT_DEFAULT, **OMITTED_AT_DEFAULT}
+    return {k: v for k, v in values.items() if not (k in omitted and _at_default(v, omitted[k]))}
+
+
+def _at_default(value: Any, default: Any) -> bool:
+    return value == default or (isinstance(default, tuple) and list(value or []) == list(default))
 
 
 @dataclass(frozen=True)
