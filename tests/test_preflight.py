@@ -57,6 +57,7 @@ def cli(*args, cwd):
         ({"valid_metric": "NDCG@5"}, "the cut-off @5 is not in topk [10, 20]"),
         ({"metrics": ["Recall", "NDCGG"], "valid_metric": "Recall@10"}, "unknown metric 'NDCGG'"),
         ({"dpo_args": {"bogus": 1}}, "unknown CausalDPOConfig key(s) ['bogus']"),
+        ({"validate_stages": "best", "stage_cache": False}, "validate_stages: best reloads the chosen stage"),
     ],
 )
 def test_bad_settings_are_found_before_any_data(params, expected):

@@ -269,12 +269,13 @@ class _Settings(dict):
 def _stage_problems(model: str, settings: _Settings, params: Mapping[str, Any]) -> list[CausalRecError]:
     """Build the LLM model's TRL stage configs as training will (in a throw-away folder)."""
     from causalrec.recbole import stage_args
+    from causalrec.recbole.settings import validate_stages_problem
 
     model_cls = registry.model_class(model)
     if model_cls is None or not hasattr(model_cls, "alignment"):
         return []
     user = {k: params.get(k) for k in ("sft_args", "dpo_args")}
-    problems = []
+    problems = [p for p in [validate_stages_problem(settings["validate_stages"], settings["stage_cache"])] if p]
     with tempfile.TemporaryDirectory(prefix="causalrec-preflight-") as tmp:
         try:
             positions = resolve_sft_positions(settings["sft_positions"], settings["item_repr"])

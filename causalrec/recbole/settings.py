@@ -53,6 +53,13 @@ def _key(default: Any, help: str, **rules: Any) -> Any:
 OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0, "environment_position": None, "user_token": False}
 
 
+def validate_stages_problem(validate_stages: Any, stage_cache: Any) -> ConfigError | None:
+    """``validate_stages: best`` reloads the chosen stage from the stage cache: without one it cannot run."""
+    if validate_stages == "best" and not stage_cache:
+        return ConfigError("validate_stages: best reloads the chosen stage from the stage cache; set stage_cache: true")
+    return None
+
+
 def without_late_defaults(values: dict[str, Any]) -> dict[str, Any]:
     """``values`` less the keys added after results were keyed (run settings and data fields) that sit at their
     default: a cell's identity and a classical run's last-epoch key both use it, so adding a key with a default

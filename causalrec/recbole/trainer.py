@@ -40,7 +40,7 @@ from recbole.trainer import Trainer
 
 from causalrec.io import digest
 from causalrec.recbole import stage_args
-from causalrec.recbole.settings import SEQUENCE_PATIENCE, VALIDATE_STAGES
+from causalrec.recbole.settings import SEQUENCE_PATIENCE, VALIDATE_STAGES, validate_stages_problem
 from causalrec.training.loss_guard import guard_training_losses
 from causalrec.training.stage_cache import (
     STAGE_FORMAT,
@@ -632,12 +632,9 @@ class LLMTrainer(Trainer):
             from causalrec.errors import UnknownNameError
 
             raise UnknownNameError("validate_stages", validate, VALIDATE_STAGES)
-        if validate == "best" and not self._setting("stage_cache"):
-            from causalrec.errors import ConfigError
-
-            raise ConfigError(
-                "validate_stages: best reloads the chosen stage from the stage cache; set stage_cache: true"
-            )
+        problem = validate_stages_problem(validate, self._setting("stage_cache"))
+        if problem is not None:  # preflight reports it first; a trainer built directly still refuses
+            raise problem
         self.stage_results = []
         valid_score, valid_result = None, None
         for index, stage in enumerate(stages):
