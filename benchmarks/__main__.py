@@ -35,6 +35,10 @@ def _options(name: str, quick: bool, args) -> Any:
         opts.timeout_s = args.e2e_timeout
     if name == "e2e" and args.e2e_threads:
         opts.threads = args.e2e_threads
+    if name == "e2e":
+        opts.model = args.e2e_model or opts.model
+        opts.dataset = args.e2e_dataset or opts.dataset
+        opts.source = args.e2e_source or opts.source
     return opts
 
 
@@ -134,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="e2e: torch threads of the child (default: torch's own, all cores)",
+    )
+    parser.add_argument("--e2e-model", default=None, help="e2e: the model (default CausalDPO, the main command's)")
+    parser.add_argument("--e2e-dataset", default=None, help="e2e: the dataset (default retail-sim)")
+    parser.add_argument(
+        "--e2e-source", default=None, help="e2e: the dataset's file (e.g. ../shared/.../online_retail.csv.gz)"
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

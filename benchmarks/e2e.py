@@ -1,4 +1,5 @@
-"""End to end: the README's main command, ``causalrec run --model CausalDPO --dataset retail-sim``, as a child process.
+"""End to end: the README's main command, ``causalrec run --model CausalDPO --dataset retail-sim``, as a child process
+(or any model and dataset: ``--e2e-model``, ``--e2e-dataset``, ``--e2e-source`` for a dataset read from a file).
 
 Fresh temporary data cache, checkpoint dir and working directory, so nothing is reused (no prepared data, no
 stage cache): data preparation, SFT, CausalDPO, validation after each stage and the test evaluation all run.
@@ -20,7 +21,9 @@ from typing import Any
 from benchmarks.common import child_env, fmt, log_progress, md_table, mib, run_child
 
 NAME = "e2e"
-GOAL_SECONDS = 300.0
+# Wall-time goals on 2 cores: the README's main command (issue 2) and an Online Retail LLM cell on the whole
+# training split (issue 18); other datasets are reported, not judged.
+GOAL_SECONDS = {"retail-sim": 300.0, "online-retail": 900.0}
 # "stage sft: 1234 training rows, trained in 12.3s; valid NDCG@10 0.0123 in 4.5s"
 _STAGE_LINE = re.compile(
     r"stage (\w+): (\d+) training rows, (?:trained in ([\d.]+)s|loaded from the stage cache)"
@@ -33,6 +36,7 @@ class Options:
     model: str = "CausalDPO"
     dataset: str = "retail-sim"
     params: list[str] = field(default_factory=list)
+    source: str | None = None  # the dataset's file (online-retail, csv); not an "extra" param for the goal
     timeout_s: float = 3600.0
     threads: int | None = None  # torch threads of the child (OMP_NUM_THREADS); None: torch's default (all cores)
 
@@ -69,6 +73,8 @@ def command(opts: Options, tmp: Path) -> list[str]:
         "--output",
         str(tmp / "result.json"),
     ]
+    if opts.source:
+        cmd += ["--param", f"source={Path(opts.source).resolve()}"]
     for p in opts.params:
         cmd += ["--param", p]
     return cmd
@@ -104,16 +110,17 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     stages = parse_stages(child.output)
     accounted = sum((s["train_s"] or 0) + (s["valid_s"] or 0) for s in stages)
     ok = child.returncode == 0 and not child.timed_out
+    goal = GOAL_SECONDS.get(opts.dataset)
+    judged = goal is not None and not opts.params  # extra --params (e.g. --quick's) change the job: reported only
     return {
         "benchmark": NAME,
         "config": {**opts.__dict__, "command": shown},
         "goals": [
             {
-                "name": f"{opts.model} on {opts.dataset} end to end" + (" (quick params)" if opts.params else ""),
-                "target": f"< {GOAL_SECONDS:g} s",
+                "name": f"{opts.model} on {opts.dataset} end to end" + (" (extra params)" if opts.params else ""),
+                "target": f"< {goal:g} s" if goal is not None else "(reported)",
                 "measured": child.wall_s if ok else None,
-                # judged for the README command only; with extra --params (e.g. --quick's) just reported
-                "passed": ((child.wall_s < GOAL_SECONDS) if not opts.params else None) if ok else False,
+                "passed": ((child.wall_s < goal) if judged else None) if ok else False,
             }
         ],
         "results": {

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout root holds benchmarks/
 
 from benchmarks import __main__ as bench_main  # noqa: E402
-from benchmarks import dpo_step, e2e, grounding, prepare, ranking  # noqa: E402
+from benchmarks import common, dpo_step, e2e, grounding, prepare, ranking  # noqa: E402
 from benchmarks.common import rss_peak_delta_bytes, run_child, tensor_peak_bytes  # noqa: E402
 
 torch.set_num_threads(1)
@@ -129,6 +129,33 @@ def test_e2e_stage_lines_are_parsed():
     cmd = e2e.command(e2e.Options(params=["epochs=1"]), Path("/t"))
     assert cmd[1:6] == ["-m", "causalrec", "run", "--model", "CausalDPO"] and cmd[-2:] == ["--param", "epochs=1"]
     assert "checkpoint_dir=/t/saved" in cmd and "data_cache_dir=/t/cache" in cmd
+
+
+@pytest.mark.parametrize(
+    "dataset, params, wall_s, target, passed",
+    [
+        ("retail-sim", [], 299.0, "< 300 s", True),
+        ("online-retail", [], 899.0, "< 900 s", True),  # issue 18's goal for an Online Retail LLM cell
+        ("online-retail", [], 901.0, "< 900 s", False),
+        ("online-retail", ["epochs=1"], 10.0, "< 900 s", None),  # another job: reported, not judged
+        ("csv", [], 10.0, "(reported)", None),
+    ],
+)
+def test_e2e_goal_is_the_datasets_and_the_source_is_not_an_extra_param(
+    monkeypatch, tmp_path, dataset, params, wall_s, target, passed
+):
+    seen = {}
+
+    def fake_child(cmd, **kwargs):
+        seen["cmd"] = cmd
+        return common.ChildResult(returncode=0, wall_s=wall_s, peak_rss_bytes=0, output="")
+
+    monkeypatch.setattr(e2e, "run_child", fake_child)
+    (tmp_path / "shop.csv").write_text("x")
+    opts = e2e.Options(dataset=dataset, params=params, source=str(tmp_path / "shop.csv"))
+    (goal,) = e2e.run(opts)["goals"]
+    assert (goal["target"], goal["passed"]) == (target, passed)
+    assert f"source={tmp_path / 'shop.csv'}" in seen["cmd"]
 
 
 def test_prepare_without_the_shared_data_is_skipped_with_a_message(tmp_path):
