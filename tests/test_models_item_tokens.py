@@ -157,6 +157,35 @@ def test_history_shuffles_add_reordered_copies_of_every_sft_row(in_tmp):
         causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", history_shuffles=-1))
 
 
+def test_sft_vrex_trains_its_own_sft_stage_with_the_penalty_over_the_rows_regions(in_tmp, monkeypatch):
+    """``sft_vrex`` > 0: sequence SFT through ``InvariantSFTTrainer`` with one environment per region of the rows,
+    under its own stage key (another model); at 0 the plain stage is reused and a compare cell's identity does not
+    contain the keys."""
+    import causalrec.training.sft as sft
+    from causalrec.experiments.compare import _config_identity
+
+    seen = {}
+    original = sft.InvariantSFTTrainer.__init__
+
+    def spy(self, *args, n_environments, lambda_inv, **kwargs):
+        seen.update(n=n_environments, weight=lambda_inv, labels=sorted(set(kwargs["train_dataset"]["environment"])))
+        original(self, *args, n_environments=n_environments, lambda_inv=lambda_inv, **kwargs)
+
+    monkeypatch.setattr(sft.InvariantSFTTrainer, "__init__", spy)
+    plain = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id"))
+    zero = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", sft_vrex=0.0))
+    assert zero["stages"][0]["reused"] and not seen
+    vrex = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", sft_vrex=5.0))
+    sim_regions = 4  # retail-sim's default sim_regions
+    assert seen == {"n": sim_regions, "weight": 5.0, "labels": list(range(sim_regions))}
+    assert not vrex["stages"][0]["reused"] and vrex["stages"][0]["key"] != plain["stages"][0]["key"]
+    assert vrex["test_result"] != plain["test_result"]
+    assert "sft_vrex" not in _config_identity("GenRec", "retail-sim", {"sft_vrex": 0.0})
+    assert _config_identity("GenRec", "retail-sim", {"sft_vrex": 5.0})["sft_vrex"] == 5.0
+    with pytest.raises(CausalRecError, match="sft_vrex"):
+        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", sft_vrex=-1.0))
+
+
 def test_environment_position_without_an_environment_reuses_the_same_sft_stage(in_tmp):
     # the position only places an environment; with none in the prompt it must not split the stage cache (a tuning
     # space crossing it with prompt_environment: null would otherwise train the same SFT model twice)

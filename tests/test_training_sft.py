@@ -102,3 +102,60 @@ def test_checkpoint_and_resume_reproduce_an_uninterrupted_run(tmp_path):
     assert resumed.state.global_step == 6
     for (name, p), (_, q) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(p, q, msg=name)
+
+
+# ------------------------------------------------------------------------------ sft_vrex
+ENVS = [0, 0, 1, 1]
+
+
+def _invariant(tmp_path, lambda_inv):
+    from causalrec.training import InvariantSFTTrainer
+
+    tok = tiny_tokenizer()
+    data = _dataset().add_column("environment", ENVS)
+    args = _args(tmp_path, max_steps=1, per_device_train_batch_size=4)
+    trainer = InvariantSFTTrainer(
+        model=tiny_model(tok),
+        args=args,
+        train_dataset=data,
+        processing_class=tok,
+        n_environments=2,
+        lambda_inv=lambda_inv,
+    )
+    return trainer, tok
+
+
+def test_vrex_sft_loss_is_the_sft_loss_plus_the_variance_of_the_environments_mean_row_losses(tmp_path):
+    """Against a hand computation from one plain forward per row: TRL's loss is the token mean over the batch; each
+    row's risk is its mean target-token NLL, each environment's the mean of its rows; V-REx their variance."""
+    trainer, tok = _invariant(tmp_path, lambda_inv=3.0)
+    trainer.model.eval()  # no dropout in the tiny Llama anyway; the forward is deterministic
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    assert batch["environment"].tolist() == ENVS
+    got = trainer.compute_loss(trainer.model, dict(batch)).item()
+
+    nll, tokens = [], []
+    for h, t in zip(HISTORIES, TARGETS):
+        nll.append(-completion_logp(trainer.model, tok, FMT.prompt(h), completion_text(t)))
+        tokens.append(len(tok(completion_text(t)).input_ids) + 1)  # + EOS
+    base = sum(nll) / sum(tokens)
+    rows = [n / k for n, k in zip(nll, tokens)]
+    risks = [(rows[0] + rows[1]) / 2, (rows[2] + rows[3]) / 2]
+    variance = ((risks[0] - risks[1]) / 2) ** 2
+    assert variance > 1e-4, "the check needs environments whose risks differ"
+    assert got == pytest.approx(base + 3.0 * variance, rel=1e-5)
+
+    plain, _ = _invariant(tmp_path / "plain", lambda_inv=0.0)
+    assert plain.compute_loss(plain.model, dict(batch)).item() == pytest.approx(base, rel=1e-5)
+
+
+def test_vrex_sft_trains_and_a_batch_of_one_environment_has_no_penalty(tmp_path):
+    trainer, _ = _invariant(tmp_path, lambda_inv=1.0)
+    one = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])  # both of environment 0
+    plain, _ = _invariant(tmp_path / "plain", lambda_inv=0.0)
+    assert trainer.compute_loss(trainer.model, dict(one)).item() == pytest.approx(
+        plain.compute_loss(plain.model, dict(one)).item(), rel=1e-6
+    )
+    result = trainer.train()
+    assert result.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+    assert any("vrex_penalty" in entry for entry in trainer.state.log_history), "the penalty is logged"

@@ -50,7 +50,13 @@ def _key(default: Any, help: str, **rules: Any) -> Any:
 
 # Keys added after published cells were cached: a cell's identity (``compare``) counts them only away from these
 # defaults, so the cells computed before them stay valid.
-OMITTED_AT_DEFAULT: dict[str, Any] = {"history_shuffles": 0, "environment_position": None, "user_token": False}
+OMITTED_AT_DEFAULT: dict[str, Any] = {
+    "history_shuffles": 0,
+    "environment_position": None,
+    "user_token": False,
+    "sft_vrex": 0.0,
+    "sft_env_source": "region",
+}
 
 
 def validate_stages_problem(validate_stages: Any, stage_cache: Any) -> ConfigError | None:
@@ -113,6 +119,12 @@ class LLMRecommenderConfig:
         0, "SFT also on this many random orders of each row's items (order augmentation); 0: time order.", minimum=0
     )
     user_token: bool = _key(False, "Each customer's own added token first in every prompt (a per-user embedding).")
+    sft_vrex: float = _key(
+        0.0, "Weight of a V-REx penalty in SFT (variance of the per-environment SFT risks); 0: none.", minimum=0.0
+    )
+    sft_env_source: str = _key(
+        "region", "The row label sft_vrex groups rows by (a sequence window: its answer's).", choices=ENVIRONMENTS
+    )
     negative_strategy: str = _key("popularity", "How rejected items are drawn.", choices=NEGATIVE_STRATEGIES)
     dpo_max_samples: int | None = _key(4096, "At most this many rows for the preference stage; None: all.", minimum=1)
     rank_batch_size: int | None = _key(

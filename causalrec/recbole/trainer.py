@@ -317,6 +317,7 @@ class LLMTrainer(Trainer):
 
         from causalrec.training import sft_dataset
         from causalrec.training.records import sft_sequence_dataset
+        from causalrec.training.sft import ENVIRONMENT_COLUMN, InvariantSFTTrainer
 
         model = self.model
         if model.sft_positions == "all":
@@ -328,13 +329,23 @@ class LLMTrainer(Trainer):
             stopper = _epoch_validation(
                 lambda: self._valid_epoch(valid_data)[0], patience, bool(self.config["valid_metric_bigger"])
             )
-        trainer = SFTTrainer(
+        common = dict(
             model=model.llm,
             args=args,
-            train_dataset=data,
             processing_class=model.tokenizer,
             callbacks=[stopper] if stopper else None,
         )
+        vrex = float(self.config["sft_vrex"] or 0.0)
+        if vrex > 0:  # the rows' environments ride along as a column that the penalty reads
+            source = self.config["sft_env_source"]
+            names = sorted({getattr(r, source) for r in records})
+            if len(names) < 2:
+                _log.warning("sft_vrex: the SFT rows have one %s (%s); the penalty is zero", source, names)
+            labels = [names.index(getattr(r, source)) for r in records]
+            data = data.add_column(ENVIRONMENT_COLUMN, labels)
+            trainer = InvariantSFTTrainer(**common, train_dataset=data, n_environments=len(names), lambda_inv=vrex)
+        else:
+            trainer = SFTTrainer(**common, train_dataset=data)
         guard_training_losses(trainer, "SFT")
         result = trainer.train(resume_from_checkpoint=resume_from)
         if stopper is not None:
@@ -607,6 +618,8 @@ class LLMTrainer(Trainer):
             }
         if processes > 1:  # N processes train on N times the global batch: other weights than one process
             sft_inputs["processes"] = processes
+        if float(self.config["sft_vrex"] or 0.0) > 0:  # absent at 0, so plain SFT stages keep their keys
+            sft_inputs["vrex"] = {"weight": float(self.config["sft_vrex"]), "env": self.config["sft_env_source"]}
         sft_key = digest(sft_inputs)
         stages = [
             _Stage(

@@ -15,9 +15,10 @@ from causalrec.training.environments import EnvironmentModel
 from causalrec.training.records import PreferenceRecord, preference_dataset, sft_dataset
 from causalrec.training.sdpo_config import SDPOConfig
 from causalrec.training.sdpo_trainer import DataCollatorForMultiPreference, SDPOTrainer, make_preference_dataset
-from causalrec.training.sft import build_sft_config, make_sft_dataset, run_sft
+from causalrec.training.sft import InvariantSFTTrainer, build_sft_config, make_sft_dataset, run_sft
 
 __all__ = [
+    "InvariantSFTTrainer",
     "CausalDPOConfig",
     "CausalDPOTrainer",
     "DataCollatorForMultiPreference",

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+import torch
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -120,3 +121,83 @@ def run_sft(
         )
     logger.info("SFT finished: %d steps, training loss %.4f", trainer.state.global_step, result.training_loss)
     return trainer
+
+
+# ------------------------------------------------------------------------------ invariance in SFT
+ENVIRONMENT_COLUMN = "environment"
+
+
+class InvariantSFTTrainer(SFTTrainer):
+    """TRL's SFT with a V-REx penalty: ``loss = SFT loss + lambda_inv * Var_e(R_e)``, where ``R_e`` is the mean, over
+    the batch's rows of environment ``e``, of each row's mean target-token NLL, and the variance runs over the
+    environments present in the batch (``causalrec.training.environments``).
+
+    The train dataset carries an integer ``environment`` column (0..n_environments-1); the collator passes it
+    through and the loss consumes it. The SFT loss itself is TRL's, computed by TRL's own forward (recorded, not
+    repeated), so ``lambda_inv = 0`` trains exactly as ``SFTTrainer``. Rows are needed one per sequence: packing
+    and padding-free batches are refused."""
+
+    def __init__(self, *args, n_environments: int, lambda_inv: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.packing or self.args.padding_free:
+            raise ConfigError("sft_vrex needs one row per sequence: turn off packing and padding_free in sft_args")
+        if ENVIRONMENT_COLUMN not in self.train_dataset.column_names:
+            raise DataError(f"InvariantSFTTrainer's train dataset needs an integer {ENVIRONMENT_COLUMN!r} column")
+        self.n_environments, self.lambda_inv = int(n_environments), float(lambda_inv)
+        self.data_collator = _KeepEnvironment(self.data_collator)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if ENVIRONMENT_COLUMN not in self._signature_columns:  # else Trainer drops the column as unused
+            self._signature_columns = [*self._signature_columns, ENVIRONMENT_COLUMN]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from causalrec.training.environments import active_environments, environment_risks, label_assign, vrex_penalty
+
+        labels = inputs.pop(ENVIRONMENT_COLUMN, None)
+        if labels is None:  # rows without labels (an evaluation set): plain SFT loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        recorder = _FirstOutputs(model)
+        result = super().compute_loss(recorder, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        out = recorder.outputs
+        tokens = out.label_mask.sum(dim=-1)
+        rows = tokens > 0
+        per_row = -out.log_probs.sum(dim=-1)[rows] / tokens[rows]
+        q = label_assign(labels.to(per_row.device)[rows], self.n_environments)
+        penalty = vrex_penalty(environment_risks(per_row, q), active_environments(q))
+        if num_items_in_batch is not None:  # TRL's loss is then a share of the accumulated batch: so is this
+            penalty = penalty / self.current_gradient_accumulation_steps
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["vrex_penalty"].append(float(penalty.detach()))
+        loss = loss + self.lambda_inv * penalty
+        return (loss, result[1]) if return_outputs else loss
+
+
+class _FirstOutputs:
+    """Calls the model and keeps the outputs of its first call (TRL's fused forward, with per-token log-probs)."""
+
+    def __init__(self, model):
+        self.model, self.outputs = model, None
+
+    def __call__(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        if self.outputs is None:
+            self.outputs = out
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # anything else TRL asks of the model
+        return getattr(self.model, name)
+
+
+class _KeepEnvironment:
+    """TRL's collator, plus the rows' ``environment`` labels as a tensor (TRL's collator keeps only its fields)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        labels = [int(e[ENVIRONMENT_COLUMN]) for e in examples]
+        batch = self.collator([{k: v for k, v in e.items() if k != ENVIRONMENT_COLUMN} for e in examples])
+        batch[ENVIRONMENT_COLUMN] = torch.tensor(labels, dtype=torch.long)
+        return batch
