@@ -199,3 +199,25 @@ def test_promotion_plants_a_regional_line_in_training_histories_that_stops_after
     assert DataSpec(sim_promotion=0.5).key_fields()["sim_promotion"] == 0.5
     with pytest.raises(ConfigError, match=r"sim_promotion must be a number in \[0, 1\]"):
         DataSpec(sim_promotion=1.5)
+
+
+def test_promotion_months_confine_the_promotion_to_those_months():
+    """sim_promotion_months [6, 7, 8]: the promoted lines rise in summer only, so the training months disagree about
+    them; the default months stay out of the cache key, other months are in it, and bad months are refused."""
+    spec = DataSpec(split="seasonal", seed=2020, sim_promotion=1.0, sim_promotion_months=["jun", 7, 8])
+    assert spec.sim_promotion_months == (6, 7, 8)
+    result, base = simulate(spec), simulate(DataSpec(split="seasonal", seed=2020))
+    table = result.region_promotion
+
+    def promoted_share(frame, months):
+        own = frame["category"].to_numpy() == frame["region"].map(table["category"]).to_numpy()
+        return own[np.isin(months_of(frame["timestamp"]), months)].mean()
+
+    summer, spring = (6, 7, 8), (1, 2, 3, 4, 5)
+    assert promoted_share(result.frame, summer) - promoted_share(base.frame, summer) > 0.1
+    assert abs(promoted_share(result.frame, spring) - promoted_share(base.frame, spring)) < 0.01
+    assert "sim_promotion_months" not in DataSpec(sim_promotion=1.0).key_fields()
+    assert spec.key_fields()["sim_promotion_months"] == [6, 7, 8]
+    for bad in ([13], []):
+        with pytest.raises(ConfigError, match="sim_promotion_months"):
+            DataSpec(sim_promotion=1.0, sim_promotion_months=bad)

@@ -59,6 +59,7 @@ KEY_OMITTED_AT_DEFAULT: dict[str, Any] = {
     "sim_season_exclusive": False,
     "sim_promotion": 0.0,
     "history_environments": False,
+    "sim_promotion_months": (1, 2, 3, 4, 5, 6, 7, 8),
 }
 
 MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -147,6 +148,8 @@ class DataSpec:
             the test season's Christmas and Halloween lines are never bought in training).
         sim_promotion: 0 (default) to 1: each region promotes one evergreen category from January to August,
             more strongly in later regions, and none afterwards (a planted spurious feature; datasets/retail-sim.md).
+        sim_promotion_months: the months with promotions (default January-August, every training month of the
+            seasonal split); fewer make training periods that disagree about the promoted lines.
     csv (bring your own table):
         csv_user, csv_item, csv_time: column names; csv_region: optional region/store column;
         csv_text: item-text column(s), joined with a space (None: the item id is the text);
@@ -195,6 +198,7 @@ class DataSpec:
     sim_repeat: float = 0.2
     sim_season_exclusive: bool = False
     sim_promotion: float = 0.0
+    sim_promotion_months: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
     # csv
     csv_user: str = "user_id"
     csv_item: str = "item_id"
@@ -240,6 +244,9 @@ class DataSpec:
         for key in ("sim_confounding", "sim_repeat", "sim_promotion"):
             _ratio(key, getattr(self, key), open_low=False, open_high=key == "sim_repeat")
         self.sim_promotion = float(self.sim_promotion)
+        self.sim_promotion_months = _months("sim_promotion_months", self.sim_promotion_months)
+        if self.sim_promotion_months is None:
+            raise ConfigError("sim_promotion_months must list at least one month (sim_promotion: 0 for none)")
         if self.test_ratio + self.valid_ratio >= 1:
             raise ConfigError(
                 f"test_ratio + valid_ratio must be < 1 (a training period must remain); "

@@ -17,7 +17,7 @@ Generative story (one calendar year, ``SIM_YEAR``):
   them, whatever ``c``): on the seasonal split the test season's Christmas and Halloween lines are never bought
   in training, exposure no training row shows (as a shop's new seasonal lines);
 * with ``sim_promotion = s > 0`` (a planted spurious feature, issue 22 point 5d), region ``r`` of ``R`` promotes one
-  evergreen category from January to August (the seasonal split's training months) with strength
+  evergreen category from January to August (the seasonal split's training months; ``sim_promotion_months``) with strength
   ``PROMOTION_STRENGTH * s * (r + 1) / R`` added to its items' log exposure there: each region's customers fill
   their histories with its promoted line, at a strength that differs by region, and every promotion has ended by
   the validation and test months. A history's promoted items predict the next purchase in training through
@@ -41,7 +41,6 @@ from causalrec.errors import ConfigError
 SIM_YEAR = 2023
 SEASON_STRENGTH, STOCK_STRENGTH, FASHION_STRENGTH = 2.0, 2.0, 1.0
 PROMOTION_STRENGTH = 3.0
-PROMOTION_MONTHS = (1, 2, 3, 4, 5, 6, 7, 8)
 # Shopping volume by month: the pre-Christmas peak of a gift shop (Online Retail shows the same shape).
 MONTH_VOLUME = np.array([0.8, 0.7, 0.8, 0.8, 0.85, 0.85, 0.9, 0.85, 1.1, 1.3, 1.6, 1.2])
 REGION_NAMES = ("north", "south", "east", "west", "central", "coast", "highlands", "islands")
@@ -151,7 +150,7 @@ class SimResult:
         item_fashion_peak: month a fashion item peaks (0 for items without fashion).
         category_months: peak months of each seasonal category (empty for evergreen ones).
         item_on_sale: items x months 1-12, False where ``sim_season_exclusive`` takes the item off sale.
-        region_promotion: per region, the promoted category and its log-exposure boost in ``PROMOTION_MONTHS``
+        region_promotion: per region, the promoted category and its log-exposure boost in ``sim_promotion_months``
             (boost 0 everywhere without ``sim_promotion``).
         regions, categories: names.
     """
@@ -246,7 +245,7 @@ def simulate(spec: DataSpec) -> SimResult:
         + FASHION_STRENGTH * fashion[:, None, :]
     )
     promoted, boost = _promotions(cats, n_regions, float(spec.sim_promotion))
-    in_promotion = np.isin(months, PROMOTION_MONTHS)
+    in_promotion = np.isin(months, spec.sim_promotion_months)
     log_w += (item_cat[:, None] == promoted[None, :])[:, :, None] * boost[None, :, None] * in_promotion[None, None, :]
     w = np.exp(log_w) * on_sale[:, None, :]
     cat_w = np.stack([w[item_cat == k].sum(axis=0) for k in range(n_cat)])  # [cats, regions, 12]
