@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import arm_table  # noqa: E402
 import dial_table  # noqa: E402
+import promotion_reliance as pr  # noqa: E402
 
 
 def _cell(folder: Path, model: str, seed: int, ndcg: float, valid: float = 0.0, recovery=None, **params) -> None:
@@ -63,3 +64,35 @@ def test_arm_table_row_is_mean_and_sample_std_over_seeds_with_the_recovery_means
         "0.300 / 0.200 / 0.700 / 0.300 |"
     )
     assert arm_table.row("none", str(tmp_path), "SDPORec", "seasonal", "region") == "| none | 0 | – | – | – |"
+
+
+def test_promotion_reliance_counts_the_cases_own_regions_line(in_tmp):
+    """scripts/promotion_reliance.py on a small promoted shop's real validation loader: a scorer that ranks the case's
+    region's promoted line first fills the top-1 with it, one that ranks it last never shows it, and the share of
+    targets on the line equals a count over the prepared validation file."""
+    import pandas as pd
+    import torch
+
+    from causalrec.recbole.quick_start import build
+
+    shop = {"sim_users": 150, "sim_items": 200, "sim_promotion": 1.0, "show_progress": False, "split": "seasonal"}
+    config, _, (_, valid, _) = build("GRU4Rec", "retail-sim", config_dict=shop, saved=False)  # a sequential loader
+    promoted, category = pr.promoted_items(config)
+    assert len(promoted) == 4 and all(promoted.values())
+    dataset = valid._dataset
+    items = dataset.id2token("item_id", list(range(1, dataset.item_num)))
+
+    def scorer(sign):
+        def score(interaction):
+            regions = dataset.id2token("region", interaction["region"].numpy())
+            on_line = [[0.0] + [float(item in promoted[r]) for item in items] for r in regions]
+            return sign * torch.tensor(on_line) + torch.rand(len(regions), dataset.item_num) * 1e-3
+
+        return score
+
+    follow, avoid = pr.shares(scorer(1.0), valid, promoted, k=1), pr.shares(scorer(-1.0), valid, promoted, k=10)
+    assert follow["top"] == 1.0 and avoid["top"] == 0.0
+    rows = pd.read_csv(Path(config["data_path"]) / "retail-sim.seq_valid.inter", sep="\t")
+    expected = sum(t in promoted[r] for t, r in zip(rows["item_id:token"], rows["region:token"])) / len(rows)
+    assert follow["cases"] == len(rows) and follow["truth"] == pytest.approx(expected)
+    assert 0 < expected < 1
