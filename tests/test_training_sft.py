@@ -149,6 +149,36 @@ def test_vrex_sft_loss_is_the_sft_loss_plus_the_variance_of_the_environments_mea
     assert plain.compute_loss(plain.model, dict(batch)).item() == pytest.approx(base, rel=1e-5)
 
 
+def test_vrex_sft_refuses_batches_and_losses_it_cannot_split_by_row(tmp_path):
+    from causalrec.errors import ConfigError
+    from causalrec.training import InvariantSFTTrainer
+
+    tok = tiny_tokenizer()
+    data = _dataset().add_column("environment", ENVS)
+    for bad, match in (
+        ({"padding_free": True, "max_length": None}, "padding_free"),
+        ({"label_smoothing_factor": 0.1}, "label_smoothing"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            InvariantSFTTrainer(
+                model=tiny_model(tok),
+                args=_args(tmp_path, max_steps=1, **bad),
+                train_dataset=data,
+                processing_class=tok,
+                n_environments=2,
+                lambda_inv=1.0,
+            )
+    with pytest.raises(DataError, match="environment"):
+        InvariantSFTTrainer(
+            model=tiny_model(tok),
+            args=_args(tmp_path, max_steps=1),
+            train_dataset=_dataset(),
+            processing_class=tok,
+            n_environments=2,
+            lambda_inv=1.0,
+        )
+
+
 def test_vrex_sft_trains_and_a_batch_of_one_environment_has_no_penalty(tmp_path):
     trainer, _ = _invariant(tmp_path, lambda_inv=1.0)
     one = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])  # both of environment 0

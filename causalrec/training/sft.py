@@ -141,6 +141,9 @@ class InvariantSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         if self.args.packing or self.args.padding_free:
             raise ConfigError("sft_vrex needs one row per sequence: turn off packing and padding_free in sft_args")
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            # those paths score the rows without the per-token log-probabilities the penalty is built from
+            raise ConfigError("sft_vrex needs TRL's own SFT loss: unset label_smoothing_factor in sft_args")
         if ENVIRONMENT_COLUMN not in self.train_dataset.column_names:
             raise DataError(f"InvariantSFTTrainer's train dataset needs an integer {ENVIRONMENT_COLUMN!r} column")
         self.n_environments, self.lambda_inv = int(n_environments), float(lambda_inv)
