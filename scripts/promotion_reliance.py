@@ -24,15 +24,15 @@ import torch
 LLM_MODELS = {"GenRec", "SDPORec", "CausalDPO"}
 
 
-def promoted_items(config) -> tuple[dict[str, set[str]], dict[str, str]]:
-    """Per region, the raw ids of its promoted line's items; and each item's category (the simulation's truth)."""
+def promoted_items(config) -> dict[str, set[str]]:
+    """Per region, the raw ids of its promoted line's items (the simulation's truth)."""
     from causalrec.data.sources.retail_sim import simulate
     from causalrec.data.spec import DataSpec
 
     truth = simulate(DataSpec.from_mapping(dict(config.final_config_dict)))
     category = truth.item_category.to_dict()
     line = truth.region_promotion["category"].to_dict()
-    return {r: {i for i, c in category.items() if c == line[r]} for r in line}, category
+    return {r: {i for i, c in category.items() if c == line[r]} for r in line}
 
 
 def reliance(cell: dict, split: str = "valid", k: int = 10) -> dict[str, float]:
@@ -48,7 +48,7 @@ def reliance(cell: dict, split: str = "valid", k: int = 10) -> dict[str, float]:
         )
         trainer.fit(train, valid, saved=False, show_progress=False)
         model = trainer.model.eval()
-        promoted, _ = promoted_items(config)
+        promoted = promoted_items(config)
         return shares(
             lambda batch: model.full_sort_predict(batch.to(model.device)),
             valid if split == "valid" else test,
@@ -90,20 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     if models - LLM_MODELS:  # a classical model is not in the stage cache: rebuilding it would train it again
         parser.error(f"--models takes {sorted(LLM_MODELS)}; got {sorted(models - LLM_MODELS)}")
     for folder in args.folders:
-        shares = []
+        tops = []
         for path in sorted((folder / "cells").glob("*.json")):
             cell = json.loads(path.read_text())
             if cell.get("status") != "ok" or cell["model"] not in models:
                 continue
             found = reliance(cell, args.split)
-            shares.append(found["top"])
+            tops.append(found["top"])
             print(
                 f"{folder} {cell['model']} seed {cell['seed']}: top-10 on the promoted line {found['top']:.3f}, "
                 f"true next purchases {found['truth']:.3f} ({found['cases']} {args.split} cases)",
                 flush=True,
             )
-        if shares:
-            print(f"{folder}: mean {statistics.mean(shares):.3f} over {len(shares)} cells", flush=True)
+        if tops:
+            print(f"{folder}: mean {statistics.mean(tops):.3f} over {len(tops)} cells", flush=True)
     return 0
 
 

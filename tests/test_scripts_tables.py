@@ -77,7 +77,7 @@ def test_promotion_reliance_counts_the_cases_own_regions_line(in_tmp):
 
     shop = {"sim_users": 150, "sim_items": 200, "sim_promotion": 1.0, "show_progress": False, "split": "seasonal"}
     config, _, (_, valid, _) = build("GRU4Rec", "retail-sim", config_dict=shop, saved=False)  # a sequential loader
-    promoted, category = pr.promoted_items(config)
+    promoted = pr.promoted_items(config)
     assert len(promoted) == 4 and all(promoted.values())
     dataset = valid._dataset
     items = dataset.id2token("item_id", list(range(1, dataset.item_num)))

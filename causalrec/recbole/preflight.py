@@ -36,7 +36,7 @@ from causalrec.errors import CausalRecError, ConfigError, DataError, PreflightEr
 from causalrec.io import literal_value, load_yaml, read_yaml_file
 from causalrec.recbole import plugin as registry
 from causalrec.recbole import protocol
-from causalrec.recbole.settings import LLMRecommenderConfig, resolve_sft_positions
+from causalrec.recbole.settings import LLMRecommenderConfig, resolve_sft_positions, validate_stages_problem
 
 
 @lru_cache(maxsize=1)
@@ -269,7 +269,6 @@ class _Settings(dict):
 def _stage_problems(model: str, settings: _Settings, params: Mapping[str, Any]) -> list[CausalRecError]:
     """Build the LLM model's TRL stage configs as training will (in a throw-away folder)."""
     from causalrec.recbole import stage_args
-    from causalrec.recbole.settings import validate_stages_problem
 
     model_cls = registry.model_class(model)
     if model_cls is None or not hasattr(model_cls, "alignment"):

@@ -335,15 +335,14 @@ class LLMTrainer(Trainer):
             processing_class=model.tokenizer,
             callbacks=[stopper] if stopper else None,
         )
-        vrex = float(self.config["sft_vrex"] or 0.0)
+        vrex = self._sft_vrex()
         if vrex > 0:  # the rows' environments ride along as a column that the penalty reads
             source = self.config["sft_env_source"]
-            names = sorted({getattr(r, source) for r in records})
-            if len(names) < 2:
-                _log.warning("sft_vrex: the SFT rows have one %s (%s); the penalty is zero", source, names)
-            labels = [names.index(getattr(r, source)) for r in records]
-            data = data.add_column(ENVIRONMENT_COLUMN, labels)
-            trainer = InvariantSFTTrainer(**common, train_dataset=data, n_environments=len(names), lambda_inv=vrex)
+            index = {name: i for i, name in enumerate(sorted({getattr(r, source) for r in records}))}
+            if len(index) < 2:
+                _log.warning("sft_vrex: the SFT rows have one %s (%s); the penalty is zero", source, list(index))
+            data = data.add_column(ENVIRONMENT_COLUMN, [index[getattr(r, source)] for r in records])
+            trainer = InvariantSFTTrainer(**common, train_dataset=data, n_environments=len(index), lambda_inv=vrex)
         else:
             trainer = SFTTrainer(**common, train_dataset=data)
         guard_training_losses(trainer, "SFT")
@@ -521,6 +520,10 @@ class LLMTrainer(Trainer):
             shutil.rmtree(work, ignore_errors=True)  # the finished stage replaces its step checkpoints
         return info
 
+    def _sft_vrex(self) -> float:
+        """The SFT stage's V-REx weight (``sft_vrex``; 0: plain SFT)."""
+        return float(self.config["sft_vrex"] or 0.0)
+
     def _keep_best_stage(self, stages: list[_Stage]) -> tuple[float, dict]:
         """``validate_stages: best``: reload the stage with the best validation score (the earliest on a tie) when
         it is not the last one; marks it ``selected`` in ``stage_results`` and returns its validation."""
@@ -618,8 +621,8 @@ class LLMTrainer(Trainer):
             }
         if processes > 1:  # N processes train on N times the global batch: other weights than one process
             sft_inputs["processes"] = processes
-        if float(self.config["sft_vrex"] or 0.0) > 0:  # absent at 0, so plain SFT stages keep their keys
-            sft_inputs["vrex"] = {"weight": float(self.config["sft_vrex"]), "env": self.config["sft_env_source"]}
+        if self._sft_vrex() > 0:  # absent at 0, so plain SFT stages keep their keys
+            sft_inputs["vrex"] = {"weight": self._sft_vrex(), "env": self.config["sft_env_source"]}
         sft_key = digest(sft_inputs)
         stages = [
             _Stage(

@@ -18,11 +18,11 @@ from causalrec.training.sdpo_trainer import DataCollatorForMultiPreference, SDPO
 from causalrec.training.sft import InvariantSFTTrainer, build_sft_config, make_sft_dataset, run_sft
 
 __all__ = [
-    "InvariantSFTTrainer",
     "CausalDPOConfig",
     "CausalDPOTrainer",
     "DataCollatorForMultiPreference",
     "EnvironmentModel",
+    "InvariantSFTTrainer",
     "PreferenceRecord",
     "SDPOConfig",
     "SDPOTrainer",
