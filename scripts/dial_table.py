@@ -6,11 +6,13 @@
 Reads every ``cells/*.json`` under the given folders, keeps retail-sim seasonal cells of the model seeds asked for
 (``--model-seeds``, default 2020) whose
 settings are the defaults but for ``sim_confounding``, ``data_seed`` and the information class (``prompt_environment:
-season`` + ``environment_inference: observed`` -> "GenRec + season"; ``context_rerank: season`` -> "BPR + season"),
-and prints test NDCG@10 per confounding level: the mean over data seeds (± std where there are several) and
-CausalDPO's relative change against SDPORec and against GenRec + season, averaged over the data seeds that have both;
-then the trend of each relative change over the confounding level (least squares over the (level, data seed) points,
-scipy's ``linregress``: slope and two-sided p). ``--plot PATH`` also draws both (matplotlib).
+season`` + ``environment_inference: observed`` -> "GenRec + season"; ``context_rerank: season`` -> "BPR + season";
+CausalDPO with ``environment_inference: marginal`` -> "CausalDPO marginal", the backdoor sum for every case, given
+no context), and prints test NDCG@10 per confounding level: the mean over data seeds (± std where there are several)
+and the relative changes of ``COMPARISONS`` (each within one information class, and CausalDPO's default against
+SDPORec across classes), averaged over the data seeds that have both; then the trend of each relative change over the
+confounding level (least squares over the (level, data seed) points, scipy's ``linregress``: slope and two-sided p).
+``--plot PATH`` also draws both (matplotlib).
 
 With several model seeds (``--model-seeds 2020,2021,2022``) a shop's value for a column is the mean over those
 seeds, and only the columns holding every one of them count: each (level, data seed) point then averages three
@@ -25,14 +27,26 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-COLUMNS = ("GenRec", "SDPORec", "CausalDPO", "GenRec + season", "BPR", "BPR + season")
+COLUMNS = (
+    "GenRec",
+    "SDPORec",
+    "CausalDPO marginal",
+    "LightGCN",
+    "BPR",
+    "CausalDPO",
+    "GenRec + season",
+    "BPR + season",
+)
+# the relative changes shown and fitted: (model, baseline), each pair within one information class
+COMPARISONS = (("CausalDPO marginal", "SDPORec"), ("CausalDPO", "GenRec + season"), ("CausalDPO", "SDPORec"))
 # settings that do not change what a cell measures (its bookkeeping), or that this table reads itself
-IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "show_progress", "stage_cache_dir"}
+IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "show_progress", "stage_cache_dir", "resume"}
 IGNORED |= {"split", "seed", "sim_confounding", "data_seed"}
 CLASSES = {
     (): "",
     (("environment_inference", "observed"), ("prompt_environment", "season")): " + season",
     (("context_rerank", "season"),): " + season",
+    (("environment_inference", "marginal"),): " marginal",  # CausalDPO's backdoor sum for every case: no context
 }
 
 
@@ -77,8 +91,8 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
-def _change(rows: list[dict[str, float]], baseline: str) -> str:
-    changes = [r["CausalDPO"] / r[baseline] - 1 for r in rows if "CausalDPO" in r and baseline in r]
+def _change(rows: list[dict[str, float]], model: str, baseline: str) -> str:
+    changes = [r[model] / r[baseline] - 1 for r in rows if model in r and baseline in r]
     if not changes:
         return ""
     text = f"{100 * statistics.mean(changes):+.1f} %"
@@ -90,42 +104,35 @@ def _change(rows: list[dict[str, float]], baseline: str) -> str:
 def markdown(table: dict[tuple[float, int], dict[str, float]]) -> str:
     levels = sorted({c for c, _ in table})
     lines = [
-        "| sim_confounding | data seeds | " + " | ".join(COLUMNS) + " | CausalDPO vs SDPORec | vs GenRec + season |",
-        "|" + "---|" * (len(COLUMNS) + 4),
+        "| sim_confounding | data seeds | " + " | ".join(COLUMNS + tuple(f"{m} vs {b}" for m, b in COMPARISONS)) + " |",
+        "|" + "---|" * (len(COLUMNS) + len(COMPARISONS) + 2),
     ]
     for level in levels:
         seeds = sorted(s for c, s in table if c == level)
         rows = [table[(level, s)] for s in seeds]
         cells = [_mean([r[name] for r in rows if name in r]) for name in COLUMNS]
-        lines.append(
-            f"| {level:.1f} | {', '.join(map(str, seeds))} | "
-            + " | ".join(cells)
-            + f" | {_change(rows, 'SDPORec')} | {_change(rows, 'GenRec + season')} |"
-        )
+        cells += [_change(rows, m, b) for m, b in COMPARISONS]
+        lines.append(f"| {level:.1f} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def changes(table, baseline: str) -> list[tuple[float, float]]:
-    """(level, CausalDPO / baseline - 1) of every (level, data seed) that has both."""
-    return [
-        (c, r["CausalDPO"] / r[baseline] - 1)
-        for (c, _), r in sorted(table.items())
-        if "CausalDPO" in r and baseline in r
-    ]
+def changes(table, model: str, baseline: str) -> list[tuple[float, float]]:
+    """(level, model / baseline - 1) of every (level, data seed) that has both."""
+    return [(c, r[model] / r[baseline] - 1) for (c, _), r in sorted(table.items()) if model in r and baseline in r]
 
 
 def trends(table) -> str:
     from scipy.stats import linregress
 
     lines = []
-    for baseline in ("SDPORec", "GenRec + season"):
-        points = changes(table, baseline)
+    for model, baseline in COMPARISONS:
+        points = changes(table, model, baseline)
         if len({c for c, _ in points}) < 2 or len(points) < 3:
-            lines.append(f"CausalDPO vs {baseline}: {len(points)} (level, data seed) points, too few for a trend")
+            lines.append(f"{model} vs {baseline}: {len(points)} (level, data seed) points, too few for a trend")
             continue
         fit = linregress([c for c, _ in points], [100 * d for _, d in points])
         lines.append(
-            f"CausalDPO vs {baseline}: slope {fit.slope:+.1f} points of relative change per unit of confounding "
+            f"{model} vs {baseline}: slope {fit.slope:+.1f} points of relative change per unit of confounding "
             f"(p = {fit.pvalue:.2g}, {len(points)} (level, data seed) points); "
             f"{sum(d > 0 for _, d in points)} of {len(points)} changes positive"
         )
@@ -140,16 +147,21 @@ def plot(table, path: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     levels = sorted({c for c, _ in table})
-    for name, style in (("BPR", "s--"), ("GenRec + season", "^-"), ("SDPORec", "v-"), ("CausalDPO", "o-")):
-        means = [statistics.mean([table[k][name] for k in table if k[0] == c and name in table[k]]) for c in levels]
-        left.plot(levels, means, style, label=name)
+    styles = {"BPR": "s--", "LightGCN": "d--", "GenRec + season": "^-", "SDPORec": "v-", "CausalDPO": "o-"}
+    styles["CausalDPO marginal"] = "o:"
+    for name, style in styles.items():
+        found = [c for c in levels if any(k[0] == c and name in table[k] for k in table)]
+        if found:  # a column run at some levels only is drawn where it was run
+            means = [statistics.mean([table[k][name] for k in table if k[0] == c and name in table[k]]) for c in found]
+            left.plot(found, means, style, label=name)
     left.set(xlabel="sim_confounding", ylabel="test NDCG@10 (mean over data seeds)", title="retail-sim seasonal")
     left.legend(fontsize=8)
-    for baseline, marker in (("SDPORec", "v"), ("GenRec + season", "^")):
-        points = changes(table, baseline)
-        right.scatter([c for c, _ in points], [100 * d for _, d in points], marker=marker, label=f"vs {baseline}")
+    for (model, baseline), marker in zip(COMPARISONS, ("o", "^", "v")):
+        points = changes(table, model, baseline)
+        label = f"{model} vs {baseline}"
+        right.scatter([c for c, _ in points], [100 * d for _, d in points], marker=marker, label=label)
     right.axhline(0, color="grey", linewidth=0.8)
-    right.set(xlabel="sim_confounding", ylabel="CausalDPO relative change (%)", title="one point per data seed")
+    right.set(xlabel="sim_confounding", ylabel="relative change (%)", title="one point per data seed")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

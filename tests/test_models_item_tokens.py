@@ -260,3 +260,28 @@ def test_environment_each_puts_every_history_items_own_season_before_it(in_tmp):
     torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute.log(), atol=1e-5, rtol=0)
     with pytest.raises(CausalRecError, match="item_repr: id"):
         causalrec.run("GenRec", "retail-sim", config_dict={**config, "item_repr": "title"})
+
+
+def test_sft_stage_key_holds_how_its_epoch_validation_ranks(in_tmp):
+    """Sequence SFT keeps its best validation epoch, so what the validation ranking depends on is part of the SFT
+    stage's key: ranking settings that change a validation case's weights train (and cache) another stage, and
+    ones that do not reuse it. The seasonal split validates on September, whose autumn never trains, so
+    ``observed`` weighs those cases by P(e) as ``marginal`` does; the regional split's validation seasons train."""
+
+    def sft(split, **extra):
+        config = dict(TINY, item_repr="id", prompt_environment="season", split=split, **extra)
+        (stage,) = causalrec.run("GenRec", "retail-sim", config_dict=config)["stages"]
+        return stage, _stage_meta({"stages": [stage]}, "sft")["inputs"]["early_stopping"]
+
+    observed, kept = sft("seasonal", environment_inference="observed")
+    assert set(kept) == {"patience", "metric", "valid"}  # the ranking every earlier stage key assumed
+    marginal, _ = sft("seasonal", environment_inference="marginal")
+    assert marginal["key"] == observed["key"] and marginal["reused"]
+    uniform, kept = sft("seasonal", environment_inference="observed", environment_prior="uniform")
+    assert uniform["key"] != observed["key"] and not uniform["reused"] and "environment_weights" in kept
+    regional_observed, _ = sft("regional", environment_inference="observed")
+    regional_marginal, kept = sft("regional", environment_inference="marginal")
+    assert regional_marginal["key"] != regional_observed["key"] and not regional_marginal["reused"]
+    assert "environment_weights" in kept
+    reranked, kept = sft("regional", environment_inference="observed", context_rerank="region")
+    assert reranked["key"] != regional_observed["key"] and kept["context_rerank"] == ["region", 1.0]

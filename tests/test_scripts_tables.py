@@ -46,8 +46,25 @@ def test_dial_table_averages_the_model_seeds_and_keeps_only_complete_columns(tmp
     assert one == {(1.0, 2021): {"CausalDPO": 0.10, "SDPORec": 0.08, "GenRec + season": 0.09}}
     both = dial_table.collect([str(tmp_path)], (2020, 2021))
     assert both == {(1.0, 2021): {"CausalDPO": pytest.approx(0.11), "GenRec + season": pytest.approx(0.10)}}
-    assert dial_table.changes(both, "GenRec + season") == [(1.0, pytest.approx(0.11 / 0.10 - 1))]
+    assert dial_table.changes(both, "CausalDPO", "GenRec + season") == [(1.0, pytest.approx(0.11 / 0.10 - 1))]
     assert "too few for a trend" in dial_table.trends(both)
+
+
+def test_dial_table_compares_the_backdoor_ranking_with_sdporec_and_fits_the_trend(tmp_path):
+    # CausalDPO marginal (no context) against SDPORec at three shops: +0 %, +10 %, +20 % over levels 0, 0.5, 1
+    for level, gain in ((0.0, 0.0), (0.5, 0.1), (1.0, 0.2)):
+        shop, folder = dict(sim_confounding=level, data_seed=2021), tmp_path / f"dial-{level}"
+        _cell(folder, "SDPORec", 2020, 0.10, **shop)
+        _cell(folder, "CausalDPO", 2020, 0.10 * (1 + gain), environment_inference="marginal", **shop)
+        _cell(folder, "LightGCN", 2020, 0.15, resume=True, **shop)  # resume is bookkeeping
+    table = dial_table.collect([str(tmp_path)])
+    assert table[(0.5, 2021)] == {"SDPORec": 0.10, "CausalDPO marginal": pytest.approx(0.11), "LightGCN": 0.15}
+    assert "CausalDPO" not in table[(0.5, 2021)]  # the marginal cell is not the default's column
+    trend = dial_table.trends(table).splitlines()[0]
+    assert trend.startswith("CausalDPO marginal vs SDPORec: slope +20.0 points") and "3 of 3" not in trend
+    assert "2 of 3 changes positive" in trend  # +0 % is not positive
+    row = [line for line in dial_table.markdown(table).splitlines() if line.startswith("| 1.0 |")][0]
+    assert "| 0.1200 | 0.1500 |" in row and row.endswith("| +20.0 % |  |  |")
 
 
 def test_arm_table_row_is_mean_and_sample_std_over_seeds_with_the_recovery_means(tmp_path):

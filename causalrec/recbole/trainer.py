@@ -235,6 +235,27 @@ class LLMTrainer(Trainer):
         feat = valid_data._dataset.inter_feat
         return digest({c: feat[c].tolist() for c in sorted(feat.columns)})
 
+    def _validation_ranking(self, valid_data) -> dict[str, Any]:
+        """How SFT's epoch validation ranks, beyond its cases and prompts: the epoch it keeps depends on it, so its
+        stage key holds it. Recorded only away from the ranking that keys before it assumed (each case's own
+        known environment, the training prior, no re-ranking, history not masked): the weights of the validation
+        cases where the environment settings change them (``environment_inference: marginal`` on a validation
+        month whose season trains, ``environment_prior: uniform``), ``context_rerank`` and ``mask_history``."""
+        import torch
+
+        model, cfg, out = self.model, self.config, {}
+        if model.environments:
+            feat = valid_data._dataset.inter_feat
+            weights = model.environment_weights(feat)
+            assumed = model.environment_weights(feat, inference="observed", log_prior=model.env_train_log_prior)
+            if not torch.equal(weights, assumed):
+                out["environment_weights"] = digest(weights.tolist())
+        if cfg["context_rerank"]:
+            out["context_rerank"] = [cfg["context_rerank"], float(cfg["context_rerank_alpha"] or 1.0)]
+        if cfg["mask_history"]:
+            out["mask_history"] = True
+        return out
+
     def _capped(self, records, targets, key: str):
         """At most ``config[key]`` rows (a seeded sample in time order); all rows when the key is None."""
         import numpy as np
@@ -618,6 +639,7 @@ class LLMTrainer(Trainer):
                 "patience": patience,
                 "metric": self.valid_metric,
                 "valid": self._valid_identity(valid_data),
+                **self._validation_ranking(valid_data),
             }
         if processes > 1:  # N processes train on N times the global batch: other weights than one process
             sft_inputs["processes"] = processes

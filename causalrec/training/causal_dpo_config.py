@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.training.environments import MMD_ESTIMATORS
@@ -81,6 +82,15 @@ class CausalDPOConfig(SDPOConfig):
             Training prompts whose representations seed the prototypes (k-means++ then 10 Lloyd steps) before the
             first step.
     """
+
+    # Fields added after stages were keyed: a stage key holds them only away from these defaults (which train as
+    # before they existed), so the stages cached before them stay found (causalrec.training.stage_cache).
+    KEYED_AWAY_FROM_DEFAULT: ClassVar[dict[str, Any]] = {
+        "tau_final": None,
+        "invariance_target": "chosen",
+        "mmd_estimator": "biased",
+        "env_prior": "uniform",
+    }
 
     n_environments: int = field(default=4, metadata={"help": "Number K of latent environments (prototypes)."})
     env_source: str = field(

@@ -51,8 +51,12 @@ _NOT_IN_KEY = (
 
 # ------------------------------------------------------------------------------------------------ keys
 def training_args_key(args) -> dict[str, Any]:
-    """The fields of a TRL/transformers config that shape the trained weights (see ``_NOT_IN_KEY``)."""
-    return {k: v for k, v in args.to_dict().items() if not k.startswith(_NOT_IN_KEY)}
+    """The fields of a TRL/transformers config that shape the trained weights (see ``_NOT_IN_KEY``), less the
+    config's later fields at their defaults (``KEYED_AWAY_FROM_DEFAULT``)."""
+    late = getattr(type(args), "KEYED_AWAY_FROM_DEFAULT", {})
+    return {
+        k: v for k, v in args.to_dict().items() if not k.startswith(_NOT_IN_KEY) and not (k in late and v == late[k])
+    }
 
 
 def library_versions() -> dict[str, str]:

@@ -190,7 +190,7 @@ class LLMRecommender(SequentialRecommender):
         ``environments``, -1 for labels never seen in training) and ``environment_inference``. ``dataset`` is the
         training split, as RecBole builds models. Without ``prompt_environment``: no environments."""
         field = self.env_field = self.prompt_format.environment
-        self.environments, self.env_log_prior, self.env_index = [], None, None
+        self.environments, self.env_log_prior, self.env_train_log_prior, self.env_index = [], None, None, None
         self.environment_inference = config["environment_inference"] or ENVIRONMENT_INFERENCE[0]
         prior_kind = config["environment_prior"] or ENVIRONMENT_PRIORS[0]
         for key, value, choices in (
@@ -211,12 +211,11 @@ class LLMRecommender(SequentialRecommender):
         seen = [i for i in range(1, len(vocab)) if counts[i] > 0]  # id 0 is RecBole's padding token
         if not seen:
             raise DataError(f"the training split has no {field!r} labels; prompt_environment needs them")
-        if prior_kind == "train":
-            prior = counts[seen] / counts[seen].sum()
-        else:
-            prior = torch.full((len(seen),), 1.0 / len(seen), dtype=torch.float64)
+        train = counts[seen] / counts[seen].sum()
+        prior = train if prior_kind == "train" else torch.full((len(seen),), 1.0 / len(seen), dtype=torch.float64)
         self.environments = [str(vocab[i]) for i in seen]
         self.env_log_prior = prior.log().float()
+        self.env_train_log_prior = train.log().float()
         self.env_index = torch.full((len(vocab),), -1, dtype=torch.long)
         self.env_index[seen] = torch.arange(len(seen))
         _log.info(
@@ -271,13 +270,15 @@ class LLMRecommender(SequentialRecommender):
         """The prompt's token of RecBole user ``user_id``; None without ``user_token``."""
         return self.user_texts[int(user_id)] if self.user_texts else None
 
-    def environment_weights(self, interaction) -> torch.Tensor:
+    def environment_weights(self, interaction, inference: str | None = None, log_prior=None) -> torch.Tensor:
         """``[B, K]`` ``log`` weights of the training environments in each row's ranking: ``log P(e)`` (the
         backdoor sum); with ``environment_inference: observed``, a row whose own label occurs in training puts all
-        its weight on it (``p(y | x, e)`` of a known stratum) and only the others use ``P(e)``."""
+        its weight on it (``p(y | x, e)`` of a known stratum) and only the others use ``P(e)``. ``inference`` and
+        ``log_prior`` replace the model's own settings (``environment_inference``, ``env_log_prior``)."""
         k = len(self.environments)
-        weights = self.env_log_prior.expand(len(interaction), k).clone()
-        if self.environment_inference == "observed" and self.env_field in interaction.columns:
+        prior = self.env_log_prior if log_prior is None else log_prior
+        weights = prior.expand(len(interaction), k).clone()
+        if (inference or self.environment_inference) == "observed" and self.env_field in interaction.columns:
             index = self.env_index.to(interaction[self.env_field].device)[interaction[self.env_field].long()].cpu()
             known = index >= 0
             weights[known] = float("-inf")
