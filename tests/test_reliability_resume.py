@@ -142,23 +142,23 @@ def test_resume_turns_on_step_checkpoints_only_where_none_are_saved():
 
 # ------------------------------------------------------------------------------- shared SFT stage
 @pytest.mark.slow
-def test_config_fields_added_later_enter_a_stage_key_only_away_from_their_defaults(tmp_path):
+def test_config_fields_added_later_enter_a_stage_key_only_away_from_their_defaults(tmp_path, monkeypatch):
     """A field added to CausalDPOConfig with a default that trains as before must not orphan the stages cached
-    before it: ``training_args_key`` leaves it out at that default and keeps it otherwise."""
-    import dataclasses
-
+    before it: ``training_args_key`` leaves a field of ``KEYED_AWAY_FROM_DEFAULT`` out at that default and keeps it
+    otherwise; every other field is keyed whatever its value."""
     from causalrec.training.causal_dpo_config import CausalDPOConfig
     from causalrec.training.stage_cache import training_args_key
 
-    late = CausalDPOConfig.KEYED_AWAY_FROM_DEFAULT
-    defaults = {f.name: f.default for f in dataclasses.fields(CausalDPOConfig)}
-    assert late and {k: defaults[k] for k in late} == late  # the mapping cannot drift from the fields
+    assert CausalDPOConfig.KEYED_AWAY_FROM_DEFAULT == {}  # the fields so far are in every cached stage's key
+    before = training_args_key(CausalDPOConfig(output_dir=str(tmp_path)))
+    assert before["tau_final"] is None and before["env_prior"] == "uniform"
+    monkeypatch.setattr(CausalDPOConfig, "KEYED_AWAY_FROM_DEFAULT", {"tau_final": None, "env_prior": "uniform"})
     plain = training_args_key(CausalDPOConfig(output_dir=str(tmp_path)))
-    assert not set(late) & set(plain) and plain["tau"] == 0.1 and plain["lambda_inv"] == defaults["lambda_inv"]
-    away = {"tau_final": 0.01, "invariance_target": "margin", "mmd_estimator": "unbiased", "env_prior": "estimated"}
-    assert set(away) == set(late)
-    for name, value in away.items():
-        assert training_args_key(CausalDPOConfig(output_dir=str(tmp_path), **{name: value}))[name] == value
+    assert plain == {k: v for k, v in before.items() if k not in ("tau_final", "env_prior")}
+    assert training_args_key(CausalDPOConfig(output_dir=str(tmp_path), tau_final=0.01))["tau_final"] == 0.01
+    assert (
+        training_args_key(CausalDPOConfig(output_dir=str(tmp_path), env_prior="estimated"))["env_prior"] == "estimated"
+    )
 
 
 def test_models_with_the_same_sft_settings_share_one_sft_stage(tmp_path, monkeypatch):

@@ -83,14 +83,11 @@ class CausalDPOConfig(SDPOConfig):
             first step.
     """
 
-    # Fields added after stages were keyed: a stage key holds them only away from these defaults (which train as
-    # before they existed), so the stages cached before them stay found (causalrec.training.stage_cache).
-    KEYED_AWAY_FROM_DEFAULT: ClassVar[dict[str, Any]] = {
-        "tau_final": None,
-        "invariance_target": "chosen",
-        "mmd_estimator": "biased",
-        "env_prior": "uniform",
-    }
+    # Fields added to this config from now on, with the default that trains as before they existed: a stage key
+    # holds such a field only away from that default, so the stages cached before it stay found
+    # (causalrec.training.stage_cache.training_args_key). Empty: every field so far is in the keys of the stages
+    # cached since (tau_final, invariance_target, mmd_estimator and env_prior came before this rule).
+    KEYED_AWAY_FROM_DEFAULT: ClassVar[dict[str, Any]] = {}
 
     n_environments: int = field(default=4, metadata={"help": "Number K of latent environments (prototypes)."})
     env_source: str = field(
