@@ -42,6 +42,8 @@ COMPARISONS = (("CausalDPO marginal", "SDPORec"), ("CausalDPO", "GenRec + season
 # settings that do not change what a cell measures (its bookkeeping), or that this table reads itself
 IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "show_progress", "stage_cache_dir", "resume"}
 IGNORED |= {"split", "seed", "sim_confounding", "data_seed"}
+# settings passed explicitly to cells run before they became the model's causalrec default
+NOW_DEFAULT = {("LightGCN", "epochs", 3000)}  # properties/model/LightGCN.yaml
 CLASSES = {
     (): "",
     (("environment_inference", "observed"), ("prompt_environment", "season")): " + season",
@@ -53,7 +55,9 @@ CLASSES = {
 def column(cell: dict, model_seeds: tuple[int, ...] = (2020,)) -> str | None:
     """The table column of a cell, or None when it is not a default-settings dial cell of those model seeds."""
     params = cell["params"]
-    extra = tuple(sorted((k, v) for k, v in params.items() if k not in IGNORED))
+    extra = tuple(
+        sorted((k, v) for k, v in params.items() if k not in IGNORED and (cell["model"], k, v) not in NOW_DEFAULT)
+    )
     if extra not in CLASSES or cell["split"] != "seasonal" or cell["seed"] not in model_seeds or cell["status"] != "ok":
         return None
     name = cell["model"] + CLASSES[extra]

@@ -57,9 +57,12 @@ def test_dial_table_compares_the_backdoor_ranking_with_sdporec_and_fits_the_tren
         _cell(folder, "SDPORec", 2020, 0.10, **shop)
         _cell(folder, "CausalDPO", 2020, 0.10 * (1 + gain), environment_inference="marginal", **shop)
         _cell(folder, "LightGCN", 2020, 0.15, resume=True, **shop)  # resume is bookkeeping
+    _cell(tmp_path / "grid", "LightGCN", 2020, 0.14, epochs=3000, sim_confounding=0.8)  # now LightGCN's default
+    _cell(tmp_path / "grid", "BPR", 2020, 0.13, epochs=3000, sim_confounding=0.8)  # not BPR's: not a dial cell
     table = dial_table.collect([str(tmp_path)])
     assert table[(0.5, 2021)] == {"SDPORec": 0.10, "CausalDPO marginal": pytest.approx(0.11), "LightGCN": 0.15}
     assert "CausalDPO" not in table[(0.5, 2021)]  # the marginal cell is not the default's column
+    assert table[(0.8, 2020)] == {"LightGCN": 0.14}
     trend = dial_table.trends(table).splitlines()[0]
     assert trend.startswith("CausalDPO marginal vs SDPORec: slope +20.0 points") and "3 of 3" not in trend
     assert "2 of 3 changes positive" in trend  # +0 % is not positive
