@@ -95,6 +95,13 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def _cell(rows: list[dict[str, float]], seeds: list[int], name: str) -> str:
+    """The column's mean over the row's data seeds, naming the seeds it has where it lacks some."""
+    have = [s for s, r in zip(seeds, rows) if name in r]
+    text = _mean([r[name] for r in rows if name in r])
+    return text if len(have) in (0, len(seeds)) else f"{text} (data seed {', '.join(map(str, have))})"
+
+
 def _change(rows: list[dict[str, float]], model: str, baseline: str) -> str:
     changes = [r[model] / r[baseline] - 1 for r in rows if model in r and baseline in r]
     if not changes:
@@ -114,7 +121,7 @@ def markdown(table: dict[tuple[float, int], dict[str, float]]) -> str:
     for level in levels:
         seeds = sorted(s for c, s in table if c == level)
         rows = [table[(level, s)] for s in seeds]
-        cells = [_mean([r[name] for r in rows if name in r]) for name in COLUMNS]
+        cells = [_cell(rows, seeds, name) for name in COLUMNS]
         cells += [_change(rows, m, b) for m, b in COMPARISONS]
         lines.append(f"| {level:.1f} | {', '.join(map(str, seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -154,8 +161,9 @@ def plot(table, path: str) -> None:
     styles = {"BPR": "s--", "LightGCN": "d--", "GenRec + season": "^-", "SDPORec": "v-", "CausalDPO": "o-"}
     styles["CausalDPO marginal"] = "o:"
     for name, style in styles.items():
-        found = [c for c in levels if any(k[0] == c and name in table[k] for k in table)]
-        if found:  # a column run at some levels only is drawn where it was run
+        # a level's mean only where the column has every data seed of that level
+        found = [c for c in levels if all(name in table[k] for k in table if k[0] == c)]
+        if found:
             means = [statistics.mean([table[k][name] for k in table if k[0] == c and name in table[k]]) for c in found]
             left.plot(found, means, style, label=name)
     left.set(xlabel="sim_confounding", ylabel="test NDCG@10 (mean over data seeds)", title="retail-sim seasonal")

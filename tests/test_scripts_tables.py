@@ -68,6 +68,9 @@ def test_dial_table_compares_the_backdoor_ranking_with_sdporec_and_fits_the_tren
     assert "2 of 3 changes positive" in trend  # +0 % is not positive
     row = [line for line in dial_table.markdown(table).splitlines() if line.startswith("| 1.0 |")][0]
     assert "| 0.1200 | 0.1500 |" in row and row.endswith("| +20.0 % |  |  |")
+    _cell(tmp_path / "other-shop", "SDPORec", 2020, 0.12, sim_confounding=1.0, data_seed=2022)
+    row = [line for line in dial_table.markdown(dial_table.collect([str(tmp_path)])).splitlines() if "| 1.0 |" in line]
+    assert row[0].startswith("| 1.0 | 2021, 2022 | not run | 0.1100 ± 0.0141 | 0.1200 (data seed 2021) |")
 
 
 def test_arm_table_row_is_mean_and_sample_std_over_seeds_with_the_recovery_means(tmp_path):
