@@ -140,16 +140,15 @@ def test_resume_turns_on_step_checkpoints_only_where_none_are_saved():
     assert checkpointing(True, {"save_strategy": "epoch"}) == {}  # the user's own checkpoints serve
 
 
-# ------------------------------------------------------------------------------- shared SFT stage
-@pytest.mark.slow
 def test_config_fields_added_later_enter_a_stage_key_only_away_from_their_defaults(tmp_path, monkeypatch):
-    """A field added to CausalDPOConfig with a default that trains as before must not orphan the stages cached
-    before it: ``training_args_key`` leaves a field of ``KEYED_AWAY_FROM_DEFAULT`` out at that default and keeps it
-    otherwise; every other field is keyed whatever its value."""
+    """A field added to the preference configs with a default that trains as before must not orphan the stages
+    cached before it: ``training_args_key`` leaves a field of ``KEYED_AWAY_FROM_DEFAULT`` out at that default and
+    keeps it otherwise; every other field is keyed whatever its value."""
     from causalrec.training.causal_dpo_config import CausalDPOConfig
+    from causalrec.training.sdpo_config import SDPOConfig
     from causalrec.training.stage_cache import training_args_key
 
-    assert CausalDPOConfig.KEYED_AWAY_FROM_DEFAULT == {}  # the fields so far are in every cached stage's key
+    assert CausalDPOConfig.KEYED_AWAY_FROM_DEFAULT == SDPOConfig.KEYED_AWAY_FROM_DEFAULT == {}  # every field keyed
     before = training_args_key(CausalDPOConfig(output_dir=str(tmp_path)))
     assert before["tau_final"] is None and before["env_prior"] == "uniform"
     monkeypatch.setattr(CausalDPOConfig, "KEYED_AWAY_FROM_DEFAULT", {"tau_final": None, "env_prior": "uniform"})
@@ -161,6 +160,8 @@ def test_config_fields_added_later_enter_a_stage_key_only_away_from_their_defaul
     )
 
 
+# ------------------------------------------------------------------------------- shared SFT stage
+@pytest.mark.slow
 def test_models_with_the_same_sft_settings_share_one_sft_stage(tmp_path, monkeypatch):
     genrec = _run("GenRec", tmp_path)
     (sft,) = genrec["stages"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
 
 from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.training.environments import MMD_ESTIMATORS
@@ -82,12 +81,6 @@ class CausalDPOConfig(SDPOConfig):
             Training prompts whose representations seed the prototypes (k-means++ then 10 Lloyd steps) before the
             first step.
     """
-
-    # Fields added to this config from now on, with the default that trains as before they existed: a stage key
-    # holds such a field only away from that default, so the stages cached before it stay found
-    # (causalrec.training.stage_cache.training_args_key). Empty: every field so far is in the keys of the stages
-    # cached since (tau_final, invariance_target, mmd_estimator and env_prior came before this rule).
-    KEYED_AWAY_FROM_DEFAULT: ClassVar[dict[str, Any]] = {}
 
     n_environments: int = field(default=4, metadata={"help": "Number K of latent environments (prototypes)."})
     env_source: str = field(

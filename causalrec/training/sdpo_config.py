@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from trl import DPOConfig
@@ -65,6 +65,12 @@ class SDPOConfig(DPOConfig):
     >   config runs on a CPU-only machine.
     > - `report_to="none"`, `save_strategy="epoch"`, `save_total_limit=1`, `dataloader_pin_memory` only with CUDA.
     """
+
+    # Fields added to this config or CausalDPOConfig from now on, with the default that trains as before they
+    # existed: a stage key holds such a field only away from that default, so the stages cached before it stay
+    # found (causalrec.training.stage_cache.training_args_key). Empty: every field so far is in the keys of the
+    # stages cached since (CausalDPO's tau_final, invariance_target, mmd_estimator and env_prior came before it).
+    KEYED_AWAY_FROM_DEFAULT: ClassVar[dict[str, Any]] = {}
 
     beta: float = field(
         default=1.0,
