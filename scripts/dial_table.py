@@ -161,11 +161,15 @@ def plot(table, path: str) -> None:
     styles = {"BPR": "s--", "LightGCN": "d--", "GenRec + season": "^-", "SDPORec": "v-", "CausalDPO": "o-"}
     styles["CausalDPO marginal"] = "o:"
     for name, style in styles.items():
-        # a level's mean only where the column has every data seed of that level
-        found = [c for c in levels if all(name in table[k] for k in table if k[0] == c)]
-        if found:
-            means = [statistics.mean([table[k][name] for k in table if k[0] == c and name in table[k]]) for c in found]
-            left.plot(found, means, style, label=name)
+        # a level's mean only where the column has every data seed of that level; a gap breaks the line (NaN)
+        means = [
+            statistics.mean([table[k][name] for k in table if k[0] == c])
+            if all(name in table[k] for k in table if k[0] == c)
+            else float("nan")
+            for c in levels
+        ]
+        if any(m == m for m in means):
+            left.plot(levels, means, style, label=name)
     left.set(xlabel="sim_confounding", ylabel="test NDCG@10 (mean over data seeds)", title="retail-sim seasonal")
     left.legend(fontsize=8)
     for (model, baseline), marker in zip(COMPARISONS, ("o", "^", "v")):
