@@ -37,7 +37,8 @@ COLUMNS = (
     "GenRec + season",
     "BPR + season",
 )
-# the relative changes shown and fitted: (model, baseline), each pair within one information class
+# the relative changes shown and fitted, (model, baseline): the first two within one information class; the third
+# across classes (the default's test-time season), which on the seasonal split measures what the first does
 COMPARISONS = (("CausalDPO marginal", "SDPORec"), ("CausalDPO", "GenRec + season"), ("CausalDPO", "SDPORec"))
 # settings that do not change what a cell measures (its bookkeeping), or that this table reads itself
 IGNORED = {"metrics", "topk", "valid_metric", "num_threads", "show_progress", "stage_cache_dir", "resume"}
@@ -158,8 +159,14 @@ def plot(table, path: str) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     levels = sorted({c for c, _ in table})
-    styles = {"BPR": "s--", "LightGCN": "d--", "GenRec + season": "^-", "SDPORec": "v-", "CausalDPO": "o-"}
-    styles["CausalDPO marginal"] = "o:"
+    styles = {
+        "BPR": "s--",
+        "LightGCN": "d--",
+        "GenRec + season": "^-",
+        "SDPORec": "v-",
+        "CausalDPO": "o-",
+        "CausalDPO marginal": "o:",
+    }
     for name, style in styles.items():
         # a level's mean only where the column has every data seed of that level; a gap breaks the line (NaN)
         means = [
