@@ -57,17 +57,24 @@ def test_dial_table_compares_the_backdoor_ranking_with_sdporec_and_fits_the_tren
         _cell(folder, "SDPORec", 2020, 0.10, **shop)
         _cell(folder, "CausalDPO", 2020, 0.10 * (1 + gain), environment_inference="marginal", **shop)
         _cell(folder, "LightGCN", 2020, 0.15, resume=True, **shop)  # resume is bookkeeping
+        _cell(folder, "LightGCN", 2020, 0.16, resume=True, stopping_step=300, **shop)  # a column of its own
     _cell(tmp_path / "grid", "LightGCN", 2020, 0.14, epochs=3000, sim_confounding=0.8)  # now LightGCN's default
     _cell(tmp_path / "grid", "BPR", 2020, 0.13, epochs=3000, sim_confounding=0.8)  # not BPR's: not a dial cell
     table = dial_table.collect([str(tmp_path)])
-    assert table[(0.5, 2021)] == {"SDPORec": 0.10, "CausalDPO marginal": pytest.approx(0.11), "LightGCN": 0.15}
+    assert table[(0.5, 2021)] == {
+        "SDPORec": 0.10,
+        "CausalDPO marginal": pytest.approx(0.11),
+        "LightGCN": 0.15,
+        "LightGCN, patience 300": 0.16,
+    }
     assert "CausalDPO" not in table[(0.5, 2021)]  # the marginal cell is not the default's column
-    assert table[(0.8, 2020)] == {"LightGCN": 0.14}
+    _cell(tmp_path / "grid", "SASRec", 2020, 0.11, resume=True, sim_confounding=0.8)
+    assert dial_table.collect([str(tmp_path)])[(0.8, 2020)] == {"LightGCN": 0.14, "SASRec": 0.11}
     trend = dial_table.trends(table).splitlines()[0]
     assert trend.startswith("CausalDPO marginal vs SDPORec: slope +20.0 points") and "3 of 3" not in trend
     assert "2 of 3 changes positive" in trend  # +0 % is not positive
     row = [line for line in dial_table.markdown(table).splitlines() if line.startswith("| 1.0 |")][0]
-    assert "| 0.1200 | 0.1500 |" in row and row.endswith("| +20.0 % |  |  |")
+    assert "| 0.1200 | 0.1500 | 0.1600 |" in row and row.endswith("| +20.0 % |  |  |")
     _cell(tmp_path / "other-shop", "SDPORec", 2020, 0.12, sim_confounding=1.0, data_seed=2022)
     row = [line for line in dial_table.markdown(dial_table.collect([str(tmp_path)])).splitlines() if "| 1.0 |" in line]
     assert row[0].startswith("| 1.0 | 2021, 2022 | not run | 0.1100 ± 0.0141 | 0.1200 (data seed 2021) |")
