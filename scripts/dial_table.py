@@ -4,14 +4,15 @@
         docs/results/retail-sim-items/genrec-season docs/results/retail-sim-items/context
 
 Reads every ``cells/*.json`` under the given folders, keeps retail-sim seasonal cells of the model seeds asked for
-(``--model-seeds``, default 2020) whose
-settings are the defaults but for ``sim_confounding``, ``data_seed`` and the information class (``prompt_environment:
-season`` + ``environment_inference: observed`` -> "GenRec + season"; ``context_rerank: season`` -> "BPR + season";
-CausalDPO with ``environment_inference: marginal`` -> "CausalDPO marginal", the backdoor sum for every case, given
-no context; LightGCN with ``stopping_step: 300`` -> "LightGCN, patience 300"), and prints test NDCG@10 per confounding level: the mean over data seeds (± std where there are several)
-and the relative changes of ``COMPARISONS`` (each within one information class, and CausalDPO's default against
-SDPORec across classes), averaged over the data seeds that have both; then the trend of each relative change over the
-confounding level (least squares over the (level, data seed) points, scipy's ``linregress``: slope and two-sided p).
+(``--model-seeds``, default 2020) whose settings are the defaults but for ``sim_confounding``, ``data_seed`` and the
+information class (``prompt_environment: season`` + ``environment_inference: observed`` -> "GenRec + season";
+``context_rerank: season`` -> "BPR + season"; CausalDPO with ``environment_inference: marginal`` -> "CausalDPO
+marginal", the backdoor sum for every case, given no context; LightGCN with ``stopping_step: 300`` -> "LightGCN,
+patience 300"), and prints test NDCG@10 per confounding level: the mean over data seeds (± std where there are
+several) and the relative changes of ``COMPARISONS`` (each within one information class, and CausalDPO's default
+against SDPORec across classes), averaged over the data seeds that have both; then the trend of each relative change
+over the confounding level (least squares over the (level, data seed) points, scipy's ``linregress``: slope and
+two-sided p).
 ``--plot PATH`` also draws both (matplotlib).
 
 With several model seeds (``--model-seeds 2020,2021,2022``) a shop's value for a column is the mean over those
