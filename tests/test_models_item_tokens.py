@@ -44,6 +44,39 @@ def test_id_model_ranks_by_one_forward_equal_to_brute_force(id_run, in_tmp):
     torch.testing.assert_close(model.predict(batch), scores[torch.arange(5), batch[model.ITEM_ID]], atol=1e-5, rtol=0)
 
 
+def test_rank_orders_ranks_by_the_mixture_over_orders_equal_to_brute_force(id_run, in_tmp):
+    """``rank_orders: K``: each case is ranked by ``log (1/(K+1)) sum_o p(y | x_o)`` over its time-ordered history
+    and K random orders of the same shown items; equal to brute force over those prompts, the same whatever batch
+    the case is ranked in, and ``predict`` reads the same scores."""
+    from causalrec.llm.ranking import naive_scores
+
+    _, checkpoint = id_run
+    _, model, _, _, valid, _ = _rebuild(checkpoint)
+    batch = next(iter(valid))[0][:4]
+    time_order = model.full_sort_predict(batch)
+    model.rank_orders = 2
+    copies = [model.reordered(batch, c) for c in range(2)]
+    lengths = batch[model.ITEM_SEQ_LEN].tolist()
+    moved = 0
+    for copy in copies:
+        for r, n in enumerate(lengths):
+            before, after = batch[model.ITEM_SEQ][r].tolist(), copy[model.ITEM_SEQ][r].tolist()
+            start = max(0, n - model.prompt_format.max_history_items)
+            assert sorted(after[start:n]) == sorted(before[start:n]) and after[n:] == before[n:]
+            assert after[:start] == before[:start]
+            moved += after != before
+    assert moved > 0
+    prompts = [model.prompt_ids(x) for x in (batch, *copies)]
+    tokens = [[t] for t in model.item_token_ids]
+    stacked = torch.stack([naive_scores(model.llm, p, tokens).double() for p in prompts])
+    brute = torch.logsumexp(stacked, dim=0) - torch.log(torch.tensor(3.0, dtype=torch.float64))
+    mixed = model.full_sort_predict(batch)
+    torch.testing.assert_close(mixed[:, 1:].double(), brute, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed, time_order)
+    torch.testing.assert_close(model.full_sort_predict(batch[2:4]), mixed[2:4], atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.predict(batch), mixed[torch.arange(4), batch[model.ITEM_ID]], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize(
     "model,extra",
     [
@@ -258,6 +291,12 @@ def test_environment_each_puts_every_history_items_own_season_before_it(in_tmp):
             * naive_scores(model.llm, model.encode_prompts(prompts), [[t] for t in model.item_token_ids]).double().exp()
         )
     torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute.log(), atol=1e-5, rtol=0)
+    # rank_orders reorders each item with its own season
+    reordered = model.reordered(batch, 0)
+    for r in range(3):
+        n = int(batch[model.ITEM_SEQ_LEN][r])
+        pairs = [(batch[f][r][:n].tolist(), reordered[f][r][:n].tolist()) for f in (model.ITEM_SEQ, "season_list")]
+        assert sorted(zip(pairs[0][0], pairs[1][0])) == sorted(zip(pairs[0][1], pairs[1][1]))
     with pytest.raises(CausalRecError, match="item_repr: id"):
         causalrec.run("GenRec", "retail-sim", config_dict={**config, "item_repr": "title"})
 
@@ -285,3 +324,10 @@ def test_sft_stage_key_holds_how_its_epoch_validation_ranks(in_tmp):
     assert "environment_weights" in kept
     reranked, kept = sft("regional", environment_inference="observed", context_rerank="region")
     assert reranked["key"] != regional_observed["key"] and kept["context_rerank"] == ["region", 1.0]
+    reordered, kept = sft("regional", environment_inference="observed", rank_orders=2)
+    assert reordered["key"] != regional_observed["key"] and kept["rank_orders"] == 2
+    from causalrec.experiments.compare import _config_identity
+
+    assert "rank_orders" not in _config_identity("GenRec", "retail-sim", {})
+    with pytest.raises(CausalRecError, match="rank_orders"):
+        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", rank_orders=-1))

@@ -56,6 +56,7 @@ OMITTED_AT_DEFAULT: dict[str, Any] = {
     "user_token": False,
     "sft_vrex": 0.0,
     "sft_env_source": "region",
+    "rank_orders": 0,
 }
 
 
@@ -129,6 +130,11 @@ class LLMRecommenderConfig:
     dpo_max_samples: int | None = _key(4096, "At most this many rows for the preference stage; None: all.", minimum=1)
     rank_batch_size: int | None = _key(
         None, "Prompts scored together when ranking; None: 8 per title-trie walk, 64 per item-token forward.", minimum=1
+    )
+    rank_orders: int = _key(
+        0,
+        "Rank by the mixture over the time order and this many random orders of each history; 0: time order.",
+        minimum=0,
     )
     stage_cache: bool = _key(True, "Reuse a finished training stage whose inputs hash the same.")
     stage_cache_dir: str | None = _key(None, "Finished stages and TRL checkpoints; None: <checkpoint_dir>/stages.")

@@ -240,7 +240,8 @@ class LLMTrainer(Trainer):
         stage key holds it. Recorded only away from the ranking that keys before it assumed (each case's own
         known environment, the training prior, no re-ranking, history not masked): the weights of the validation
         cases where the environment settings change them (``environment_inference: marginal`` on a validation
-        month whose season trains, ``environment_prior: uniform``), ``context_rerank`` and ``mask_history``."""
+        month whose season trains, ``environment_prior: uniform``), ``context_rerank``, ``mask_history`` and
+        ``rank_orders``."""
         import torch
 
         model, cfg, out = self.model, self.config, {}
@@ -254,6 +255,8 @@ class LLMTrainer(Trainer):
             out["context_rerank"] = [cfg["context_rerank"], float(cfg["context_rerank_alpha"] or 1.0)]
         if cfg["mask_history"]:
             out["mask_history"] = True
+        if model.rank_orders:
+            out["rank_orders"] = model.rank_orders
         return out
 
     def _capped(self, records, targets, key: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 from typing import Any
 
@@ -119,6 +120,8 @@ class LLMRecommender(SequentialRecommender):
         self.user_texts: list[str | None] = [None] + [user_token(u) for u in user_ids] if user_ids else []
         self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
+        self.rank_orders = int(config["rank_orders"] or 0)
+        self.order_seed = int(config["seed"] or 0)
         from causalrec.llm.presets import backbone_settings
 
         values: dict[str, Any] = backbone_settings(dict(config.final_config_dict))  # unset keys: the preset's
@@ -358,10 +361,43 @@ class LLMRecommender(SequentialRecommender):
         dense[rows, envs] = scores
         return marginalize_environments(dense, weights.to(scores.device))
 
+    def reordered(self, interaction, copy: int):
+        """``interaction`` with each row's shown history (the last ``max_history_items`` of it, what its prompt
+        writes) in a random order, with each item's own label under ``environment_position: each``. Copy ``copy``
+        of ``rank_orders``; seeded by the run's seed, the copy, the row's user and history length, so a case gets
+        the same orders whatever batch it is ranked in."""
+        import numpy as np
+        from recbole.data.interaction import Interaction
+
+        fields = [self.ITEM_SEQ] + ([self.history_env_field] if self.history_env_field else [])
+        columns = {f: interaction[f].clone() for f in fields}
+        shown = self.prompt_format.max_history_items
+        users, lengths = interaction[self.USER_ID].tolist(), interaction[self.ITEM_SEQ_LEN].tolist()
+        for row, (user, n) in enumerate(zip(users, lengths)):
+            n = int(n)
+            start = max(0, n - shown) if shown else 0
+            order = start + np.random.default_rng([self.order_seed, copy, int(user), n]).permutation(n - start)
+            for f in fields:
+                columns[f][row, start:n] = interaction[f][row, torch.as_tensor(order)]
+        return Interaction({**interaction.interaction, **columns})
+
+    def _over_orders(self, interaction, score) -> torch.Tensor:
+        """``score(interaction)``; with ``rank_orders`` K, the mixture over the time order and K random orders of
+        each history, ``log (1 / (K + 1)) sum_o p(y | x_o)``: test-time order averaging, for a model that
+        ``history_shuffles`` taught to read a history in any order (docs/items.md)."""
+        first = score(interaction)
+        if not self.rank_orders:
+            return first
+        scores = [first] + [score(self.reordered(interaction, c)) for c in range(self.rank_orders)]
+        return torch.logsumexp(torch.stack(scores), dim=0) - math.log(len(scores))
+
     def full_sort_predict(self, interaction) -> torch.Tensor:
-        return self._combine(self.score_prompts(self.prompt_ids(interaction)), interaction)
+        return self._over_orders(interaction, lambda x: self._combine(self.score_prompts(self.prompt_ids(x)), x))
 
     def predict(self, interaction) -> torch.Tensor:
+        return self._over_orders(interaction, self._predict_candidates)
+
+    def _predict_candidates(self, interaction) -> torch.Tensor:
         from causalrec.llm.ranking import score_pairs
 
         items = interaction[self.ITEM_ID]
