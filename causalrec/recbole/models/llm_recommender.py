@@ -374,9 +374,8 @@ class LLMRecommender(SequentialRecommender):
         shown = self.prompt_format.max_history_items
         users, lengths = interaction[self.USER_ID].tolist(), interaction[self.ITEM_SEQ_LEN].tolist()
         for row, (user, n) in enumerate(zip(users, lengths)):
-            n = int(n)
-            start = max(0, n - shown) if shown else 0
-            order = start + np.random.default_rng([self.order_seed, copy, int(user), n]).permutation(n - start)
+            start = max(0, n - shown)  # PromptFormat holds max_history_items >= 1
+            order = start + np.random.default_rng([self.order_seed, copy, user, n]).permutation(n - start)
             for f in fields:
                 columns[f][row, start:n] = interaction[f][row, torch.as_tensor(order)]
         return Interaction({**interaction.interaction, **columns})
