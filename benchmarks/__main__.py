@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.common import SCHEMA_VERSION, machine_info, set_threads, write_json
 
-BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator", "item_tokens", "pretrained")
+BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator", "item_tokens", "pretrained", "threads")
 _log = logging.getLogger("benchmarks")
 
 
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "--e2e-threads",
         type=int,
         default=None,
-        help="e2e: torch threads of the child (default: torch's own, all cores)",
+        help="e2e: torch threads of the child (default: the run's num_threads, auto)",
     )
     parser.add_argument("--e2e-model", default=None, help="e2e: the model (default CausalDPO, the main command's)")
     parser.add_argument("--e2e-dataset", default=None, help="e2e: the dataset (default retail-sim)")

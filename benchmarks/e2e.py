@@ -38,7 +38,7 @@ class Options:
     params: list[str] = field(default_factory=list)
     source: str | None = None  # the dataset's file (online-retail, csv); not an "extra" param for the goal
     timeout_s: float = 3600.0
-    threads: int | None = None  # torch threads of the child (OMP_NUM_THREADS); None: torch's default (all cores)
+    threads: int | None = None  # torch threads of the child (OMP_NUM_THREADS); None: the run's num_threads (auto)
 
     @classmethod
     def quick(cls) -> "Options":
@@ -142,7 +142,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             "preparation, model build, test evaluation.",
             "Wall time depends on what else runs on the machine (see the load averages). With several torch "
             "threads on busy cores CPU time does too (threads spin waiting for each other): see RESULTS.md. "
-            f"Child torch threads: {opts.threads or 'default (all cores)'}.",
+            f"Child torch threads: {opts.threads or 'the run default (num_threads: auto)'}.",
         ],
     }
 

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process: runs pick ``num_threads: auto`` from OMP_NUM_THREADS, so a test that runs
+# twice gets the same count both times however busy the other xdist worker is (and -n 2 workers fill 2 cores).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 ONLINE_RETAIL = SHARED_DATASETS / "online_retail_uci" / "online_retail.csv.gz"

@@ -259,6 +259,23 @@ def test_allocator_compares_both_mallocs_on_sasrec():
     assert "| heap_b15 |" in "\n".join(allocator.summary(payload))
 
 
+def test_threads_measures_each_variant_in_its_own_process_quiet_and_beside_a_busy_one():
+    from benchmarks import threads
+
+    payload = threads.run(threads.Options(seconds=0.2, rounds=1, batch=2, warmup=1, judged=False))
+    cores = payload["config"]["cores"]
+    for condition in ("quiet", "busy"):
+        rows = payload["results"][condition]["variants"]
+        assert set(rows) == {"torch default", "1", "auto"}
+        assert all(row["steps_per_s"] > 0 for row in rows.values())
+        assert rows["1"]["threads"] == [1] and rows["torch default"]["threads"] == [cores]  # OMP_NUM_THREADS unset
+        assert rows["torch default"]["vs_torch_default"] == 1.0
+    if cores >= 2:  # the busy process takes a core, and auto leaves it alone
+        assert max(payload["results"]["busy"]["variants"]["auto"]["threads"]) < cores
+    assert [g["passed"] for g in payload["goals"]] == [None, None]
+    assert "| busy | auto |" in "\n".join(threads.summary(payload))
+
+
 def test_item_tokens_compares_id_ranking_with_the_trie_sasrec_and_sdpo_steps():
     """Tiny sizes: the id path against the title trie (synthetic catalog; real titles skipped with a note),
     SASRec's full_sort_predict and the S-DPO step with every item vs 3 items as negatives."""

@@ -10,6 +10,7 @@ import torch
 
 from causalrec import cli
 from causalrec.errors import ConfigError
+from causalrec.recbole import threads
 from causalrec.recbole.preflight import known_config_keys, validate
 from causalrec.recbole.quick_start import build, make_config
 
@@ -59,19 +60,85 @@ def test_num_threads_is_a_known_key_listed_by_keys(capsys):
     assert "num_threads" in known_config_keys()
     assert "num_threads" in _cli(capsys, "keys").split()
     validate("Pop", "retail-sim", {"num_threads": 1})
-    for bad in (0, -2, "many"):
+    validate("Pop", "retail-sim", {"num_threads": "auto"})
+    for bad in (0, -2, "many", 1.5):
         with pytest.raises(ConfigError, match="num_threads"):
             validate("Pop", "retail-sim", {"num_threads": bad})
 
 
-def test_build_applies_num_threads(in_tmp):
+def test_build_applies_num_threads(in_tmp, monkeypatch):
     before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     try:
         torch.set_num_threads(1)
         build("Pop", "retail-sim", config_dict={**SMALL, "show_progress": False, "num_threads": 2})
         assert torch.get_num_threads() == 2
-        torch.set_num_threads(1)
-        build("Pop", "retail-sim", config_dict={**SMALL, "show_progress": False})  # None: torch's setting stays
+        # the default, auto (also what ``num_threads: ~`` means): OMP_NUM_THREADS where the environment sets it
+        build("Pop", "retail-sim", config_dict={**SMALL, "show_progress": False, "num_threads": None})
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_leaves_the_cores_other_processes_keep_busy(in_tmp, monkeypatch, caplog):
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "allowed_cores", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: 2.8)  # three of four cores taken
+    try:
+        with caplog.at_level("INFO", logger="causalrec.recbole.threads"):
+            build("Pop", "retail-sim", config_dict={**SMALL, "show_progress": False})
+        assert torch.get_num_threads() == 1
+        assert "num_threads auto: 1 thread(s), 2.8 of 4 cores busy at start" in caplog.text
+        monkeypatch.setattr(threads, "busy_cores", lambda cores: 0.3)  # a quiet machine: one thread per core
+        assert threads.resolve_num_threads("auto") == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's (and the test suite's) explicit choice wins
+        assert threads.resolve_num_threads("auto") == 3
+        assert threads.resolve_num_threads(2) == 2 and threads.resolve_num_threads(None) is None
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_threads_count_a_core_busy_from_half_its_time():
+    assert [threads.auto_threads(2, b) for b in (0.0, 0.49, 0.51, 1.0, 1.6, 2.0)] == [2, 2, 1, 1, 1, 1]
+    assert threads.auto_threads(8, 3.2) == 5 and threads.auto_threads(1, 0.9) == 1
+
+
+def test_busy_cores_reads_the_allowed_cpus_of_proc_stat(tmp_path, monkeypatch):
+    def stat(cpu0, cpu1, cpu2):  # user nice system idle iowait irq softirq steal per cpu
+        lines = ["cpu  0 0 0 0 0 0 0 0"] + [
+            f"cpu{i} " + " ".join(map(str, v)) for i, v in enumerate((cpu0, cpu1, cpu2))
+        ]
+        return "\n".join(lines + ["intr 1 2 3", "ctxt 99"]) + "\n"
+
+    path = tmp_path / "stat"
+    path.write_text(stat([100, 0, 0, 100, 0, 0, 0, 0], [100, 0, 0, 100, 0, 0, 0, 0], [0, 0, 0, 100, 0, 0, 0, 0]))
+    after = stat([130, 10, 10, 140, 10, 0, 0, 0], [150, 0, 40, 100, 0, 5, 5, 0], [100, 0, 0, 100, 0, 0, 0, 0])
+    monkeypatch.setattr(threads.time, "sleep", lambda s: path.write_text(after))
+    # cpu0: 50 busy of 100 (idle and iowait are not busy); cpu1: 100 of 100; cpu2 is not this process's
+    assert threads.busy_cores([0, 1], path=str(path)) == pytest.approx(1.5)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (5.0, 1.0, 1.0))
+    assert threads.busy_cores([0, 1], path=str(tmp_path / "absent")) == 2.0  # no /proc: the load average, capped
+    real = threads.busy_cores(threads.allowed_cores(), sample_s=0.05)
+    assert 0.0 <= real <= len(threads.allowed_cores()) + 1e-9
+
+
+def test_the_auto_default_keeps_the_keys_of_cells_published_before_it(in_tmp):
+    """A cell computed when the default was None (torch's own count) is found again: published cells and every
+    ``--out`` cache stay valid (docs/results/retail-sim-dial, a grid run without ``num_threads``)."""
+    import json
+
+    from causalrec.experiments.compare import CompareConfig, plan
+
+    published = Path(__file__).resolve().parents[1] / "docs/results/retail-sim-dial/dial-0.0-d2021-context/cells"
+    record = json.loads(next(published.glob("BPR-seasonal-seed2020-*.json")).read_text())
+    assert "num_threads" not in record["params"]
+    params = {k: v for k, v in record["params"].items() if k not in ("split", "seed")}
+    (cell,) = plan(CompareConfig(models=["BPR"], splits=["seasonal"], seeds=[2020], out=in_tmp / "o", params=params))
+    assert cell.key == record["key"]
+    (other,) = plan(
+        CompareConfig(
+            models=["BPR"], splits=["seasonal"], seeds=[2020], out=in_tmp / "o", params={**params, "num_threads": 1}
+        )
+    )
+    assert other.key != record["key"]  # an explicit count is a setting of its own

@@ -282,6 +282,8 @@ def _config_identity(model: str, dataset: str, params: dict[str, Any]) -> dict[s
     final = make_config(model, dataset, config_dict=params).final_config_dict
     # Keys added after cells were cached count only when set away from their default, so old cells stay valid.
     identity = without_late_defaults({k: v for k, v in final.items() if k not in VOLATILE_KEYS})
+    if identity.get("num_threads") == "auto":  # torch's own count on a quiet machine: the old default (None)'s key
+        identity["num_threads"] = None
     if final.get("validate_stages") == "best":  # all / last only choose which validations run; best picks the model
         identity["validate_stages"] = "best"
     if final.get("prepared_dir"):  # <cache>/<dataset>/<hash16>/<dataset>: the prepared files' input hash

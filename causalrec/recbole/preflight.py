@@ -126,7 +126,7 @@ def _kind(value: Any) -> str | None:
 
 
 # Keys whose YAML default has one type but that take another too (LoRA: "all-linear" or a list of module names).
-_ALSO_ACCEPTED = {"target_modules": {"list"}, "num_negatives": {"str"}}
+_ALSO_ACCEPTED = {"target_modules": {"list"}, "num_negatives": {"str"}, "num_threads": {"int"}}
 
 _WANTED = {
     "bool": "true or false",
@@ -164,13 +164,13 @@ _POSITIVE = (
     "tiny_heads",
     "max_seq_length",
     "MAX_ITEM_LIST_LENGTH",
-    "num_threads",
 )
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{key: (lambda v: v >= 1, ">= 1") for key in _POSITIVE},
     **{  # the LLM models' own keys: the lower bounds their owner states
         key: (lambda v, low=low: v >= low, f">= {low}") for key, low in LLMRecommenderConfig.rules()[1].items()
     },
+    "num_threads": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), ">= 1, or 'auto' (one per free core)"),
     "num_negatives": (lambda v: v == "all" or (isinstance(v, int) and v >= 1), ">= 1, or 'all' (item tokens)"),
     "learning_rate": (lambda v: v > 0, "> 0"),
     "beta": (lambda v: v > 0, "> 0"),

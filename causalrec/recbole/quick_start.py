@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 from causalrec.recbole import protocol
 from causalrec.recbole.evaluation import ENV_FIELDS, evaluate_with_environments
 from causalrec.recbole.preflight import check_against_data, preflight, read_config_files, resolve_nulls
+from causalrec.recbole.threads import resolve_num_threads
 
 _log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
     config = make_config(model, dataset, config_file_list, config_dict, output=output, saved=saved)
-    if config["num_threads"] is not None:
-        torch.set_num_threads(int(config["num_threads"]))
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
+    threads = resolve_num_threads(config["num_threads"])  # after the logger: ``auto`` logs its choice
+    if threads is not None:
+        torch.set_num_threads(threads)
     data = create_dataset(config)
     loaders = quick_start.data_preparation(config, data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])

@@ -1,0 +1,82 @@
+"""How many torch threads a run uses: the config key ``num_threads`` (an int, ``auto`` or None).
+
+torch (OpenMP) starts one thread per core and spins at every parallel region's barrier. When another process holds
+one of those cores, the thread that shares it arrives late at every barrier and the run slows many times (measured:
+33x for the main command's SFT beside one single-threaded job; benchmarks/threads.py). ``auto`` counts the cores
+that are busy when the run starts and leaves them alone; on a quiet machine it is torch's own count.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+_log = logging.getLogger(__name__)
+_SAMPLE_SECONDS = 0.25
+
+
+def allowed_cores() -> list[int]:
+    """The CPUs this process may run on (its affinity mask; all of them where the OS has none)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return list(range(os.cpu_count() or 1))
+
+
+def _cpu_times(path: str = "/proc/stat") -> dict[int, tuple[int, int]]:
+    """``{cpu: (busy jiffies, total jiffies)}`` from /proc/stat (idle and iowait count as not busy)."""
+    times = {}
+    with open(path) as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            values = [int(v) for v in fields[:8]]
+            idle = values[3] + values[4]
+            times[int(name[3:])] = (sum(values) - idle, sum(values))
+    return times
+
+
+def busy_cores(cores: list[int], sample_s: float = _SAMPLE_SECONDS, path: str = "/proc/stat") -> float:
+    """How many of ``cores`` other processes keep busy, measured over ``sample_s`` seconds (this process sleeps
+    meanwhile, so it does not count itself). Without /proc/stat: the 1-minute load average, capped at the cores."""
+    try:
+        before = _cpu_times(path)
+        time.sleep(sample_s)
+        after = _cpu_times(path)
+    except (OSError, ValueError, IndexError):
+        try:
+            return min(float(len(cores)), os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return 0.0
+    busy = 0.0
+    for cpu in cores:
+        if cpu in before and cpu in after:
+            d_busy, d_total = (a - b for a, b in zip(after[cpu], before[cpu]))
+            busy += d_busy / d_total if d_total > 0 else 0.0
+    return busy
+
+
+def auto_threads(cores: int, busy: float) -> int:
+    """Threads for ``cores`` cores of which ``busy`` are in use: one per core left free (a core counts as busy from
+    half its time), at least one."""
+    return max(1, cores - math.floor(busy + 0.5))
+
+
+def resolve_num_threads(value) -> int | None:
+    """The thread count ``num_threads`` asks for: an int as given; ``auto``: ``OMP_NUM_THREADS`` where the
+    environment sets it (the user's choice, and the test suite's), else one per core free now; None: leave torch's
+    setting alone."""
+    if value is None:
+        return None
+    if value == "auto":
+        if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
+            return int(os.environ["OMP_NUM_THREADS"])
+        cores = allowed_cores()
+        busy = busy_cores(cores)
+        threads = auto_threads(len(cores), busy)
+        _log.info("num_threads auto: %d thread(s), %.1f of %d cores busy at start", threads, busy, len(cores))
+        return threads
+    return int(value)
