@@ -85,6 +85,7 @@ def test_auto_leaves_the_cores_other_processes_keep_busy(in_tmp, monkeypatch, ca
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "allowed_cores", lambda: [0, 1, 2, 3])
     monkeypatch.setattr(threads, "busy_cores", lambda cores: 2.8)  # three of four cores taken
+    monkeypatch.setattr(threads, "quota_cores", lambda: None)  # no container quota
     try:
         with caplog.at_level("INFO", logger="causalrec.recbole.threads"):
             build("Pop", "retail-sim", config_dict={**SMALL, "show_progress": False})
@@ -97,6 +98,29 @@ def test_auto_leaves_the_cores_other_processes_keep_busy(in_tmp, monkeypatch, ca
         assert threads.resolve_num_threads(2) == 2 and threads.resolve_num_threads(None) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_stays_within_the_cgroups_cpu_quota(tmp_path, monkeypatch):
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    assert threads.quota_cores(str(tmp_path / "none")) is None
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert threads.quota_cores(str(v2)) is None
+    (v2 / "cpu.max").write_text("150000 100000\n")  # --cpus 1.5: two threads, the second one half used
+    assert threads.quota_cores(str(v2)) == 2
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert threads.quota_cores(str(v1)) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert threads.quota_cores(str(v1)) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "allowed_cores", lambda: list(range(64)))  # a container on a 64-core host
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: 10.0)
+    monkeypatch.setattr(threads, "quota_cores", lambda: 3)
+    assert threads.resolve_num_threads("auto") == 3
+    monkeypatch.setattr(threads, "quota_cores", lambda: None)
+    assert threads.resolve_num_threads("auto") == 54
 
 
 def test_auto_threads_count_a_core_busy_from_half_its_time():

@@ -3,7 +3,8 @@
 torch (OpenMP) starts one thread per core and spins at every parallel region's barrier. When another process holds
 one of those cores, the thread that shares it arrives late at every barrier and the run slows many times (measured:
 33x for the main command's SFT beside one single-threaded job; benchmarks/threads.py). ``auto`` counts the cores
-that are busy when the run starts and leaves them alone; on a quiet machine it is torch's own count.
+that are busy when the run starts and leaves them alone (and stays within a container's CPU quota); on a quiet
+machine it is torch's own count.
 """
 
 from __future__ import annotations
@@ -59,6 +60,22 @@ def busy_cores(cores: list[int], sample_s: float = _SAMPLE_SECONDS, path: str = 
     return busy
 
 
+def quota_cores(root: str = "/sys/fs/cgroup") -> int | None:
+    """The CPU quota of this process's cgroup in whole cores (a container's ``--cpus``), or None where none is set:
+    the affinity mask still lists every host core there, and torch's default would start a thread on each."""
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = open(os.path.join(root, "cpu.max")).read().split()[:2]
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1: a quota of -1 means none
+        quota = int(open(os.path.join(root, "cpu", "cpu.cfs_quota_us")).read())
+        period = int(open(os.path.join(root, "cpu", "cpu.cfs_period_us")).read())
+        return None if quota <= 0 or period <= 0 else max(1, math.ceil(quota / period))
+    except (OSError, ValueError):
+        return None
+
+
 def auto_threads(cores: int, busy: float) -> int:
     """Threads for ``cores`` cores of which ``busy`` are in use: one per core left free (a core counts as busy from
     half its time), at least one."""
@@ -77,6 +94,11 @@ def resolve_num_threads(value) -> int | None:
         cores = allowed_cores()
         busy = busy_cores(cores)
         threads = auto_threads(len(cores), busy)
-        _log.info("num_threads auto: %d thread(s), %.1f of %d cores busy at start", threads, busy, len(cores))
+        quota = quota_cores()
+        if quota is not None and quota < threads:
+            threads = quota
+            _log.info("num_threads auto: %d thread(s), the cgroup's CPU quota", threads)
+        else:
+            _log.info("num_threads auto: %d thread(s), %.1f of %d cores busy at start", threads, busy, len(cores))
         return threads
     return int(value)
