@@ -6,8 +6,9 @@ Llama (hidden 64, 2 layers, 4 heads, MLP 256, batch 32 x 56 tokens; full fine-tu
 for ``seconds`` and reports steps per second. Conditions: ``quiet`` (nothing started by the benchmark) and
 ``busy`` (one single-threaded CPU-bound process at nice 19 beside it, in its own session, as another terminal's or
 user's job: with Linux's scheduler autogroups, on by default, a process in another session gets an equal share of a
-core whatever its nice value, so ``nice`` does not keep it out of the run's way). Variants run interleaved, rounds rotated; medians and ratios to torch's default within each condition.
-The ``quiet`` rows are only quiet if the machine is: the load average is recorded.
+core whatever its nice value, so ``nice`` does not keep it out of the run's way). Variants run interleaved, rounds
+rotated; medians and ratios to torch's default within each condition. The ``quiet`` rows are only quiet if the
+machine is: the load average is recorded.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _busy_process() -> subprocess.Popen:
         [sys.executable, "-c", _BUSY_CODE],
         env={**child_env(), "OMP_NUM_THREADS": "1"},
         preexec_fn=lambda: os.nice(19),
-        start_new_session=True,  # its own session, as another terminal's or user's job (see busy_note)
+        start_new_session=True,  # its own session and autogroup, as another terminal's job (module docstring)
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -137,8 +138,8 @@ def run(opts: Options | None = None) -> dict[str, Any]:
         for row in rows.values():
             row["vs_torch_default"] = ratio(row["steps_per_s"], base)
         results[condition] = {"variants": rows, "load_avg": [round(x, 2) for x in os.getloadavg()]}
-    quiet = results["quiet"]["variants"]["auto"]["vs_torch_default"]
-    busy = results["busy"]["variants"]["auto"]["vs_torch_default"]
+    quiet_ratio = results["quiet"]["variants"]["auto"]["vs_torch_default"]
+    busy_ratio = results["busy"]["variants"]["auto"]["vs_torch_default"]
     return {
         "benchmark": NAME,
         "config": {**opts.__dict__, "cores": len(os.sched_getaffinity(0))},
@@ -146,14 +147,14 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             {
                 "name": "tiny-Llama training steps/s, num_threads auto / torch default, quiet machine",
                 "target": f">= {GOAL_QUIET}x",
-                "measured": quiet,
-                "passed": (quiet is not None and quiet >= GOAL_QUIET) if opts.judged else None,
+                "measured": quiet_ratio,
+                "passed": (quiet_ratio is not None and quiet_ratio >= GOAL_QUIET) if opts.judged else None,
             },
             {
                 "name": "the same beside one busy single-threaded process (nice 19)",
                 "target": f">= {GOAL_BUSY}x",
-                "measured": busy,
-                "passed": (busy is not None and busy >= GOAL_BUSY) if opts.judged else None,
+                "measured": busy_ratio,
+                "passed": (busy_ratio is not None and busy_ratio >= GOAL_BUSY) if opts.judged else None,
             },
         ],
         "results": results,

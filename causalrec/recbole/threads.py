@@ -89,8 +89,9 @@ def resolve_num_threads(value) -> int | None:
     if value is None:
         return None
     if value == "auto":
-        if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) >= 1:
-            return int(os.environ["OMP_NUM_THREADS"])
+        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if omp.isdigit() and int(omp) >= 1:
+            return int(omp)
         cores = allowed_cores()
         busy = busy_cores(cores)
         threads = auto_threads(len(cores), busy)
