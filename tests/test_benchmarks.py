@@ -262,7 +262,9 @@ def test_allocator_compares_both_mallocs_on_sasrec():
 def test_threads_measures_each_variant_in_its_own_process_quiet_and_beside_a_busy_one():
     from benchmarks import threads
 
-    payload = threads.run(threads.Options(seconds=0.2, rounds=1, batch=2, warmup=1, judged=False))
+    payload = threads.run(
+        threads.Options(seconds=0.2, rounds=1, batch=2, warmup=1, quiet_s=0.2, react_s=0.3, judged=False)
+    )
     cores = payload["config"]["cores"]
     for condition in ("quiet", "busy"):
         rows = payload["results"][condition]["variants"]
@@ -272,8 +274,11 @@ def test_threads_measures_each_variant_in_its_own_process_quiet_and_beside_a_bus
         assert rows["torch default"]["vs_torch_default"] == 1.0
     if cores >= 2:  # the busy process takes a core, and auto leaves it alone
         assert max(payload["results"]["busy"]["variants"]["auto"]["threads"]) < cores
-    assert [g["passed"] for g in payload["goals"]] == [None, None]
-    assert "| busy | auto |" in "\n".join(threads.summary(payload))
+    later = payload["results"]["busy later"]["variants"]  # the busy process starts inside each child
+    assert set(later) == {"torch default", "auto, start only", "auto"}
+    assert all(row["steps_per_s"] > 0 for row in later.values())
+    assert [g["passed"] for g in payload["goals"]] == [None, None, None]
+    assert "| busy later | auto, start only |" in "\n".join(threads.summary(payload))
 
 
 def test_item_tokens_compares_id_ranking_with_the_trie_sasrec_and_sdpo_steps():

@@ -125,6 +125,7 @@ def test_auto_stays_within_the_cgroups_cpu_quota(tmp_path, monkeypatch):
 
 def test_auto_threads_count_a_core_busy_from_half_its_time():
     assert [threads.auto_threads(2, b) for b in (0.0, 0.49, 0.51, 1.0, 1.6, 2.0)] == [2, 2, 1, 1, 1, 1]
+    assert [threads.auto_threads(2, b, taken_from=0.25) for b in (0.2, 0.3, 1.2, 1.3)] == [2, 1, 1, 1]
     assert threads.auto_threads(8, 3.2) == 5 and threads.auto_threads(1, 0.9) == 1
 
 
@@ -166,3 +167,118 @@ def test_the_auto_default_keeps_the_keys_of_cells_published_before_it(in_tmp):
         )
     )
     assert other.key != record["key"]  # an explicit count is a setting of its own
+
+
+class _Machine:
+    """A fake /proc/stat, wall clock and process CPU clock for ThreadGovernor: ``run(seconds, own, others)`` lets
+    ``seconds`` pass with this process using ``own`` cores and other processes ``others`` cores of two."""
+
+    def __init__(self, path: Path):
+        self.path, self.wall, self.own, self.busy = path, 0.0, 0.0, 0.0
+        self._write()
+
+    def _write(self):
+        jiffies = round(self.busy * 100)  # USER_HZ 100, split over cpu0 and cpu1; cpu2 is not ours and always busy
+        busy = (jiffies // 2, jiffies - jiffies // 2, 10**6)
+        lines = [f"cpu{i} {b} 0 0 {10**6} 0 0 0 0" for i, b in enumerate(busy)]
+        self.path.write_text("cpu  0 0 0 0 0 0 0 0\n" + "\n".join(lines) + "\n")
+
+    def run(self, seconds, own, others):
+        self.wall += seconds
+        self.own += own * seconds
+        self.busy += (own + others) * seconds
+        self._write()
+
+    def governor(self, threads=2, **kw):
+        self.set_to: list[int] = []
+        return threads_mod.ThreadGovernor(
+            threads,
+            [0, 1],
+            ceiling=kw.pop("ceiling", 2),
+            stat_path=str(self.path),
+            clock=lambda: self.wall,
+            cpu_clock=lambda: self.own,
+            set_threads=self.set_to.append,
+            **kw,
+        )
+
+
+threads_mod = threads
+
+
+def test_governor_drops_a_thread_when_a_job_starts_later_and_takes_it_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    machine = _Machine(tmp_path / "stat")
+    gov = machine.governor(threads=2)
+    machine.run(30, own=2.0, others=0.0)  # quiet: this run keeps both cores
+    assert gov.check() is None and gov.threads == 2
+    machine.run(30, own=1.9, others=0.1)  # a daemon's tenth of a core: no change
+    assert gov.check() is None
+    # another job starts: under autogroups it gets about half a core beside two spinning threads, here a bit less
+    machine.run(30, own=1.6, others=0.4)
+    assert gov.others(*_two_samples(gov, machine, own=1.6, others=0.4)) == pytest.approx(0.4)
+    assert gov.check() is None  # the first look that disagrees waits for a second one
+    machine.run(30, own=1.6, others=0.4)
+    assert gov.check() == 1 and machine.set_to == [1] and gov.threads == 1
+    machine.run(30, own=1.0, others=1.0)  # the job keeps its core: stay at one
+    assert gov.check() is None and gov.check() is None
+    machine.run(30, own=1.0, others=0.0)  # it ended: back to two after two quiet looks
+    assert gov.check() is None
+    machine.run(30, own=1.0, others=0.0)
+    assert gov.check() == 2 and machine.set_to == [1, 2]
+
+
+def _two_samples(gov, machine, own, others):
+    before = gov._sample()
+    machine.run(10, own=own, others=others)
+    return before, gov._sample()
+
+
+def test_governor_ignores_a_burst_and_keeps_within_its_ceiling(tmp_path, monkeypatch):
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    machine = _Machine(tmp_path / "stat")
+    gov = machine.governor(threads=2)
+    machine.run(30, own=1.0, others=1.0)
+    assert gov.check() is None  # one busy look
+    machine.run(30, own=2.0, others=0.0)
+    assert gov.check() is None  # then quiet again: no change, and the pending one is forgotten
+    machine.run(30, own=1.0, others=1.0)
+    assert gov.check() is None and machine.set_to == []
+    capped = machine.governor(threads=1, ceiling=1)  # a CPU quota of one core: never two
+    for _ in range(3):
+        machine.run(30, own=1.0, others=0.0)
+        assert capped.check() is None
+    assert machine.set_to == []
+
+
+def test_governor_ticks_after_optimizer_steps_at_most_every_interval(tmp_path, monkeypatch):
+    machine = _Machine(tmp_path / "stat")
+    gov = machine.governor(threads=2, interval_s=30.0)
+    looks = []
+    check = gov.check
+    monkeypatch.setattr(gov, "check", lambda: (looks.append(machine.wall), check())[1])
+    machine.run(10, own=2.0, others=0.0)
+    gov.tick()
+    machine.run(25, own=2.0, others=0.0)
+    gov.tick()
+    gov.tick()
+    assert looks == [35.0]  # not at 10 s; once at 35 s, not again in the same interval
+    # govern_threads hooks every optimizer's step and replaces the last run's governor
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads.measured("auto") and not threads.measured(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert not threads.measured("auto")
+    live = threads.govern_threads(torch.get_num_threads())
+    try:
+        calls = []
+        live.interval_s = 0.0  # look after every step
+        monkeypatch.setattr(live, "check", lambda: calls.append(1))
+        param = torch.nn.Parameter(torch.zeros(2))
+        opt = torch.optim.SGD([param], lr=0.1)
+        param.sum().backward()
+        opt.step()
+        assert len(calls) == 1
+    finally:
+        threads.govern_threads(None)
+    opt.step()
+    assert len(calls) == 1  # stopped: no hook left

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from causalrec.recbole import protocol
 from causalrec.recbole.evaluation import ENV_FIELDS, evaluate_with_environments
 from causalrec.recbole.preflight import check_against_data, preflight, read_config_files, resolve_nulls
-from causalrec.recbole.threads import resolve_num_threads
+from causalrec.recbole.threads import govern_threads, measured, resolve_num_threads
 
 _log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
     threads = resolve_num_threads(config["num_threads"])  # after the logger: ``auto`` logs its choice
     if threads is not None:
         torch.set_num_threads(threads)
+    govern_threads(threads if measured(config["num_threads"]) else None)  # a job that starts later: fewer threads
     data = create_dataset(config)
     loaders = quick_start.data_preparation(config, data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
@@ -116,6 +117,13 @@ def run(
     """
     if resume:
         config_dict = {**(config_dict or {}), "resume": True}
+    try:
+        return _train_and_test(model, dataset, config_file_list, config_dict, saved, callback_fn, output)
+    finally:
+        govern_threads(None)  # the run's thread governor must not touch what the process does next
+
+
+def _train_and_test(model, dataset, config_file_list, config_dict, saved, callback_fn, output):
     config, trainer, (train_data, valid_data, test_data) = build(
         model, dataset, config_file_list, config_dict, output=output, saved=saved
     )

@@ -4,7 +4,9 @@ torch (OpenMP) starts one thread per core and spins at every parallel region's b
 one of those cores, the thread that shares it arrives late at every barrier and the run slows many times (measured:
 33x for the main command's SFT beside one single-threaded job; benchmarks/threads.py). ``auto`` counts the cores
 that are busy when the run starts and leaves them alone (and stays within a container's CPU quota); on a quiet
-machine it is torch's own count.
+machine it is torch's own count. A job that starts later is caught by ``ThreadGovernor``: after every optimizer step
+it looks (at most every 10 s) at what other processes used since its last look, and moves the count when two looks
+in a row agree.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import time
 
 _log = logging.getLogger(__name__)
 _SAMPLE_SECONDS = 0.25
+_CHECK_SECONDS = 10.0
+_TAKEN_WHILE_RUNNING = 0.25  # of a core, for ThreadGovernor (at start: half)
 
 
 def allowed_cores() -> list[int]:
@@ -76,10 +80,22 @@ def quota_cores(root: str = "/sys/fs/cgroup") -> int | None:
         return None
 
 
-def auto_threads(cores: int, busy: float) -> int:
-    """Threads for ``cores`` cores of which ``busy`` are in use: one per core left free (a core counts as busy from
-    half its time), at least one."""
-    return max(1, cores - math.floor(busy + 0.5))
+def auto_threads(cores: int, busy: float, taken_from: float = 0.5) -> int:
+    """Threads for ``cores`` cores of which ``busy`` are in use: one per core left free (a core counts as taken from
+    ``taken_from`` of its time), at least one."""
+    return max(1, cores - math.floor(busy + 1.0 - taken_from))
+
+
+def _omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` where the environment sets a count (the user's choice, and the test suite's)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(omp) if omp.isdigit() and int(omp) >= 1 else None
+
+
+def measured(value) -> bool:
+    """Whether ``num_threads: value`` is decided by measuring the machine (``auto`` without ``OMP_NUM_THREADS``),
+    so that ``ThreadGovernor`` may keep adjusting it."""
+    return value == "auto" and _omp_threads() is None
 
 
 def resolve_num_threads(value) -> int | None:
@@ -89,9 +105,9 @@ def resolve_num_threads(value) -> int | None:
     if value is None:
         return None
     if value == "auto":
-        omp = os.environ.get("OMP_NUM_THREADS", "").strip()
-        if omp.isdigit() and int(omp) >= 1:
-            return int(omp)
+        omp = _omp_threads()
+        if omp is not None:
+            return omp
         cores = allowed_cores()
         busy = busy_cores(cores)
         threads = auto_threads(len(cores), busy)
@@ -103,3 +119,120 @@ def resolve_num_threads(value) -> int | None:
             _log.info("num_threads auto: %d thread(s), %.1f of %d cores busy at start", threads, busy, len(cores))
         return threads
     return int(value)
+
+
+def ceiling_threads(cores: list[int] | None = None) -> int:
+    """The most threads ``auto`` uses: one per allowed core, within the cgroup's CPU quota."""
+    n = len(cores if cores is not None else allowed_cores())
+    quota = quota_cores()
+    return min(n, quota) if quota is not None else n
+
+
+class ThreadGovernor:
+    """Keeps an ``auto`` thread count right while a run goes on.
+
+    ``check()`` measures how many of ``cores`` other processes kept busy since the last measurement (the cores'
+    busy time from /proc/stat minus this process's own CPU time) and sets torch's thread count to ``auto_threads``
+    of it, within ``ceiling``, once two measurements in a row ask for the same new count (one busy burst does not
+    move it). ``tick()`` calls ``check()`` at most every ``interval_s`` seconds. Both must run on the thread that
+    runs torch: OpenMP's thread count belongs to the calling thread.
+    """
+
+    def __init__(
+        self,
+        threads: int,
+        cores: list[int] | None = None,
+        *,
+        ceiling: int | None = None,
+        interval_s: float = _CHECK_SECONDS,
+        stat_path: str = "/proc/stat",
+        clock=time.monotonic,
+        cpu_clock=time.process_time,
+        set_threads=None,
+    ):
+        import torch
+
+        self.threads = threads
+        self.cores = cores if cores is not None else allowed_cores()
+        self.ceiling = ceiling if ceiling is not None else ceiling_threads(self.cores)
+        self.interval_s = interval_s
+        self._stat_path = stat_path
+        self._clock, self._cpu_clock = clock, cpu_clock
+        self._set_threads = set_threads or torch.set_num_threads
+        self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._pending: int | None = None
+        self._last = self._sample()
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        """(wall s, this process's CPU s, the cores' busy s), or None without /proc/stat."""
+        try:
+            times = _cpu_times(self._stat_path)
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = sum(times[c][0] for c in self.cores if c in times) / self._ticks
+        return self._clock(), self._cpu_clock(), busy
+
+    def others(self, before, after) -> float:
+        """Cores other processes kept busy between two samples."""
+        wall = after[0] - before[0]
+        if wall <= 0:
+            return 0.0
+        return max(0.0, ((after[2] - before[2]) - (after[1] - before[1])) / wall)
+
+    def check(self) -> int | None:
+        """Measure now; returns the new thread count when it changed, else None."""
+        now = self._sample()
+        if now is None or self._last is None or now[0] <= self._last[0]:
+            return None  # no time passed: nothing measured
+        busy = self.others(self._last, now)
+        self._last = now
+        # a quarter of a core is enough: while the run holds every core, a process in another session (scheduler
+        # autogroup) gets about half of one beside two spinning threads, sometimes a little less
+        target = min(self.ceiling, auto_threads(len(self.cores), busy, taken_from=_TAKEN_WHILE_RUNNING))
+        _log.debug(
+            "thread governor: %.2f of %d cores busy with other work; %d thread(s), target %d",
+            busy,
+            len(self.cores),
+            self.threads,
+            target,
+        )
+        if target == self.threads:
+            self._pending = None
+            return None
+        if target != self._pending:
+            self._pending = target  # wait for a second look
+            return None
+        _log.info(
+            "num_threads auto: %d -> %d thread(s), %.1f of %d cores busy with other work",
+            self.threads,
+            target,
+            busy,
+            len(self.cores),
+        )
+        self._set_threads(target)
+        self.threads, self._pending = target, None
+        return target
+
+    def tick(self, *_args, **_kwargs) -> None:
+        if self._last is not None and self._clock() - self._last[0] >= self.interval_s:
+            self.check()
+
+
+_governor: tuple[ThreadGovernor, object] | None = None
+
+
+def govern_threads(threads: int | None) -> ThreadGovernor | None:
+    """Start watching an ``auto`` count (``threads``; None: stop): ``tick`` after every optimizer step, the
+    training loops of RecBole and of TRL alike. One governor per process; a new run replaces the last one's."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    global _governor
+    if _governor is not None:
+        _governor[1].remove()
+        _governor = None
+    if threads is None:
+        return None
+    governor = ThreadGovernor(threads)
+    handle = register_optimizer_step_post_hook(governor.tick)
+    _governor = (governor, handle)
+    return governor
