@@ -282,3 +282,30 @@ def test_governor_ticks_after_optimizer_steps_at_most_every_interval(tmp_path, m
         threads.govern_threads(None)
     opt.step()
     assert len(calls) == 1  # stopped: no hook left
+
+
+def test_a_run_with_auto_threads_is_governed_while_it_trains_and_not_after(in_tmp, monkeypatch):
+    from causalrec.recbole import quick_start
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "busy_cores", lambda cores: 0.0)
+    seen = []
+    build = quick_start.build
+
+    def spy(*args, **kwargs):
+        out = build(*args, **kwargs)
+        seen.append(threads._governor)
+        return out
+
+    monkeypatch.setattr(quick_start, "build", spy)
+    try:
+        quick_start.run("BPR", "retail-sim", config_dict={**SMALL, "show_progress": False, "epochs": 2})
+        assert seen and seen[0] is not None  # auto, measured: governed during training
+        assert threads._governor is None  # and stopped with the run: the process's next work is left alone
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's count: nothing to govern
+        quick_start.run("BPR", "retail-sim", config_dict={**SMALL, "show_progress": False, "epochs": 1})
+        assert seen[1] is None
+    finally:
+        threads.govern_threads(None)
+        torch.set_num_threads(before)
