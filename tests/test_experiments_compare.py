@@ -241,6 +241,19 @@ def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
     assert code == 0
 
 
+def test_jobs_train_cells_in_parallel_processes_with_the_same_results(grid, in_tmp, caplog):
+    out, frame = grid
+    with caplog.at_level("INFO", logger="causalrec.experiments.compare"):
+        parallel = causalrec.compare(["Pop", "BPR"], "retail-sim", out=in_tmp / "par", jobs=2, **GRID)
+    assert "compare: 8 cells in 2 processes, 1 torch thread(s) each" in caplog.text  # OMP_NUM_THREADS=1 here
+    assert parallel.attrs["trained"] == 8
+    assert parallel.attrs["failures"].empty, parallel.attrs["failures"].to_dict("records")
+    serial = {(r["model"], r["split"], r["seed"]): r["result"]["test_result"] for r in _records(out)}
+    assert {(r["model"], r["split"], r["seed"]): r["result"]["test_result"] for r in _records(in_tmp / "par")} == serial
+    cols = ["model", "split", "seed", "environment", "metric"]
+    assert parallel.sort_values(cols).reset_index(drop=True).equals(frame.sort_values(cols).reset_index(drop=True))
+
+
 def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, in_tmp):
     import shutil
 
@@ -552,6 +565,7 @@ def test_per_model_sections_and_layering(in_tmp):
         ({"seeds": 0}, ConfigError, ["seeds", ">= 1"]),
         ({"seeds": [1, 1]}, ConfigError, ["distinct"]),
         ({"seeds": 2020}, ConfigError, ["2020 seeds", "--seeds 2020,"]),  # a seed given where a count is expected
+        ({"jobs": 0}, ConfigError, ["jobs", ">= 1"]),
     ],
 )
 def test_bad_settings_fail_before_any_training(in_tmp, kwargs, error, words):

@@ -12,6 +12,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,24 @@ def test_probe_makes_folders_and_a_failed_preflight_removes_them(tmp_path):
     (tmp_path / "f").write_text("")
     problem = probe_writable(tmp_path / "f" / "sub", "checkpoint_dir")
     assert isinstance(problem, ConfigError) and "checkpoint_dir" in str(problem)
+
+
+def test_probe_survives_another_process_removing_the_parent_it_just_made(tmp_path, monkeypatch):
+    # compare --jobs: a finishing cell removes the shared, empty checkpoints/ folder while another cell's probe is
+    # between making it and making its own folder inside it
+    target = tmp_path / "checkpoints" / "cell"
+    mkdir = Path.mkdir
+    raced = []
+
+    def racing_mkdir(self, *args, **kwargs):
+        if self == target and not raced:
+            raced.append(True)
+            self.parent.rmdir()  # the other process's cleanup, just before our mkdir
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", racing_mkdir)
+    assert probe_writable(target, "checkpoint_dir") is None
+    assert raced and target.is_dir()
 
 
 def test_input_files_are_opened_up_front(tmp_path):

@@ -63,6 +63,13 @@ def add_parser(subparsers) -> None:
         help="also write every recorded cell without per-user values to DIR/cells, with DIR/compare.json "
         "and a report from those cells (a folder to commit, e.g. docs/results/<name>)",
     )
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=1,
+        help="train up to N cells at once, each in its own process with cores // N torch threads (default 1)",
+    )
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -100,6 +107,7 @@ def _cmd(args) -> int:
         show_progress=not args.no_progress,
         publish=args.publish,
         sources=args.sources,
+        jobs=args.jobs,
     )
     files = frame.attrs["files"]
     print(Path(files["report"]).read_text(encoding="utf-8"))

@@ -142,6 +142,10 @@ class CompareConfig:
             testing). LLM training stages are shared through ``<out>/stages`` unless ``stage_cache_dir`` is set.
         plots: write PNG plots.
         show_progress: a progress bar over cells.
+        jobs: cells trained at once, each in a process of its own (``spawn``); each process gets
+            ``OMP_NUM_THREADS`` = allowed cores // jobs (at least 1) unless the environment sets it, so ``num_threads:
+            auto`` uses that count. Prepared data and LLM training stages are shared through their caches, whose
+            locks let one process build what another waits for.
     """
 
     models: Sequence[str] = DEFAULT_MODELS
@@ -159,6 +163,7 @@ class CompareConfig:
     keep_checkpoints: bool = False
     plots: bool = True
     show_progress: bool = True
+    jobs: int = 1
 
     def __post_init__(self):
         from causalrec.data import SPLITS
@@ -180,6 +185,8 @@ class CompareConfig:
         self.report_metrics = [m.lower() for m in _names("report_metrics", self.report_metrics)]
         if isinstance(self.min_env_cases, bool) or not isinstance(self.min_env_cases, int) or self.min_env_cases < 1:
             raise ConfigError(f"min_env_cases must be an integer >= 1; got {self.min_env_cases!r}")
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            raise ConfigError(f"jobs must be an integer >= 1; got {self.jobs!r}")
         self.out = Path(self.out)
         self.seed_list()  # validates
 
@@ -394,24 +401,75 @@ def run_cells(cells: Sequence[Cell], config: CompareConfig) -> tuple[list[dict[s
     """Records of every cell (cached or run; under ``report_only`` the cached ones) and how many were run now."""
     from tqdm.auto import tqdm
 
-    records, trained = [], 0
-    bar = tqdm(cells, desc="compare", unit="cell", disable=not config.show_progress)
-    for cell in bar:
+    found: dict[int, dict[str, Any]] = {}
+    pending: list[int] = []
+    for i, cell in enumerate(cells):
         record = load_cell(cell, config.out)
         if record is not None and (record.get("status") == "ok" or not config.retry_failed or config.report_only):
             _log.debug("cell %s: cached (%s)", cell.name, record.get("status"))
-            bar.set_postfix_str(f"{cell.name}: cached")
-        elif config.report_only:
-            bar.set_postfix_str(f"{cell.name}: not run")
-            continue
-        else:
-            record = run_cell(cell, config.dataset, config.out, config.keep_checkpoints)
-            trained += 1
-            _log.info("cell %s: %s in %.1fs", cell.name, record["status"], record["seconds"])
-            bar.set_postfix_str(f"{cell.name}: {record['status']} {record['seconds']:.1f}s")
-        records.append(record)
+            found[i] = record
+        elif not config.report_only:
+            pending.append(i)
+    bar = tqdm(total=len(cells), desc="compare", unit="cell", disable=not config.show_progress)
+    bar.update(len(found) + (len(cells) - len(found) if config.report_only else 0))
+
+    def done(i: int, record: dict[str, Any]) -> None:
+        found[i] = record
+        _log.info("cell %s: %s in %.1fs", cells[i].name, record["status"], record["seconds"])
+        bar.set_postfix_str(f"{cells[i].name}: {record['status']} {record['seconds']:.1f}s")
+        bar.update(1)
+
+    if config.jobs > 1 and len(pending) > 1:
+        _run_parallel(cells, pending, config, done)
+    else:
+        for i in pending:
+            done(i, run_cell(cells[i], config.dataset, config.out, config.keep_checkpoints))
     bar.close()
-    return records, trained
+    return [found[i] for i in range(len(cells)) if i in found], len(pending)
+
+
+def _worker_init(threads: int) -> None:
+    """A ``compare --jobs`` worker: its share of the cores, before torch starts its thread pool."""
+    import os
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def _run_parallel(cells: Sequence[Cell], pending: Sequence[int], config: CompareConfig, done) -> None:
+    """Train ``pending`` cells in ``config.jobs`` spawned processes; ``done(i, record)`` as each finishes. A worker
+    that dies (killed, out of memory) fails its cell for this run only: nothing is cached for it."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from causalrec.recbole.threads import allowed_cores
+
+    jobs = min(config.jobs, len(pending))
+    threads = max(1, len(allowed_cores()) // jobs)
+    _log.info("compare: %d cells in %d processes, %d torch thread(s) each", len(pending), jobs, threads)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or CUDA state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {
+            pool.submit(run_cell, cells[i], config.dataset, config.out, config.keep_checkpoints): i for i in pending
+        }
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                record = future.result()
+            except Exception as err:  # noqa: BLE001 - the worker itself died; run_cell reports its own errors
+                record = {
+                    "format": CELL_FORMAT,
+                    "key": cells[i].key,
+                    "model": cells[i].model,
+                    "dataset": config.dataset,
+                    "split": cells[i].split,
+                    "seed": cells[i].seed,
+                    "params": cells[i].params,
+                    "status": "failed",
+                    "error": f"worker process failed: {type(err).__name__}: {err}",
+                    "seconds": 0.0,
+                }
+                _log.warning("cell %s: %s", cells[i].name, record["error"])
+            done(i, record)
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -470,11 +528,14 @@ def compare(
     show_progress: bool = True,
     publish: str | Path | None = None,
     sources: Sequence[str | Path] = (),
+    jobs: int = 1,
 ):
     """Run (or load from ``out``) every model x split x seed cell and write the comparison's outputs.
 
     Defaults: ``models`` ``DEFAULT_MODELS``, ``dataset`` retail-sim, ``splits`` ``DEFAULT_SPLITS``, ``seeds`` 3,
     ``report_metrics`` ndcg@10 and recall@10, ``min_env_cases`` 20.
+
+    ``jobs``: cells trained at once, each in its own process (``CompareConfig.jobs``).
 
     ``publish``: a folder (e.g. ``docs/results/<name>``) that gets every recorded cell without its per-user
     values, a grid file and a report of its own (``publish_cells``). ``sources`` (needs ``report_only``):
@@ -530,6 +591,7 @@ def compare(
         keep_checkpoints=keep_checkpoints,
         plots=plots,
         show_progress=show_progress,
+        jobs=jobs,
     )
     return run_comparison(config, publish=publish)
 

@@ -318,12 +318,18 @@ def probe_writable(folder: str | os.PathLike, what: str, created: list[Path] | N
     folder = Path(folder).expanduser().absolute()
     created = [] if created is None else created
     try:
-        for parent in reversed([p for p in [folder, *folder.parents] if not p.exists()]):
+        for attempt in range(5):
             try:
-                parent.mkdir()
-                created.append(parent)
-            except FileExistsError:  # another process of the launch made it first
-                pass
+                for parent in reversed([p for p in [folder, *folder.parents] if not p.exists()]):
+                    try:
+                        parent.mkdir()
+                        created.append(parent)
+                    except FileExistsError:  # another process of the launch made it first
+                        pass
+                break
+            except FileNotFoundError:  # another process removed an empty parent we had just made: again
+                if attempt == 4:
+                    raise
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".causalrec-probe-"):
             pass
     except OSError as err:
