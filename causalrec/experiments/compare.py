@@ -437,7 +437,8 @@ def _worker_init(threads: int) -> None:
 
 def _run_parallel(cells: Sequence[Cell], pending: Sequence[int], config: CompareConfig, done) -> None:
     """Train ``pending`` cells in ``config.jobs`` spawned processes; ``done(i, record)`` as each finishes. A worker
-    that dies (killed, out of memory) fails its cell for this run only: nothing is cached for it."""
+    that dies (killed, out of memory) breaks the pool: its cell and the cells not yet finished are reported failed
+    for this run only (nothing is cached for them), so the same command trains them again."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
