@@ -214,6 +214,7 @@ class ThreadGovernor:
         return target
 
     def tick(self, *_args, **_kwargs) -> None:
+        """``check()`` when ``interval_s`` has passed since the last look (an optimizer step post-hook)."""
         if self._last is not None and self._clock() - self._last[0] >= self.interval_s:
             self.check()
 
