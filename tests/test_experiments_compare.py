@@ -254,6 +254,14 @@ def test_jobs_train_cells_in_parallel_processes_with_the_same_results(grid, in_t
     assert parallel.sort_values(cols).reset_index(drop=True).equals(frame.sort_values(cols).reset_index(drop=True))
 
 
+def test_jobs_from_the_command_line(in_tmp, capsys):
+    from causalrec.cli import main
+
+    assert main(["compare", "-m", "Pop", "-s", "iid", "--seeds", "1", "-j", "0", "-o", "bad", "--no-progress"]) == 2
+    assert "jobs must be an integer >= 1; got 0" in capsys.readouterr().err
+    assert not (in_tmp / "bad" / "cells").exists()
+
+
 def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, in_tmp):
     import shutil
 
