@@ -189,10 +189,10 @@ class _Machine:
         self.busy += (own + others) * seconds
         self._write()
 
-    def governor(self, threads=2, **kw):
+    def governor(self, start=2, **kw):
         self.set_to: list[int] = []
-        return threads_mod.ThreadGovernor(
-            threads,
+        return threads.ThreadGovernor(
+            start,
             [0, 1],
             ceiling=kw.pop("ceiling", 2),
             stat_path=str(self.path),
@@ -203,13 +203,10 @@ class _Machine:
         )
 
 
-threads_mod = threads
-
-
 def test_governor_drops_a_thread_when_a_job_starts_later_and_takes_it_back(tmp_path, monkeypatch):
     monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
     machine = _Machine(tmp_path / "stat")
-    gov = machine.governor(threads=2)
+    gov = machine.governor(start=2)
     machine.run(30, own=2.0, others=0.0)  # quiet: this run keeps both cores
     assert gov.check() is None and gov.threads == 2
     machine.run(30, own=1.9, others=0.1)  # a daemon's tenth of a core: no change
@@ -237,14 +234,14 @@ def _two_samples(gov, machine, own, others):
 def test_governor_ignores_a_burst_and_keeps_within_its_ceiling(tmp_path, monkeypatch):
     monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
     machine = _Machine(tmp_path / "stat")
-    gov = machine.governor(threads=2)
+    gov = machine.governor(start=2)
     machine.run(30, own=1.0, others=1.0)
     assert gov.check() is None  # one busy look
     machine.run(30, own=2.0, others=0.0)
     assert gov.check() is None  # then quiet again: no change, and the pending one is forgotten
     machine.run(30, own=1.0, others=1.0)
     assert gov.check() is None and machine.set_to == []
-    capped = machine.governor(threads=1, ceiling=1)  # a CPU quota of one core: never two
+    capped = machine.governor(start=1, ceiling=1)  # a CPU quota of one core: never two
     for _ in range(3):
         machine.run(30, own=1.0, others=0.0)
         assert capped.check() is None
@@ -253,7 +250,7 @@ def test_governor_ignores_a_burst_and_keeps_within_its_ceiling(tmp_path, monkeyp
 
 def test_governor_ticks_after_optimizer_steps_at_most_every_interval(tmp_path, monkeypatch):
     machine = _Machine(tmp_path / "stat")
-    gov = machine.governor(threads=2, interval_s=30.0)
+    gov = machine.governor(start=2, interval_s=30.0)
     looks = []
     check = gov.check
     monkeypatch.setattr(gov, "check", lambda: (looks.append(machine.wall), check())[1])

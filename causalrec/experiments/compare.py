@@ -32,6 +32,7 @@ import gc
 import gzip
 import json
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -347,13 +348,9 @@ def _cases_json(cases: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-def run_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Train and test one cell through ``causalrec.run``; write and return its record (failures included)."""
-    from causalrec.recbole.evaluation import collect_cases
-    from causalrec.recbole.quick_start import run
-
-    checkpoints = out / "checkpoints" / cell.key[:16]
-    record: dict[str, Any] = {
+def _cell_record(cell: Cell, dataset: str) -> dict[str, Any]:
+    """What every cell record starts with: the cell's identity and settings."""
+    return {
         "format": CELL_FORMAT,
         "key": cell.key,
         "model": cell.model,
@@ -362,6 +359,15 @@ def run_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool = False
         "seed": cell.seed,
         "params": cell.params,
     }
+
+
+def run_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Train and test one cell through ``causalrec.run``; write and return its record (failures included)."""
+    from causalrec.recbole.evaluation import collect_cases
+    from causalrec.recbole.quick_start import run
+
+    checkpoints = out / "checkpoints" / cell.key[:16]
+    record = _cell_record(cell, dataset)
     start = time.perf_counter()
     try:
         with collect_cases() as cases:
@@ -430,8 +436,6 @@ def run_cells(cells: Sequence[Cell], config: CompareConfig) -> tuple[list[dict[s
 
 def _worker_init(threads: int) -> None:
     """A ``compare --jobs`` worker: its share of the cores, before torch starts its thread pool."""
-    import os
-
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
@@ -458,13 +462,7 @@ def _run_parallel(cells: Sequence[Cell], pending: Sequence[int], config: Compare
                 record = future.result()
             except Exception as err:  # noqa: BLE001 - the worker itself died; run_cell reports its own errors
                 record = {
-                    "format": CELL_FORMAT,
-                    "key": cells[i].key,
-                    "model": cells[i].model,
-                    "dataset": config.dataset,
-                    "split": cells[i].split,
-                    "seed": cells[i].seed,
-                    "params": cells[i].params,
+                    **_cell_record(cells[i], config.dataset),
                     "status": "failed",
                     "error": f"worker process failed: {type(err).__name__}: {err}",
                     "seconds": 0.0,

@@ -320,12 +320,7 @@ def probe_writable(folder: str | os.PathLike, what: str, created: list[Path] | N
     try:
         for attempt in range(5):
             try:
-                for parent in reversed([p for p in [folder, *folder.parents] if not p.exists()]):
-                    try:
-                        parent.mkdir()
-                        created.append(parent)
-                    except FileExistsError:  # another process of the launch made it first
-                        pass
+                _make_missing(folder, created)
                 break
             except FileNotFoundError:  # another process removed an empty parent we had just made: again
                 if attempt == 4:
@@ -336,6 +331,16 @@ def probe_writable(folder: str | os.PathLike, what: str, created: list[Path] | N
         reason = err.strerror or type(err).__name__
         return ConfigError(f"{what} {str(folder)!r} cannot be written ({reason}): choose a writable folder")
     return None
+
+
+def _make_missing(folder: Path, created: list[Path]) -> None:
+    """Make ``folder`` and its missing parents, outermost first, appending each one made here to ``created``."""
+    for parent in reversed([p for p in [folder, *folder.parents] if not p.exists()]):
+        try:
+            parent.mkdir()
+            created.append(parent)
+        except FileExistsError:  # another process of the launch made it first
+            pass
 
 
 def remove_created(created: list[Path]) -> None:
