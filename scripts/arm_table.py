@@ -6,30 +6,30 @@ against the labelled environment, and a linear probe's held-out accuracy beside 
         "S-DPO=docs/results/retail-sim-promotion/promo-1.0:SDPORec" \
         "latent=docs/results/retail-sim-promotion/promo-1.0-latent:CausalDPO"
 
-Reads FOLDER/cells/*.json as `compare --out FOLDER` (or `--publish FOLDER`) writes them; seed_pairs.py pairs two
-arms from their per-case values.
+Reads FOLDER/cells/*.json as `compare --out FOLDER` (or `--publish FOLDER`) writes them (`compare.read_cell`: a
+published cell's per-case values come back from its `--publish-cases` file); seed_pairs.py pairs two arms from
+their per-case values.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import sys
 
 import numpy as np
+
+from causalrec.experiments.compare import read_cell
 
 METRIC = "ndcg@10"
 
 
 def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:
-    """The folder's finished cells of ``model`` on ``split`` by seed (published cells, without per-case values,
-    included)."""
+    """The folder's finished cells of ``model`` on ``split`` by seed (published cells included)."""
     out = {}
     for path in glob.glob(f"{folder}/cells/{model}-{split}-seed*.json"):
-        with open(path) as fh:
-            cell = json.load(fh)
-        if cell.get("status") == "ok":
+        cell = read_cell(path)
+        if cell and cell.get("status") == "ok":
             out[cell["seed"]] = cell
     return out
 

@@ -5,7 +5,8 @@
 Each argument is "FOLDER_A MODEL_A FOLDER_B MODEL_B SPLIT": the cells of both for the seeds they share are paired
 (test NDCG@10): paired t-test over seeds, hierarchical bootstrap of the relative change from the cells' per-case
 values (seeds, then users within seed), Holm over all arguments, Cohen's d_z
-(causalrec.experiments.statistics). Reads FOLDER/cells/*.json as `compare --out FOLDER` writes them.
+(causalrec.experiments.statistics). Reads FOLDER/cells/*.json as `compare --out FOLDER` writes them, or a published
+folder whose cells were published with their per-case values (`compare --publish-cases`, simulated data only).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from causalrec.experiments.statistics import hierarchical_bootstrap, holm, paire
 
 
 def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:
-    """The finished cells that kept their per-case values (a run's folder, not a published one), by seed."""
+    """The finished cells that kept their per-case values (a run's folder, or a folder published with them), by
+    seed."""
     return {seed: cell for seed, cell in arm_table.finished_cells(folder, model, split).items() if "cases" in cell}
 
 

@@ -860,6 +860,57 @@ def test_published_cells_hold_no_user_ids_and_rebuild_the_same_table(in_tmp, no_
     assert "11 of 18 cells finished, 6 not run" in (pub / "report.md").read_text()
 
 
+def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_bootstrap_comes_back(
+    in_tmp, no_training_or_data
+):
+    import shutil
+    import sys
+
+    from causalrec.cli import main
+    from causalrec.experiments.compare import read_cell
+
+    raw, pub = in_tmp / "run", in_tmp / "pub"
+    records = _hand_grid() + [_hand_cell("ItemKNN", "iid", 2020, 0.0, status="failed")]
+    _write_cells(raw, records)
+    args = ["compare", "--report-only", "--from", str(raw), "--models", "Pop,ItemKNN,BPR", "--baseline", "Pop"]
+    args += ["--no-progress", "--no-plots"]
+    assert main([*args, "--out", str(raw), "--publish", str(pub), "--publish-cases"]) == 1  # the failed cell
+    sides = sorted(p.name for p in (pub / "cells").glob("*.cases.csv.gz"))
+    assert len(sides) == 12 and not any(n.startswith("ItemKNN") for n in sides)  # finished cells only
+    for rec in records[:-1]:
+        path = next((pub / "cells").glob(f"{rec['model']}-{rec['split']}-seed{rec['seed']}-*.json"))
+        assert "cases" not in json.loads(path.read_text())  # the JSON stays without user ids
+        back = read_cell(path)["cases"]
+        assert back["user"] == rec["cases"]["user"] and back["environments"] == rec["cases"]["environments"]
+        assert back["metrics"] == rec["cases"]["metrics"]  # exactly: floats round-trip through the CSV
+    # the published report's bootstrap and pooled test equal the run's, from the published folder alone
+    full = pd.read_csv(raw / "significance.csv")
+    shutil.rmtree(raw)
+    assert main(["compare", "--report-only", "--out", str(pub), "--no-progress", "--no-plots"]) == 1
+    published = pd.read_csv(pub / "significance.csv")
+    assert full.rel_ci_low.notna().all() and (full.n_pairs > 0).all()
+    pd.testing.assert_frame_equal(published, full)
+    assert "not published" not in (pub / "report.md").read_text() and not (pub / "cases.csv.gz").exists()
+    # scripts/seed_pairs.py pairs published cells through their per-case files
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        import seed_pairs
+    finally:
+        sys.path.pop(0)
+    pair = seed_pairs.compare(str(pub), "BPR", str(pub), "Pop", "seasonal")
+    row = published[(published.model == "BPR") & (published.split == "seasonal") & (published.metric == "ndcg@10")]
+    assert pair["test"].p == pytest.approx(float(row.ttest_p.iloc[0])) and pair["test"].n_seeds == 3
+    assert pair["boot"].low < pair["test"].rel_change < pair["boot"].high
+    # publishing again without --publish-cases removes them; a real dataset refuses them before anything runs
+    main(["compare", "--report-only", "--from", str(pub), "--out", str(in_tmp / "r2"), "--publish", str(pub)])
+    assert not list((pub / "cells").glob("*.cases.csv.gz"))
+    with pytest.raises(ConfigError, match="real users"):
+        causalrec.compare(["Pop"], "online-retail", out=in_tmp / "x", publish=in_tmp / "p", publish_cases=True)
+    with pytest.raises(ConfigError, match="add --publish"):
+        causalrec.compare(["Pop"], "retail-sim", out=in_tmp / "x", publish_cases=True)
+    assert not (in_tmp / "x").exists() and not (in_tmp / "p").exists()
+
+
 def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog):
     import logging
 

@@ -17,6 +17,7 @@ import promotion_reliance as pr  # noqa: E402
 
 def _cell(folder: Path, model: str, seed: int, ndcg: float, valid: float = 0.0, recovery=None, **params) -> None:
     record = {
+        "key": f"{model}-{seed}-{ndcg}",
         "model": model,
         "split": "seasonal",
         "seed": seed,

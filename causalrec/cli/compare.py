@@ -64,6 +64,12 @@ def add_parser(subparsers) -> None:
         "and a report from those cells (a folder to commit, e.g. docs/results/<name>)",
     )
     p.add_argument(
+        "--publish-cases",
+        action="store_true",
+        help="with --publish, on a simulated dataset (retail-sim): also publish each cell's per-case test values "
+        "beside it (cells/<cell>.cases.csv.gz), so the bootstrap can be recomputed from the published folder",
+    )
+    p.add_argument(
         "--jobs",
         "-j",
         type=int,
@@ -108,6 +114,7 @@ def _cmd(args) -> int:
         publish=args.publish,
         sources=args.sources,
         jobs=args.jobs,
+        publish_cases=args.publish_cases,
     )
     files = frame.attrs["files"]
     print(Path(files["report"]).read_text(encoding="utf-8"))

@@ -13,10 +13,11 @@ from causalrec.data.frame import describe, format_stats, season_of
 from causalrec.data.shifts import Split, shift_evidence, split_frame
 from causalrec.data.sources import load_frame
 from causalrec.data.sources.retail_sim import SimResult, simulate
-from causalrec.data.spec import SOURCES, SPLITS, DataSpec
+from causalrec.data.spec import SIMULATED_SOURCES, SOURCES, SPLITS, DataSpec
 from causalrec.data.store import PreparedDataset, prepare
 
 __all__ = [
+    "SIMULATED_SOURCES",
     "SOURCES",
     "SPLITS",
     "DataSpec",

@@ -18,6 +18,9 @@ from typing import Any, Mapping, Sequence
 from causalrec.errors import ConfigError, UnknownNameError
 
 SOURCES = ("retail-sim", "online-retail", "ml-100k", "csv")
+# Sources whose users are generated: their per-user values identify no one and may be published
+# (``compare --publish-cases``); every other source's user ids are real people's.
+SIMULATED_SOURCES = frozenset({"retail-sim"})
 SPLITS = ("iid", "temporal", "seasonal", "regional", "popularity", "mixed")
 
 # Online Retail stock codes that are not products (postage, fees, adjustments, vouchers). Checked

@@ -15,7 +15,9 @@ Outputs under ``<out>``: ``results.csv`` (model, split, seed, environment, metri
 ``publish`` (``--publish PUB``) copies every recorded cell into ``PUB/cells/`` without its per-user values
 (``published_cell``: metrics overall and per environment, stage timings, params without paths; no ``cases``) and
 writes ``PUB/compare.json`` (the grid) and a report from those cells alone (no ``cases.csv.gz``), so a folder
-meant to be committed holds no user ids. ``report_cells`` (``--report-only --from DIR ...``, or ``--report-only``
+meant to be committed holds no user ids. With ``publish_cases`` (``--publish-cases``, simulated datasets only:
+``SIMULATED_SOURCES``) each finished cell's per-case test values go beside it (``cells/<cell>.cases.csv.gz``), so
+the bootstrap and the pooled test can be recomputed from the published folder. ``report_cells`` (``--report-only --from DIR ...``, or ``--report-only``
 on a published ``--out``) assembles a report from stored cells alone: no planning, data preparation or training.
 
 Config layering, later wins: causalrec's evaluation defaults < ``config_files`` < ``params``; in files and
@@ -113,6 +115,7 @@ PUBLISHED_RESULT_KEYS = (
     "epochs",
 )
 PUBLISHED_STAGE_DROP = frozenset({"directory"})  # a path on the machine that ran it
+CASES_SUFFIX = ".cases.csv.gz"  # a published cell's per-case values, beside it (``--publish-cases``)
 
 
 @dataclass
@@ -528,6 +531,7 @@ def compare(
     publish: str | Path | None = None,
     sources: Sequence[str | Path] = (),
     jobs: int = 1,
+    publish_cases: bool = False,
 ):
     """Run (or load from ``out``) every model x split x seed cell and write the comparison's outputs.
 
@@ -537,7 +541,8 @@ def compare(
     ``jobs``: cells trained at once, each in its own process (``CompareConfig.jobs``).
 
     ``publish``: a folder (e.g. ``docs/results/<name>``) that gets every recorded cell without its per-user
-    values, a grid file and a report of its own (``publish_cells``). ``sources`` (needs ``report_only``):
+    values, a grid file and a report of its own (``publish_cells``); ``publish_cases`` also publishes each cell's
+    per-case values beside it (simulated datasets only). ``sources`` (needs ``report_only``):
     folders whose ``cells/`` are pooled into the report under ``out`` (``report_cells``); ``report_only`` on a
     published ``out`` reads its cells the same way. There, the grid, ``baseline``, report metrics and
     ``min_env_cases`` left at None come from the folders' ``compare.json`` and cells, and the others select.
@@ -555,6 +560,8 @@ def compare(
     """
     if sources and not report_only:
         raise ConfigError("sources (--from) are read by a report-only comparison; add --report-only")
+    if publish_cases and publish is None:
+        raise ConfigError("--publish-cases publishes per-case values beside published cells; add --publish DIR")
     if sources or (report_only and is_published(out)):
         if config_files or params:
             _log.info(
@@ -573,6 +580,7 @@ def compare(
             min_env_cases=min_env_cases,
             plots=plots,
             publish=publish,
+            publish_cases=publish_cases,
         )
     config = CompareConfig(
         models=DEFAULT_MODELS if models is None else models,
@@ -592,12 +600,12 @@ def compare(
         show_progress=show_progress,
         jobs=jobs,
     )
-    return run_comparison(config, publish=publish)
+    return run_comparison(config, publish=publish, publish_cases=publish_cases)
 
 
-def run_comparison(config: CompareConfig, publish: str | Path | None = None):
+def run_comparison(config: CompareConfig, publish: str | Path | None = None, publish_cases: bool = False):
     """``compare`` for a ``CompareConfig``: plan, run or load the cells of ``config.out``, write the report and,
-    with ``publish``, publish the cells (``publish_cells``)."""
+    with ``publish``, publish the cells (``publish_cells``; with ``publish_cases``, their per-case values)."""
     if is_published(config.out) and not config.report_only:
         raise ConfigError(
             f"--out {config.out} is a published folder (it has {MANIFEST}): its cells hold no "
@@ -611,6 +619,8 @@ def run_comparison(config: CompareConfig, publish: str | Path | None = None):
                 "cached ones; publish into a folder of its own (e.g. docs/results/<name>)"
             )
         _check_publish_target(Path(publish))
+    if publish_cases:
+        _check_cases_publishable(config.dataset)
     config.out.mkdir(parents=True, exist_ok=True)
     cells = plan(config)
     _log.info(
@@ -633,7 +643,7 @@ def run_comparison(config: CompareConfig, publish: str | Path | None = None):
         )
     results = write_report(records, config, not_run=not_run, trained=trained, cases_file=True)
     if publish is not None:
-        published = publish_cells(records, publish, config)
+        published = publish_cells(records, publish, config, cases=publish_cases)
         results.attrs["published"] = published.attrs["files"]
     return results
 
@@ -752,18 +762,7 @@ def is_published(folder: str | Path) -> bool:
 
 def _cell_files(folder: Path) -> list[tuple[Path, dict[str, Any]]]:
     """``(path, record)`` of every readable cell under ``folder/cells`` (name order)."""
-    out = []
-    for path in sorted((folder / "cells").glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            _log.warning("cell file %s is unreadable (%s); left out", path, err)
-            continue
-        if not isinstance(record, dict) or not all(k in record for k in ("key", "model", "split", "seed")):
-            _log.warning("%s is not a compare cell (no key/model/split/seed); left out", path)
-            continue
-        out.append((path, record))
-    return out
+    return [(path, rec) for path in sorted((folder / "cells").glob("*.json")) if (rec := read_cell(path))]
 
 
 def _check_publish_target(folder: Path) -> None:
@@ -774,6 +773,69 @@ def _check_publish_target(folder: Path) -> None:
             f"--publish {folder}: {folder / 'cells'} holds cells with per-user values ({raw[0]}, "
             f"{len(raw)} in all), i.e. a run's cache; publish into a folder of its own"
         )
+
+
+def _check_cases_publishable(dataset: str) -> None:
+    from causalrec.data import SIMULATED_SOURCES
+
+    if dataset not in SIMULATED_SOURCES:
+        raise ConfigError(
+            f"--publish-cases: {dataset}'s per-case values are keyed by the ids of real users and stay out of "
+            f"published folders; only simulated datasets ({', '.join(sorted(SIMULATED_SOURCES))}) publish them"
+        )
+
+
+def cases_path(cell_path: Path) -> Path:
+    """Where a published cell's per-case values lie: beside it, ``<cell>.cases.csv.gz``."""
+    return cell_path.with_name(cell_path.stem + CASES_SUFFIX)
+
+
+def _cases_csv(cases: Mapping[str, Any], metrics: Sequence[str]) -> bytes:
+    """A cell's per-case values of ``metrics`` as gzipped CSV: ``user``, one column per metric, one
+    ``env:<field>`` column per environment field; the same values give the same bytes."""
+    import pandas as pd
+
+    columns: dict[str, list] = {"user": list(cases["user"])}
+    columns.update({m: cases["metrics"][m] for m in metrics if m in cases["metrics"]})
+    columns.update({f"env:{f}": labels for f, labels in (cases.get("environments") or {}).items()})
+    return gzip.compress(pd.DataFrame(columns).to_csv(index=False).encode("utf-8"), mtime=0)
+
+
+def _read_cases(path: Path) -> dict[str, Any] | None:
+    """``_cases_csv``'s file back as a record's ``cases``; None (logged) when it cannot be read."""
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return {
+            "user": frame["user"].tolist(),
+            "metrics": {
+                c: frame[c].astype(float).tolist() for c in frame.columns if c != "user" and not c.startswith("env:")
+            },
+            "environments": {c[4:]: frame[c].tolist() for c in frame.columns if c.startswith("env:")},
+        }
+    except (OSError, EOFError, ValueError, KeyError) as err:  # gzip.BadGzipFile is an OSError
+        _log.warning("per-case file %s is unreadable (%s); its cell is reported without it", path, err)
+        return None
+
+
+def read_cell(path: str | Path) -> dict[str, Any] | None:
+    """The cell record in ``path`` (None, logged, when it is unreadable or not a compare cell). A published cell
+    with a per-case file beside it (``--publish-cases``) gets its ``cases`` back from that file."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        _log.warning("cell file %s is unreadable (%s); left out", path, err)
+        return None
+    if not isinstance(record, dict) or not all(k in record for k in ("key", "model", "split", "seed")):
+        _log.warning("%s is not a compare cell (no key/model/split/seed); left out", path)
+        return None
+    if record.get("published") and "cases" not in record and cases_path(path).is_file():
+        cases = _read_cases(cases_path(path))
+        if cases is not None:
+            record["cases"] = cases
+    return record
 
 
 def cell_file_name(record: Mapping[str, Any]) -> str:
@@ -841,14 +903,18 @@ def _user_ids(records: Sequence[Mapping[str, Any]]) -> set[str]:
     return users
 
 
-def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, config: CompareConfig):
+def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, config: CompareConfig, cases: bool = False):
     """Write ``published_cell`` of every record to ``folder/cells/`` (atomically; a published cell of the same
     model, split and seed with other settings is replaced, a finished one is not replaced by a failed copy of
-    itself), merge the grid and ``config``'s report settings into
+    itself); with ``cases`` (simulated datasets only) each finished cell's per-case values of the report metrics
+    beside it (``cases_path``; without, a per-case file left from an earlier publication of it is removed), merge
+    the grid and ``config``'s report settings into
     ``folder/compare.json``, and write the report of every cell in ``folder`` there (``report_cells``: results,
     failures, significance, report.md, plots; never ``cases.csv.gz``). Returns that report's results table."""
     folder = Path(folder)
     _check_publish_target(folder)
+    if cases:
+        _check_cases_publishable(config.dataset)
     users = _user_ids(records)
     existing: dict[tuple[str, str, int], list[tuple[Path, str]]] = {}
     finished: dict[tuple[str, str, int], tuple[str, str]] = {}
@@ -877,7 +943,13 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
                     "publish: %s replaces %s (the same cell with other settings)", cell_file_name(rec), path.name
                 )
                 path.unlink()
-        write_atomic(folder / "cells" / cell_file_name(rec), json.dumps(cell, indent=1))
+                cases_path(path).unlink(missing_ok=True)
+        target = folder / "cells" / cell_file_name(rec)
+        write_atomic(target, json.dumps(cell, indent=1))
+        if cases and rec.get("status") == "ok" and rec.get("cases"):
+            write_atomic(cases_path(target), _cases_csv(rec["cases"], config.report_metrics))
+        else:
+            cases_path(target).unlink(missing_ok=True)
     seeds = sorted(set(manifest.get("seeds", [])) | set(config.seed_list()))
     manifest = {
         "published": PUBLISHED_FORMAT,
@@ -889,8 +961,9 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
         "report_metrics": list(config.report_metrics),
         "min_env_cases": config.min_env_cases,
         "about": "written by causalrec compare --publish: cells/ holds one JSON per model, split and seed with "
-        "test metrics overall and per environment, without per-user values; rebuild the report with "
-        "causalrec compare --report-only --out <this folder>",
+        "test metrics overall and per environment, without per-user values (a simulated dataset's cells may "
+        "have their per-case values beside them, <cell>.cases.csv.gz, from --publish-cases); rebuild the report "
+        "with causalrec compare --report-only --out <this folder>",
     }
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _log.info("compare --publish: %d cells written to %s", len(records), folder / "cells")
@@ -948,6 +1021,7 @@ def report_cells(
     min_env_cases: int | None = None,
     plots: bool = True,
     publish: str | Path | None = None,
+    publish_cases: bool = False,
 ):
     """The report of the cells stored under ``sources`` (``compare --out`` folders or published folders),
     written to ``out``; nothing is planned, prepared or trained, and cells are taken by their stored fields.
@@ -957,7 +1031,8 @@ def report_cells(
     their cells; cells of the grid without a record are "not run". ``baseline``, ``report_metrics``,
     ``min_env_cases``: given, else the first source's ``compare.json``, else the defaults. ``cases.csv.gz`` is
     written only when some cell has per-case values and ``out`` is not a published folder. ``publish``: also
-    publish the pooled cells there (``publish_cells``). Returns the results table (attrs as ``compare``'s).
+    publish the pooled cells there (``publish_cells``; with ``publish_cases``, their per-case values too). Returns
+    the results table (attrs as ``compare``'s).
     """
     sources = [Path(s) for s in sources]
     out = Path(out)
@@ -975,6 +1050,10 @@ def report_cells(
                 f"({', '.join(datasets)}); choose one with --dataset"
             )
         dataset = datasets[0] if datasets else next((m["dataset"] for m in manifests if m.get("dataset")), "retail-sim")
+    if publish_cases:
+        if publish is None:
+            raise ConfigError("--publish-cases publishes per-case values beside published cells; add --publish DIR")
+        _check_cases_publishable(dataset)
     kept = [r for r in records if str(r.get("dataset")) == dataset]
     if len(kept) < len(records):
         _log.info("compare --report-only: %d cells of other datasets left out", len(records) - len(kept))
@@ -1033,11 +1112,11 @@ def report_cells(
         )
     _log.info("compare --report-only: %d cells from %s", len(chosen), ", ".join(map(str, sources)))
     if publish is not None and _same_folder(publish, out):  # one report, from the published cells
-        return publish_cells(chosen, publish, config)
+        return publish_cells(chosen, publish, config, cases=publish_cases)
     cases_file = any(r.get("cases") for r in chosen) and not is_published(out)
     results = write_report(chosen, config, not_run=not_run, cases_file=cases_file)
     if publish is not None:
-        results.attrs["published"] = publish_cells(chosen, publish, config).attrs["files"]
+        results.attrs["published"] = publish_cells(chosen, publish, config, cases=publish_cases).attrs["files"]
     return results
 
 
@@ -1052,6 +1131,7 @@ __all__ = [
     "write_report",
     "publish_cells",
     "published_cell",
+    "read_cell",
     "report_cells",
     "is_published",
     "DEFAULT_MODELS",
