@@ -1016,7 +1016,7 @@ def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog
     assert set(pd.read_csv(in_tmp / "two" / "results.csv").model) == {"Pop", "SASRec"}
 
 
-def test_publish_refuses_a_run_cache_and_a_run_into_a_published_folder(in_tmp, no_training_or_data):
+def test_publish_refuses_a_run_cache_and_a_run_into_a_published_folder(in_tmp, no_training_or_data, caplog):
     from causalrec.experiments.compare import report_cells
 
     records = _hand_grid(seeds=(2020,))
@@ -1035,6 +1035,16 @@ def test_publish_refuses_a_run_cache_and_a_run_into_a_published_folder(in_tmp, n
     report_cells([in_tmp / "run2"], in_tmp / "run2", publish=in_tmp / "pub", plots=False)
     pops = sorted(p.name for p in (in_tmp / "pub" / "cells").glob("Pop-iid-seed2020-*.json"))
     assert pops == [f"Pop-iid-seed2020-{'f' * 16}.json"]
+    # its params are the same, so the key changed with causalrec's full config: the warning says so
+    assert any("replaces" in r.getMessage() and "the same params" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    newer["params"] = {**newer["params"], "learning_rate": 0.5}
+    newer["key"] = "e" * 64
+    _write_cells(in_tmp / "run2b", [newer])
+    report_cells([in_tmp / "run2b"], in_tmp / "run2b", publish=in_tmp / "pub", plots=False)
+    assert any("with other settings" in r.getMessage() for r in caplog.records)
+    pops = sorted(p.name for p in (in_tmp / "pub" / "cells").glob("Pop-iid-seed2020-*.json"))
+    assert pops == [f"Pop-iid-seed2020-{'e' * 16}.json"]
     # ... and a finished published cell is not replaced by a failed copy of itself
     failed = {**newer, "status": "failed", "error": "RuntimeError: out of memory"}
     del failed["result"], failed["cases"]

@@ -916,11 +916,11 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
     if cases:
         _check_cases_publishable(config.dataset)
     users = _user_ids(records)
-    existing: dict[tuple[str, str, int], list[tuple[Path, str]]] = {}
+    existing: dict[tuple[str, str, int], list[tuple[Path, str, dict]]] = {}
     finished: dict[tuple[str, str, int], tuple[str, str]] = {}
     for path, rec in _cell_files(folder):
         ident = (rec["model"], rec["split"], int(rec["seed"]))
-        existing.setdefault(ident, []).append((path, rec["key"]))
+        existing.setdefault(ident, []).append((path, rec["key"], rec.get("params") or {}))
         if rec.get("status") == "ok":
             finished[ident] = (rec["key"], path.name)
     manifest = read_manifest(folder) or {}
@@ -937,11 +937,15 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
         leaked = sorted({s for s in _strings(cell) if s in users})
         if leaked:  # a guard on published_cell: never reached unless a new result field carries user ids
             raise RuntimeError(f"published cell {cell_file_name(rec)} would hold {len(leaked)} user ids; not written")
-        for path, key in existing.get(ident, []):
+        for path, key, params in existing.get(ident, []):
             if key != rec["key"] and path.exists():
-                _log.warning(
-                    "publish: %s replaces %s (the same cell with other settings)", cell_file_name(rec), path.name
+                why = (
+                    "the same params: a key or default of causalrec's full config differs from the version that "
+                    "published it"
+                    if params == cell["params"]
+                    else "the same cell with other settings"
                 )
+                _log.warning("publish: %s replaces %s (%s)", cell_file_name(rec), path.name, why)
                 path.unlink()
                 cases_path(path).unlink(missing_ok=True)
         target = folder / "cells" / cell_file_name(rec)
