@@ -296,9 +296,16 @@ def test_a_run_with_auto_threads_is_governed_while_it_trains_and_not_after(in_tm
         return out
 
     monkeypatch.setattr(quick_start, "build", spy)
+    from recbole.evaluator import Collector
+
+    ticks, collects, collect = [], [], Collector.eval_batch_collect
+    monkeypatch.setattr(threads, "tick", lambda: ticks.append(threads._governor is not None))
+    monkeypatch.setattr(Collector, "eval_batch_collect", lambda *a, **k: (collects.append(1), collect(*a, **k))[1])
     try:
         quick_start.run("BPR", "retail-sim", config_dict={**SMALL, "show_progress": False, "epochs": 2})
         assert seen and seen[0] is not None  # auto, measured: governed during training
+        # ... and during evaluation (validation after each epoch, the test), a look before every batch
+        assert len(collects) >= 3 and ticks == [True] * len(collects)
         assert threads._governor is None  # and stopped with the run: the process's next work is left alone
         monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's count: nothing to govern
         quick_start.run("BPR", "retail-sim", config_dict={**SMALL, "show_progress": False, "epochs": 1})

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from causalrec.recbole import protocol
 from causalrec.recbole.evaluation import ENV_FIELDS, evaluate_with_environments
 from causalrec.recbole.preflight import check_against_data, preflight, read_config_files, resolve_nulls
-from causalrec.recbole.threads import govern_threads, measured, resolve_num_threads
+from causalrec.recbole.threads import govern_threads, measured, resolve_num_threads, tick_between_batches
 
 _log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
 
         trainer_cls = resumable(trainer_cls)
     trainer = trainer_cls(config, recommender)
+    if hasattr(trainer, "eval_collector"):  # evaluation takes no optimizer step: the governor looks there too
+        tick_between_batches(trainer.eval_collector)
     if config[
         "context_rerank"
     ]:  # the case's environment at test time, for any model (causalrec.recbole.context_rerank)

@@ -5,8 +5,8 @@ one of those cores, the thread that shares it arrives late at every barrier and 
 33x for the main command's SFT beside one single-threaded job; benchmarks/threads.py). ``auto`` counts the cores
 that are busy when the run starts and leaves them alone (and stays within a container's CPU quota); on a quiet
 machine it is torch's own count. A job that starts later is caught by ``ThreadGovernor``: after every optimizer step
-it looks (at most every 10 s) at what other processes used since its last look, and moves the count when two looks
-in a row agree.
+and every evaluation batch (``tick``) it looks (at most every 10 s) at what other processes used since its last
+look, and moves the count when two looks in a row agree.
 """
 
 from __future__ import annotations
@@ -237,3 +237,22 @@ def govern_threads(threads: int | None) -> ThreadGovernor | None:
     handle = register_optimizer_step_post_hook(governor.tick)
     _governor = (governor, handle)
     return governor
+
+
+def tick() -> None:
+    """The running governor's ``tick`` (without one: nothing), for loops that take no optimizer step: evaluation's
+    batches (``tick_between_batches``)."""
+    if _governor is not None:
+        _governor[0].tick()
+
+
+def tick_between_batches(collector) -> None:
+    """``tick`` before each batch a RecBole ``Collector`` collects: every evaluation (validation inside ``fit``,
+    the test) goes through it batch by batch, for classical and LLM models alike."""
+    collect = collector.eval_batch_collect
+
+    def eval_batch_collect(*args, **kwargs):
+        tick()
+        return collect(*args, **kwargs)
+
+    collector.eval_batch_collect = eval_batch_collect
