@@ -6,7 +6,7 @@ against the labelled environment, and a linear probe's held-out accuracy beside 
         "S-DPO=docs/results/retail-sim-promotion/promo-1.0:SDPORec" \
         "latent=docs/results/retail-sim-promotion/promo-1.0-latent:CausalDPO"
 
-Reads FOLDER/cells/*.json as `compare --out FOLDER` (or `--publish FOLDER`) writes them (`compare.read_cell`: a
+Reads FOLDER/cells/*.json as `compare --out FOLDER` (or `--publish FOLDER`) writes them (`publish.read_cell`: a
 published cell's per-case values come back from its `--publish-cases` file); seed_pairs.py pairs two arms from
 their per-case values.
 """
@@ -19,7 +19,7 @@ import sys
 
 import numpy as np
 
-from causalrec.experiments.compare import read_cell
+from causalrec.experiments.publish import read_cell
 
 METRIC = "ndcg@10"
 

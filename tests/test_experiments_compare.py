@@ -725,7 +725,7 @@ def _hand_cell(model: str, split: str, seed: int, shift: float, status: str = "o
 
 
 def _write_cells(folder: Path, records) -> None:
-    from causalrec.experiments.compare import cell_file_name
+    from causalrec.experiments.publish import cell_file_name
 
     (folder / "cells").mkdir(parents=True, exist_ok=True)
     for rec in records:
@@ -867,7 +867,7 @@ def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_boot
     import sys
 
     from causalrec.cli import main
-    from causalrec.experiments.compare import read_cell
+    from causalrec.experiments.publish import read_cell
 
     raw, pub = in_tmp / "run", in_tmp / "pub"
     records = _hand_grid() + [_hand_cell("ItemKNN", "iid", 2020, 0.0, status="failed")]
@@ -963,7 +963,7 @@ def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog
             )
             == 0
         )
-    with caplog.at_level(logging.INFO, logger="causalrec.experiments.compare"):
+    with caplog.at_level(logging.INFO, logger="causalrec.experiments.publish"):
         code = main(
             [
                 "compare",
@@ -1017,7 +1017,7 @@ def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog
 
 
 def test_publish_refuses_a_run_cache_and_a_run_into_a_published_folder(in_tmp, no_training_or_data, caplog):
-    from causalrec.experiments.compare import report_cells
+    from causalrec.experiments.publish import report_cells
 
     records = _hand_grid(seeds=(2020,))
     _write_cells(in_tmp / "run", records)
