@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 
 import pytest
@@ -75,6 +76,38 @@ def test_rank_orders_ranks_by_the_mixture_over_orders_equal_to_brute_force(id_ru
     assert not torch.allclose(mixed, time_order)
     torch.testing.assert_close(model.full_sort_predict(batch[2:4]), mixed[2:4], atol=1e-5, rtol=0)
     torch.testing.assert_close(model.predict(batch), mixed[torch.arange(4), batch[model.ITEM_ID]], atol=1e-5, rtol=0)
+
+
+def test_repeat_mix_is_the_mixture_with_the_shown_historys_purchase_shares(id_run, in_tmp):
+    """``repeat_mix`` w: ``log((1 - w) p(y | x) + w c_y / n)`` with p renormalised over the catalog and c_y the
+    times item y occurs among the n history items the prompt shows; checked against a per-row loop over brute-force
+    item probabilities, with repeated items in the history, and ``predict`` reads the same scores."""
+    from causalrec.llm.ranking import naive_scores
+
+    _, checkpoint = id_run
+    _, model, _, _, valid, _ = _rebuild(checkpoint)
+    batch = next(iter(valid))[0][:6]
+    seq, lengths = batch[model.ITEM_SEQ].clone(), batch[model.ITEM_SEQ_LEN].tolist()
+    n0 = lengths[0]
+    assert n0 >= 2 and max(lengths) > 3
+    seq[0, n0 - 1] = seq[0, n0 - 2]  # a repeat purchase among the first row's shown items
+    batch.interaction[model.ITEM_SEQ] = seq
+    model.prompt_format = dataclasses.replace(model.prompt_format, max_history_items=3)  # shown, and counted
+    brute = naive_scores(model.llm, model.prompt_ids(batch), [[t] for t in model.item_token_ids]).double()
+    p = torch.softmax(brute, dim=1)
+    model.repeat_mix = 0.3
+    mixed = model.full_sort_predict(batch)
+    for r, n in enumerate(lengths):
+        shown = seq[r, max(0, n - 3) : n].tolist()
+        share = torch.tensor([shown.count(i) / len(shown) for i in range(1, len(model.titles))], dtype=torch.float64)
+        expected = torch.log(0.7 * p[r] + 0.3 * share)
+        torch.testing.assert_close(mixed[r, 1:].double(), expected, atol=1e-5, rtol=0)
+        older = set(seq[r, : max(0, n - 3)].tolist()) - set(shown) - {0}
+        assert all(mixed[r, i] < torch.log(torch.tensor(0.7)) + 1e-6 for i in older)  # not shown: no share
+    assert torch.isneginf(mixed[:, 0]).all()
+    torch.testing.assert_close(model.predict(batch), mixed[torch.arange(6), batch[model.ITEM_ID]], atol=1e-5, rtol=0)
+    model.repeat_mix = 0.0
+    torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -326,8 +359,13 @@ def test_sft_stage_key_holds_how_its_epoch_validation_ranks(in_tmp):
     assert reranked["key"] != regional_observed["key"] and kept["context_rerank"] == ["region", 1.0]
     reordered, kept = sft("regional", environment_inference="observed", rank_orders=2)
     assert reordered["key"] != regional_observed["key"] and kept["rank_orders"] == 2
+    copied, kept = sft("regional", environment_inference="observed", repeat_mix=0.2)
+    assert copied["key"] != regional_observed["key"] and kept["repeat_mix"] == 0.2
     from causalrec.experiments.compare import _config_identity
 
-    assert "rank_orders" not in _config_identity("GenRec", "retail-sim", {})
+    identity = _config_identity("GenRec", "retail-sim", {})
+    assert "rank_orders" not in identity and "repeat_mix" not in identity  # cells keyed before them stay valid
     with pytest.raises(CausalRecError, match="rank_orders"):
         causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", rank_orders=-1))
+    with pytest.raises(CausalRecError, match="repeat_mix"):
+        causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id", repeat_mix=1.0))

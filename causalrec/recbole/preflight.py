@@ -170,6 +170,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{  # the LLM models' own keys: the lower bounds their owner states
         key: (lambda v, low=low: v >= low, f">= {low}") for key, low in LLMRecommenderConfig.rules()[1].items()
     },
+    "repeat_mix": (lambda v: 0 <= v < 1, ">= 0 and < 1 (the copy distribution's weight)"),
     "num_threads": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), ">= 1, or 'auto' (one per free core)"),
     "num_negatives": (lambda v: v == "all" or (isinstance(v, int) and v >= 1), ">= 1, or 'all' (item tokens)"),
     "learning_rate": (lambda v: v > 0, "> 0"),

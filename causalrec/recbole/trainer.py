@@ -240,8 +240,8 @@ class LLMTrainer(Trainer):
         stage key holds it. Recorded only away from the ranking that keys before it assumed (each case's own
         known environment, the training prior, no re-ranking, history not masked): the weights of the validation
         cases where the environment settings change them (``environment_inference: marginal`` on a validation
-        month whose season trains, ``environment_prior: uniform``), ``context_rerank``, ``mask_history`` and
-        ``rank_orders``."""
+        month whose season trains, ``environment_prior: uniform``), ``context_rerank``, ``mask_history``,
+        ``rank_orders`` and ``repeat_mix``."""
         import torch
 
         model, cfg, out = self.model, self.config, {}
@@ -257,6 +257,8 @@ class LLMTrainer(Trainer):
             out["mask_history"] = True
         if model.rank_orders:
             out["rank_orders"] = model.rank_orders
+        if model.repeat_mix:
+            out["repeat_mix"] = model.repeat_mix
         return out
 
     def _capped(self, records, targets, key: str):

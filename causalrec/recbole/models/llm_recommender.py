@@ -121,6 +121,7 @@ class LLMRecommender(SequentialRecommender):
         self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
         self.rank_orders = int(config["rank_orders"] or 0)
+        self.repeat_mix = float(config["repeat_mix"] or 0.0)
         self.order_seed = int(config["seed"] or 0)
         from causalrec.llm.presets import backbone_settings
 
@@ -390,10 +391,31 @@ class LLMRecommender(SequentialRecommender):
         scores = [first] + [score(self.reordered(interaction, c)) for c in range(self.rank_orders)]
         return torch.logsumexp(torch.stack(scores), dim=0) - math.log(len(scores))
 
+    def _with_repeats(self, scores: torch.Tensor, interaction) -> torch.Tensor:
+        """With ``repeat_mix`` w: ``log((1 - w) p(y | x) + w c_y / n)``, the model's distribution (renormalised over
+        the catalog) mixed with each customer's own purchase shares in the history its prompt shows (item y
+        c_y times among those n items): a copy distribution for repeat purchases, as RepeatNet's repeat mode, from
+        the same information, the history. Unchanged with w = 0."""
+        if not self.repeat_mix:
+            return scores
+        seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
+        positions = torch.arange(seq.shape[1], device=seq.device)
+        shown = (positions < lengths[:, None]) & (positions >= lengths[:, None] - self.prompt_format.max_history_items)
+        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, torch.where(shown, seq, 0).to(scores.device), shown.to(scores.dtype).to(scores.device))
+        counts[:, 0] = 0  # padding
+        shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        log_p = scores - torch.logsumexp(scores, dim=1, keepdim=True)
+        return torch.logaddexp(log_p + math.log1p(-self.repeat_mix), shares.log() + math.log(self.repeat_mix))
+
     def full_sort_predict(self, interaction) -> torch.Tensor:
-        return self._over_orders(interaction, lambda x: self._combine(self.score_prompts(self.prompt_ids(x)), x))
+        scores = self._over_orders(interaction, lambda x: self._combine(self.score_prompts(self.prompt_ids(x)), x))
+        return self._with_repeats(scores, interaction)
 
     def predict(self, interaction) -> torch.Tensor:
+        if self.repeat_mix:  # the mixture renormalises over the whole catalog
+            full = self.full_sort_predict(interaction)
+            return full[torch.arange(len(full)), interaction[self.ITEM_ID].to(full.device)]
         return self._over_orders(interaction, self._predict_candidates)
 
     def _predict_candidates(self, interaction) -> torch.Tensor:
