@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import arm_table  # noqa: E402
+import case_breakdown  # noqa: E402
 import dial_table  # noqa: E402
 import promotion_reliance as pr  # noqa: E402
 
@@ -127,3 +128,31 @@ def test_promotion_reliance_counts_the_cases_own_regions_line(in_tmp):
     expected = sum(t in promoted[r] for t, r in zip(rows["item_id:token"], rows["region:token"])) / len(rows)
     assert follow["cases"] == len(rows) and follow["truth"] == pytest.approx(expected)
     assert 0 < expected < 1
+
+
+def test_case_breakdown_groups_each_case_by_its_target(tmp_path, monkeypatch):
+    """Cells whose per-case value is 1 for a repeat purchase and 0 otherwise (seed 2021: 0.5 and 0): the repeat
+    table reads their seed means back, counted against the prepared data independently of the script."""
+    import pandas as pd
+
+    from causalrec.data import DataSpec, prepare
+
+    monkeypatch.setenv("CAUSALREC_CACHE", str(tmp_path / "cache"))
+    prepared = prepare(DataSpec(dataset="retail-sim", split="seasonal"))
+    read = lambda suffix: pd.read_csv(prepared.file(suffix), sep="\t")  # noqa: E731
+    seen = pd.concat([read("train.inter"), read("valid.inter")])
+    bought = set(zip(seen["user_id:token"], seen["item_id:token"]))
+    test = read("test.inter")
+    users = test["user_id:token"].tolist()
+    repeat = [(u, i) in bought for u, i in zip(users, test["item_id:token"])]
+    (tmp_path / "run" / "cells").mkdir(parents=True)
+    for seed, hit in ((2020, 1.0), (2021, 0.5)):
+        cell = {"key": str(seed), "model": "M", "split": "seasonal", "seed": seed, "status": "ok"}
+        cell["cases"] = {"user": users, "metrics": {"ndcg@10": [hit * r for r in repeat]}, "environments": {}}
+        (tmp_path / "run" / "cells" / f"M-seasonal-seed{seed}-x.json").write_text(json.dumps(cell))
+    tables, overall = case_breakdown.breakdown("seasonal", [f"m={tmp_path / 'run'}:M"])
+    table = tables["repeat"]
+    assert table.loc[True, "m (2 seeds)"] == pytest.approx(0.75) and table.loc[False, "m (2 seeds)"] == 0.0
+    assert table.loc[True, "cases"] == sum(repeat) and table["cases"].sum() == len(users)
+    assert overall["m (2 seeds)"] == pytest.approx(0.75 * sum(repeat) / len(users))
+    assert tables["month"]["cases"].sum() == len(users) and set(tables["popularity"].index) == {"tail", "mid", "head"}
