@@ -85,6 +85,10 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
         context_rerank.install(
             trainer, loaders[0]._dataset, config["context_rerank"], float(config["context_rerank_alpha"] or 1.0)
         )
+    if config["repeat_mix"] and not getattr(recommender, "ranks_repeats_itself", False):
+        from causalrec.recbole import repeat_mix  # the customer's own purchase shares, for any model
+
+        repeat_mix.install(trainer, loaders[0]._dataset, loaders[1]._dataset, loaders[2], float(config["repeat_mix"]))
     return config, trainer, loaders
 
 

@@ -137,12 +137,6 @@ class LLMRecommenderConfig:
         "Rank by the mixture over the time order and this many random orders of each history; 0: time order.",
         minimum=0,
     )
-    repeat_mix: float = _key(
-        0.0,
-        "Rank by (1 - w) p(item | prompt) + w (the item's share of the shown history): a copy distribution for "
-        "repeat purchases; 0: the model alone.",
-        minimum=0.0,
-    )
     stage_cache: bool = _key(True, "Reuse a finished training stage whose inputs hash the same.")
     stage_cache_dir: str | None = _key(None, "Finished stages and TRL checkpoints; None: <checkpoint_dir>/stages.")
     resume: bool = _key(False, "TRL stages write step checkpoints; an interrupted stage continues from its last one.")

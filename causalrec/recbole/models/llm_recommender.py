@@ -63,6 +63,7 @@ class LLMRecommender(SequentialRecommender):
     """
 
     input_type = InputType.POINTWISE
+    ranks_repeats_itself = True  # repeat_mix inside full_sort_predict, over the history its prompt shows
     alignment: str | None = None  # None (SFT only) | "sdpo" | "causal_dpo"
     method_keys: tuple[str, ...] = ()  # YAML keys passed to the alignment config
 
@@ -398,15 +399,13 @@ class LLMRecommender(SequentialRecommender):
         the same information, the history. Unchanged with w = 0."""
         if not self.repeat_mix:
             return scores
+        from causalrec.recbole.repeat_mix import mix, shares_from_sequences
+
         seq, lengths = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         positions = torch.arange(seq.shape[1], device=seq.device)
         shown = (positions < lengths[:, None]) & (positions >= lengths[:, None] - self.prompt_format.max_history_items)
-        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
-        counts.scatter_add_(1, torch.where(shown, seq, 0).to(scores.device), shown.to(scores.dtype).to(scores.device))
-        counts[:, 0] = 0  # padding
-        shares = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
-        log_p = scores - torch.logsumexp(scores, dim=1, keepdim=True)
-        return torch.logaddexp(log_p + math.log1p(-self.repeat_mix), shares.log() + math.log(self.repeat_mix))
+        shares = shares_from_sequences(seq, shown, scores.shape[1]).to(scores.device, scores.dtype)
+        return mix(scores - torch.logsumexp(scores, dim=1, keepdim=True), shares, self.repeat_mix)
 
     def full_sort_predict(self, interaction) -> torch.Tensor:
         scores = self._over_orders(interaction, lambda x: self._combine(self.score_prompts(self.prompt_ids(x)), x))

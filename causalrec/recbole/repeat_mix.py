@@ -1,0 +1,108 @@
+"""Repeat purchases: rank by the model's distribution mixed with the customer's own purchase shares (``repeat_mix``).
+
+``repeat_mix: w`` ranks every full-catalog evaluation (validation and test) by
+
+    log((1 - w) p(i | case) + w c_i / n)
+
+where ``p`` is the model's score turned into a distribution over the catalog (a softmax; for Pop, whose score is
+a count, the count's share) and ``c_i`` counts item ``i`` among the ``n`` purchases of the customer's history: a
+copy distribution for repeat purchases, RepeatNet's "repeat mode" as a fixed mixture. Every model gets it from the
+same information, its history: the LLM models from the items their prompt shows
+(``LLMRecommender._with_repeats``), RecBole's sequential models from ``ITEM_SEQ`` (the purchases before the case
+they read), its general models (BPR, LightGCN, Pop, ...) from the customer's training rows, plus the validation
+rows when the test is ranked (the history a sequential model reads there too).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from causalrec.errors import ConfigError
+
+_log = logging.getLogger(__name__)
+
+COUNT_SCORED = ("Pop",)  # a count, not a logit: its share is its distribution
+
+
+def mix(log_p: torch.Tensor, shares: torch.Tensor, weight: float) -> torch.Tensor:
+    """``log((1 - w) p + w shares)`` from ``log_p`` (``[B, n_items]``, a log distribution over the catalog) and
+    ``shares`` (``[B, n_items]``, each row summing to 1, or 0 for a customer without history)."""
+    if not 0 < weight < 1:
+        raise ConfigError(f"repeat_mix must be >= 0 and < 1; got {weight}")
+    return torch.logaddexp(log_p + math.log1p(-weight), shares.log() + math.log(weight))
+
+
+def shares_from_sequences(seq: torch.Tensor, mask: torch.Tensor, n_items: int) -> torch.Tensor:
+    """``[B, n_items]`` purchase shares of the items ``seq[b, j]`` where ``mask[b, j]`` (item 0, padding, never
+    counts)."""
+    counts = torch.zeros((seq.shape[0], n_items), dtype=torch.float32, device=seq.device)
+    counts.scatter_add_(1, torch.where(mask, seq, 0), mask.to(torch.float32))
+    counts[:, 0] = 0
+    return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def _count_matrix(datasets, n_users: int, n_items: int) -> torch.Tensor:
+    counts = np.zeros((n_users, n_items), dtype=np.float32)
+    for dataset in datasets:
+        feat = dataset.inter_feat
+        np.add.at(counts, (feat[dataset.uid_field].numpy(), feat[dataset.iid_field].numpy()), 1.0)
+    counts[:, 0] = 0
+    return torch.from_numpy(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1))
+
+
+class RepeatMix:
+    """The mixture of one classical run: ``adjust(scores, interaction, testing)`` for one evaluation batch."""
+
+    def __init__(self, model, weight: float, train_dataset, valid_dataset, in_log: bool = False):
+        mix(torch.zeros(1, 1), torch.zeros(1, 1), weight)  # the range check, before any evaluation
+        self.model, self.weight, self.in_log = model, weight, in_log
+        self.sequential = hasattr(model, "ITEM_SEQ")
+        if not self.sequential:  # a customer's rows before the validation case, and before the test case
+            n_users, n_items = train_dataset.user_num, train_dataset.item_num
+            self.valid_shares = _count_matrix([train_dataset], n_users, n_items)
+            self.test_shares = _count_matrix([train_dataset, valid_dataset], n_users, n_items)
+
+    def adjust(self, scores: torch.Tensor, interaction, testing: bool) -> torch.Tensor:
+        if self.sequential:
+            seq, lengths = interaction[self.model.ITEM_SEQ], interaction[self.model.ITEM_SEQ_LEN]
+            mask = torch.arange(seq.shape[1], device=seq.device) < lengths[:, None]
+            shares = shares_from_sequences(seq, mask, scores.shape[1]).to(scores.device)
+        else:
+            table = self.test_shares if testing else self.valid_shares
+            shares = table[interaction[self.model.USER_ID].cpu()].to(scores.device)
+        scores = scores.float().clone()
+        if self.in_log:  # a count: its share of the catalog's counts
+            scores = torch.where(torch.isneginf(scores), scores, scores.clamp_min(torch.finfo(scores.dtype).tiny).log())
+        scores[:, 0] = float("-inf")  # padding is no item
+        return mix(torch.log_softmax(scores, dim=1), shares, self.weight)
+
+
+def install(trainer, train_dataset, valid_dataset, test_data, weight: float) -> RepeatMix:
+    """Rank every full-catalog evaluation of ``trainer`` (a RecBole model's; validation and the test, which is
+    ``test_data``) by the mixture; also ``trainer.repeat_mix``."""
+    repeats = RepeatMix(
+        trainer.model, weight, train_dataset, valid_dataset, in_log=type(trainer.model).__name__ in COUNT_SCORED
+    )
+    evaluate, batch_eval = trainer.evaluate, trainer._full_sort_batch_eval
+    current: dict[str, Any] = {}
+
+    def evaluate_marked(eval_data, *args, **kwargs):
+        current["testing"] = eval_data is test_data
+        try:
+            return evaluate(eval_data, *args, **kwargs)
+        finally:
+            current.pop("testing", None)
+
+    def batch_eval_mixed(batched_data):
+        interaction, scores, positive_u, positive_i = batch_eval(batched_data)
+        return interaction, repeats.adjust(scores, interaction, current.get("testing", False)), positive_u, positive_i
+
+    trainer.evaluate, trainer._full_sort_batch_eval = evaluate_marked, batch_eval_mixed
+    trainer.repeat_mix = repeats
+    _log.info("repeat_mix=%s: log((1 - w) p(i) + w (the item's share of the customer's history))", weight)
+    return repeats

@@ -1,0 +1,82 @@
+"""repeat_mix for RecBole's models: the model's distribution mixed with the customer's own purchase shares, checked
+against a brute-force ranking from the prepared files and against the formula on a sequential model's histories."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import causalrec
+from causalrec.data import DataSpec, prepare
+from causalrec.errors import CausalRecError
+from causalrec.recbole.repeat_mix import mix
+
+SIM = {"sim_users": 300, "split": "seasonal", "epochs": 1, "show_progress": False, "topk": [10]}
+WEIGHT = 0.4
+
+
+def _pop_with_repeats_hits(prepared, weight: float) -> tuple[float, float]:
+    """HR@10 bounds (ties) of ranking each test case by (1 - w) (the item's share of training purchases) + w (its
+    share of the customer's training and validation purchases), counted from the prepared files."""
+    read = lambda suffix: pd.read_csv(prepared.file(suffix), sep="\t", dtype=str)  # noqa: E731
+    train, valid, test = read("train.inter"), read("valid.inter"), read("test.inter")
+    user, item = train.columns[0], train.columns[1]
+    catalog = read("item").iloc[:, 0]
+    popularity = train[item].value_counts().reindex(catalog, fill_value=0).astype(float)
+    popularity /= popularity.sum()
+    history = pd.concat([train, valid])
+    worst, best = [], []
+    for customer, target in zip(test[user], test[item]):
+        own = history[history[user] == customer][item].value_counts().reindex(catalog, fill_value=0).astype(float)
+        score = (1 - weight) * popularity + weight * own / max(own.sum(), 1)
+        above = int((score > score[target] + 1e-12).sum())
+        tied = int((abs(score - score[target]) <= 1e-12).sum()) - 1
+        best.append(above < 10)
+        worst.append(above + tied < 10)
+    return float(np.mean(worst)), float(np.mean(best))
+
+
+def test_pop_with_repeats_is_the_mixture_of_popularity_and_the_customers_own_shares(in_tmp):
+    prepared = prepare(DataSpec.from_mapping(SIM), show_progress=False)
+    plain = causalrec.run("Pop", "retail-sim", config_dict=SIM, saved=False)
+    mixed = causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": WEIGHT}, saved=False)
+    low, high = _pop_with_repeats_hits(prepared, WEIGHT)
+    assert low - 1e-4 <= mixed["test_result"]["hit@10"] <= high + 1e-4
+    assert mixed["test_result"]["hit@10"] > plain["test_result"]["hit@10"]  # retail-sim's customers buy again
+
+
+def test_a_sequential_model_mixes_in_the_shares_of_its_item_sequence(in_tmp):
+    from causalrec.recbole.quick_start import build
+
+    config = {**SIM, "hidden_size": 16, "inner_size": 32, "n_layers": 1}
+    _, plain, (_, _, test) = build("SASRec", "retail-sim", config_dict=config)
+    _, mixed, _ = build("SASRec", "retail-sim", config_dict={**config, "repeat_mix": WEIGHT})
+    mixed.model.load_state_dict(plain.model.state_dict())
+    batch = next(iter(test))
+    for trainer in (plain, mixed):
+        trainer.tot_item_num = test._dataset.item_num  # what RecBole's evaluate sets before scoring batches
+        trainer.model.eval()
+    with torch.no_grad():
+        interaction, base, _, _ = plain._full_sort_batch_eval(batch)
+        _, adjusted, _, _ = mixed._full_sort_batch_eval(batch)
+    seq, lengths = interaction["item_id_list"], interaction["item_length"]
+    for row in range(len(base)):
+        items = seq[row, : int(lengths[row])].tolist()
+        share = torch.tensor([items.count(i) / len(items) if i else 0.0 for i in range(base.shape[1])])
+        p = torch.softmax(torch.cat([torch.tensor([-math.inf]), base[row, 1:]]), dim=0)
+        expected = torch.log((1 - WEIGHT) * p + WEIGHT * share)
+        torch.testing.assert_close(adjusted[row, 1:], expected[1:], atol=1e-5, rtol=1e-5)
+
+
+def test_mix_is_the_log_of_the_mixture_and_refuses_weights_outside_0_1():
+    log_p = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    shares = torch.tensor([[0.0, 1.0, 0.0]])
+    torch.testing.assert_close(mix(log_p, shares, 0.25), torch.log(torch.tensor([[0.375, 0.475, 0.15]])))
+    with pytest.raises(CausalRecError, match="repeat_mix"):
+        mix(log_p, shares, 1.0)
+    with pytest.raises(CausalRecError, match="repeat_mix"):
+        causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": 1.5}, saved=False)
