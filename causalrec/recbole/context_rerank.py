@@ -18,7 +18,6 @@ context-aware CausalDPO against context-re-ranked baselines, or all without cont
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import numpy as np
 import torch
@@ -88,22 +87,10 @@ class ContextRerank:
 def install(trainer, train_dataset, field: str, alpha: float = 1.0) -> ContextRerank:
     """Re-rank every full-catalog evaluation of ``trainer`` (validation and test) by the case's ``field``;
     the ``ContextRerank`` is also ``trainer.context_rerank``."""
+    from causalrec.recbole.evaluation import rerank_full_sort
+
     rerank = ContextRerank(train_dataset, field, alpha, in_log=type(trainer.model).__name__ in COUNT_SCORED)
-    evaluate, batch_eval = trainer.evaluate, trainer._full_sort_batch_eval
-    current: dict[str, Any] = {}
-
-    def evaluate_in_context(eval_data, *args, **kwargs):
-        current["data"] = eval_data
-        try:
-            return evaluate(eval_data, *args, **kwargs)
-        finally:
-            current.pop("data", None)
-
-    def batch_eval_in_context(batched_data):
-        interaction, scores, positive_u, positive_i = batch_eval(batched_data)
-        return interaction, rerank.adjust(scores, current["data"], interaction), positive_u, positive_i
-
-    trainer.evaluate, trainer._full_sort_batch_eval = evaluate_in_context, batch_eval_in_context
+    rerank_full_sort(trainer, rerank.adjust)
     trainer.context_rerank = rerank
     _log.info(
         "context_rerank=%s: scores + log P(i | %s) - log P(i) (training rows; labels %s)",

@@ -191,6 +191,26 @@ def evaluate_with_environments(
     return dict(overall), per_env
 
 
+def rerank_full_sort(trainer, adjust) -> None:
+    """Rank every full-catalog evaluation of ``trainer`` (validation inside ``fit`` and the test) by
+    ``adjust(scores, eval_data, interaction)``: the batch's scores, the data being evaluated, the batch's cases."""
+    evaluate, batch_eval = trainer.evaluate, trainer._full_sort_batch_eval
+    current: dict[str, Any] = {}
+
+    def evaluate_noting_data(eval_data, *args, **kwargs):
+        current["data"] = eval_data
+        try:
+            return evaluate(eval_data, *args, **kwargs)
+        finally:
+            current.pop("data", None)
+
+    def batch_eval_adjusted(batched_data):
+        interaction, scores, positive_u, positive_i = batch_eval(batched_data)
+        return interaction, adjust(scores, current.get("data"), interaction), positive_u, positive_i
+
+    trainer.evaluate, trainer._full_sort_batch_eval = evaluate_noting_data, batch_eval_adjusted
+
+
 @contextlib.contextmanager
 def record_environments(trainer, eval_data, fields: Sequence[str] = ENV_FIELDS):
     """While active, each ``trainer.evaluate(eval_data, ...)`` (RecBole's validation inside ``fit``, once per

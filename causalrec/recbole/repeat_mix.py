@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import numpy as np
 import torch
@@ -85,24 +84,12 @@ class RepeatMix:
 def install(trainer, train_dataset, valid_dataset, test_data, weight: float) -> RepeatMix:
     """Rank every full-catalog evaluation of ``trainer`` (a RecBole model's; validation and the test, which is
     ``test_data``) by the mixture; also ``trainer.repeat_mix``."""
+    from causalrec.recbole.evaluation import rerank_full_sort
+
     repeats = RepeatMix(
         trainer.model, weight, train_dataset, valid_dataset, in_log=type(trainer.model).__name__ in COUNT_SCORED
     )
-    evaluate, batch_eval = trainer.evaluate, trainer._full_sort_batch_eval
-    current: dict[str, Any] = {}
-
-    def evaluate_marked(eval_data, *args, **kwargs):
-        current["testing"] = eval_data is test_data
-        try:
-            return evaluate(eval_data, *args, **kwargs)
-        finally:
-            current.pop("testing", None)
-
-    def batch_eval_mixed(batched_data):
-        interaction, scores, positive_u, positive_i = batch_eval(batched_data)
-        return interaction, repeats.adjust(scores, interaction, current.get("testing", False)), positive_u, positive_i
-
-    trainer.evaluate, trainer._full_sort_batch_eval = evaluate_marked, batch_eval_mixed
+    rerank_full_sort(trainer, lambda scores, data, interaction: repeats.adjust(scores, interaction, data is test_data))
     trainer.repeat_mix = repeats
     _log.info("repeat_mix=%s: log((1 - w) p(i) + w (the item's share of the customer's history))", weight)
     return repeats
