@@ -45,13 +45,20 @@ def shares_from_sequences(seq: torch.Tensor, mask: torch.Tensor, n_items: int) -
     return counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
 
 
-def _count_matrix(datasets, n_users: int, n_items: int) -> torch.Tensor:
-    counts = np.zeros((n_users, n_items), dtype=np.float32)
-    for dataset in datasets:
-        feat = dataset.inter_feat
-        np.add.at(counts, (feat[dataset.uid_field].numpy(), feat[dataset.iid_field].numpy()), 1.0)
-    counts[:, 0] = 0
-    return torch.from_numpy(counts / np.maximum(counts.sum(axis=1, keepdims=True), 1))
+def _share_matrix(datasets, n_users: int, n_items: int):
+    """Users x items purchase shares of ``datasets``' rows, sparse (a catalog-sized dense table per user would not
+    fit a large data set)."""
+    from scipy.sparse import coo_matrix
+
+    users = np.concatenate([d.inter_feat[d.uid_field].numpy() for d in datasets])
+    items = np.concatenate([d.inter_feat[d.iid_field].numpy() for d in datasets])
+    keep = items > 0  # padding is no item
+    counts = coo_matrix(
+        (np.ones(int(keep.sum()), dtype=np.float32), (users[keep], items[keep])), shape=(n_users, n_items)
+    ).tocsr()  # duplicates are summed: a repeat purchase counts twice
+    totals = np.maximum(np.asarray(counts.sum(axis=1), dtype=np.float32).ravel(), np.float32(1))
+    counts.data /= np.repeat(totals, np.diff(counts.indptr))  # float32 division, as shares_from_sequences
+    return counts
 
 
 class RepeatMix:
@@ -63,8 +70,8 @@ class RepeatMix:
         self.sequential = hasattr(model, "ITEM_SEQ")
         if not self.sequential:  # a customer's rows before the validation case, and before the test case
             n_users, n_items = train_dataset.user_num, train_dataset.item_num
-            self.valid_shares = _count_matrix([train_dataset], n_users, n_items)
-            self.test_shares = _count_matrix([train_dataset, valid_dataset], n_users, n_items)
+            self.valid_shares = _share_matrix([train_dataset], n_users, n_items)
+            self.test_shares = _share_matrix([train_dataset, valid_dataset], n_users, n_items)
 
     def adjust(self, scores: torch.Tensor, interaction, testing: bool) -> torch.Tensor:
         if self.sequential:
@@ -73,7 +80,8 @@ class RepeatMix:
             shares = shares_from_sequences(seq, mask, scores.shape[1]).to(scores.device)
         else:
             table = self.test_shares if testing else self.valid_shares
-            shares = table[interaction[self.model.USER_ID].cpu()].to(scores.device)
+            rows = table[interaction[self.model.USER_ID].cpu().numpy()].toarray()
+            shares = torch.from_numpy(rows).to(scores.device)
         scores = scores.float().clone()
         if self.in_log:  # a count: its share of the catalog's counts
             scores = torch.where(torch.isneginf(scores), scores, scores.clamp_min(torch.finfo(scores.dtype).tiny).log())
