@@ -543,8 +543,6 @@ def compare(
         raise ConfigError("sources (--from) are read by a report-only comparison; add --report-only")
     from causalrec.experiments.publish import is_published, report_cells
 
-    if publish_cases and publish is None:
-        raise ConfigError("--publish-cases publishes per-case values beside published cells; add --publish DIR")
     if sources or (report_only and is_published(out)):
         if config_files or params:
             _log.info(

@@ -94,8 +94,7 @@ def check_run_targets(config: CompareConfig, publish: str | Path | None, cases: 
                 "cached ones; publish into a folder of its own (e.g. docs/results/<name>)"
             )
         _check_publish_target(Path(publish))
-    if cases:
-        _check_cases_publishable(config.dataset)
+    _check_cases_publishable(publish, cases, config.dataset)
 
 
 def _check_publish_target(folder: Path) -> None:
@@ -108,9 +107,14 @@ def _check_publish_target(folder: Path) -> None:
         )
 
 
-def _check_cases_publishable(dataset: str) -> None:
+def _check_cases_publishable(publish: str | Path | None, cases: bool, dataset: str) -> None:
+    """``--publish-cases`` needs ``--publish`` and a simulated data set (its user ids identify no one)."""
     from causalrec.data import SIMULATED_SOURCES
 
+    if not cases:
+        return
+    if publish is None:
+        raise ConfigError("--publish-cases publishes per-case values beside published cells; add --publish DIR")
     if dataset not in SIMULATED_SOURCES:
         raise ConfigError(
             f"--publish-cases: {dataset}'s per-case values are keyed by the ids of real users and stay out of "
@@ -246,8 +250,7 @@ def publish_cells(records: Sequence[Mapping[str, Any]], folder: str | Path, conf
     failures, significance, report.md, plots; never ``cases.csv.gz``). Returns that report's results table."""
     folder = Path(folder)
     _check_publish_target(folder)
-    if cases:
-        _check_cases_publishable(config.dataset)
+    _check_cases_publishable(folder, cases, config.dataset)
     users = _user_ids(records)
     existing: dict[tuple[str, str, int], list[tuple[Path, str, dict]]] = {}
     finished: dict[tuple[str, str, int], tuple[str, str]] = {}
@@ -387,10 +390,7 @@ def report_cells(
                 f"({', '.join(datasets)}); choose one with --dataset"
             )
         dataset = datasets[0] if datasets else next((m["dataset"] for m in manifests if m.get("dataset")), "retail-sim")
-    if publish_cases:
-        if publish is None:
-            raise ConfigError("--publish-cases publishes per-case values beside published cells; add --publish DIR")
-        _check_cases_publishable(dataset)
+    _check_cases_publishable(publish, publish_cases, dataset)
     kept = [r for r in records if str(r.get("dataset")) == dataset]
     if len(kept) < len(records):
         _log.info("compare --report-only: %d cells of other datasets left out", len(records) - len(kept))

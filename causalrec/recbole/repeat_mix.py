@@ -65,7 +65,6 @@ class RepeatMix:
     """The mixture of one classical run: ``adjust(scores, interaction, testing)`` for one evaluation batch."""
 
     def __init__(self, model, weight: float, train_dataset, valid_dataset, in_log: bool = False):
-        mix(torch.zeros(1, 1), torch.zeros(1, 1), weight)  # the range check, before any evaluation
         self.model, self.weight, self.in_log = model, weight, in_log
         self.sequential = hasattr(model, "ITEM_SEQ")
         if not self.sequential:  # a customer's rows before the validation case, and before the test case
