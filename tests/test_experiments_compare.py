@@ -860,6 +860,39 @@ def test_published_cells_hold_no_user_ids_and_rebuild_the_same_table(in_tmp, no_
     assert "11 of 18 cells finished, 6 not run" in (pub / "report.md").read_text()
 
 
+def test_report_and_published_cells_show_the_repeat_mix_each_cell_chose_on_validation(in_tmp, no_training_or_data):
+    from causalrec.cli import main
+
+    raw, pub = in_tmp / "run", in_tmp / "docs" / "results" / "x"
+    records = _hand_grid(seeds=(2020, 2021))
+    for rec, weight in zip([r for r in records if r["model"] == "BPR" and r["split"] == "seasonal"], (0.3, 0.0)):
+        rec["result"]["repeat_mix"] = {"weight": weight, "valid_score_by_weight": {"0.0": 0.1, "0.3": 0.2}}
+    _write_cells(raw, records)
+    args = ["compare", "--report-only", "--from", str(raw), "--out", str(raw), "--models", "Pop,BPR", "--no-plots"]
+    assert main([*args, "--publish", str(pub), "--no-progress"]) == 0
+    for folder in (raw, pub):
+        section = (folder / "report.md").read_text().split("## Chosen on validation\n")[1]
+        assert "| BPR | seasonal | 0.3 (2020), 0 (2021) |" in section
+        assert "| Pop |" not in section and "| BPR | iid |" not in section  # cells that chose nothing
+    cell = json.loads(next((pub / "cells").glob("BPR-seasonal-seed2020-*.json")).read_text())
+    assert cell["result"]["repeat_mix"]["weight"] == 0.3
+    main(
+        [
+            "compare",
+            "--report-only",
+            "--from",
+            str(raw),
+            "--out",
+            str(in_tmp / "plain"),
+            "--models",
+            "Pop",
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
+    assert "Chosen on validation" not in (in_tmp / "plain" / "report.md").read_text()
+
+
 def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_bootstrap_comes_back(
     in_tmp, no_training_or_data
 ):

@@ -110,6 +110,24 @@ def test_repeat_mix_is_the_mixture_with_the_shown_historys_purchase_shares(id_ru
     torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute, atol=1e-5, rtol=0)
 
 
+def test_repeat_mix_auto_reuses_the_stages_trained_without_it_and_tests_as_a_run_fixed_at_its_choice(in_tmp):
+    """``repeat_mix: auto`` trains as a run without the mixture (the same stage keys, so the stages are reused),
+    then validates every candidate weight; the test equals a run trained and validated at the chosen weight."""
+    config = dict(TINY, item_repr="id")
+    plain = causalrec.run("GenRec", "retail-sim", config_dict=config)
+    auto = causalrec.run("GenRec", "retail-sim", config_dict={**config, "repeat_mix": "auto"})
+    assert [s["key"] for s in auto["stages"]] == [s["key"] for s in plain["stages"]]
+    assert all(s["reused"] for s in auto["stages"])
+    by_weight = auto["repeat_mix"]["valid_score_by_weight"]
+    assert by_weight["0.0"] == pytest.approx(plain["best_valid_score"], abs=1e-9)
+    chosen = auto["repeat_mix"]["weight"]
+    assert chosen > 0 and auto["best_valid_score"] == max(by_weight.values()) > by_weight["0.0"]
+    fixed = causalrec.run("GenRec", "retail-sim", config_dict={**config, "repeat_mix": chosen})
+    assert not fixed["stages"][0]["reused"]  # its SFT validated with the mixture: another stage key
+    assert fixed["best_valid_score"] == pytest.approx(auto["best_valid_score"], abs=1e-6)
+    assert fixed["test_result"] == pytest.approx(auto["test_result"], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "model,extra",
     [

@@ -80,3 +80,27 @@ def test_mix_is_the_log_of_the_mixture_and_refuses_weights_outside_0_1():
         mix(log_p, shares, 1.0)
     with pytest.raises(CausalRecError, match="repeat_mix"):
         causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": 1.5}, saved=False)
+
+
+def test_auto_keeps_the_weight_that_validates_best_and_tests_as_a_run_fixed_at_it(in_tmp):
+    """``repeat_mix: auto`` ranks validation at every candidate weight after training and keeps the best (Pop's
+    training does not depend on the weight, so each candidate's validation is what a run fixed at it scores)."""
+    from causalrec.recbole.repeat_mix import AUTO_WEIGHTS
+
+    auto = causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": "auto"})
+    by_weight = {float(w): s for w, s in auto["repeat_mix"]["valid_score_by_weight"].items()}
+    assert list(by_weight) == list(AUTO_WEIGHTS)
+    chosen = auto["repeat_mix"]["weight"]
+    assert chosen == min(w for w, s in by_weight.items() if s == max(by_weight.values()))
+    assert chosen > 0  # retail-sim's customers buy again
+    assert auto["best_valid_score"] == by_weight[chosen]
+    for weight in (0.0, 0.3, chosen):
+        fixed = causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": weight})
+        assert fixed["best_valid_score"] == pytest.approx(by_weight[weight], abs=1e-9)
+    assert fixed["test_result"] == pytest.approx(auto["test_result"], abs=1e-9)
+
+
+@pytest.mark.parametrize("value", ["sometimes", -0.1, 1.0])
+def test_repeat_mix_outside_a_weight_or_auto_is_refused_before_any_work(in_tmp, value):
+    with pytest.raises(CausalRecError, match="repeat_mix.*auto"):
+        causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": value})

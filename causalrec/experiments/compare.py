@@ -656,6 +656,7 @@ def write_report(
         protocol=protocol,
         not_run=not_run,
         significance_notes=_case_notes(records),
+        choices=report.validation_choices(records),
     )
     files["report"] = out / "report.md"
     write_atomic(files["report"], text)

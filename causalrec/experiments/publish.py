@@ -47,6 +47,7 @@ PUBLISHED_RESULT_KEYS = (
     "protocol",
     "stages",
     "epochs",
+    "repeat_mix",  # repeat_mix: auto's choice
 )
 PUBLISHED_STAGE_DROP = frozenset({"directory"})  # a path on the machine that ran it
 CASES_SUFFIX = ".cases.csv.gz"  # a published cell's per-case values, beside it (``--publish-cases``)

@@ -335,6 +335,20 @@ def significance_text(table, n_boot: int = BOOTSTRAP_REPLICATES) -> str:
 
 
 # ----------------------------------------------------------------------------------------- markdown
+def validation_choices(records: Sequence[Mapping[str, Any]]) -> str:
+    """A table of what each cell chose on validation after training (``repeat_mix: auto``'s weight), per model and
+    split with one value per seed; "" when no cell chose anything."""
+    chosen: dict[tuple[str, str], list[str]] = {}
+    for r in sorted(records, key=lambda r: (str(r.get("model")), str(r.get("split")), int(r.get("seed", 0)))):
+        choice = (r.get("result") or {}).get("repeat_mix") if r.get("status") == "ok" else None
+        if choice is not None:
+            chosen.setdefault((r["model"], r["split"]), []).append(f"{choice['weight']:g} ({r['seed']})")
+    if not chosen:
+        return ""
+    rows = [f"| {model} | {split} | {', '.join(values)} |" for (model, split), values in chosen.items()]
+    return "\n".join(["| model | split | `repeat_mix` chosen (seed) |", "|---|---|---|", *rows])
+
+
 def markdown(
     results,
     failures,
@@ -343,9 +357,11 @@ def markdown(
     protocol: str | None = None,
     not_run: Sequence[tuple[str, str, int]] = (),
     significance_notes: Sequence[str] = (),
+    choices: str = "",
 ) -> str:
     """The whole ``report.md`` of a comparison; ``not_run``: (model, split, seed) of cells with no record;
-    ``significance_notes``: lines printed above the significance table (e.g. per-case values not published)."""
+    ``significance_notes``: lines printed above the significance table (e.g. per-case values not published);
+    ``choices``: ``validation_choices``' table."""
     seeds = config.seed_list()
     models, splits = list(config.models), list(config.splits)
     n_cells = len(models) * len(splits) * len(seeds)
@@ -385,6 +401,15 @@ def markdown(
                     not_run=unrun,
                 ),
             ]
+    if choices:
+        parts += [
+            "",
+            "## Chosen on validation",
+            "",
+            "Test metrics above are at these values, each chosen by its own cell's validation split after training.",
+            "",
+            choices,
+        ]
     if config.baseline:
         parts += ["", f"## Significance against {config.baseline}", "", significance_text(significance_frame), ""]
         for note in significance_notes:

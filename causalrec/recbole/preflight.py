@@ -126,7 +126,7 @@ def _kind(value: Any) -> str | None:
 
 
 # Keys whose YAML default has one type but that take another too (LoRA: "all-linear" or a list of module names).
-_ALSO_ACCEPTED = {"target_modules": {"list"}, "num_negatives": {"str"}, "num_threads": {"int"}}
+_ALSO_ACCEPTED = {"target_modules": {"list"}, "num_negatives": {"str"}, "num_threads": {"int"}, "repeat_mix": {"str"}}
 
 _WANTED = {
     "bool": "true or false",
@@ -170,7 +170,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{  # the LLM models' own keys: the lower bounds their owner states
         key: (lambda v, low=low: v >= low, f">= {low}") for key, low in LLMRecommenderConfig.rules()[1].items()
     },
-    "repeat_mix": (lambda v: 0 <= v < 1, ">= 0 and < 1 (the copy distribution's weight)"),
+    "repeat_mix": (
+        lambda v: v == "auto" or (not isinstance(v, str) and 0 <= v < 1),
+        ">= 0 and < 1 (the copy distribution's weight), or 'auto' (chosen on validation)",
+    ),
     "num_threads": (lambda v: v == "auto" or (isinstance(v, int) and v >= 1), ">= 1, or 'auto' (one per free core)"),
     "num_negatives": (lambda v: v == "all" or (isinstance(v, int) and v >= 1), ">= 1, or 'all' (item tokens)"),
     "learning_rate": (lambda v: v > 0, "> 0"),

@@ -88,7 +88,8 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
     if config["repeat_mix"] and not getattr(recommender, "ranks_repeats_itself", False):
         from causalrec.recbole import repeat_mix  # the customer's own purchase shares, for any model
 
-        repeat_mix.install(trainer, loaders[0]._dataset, loaders[1]._dataset, loaders[2], float(config["repeat_mix"]))
+        weight = repeat_mix.training_weight(config["repeat_mix"])
+        repeat_mix.install(trainer, loaders[0]._dataset, loaders[1]._dataset, loaders[2], weight)
     return config, trainer, loaders
 
 
@@ -146,6 +147,14 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
     if rank != 0:
         _log.info("process %d of %d: training done; the main process evaluates", rank, processes)
         return None
+    chosen = None
+    if config["repeat_mix"] == "auto" and valid_data:  # the copy weight, chosen on validation after training
+        from causalrec.recbole.repeat_mix import choose_on_validation
+
+        weight, best_valid_score, best_valid_result, by_weight = choose_on_validation(
+            trainer, valid_data, load_best_model=saved, show_progress=show
+        )
+        chosen = {"weight": weight, "valid_score_by_weight": {str(w): s for w, s in by_weight.items()}}
     test_result, test_env_result = evaluate_with_environments(
         trainer,
         test_data,
@@ -163,6 +172,8 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
         "test_env_result": test_env_result,
         "protocol": protocol.describe_protocol(config),
     }
+    if chosen is not None:
+        result["repeat_mix"] = chosen
     if getattr(trainer, "stage_results", None) is not None:
         result["stages"] = trainer.stage_results
     if discard_last_epoch is not None:

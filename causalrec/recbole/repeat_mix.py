@@ -11,6 +11,11 @@ same information, its history: the LLM models from the items their prompt shows
 (``LLMRecommender._with_repeats``), RecBole's sequential models from ``ITEM_SEQ`` (the purchases before the case
 they read), its general models (BPR, LightGCN, Pop, ...) from the customer's training rows, plus the validation
 rows when the test is ranked (the history a sequential model reads there too).
+
+``repeat_mix: auto`` trains and early-stops as without the mixture (w = 0, so an LLM model's training stages are the
+cached ones of a run without it), then ranks the validation split once per weight of ``AUTO_WEIGHTS`` with the
+best model and keeps the weight that validates best (the smallest of a tie): the test is ranked once, at that weight.
+The weight is a test-time choice of the trained model, made on validation, per model, data set, split and seed.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ from causalrec.errors import ConfigError
 _log = logging.getLogger(__name__)
 
 COUNT_SCORED = ("Pop",)  # a count, not a logit: its share is its distribution
+AUTO = "auto"
+AUTO_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def training_weight(value) -> float:
+    """The weight a run trains (and early-stops) with: ``auto`` trains without the mixture and chooses after."""
+    return 0.0 if value == AUTO else float(value or 0.0)
 
 
 def mix(log_p: torch.Tensor, shares: torch.Tensor, weight: float) -> torch.Tensor:
@@ -73,6 +85,8 @@ class RepeatMix:
             self.test_shares = _share_matrix([train_dataset, valid_dataset], n_users, n_items)
 
     def adjust(self, scores: torch.Tensor, interaction, testing: bool) -> torch.Tensor:
+        if not self.weight:  # repeat_mix: auto, at its first candidate (and while it trains)
+            return scores
         if self.sequential:
             seq, lengths = interaction[self.model.ITEM_SEQ], interaction[self.model.ITEM_SEQ_LEN]
             mask = torch.arange(seq.shape[1], device=seq.device) < lengths[:, None]
@@ -100,3 +114,31 @@ def install(trainer, train_dataset, valid_dataset, test_data, weight: float) -> 
     trainer.repeat_mix = repeats
     _log.info("repeat_mix=%s: log((1 - w) p(i) + w (the item's share of the customer's history))", weight)
     return repeats
+
+
+def _set_weight(trainer, weight: float) -> None:
+    if getattr(trainer.model, "ranks_repeats_itself", False):  # the LLM models mix inside full_sort_predict
+        trainer.model.repeat_mix = weight
+    else:
+        trainer.repeat_mix.weight = weight
+
+
+def choose_on_validation(trainer, valid_data, *, load_best_model: bool, show_progress: bool = False):
+    """``repeat_mix: auto``: rank ``valid_data`` once per weight of ``AUTO_WEIGHTS`` with the trained model (the
+    best one when ``load_best_model``), leave ``trainer`` ranking at the weight that validates best (the smallest of
+    a tie) and return ``(weight, its validation score, its validation result, {weight: validation score})``."""
+    from recbole.utils import calculate_valid_score
+
+    bigger = trainer.valid_metric_bigger
+    scores, results, best = {}, {}, None
+    for index, weight in enumerate(AUTO_WEIGHTS):
+        _set_weight(trainer, weight)
+        result = trainer.evaluate(
+            valid_data, load_best_model=load_best_model and index == 0, show_progress=show_progress
+        )
+        scores[weight], results[weight] = float(calculate_valid_score(result, trainer.valid_metric)), dict(result)
+        if best is None or (scores[weight] > scores[best] if bigger else scores[weight] < scores[best]):
+            best = weight
+    _set_weight(trainer, best)
+    _log.info("repeat_mix=auto: %s on validation by weight %s; chosen %s", trainer.valid_metric, scores, best)
+    return best, scores[best], results[best], scores

@@ -22,6 +22,7 @@ from recbole.utils import InputType
 
 from causalrec.data.prompts import DEFAULT_ENVIRONMENT_TEMPLATE, DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat
 from causalrec.errors import ConfigError, DataError, UnknownNameError
+from causalrec.recbole.repeat_mix import training_weight
 from causalrec.recbole.settings import ENVIRONMENT_INFERENCE, ENVIRONMENT_PRIORS, resolve_sft_positions
 
 _log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class LLMRecommender(SequentialRecommender):
         self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
         self.rank_orders = int(config["rank_orders"] or 0)
-        self.repeat_mix = float(config["repeat_mix"] or 0.0)
+        self.repeat_mix = training_weight(config["repeat_mix"])  # auto: trains without, chosen after training
         self.order_seed = int(config["seed"] or 0)
         from causalrec.llm.presets import backbone_settings
 
