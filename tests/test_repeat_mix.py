@@ -104,3 +104,28 @@ def test_auto_keeps_the_weight_that_validates_best_and_tests_as_a_run_fixed_at_i
 def test_repeat_mix_outside_a_weight_or_auto_is_refused_before_any_work(in_tmp, value):
     with pytest.raises(CausalRecError, match="repeat_mix.*auto"):
         causalrec.run("Pop", "retail-sim", config_dict={**SIM, "repeat_mix": value})
+
+
+def test_auto_early_stops_a_recbole_model_on_each_epochs_best_weight(in_tmp):
+    """Each validation of the epoch loop is the best of the weights' validations (each from a trainer fixed at that
+    weight holding the same model), and a resumable run still records its best epoch."""
+    from recbole.utils import calculate_valid_score
+
+    from causalrec.recbole.quick_start import build
+    from causalrec.recbole.repeat_mix import AUTO_WEIGHTS
+
+    config = {**SIM, "epochs": 2, "learning_rate": 0.01, "valid_metric": "NDCG@10"}
+    _, auto, (train, valid, _) = build("BPR", "retail-sim", config_dict={**config, "repeat_mix": "auto"})
+    for epoch in range(15):  # a model whose weights rank differently
+        auto._train_epoch(train, epoch)
+    score, _ = auto._valid_epoch(valid)
+    fixed = {}
+    for weight in AUTO_WEIGHTS:
+        _, trainer, (_, valid_w, _) = build("BPR", "retail-sim", config_dict={**config, "repeat_mix": weight})
+        trainer.model.load_state_dict(auto.model.state_dict())
+        fixed[weight] = calculate_valid_score(trainer.evaluate(valid_w, load_best_model=False), "ndcg@10")
+    assert score == pytest.approx(max(fixed.values()), abs=1e-9)
+    assert auto.repeat_mix_sweep[0] == min(w for w, s in fixed.items() if s == max(fixed.values()))
+    assert len(set(fixed.values())) > 2 and fixed[0.0] < score
+    result = causalrec.run("BPR", "retail-sim", config_dict={**config, "repeat_mix": "auto", "resume": True})
+    assert result["epochs"]["best"] in (0, 1) and result["repeat_mix"]["weight"] in AUTO_WEIGHTS

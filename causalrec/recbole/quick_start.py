@@ -90,6 +90,8 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
 
         weight = repeat_mix.training_weight(config["repeat_mix"])
         repeat_mix.install(trainer, loaders[0]._dataset, loaders[1]._dataset, loaders[2], weight)
+        if config["repeat_mix"] == repeat_mix.AUTO:  # each epoch's validation at its best weight
+            repeat_mix.choose_weight_per_validation(trainer, loaders[2])
     return config, trainer, loaders
 
 
@@ -148,12 +150,16 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
         _log.info("process %d of %d: training done; the main process evaluates", rank, processes)
         return None
     chosen = None
-    if config["repeat_mix"] == "auto" and valid_data:  # the copy weight, chosen on validation after training
-        from causalrec.recbole.repeat_mix import choose_on_validation
+    if config["repeat_mix"] == "auto" and valid_data:  # the copy weight: the best model's best on validation
+        from recbole.utils import calculate_valid_score
 
-        weight, best_valid_score, best_valid_result, by_weight = choose_on_validation(
-            trainer, valid_data, load_best_model=saved, show_progress=show
-        )
+        from causalrec.recbole import repeat_mix
+
+        if getattr(trainer.model, "ranks_repeats_itself", False):  # LLM stages early-stop without the mixture
+            repeat_mix.choose_weight_per_validation(trainer, test_data)
+        best_valid_result = trainer.evaluate(valid_data, load_best_model=saved, show_progress=show)
+        best_valid_score = calculate_valid_score(best_valid_result, trainer.valid_metric)
+        weight, by_weight = trainer.repeat_mix_sweep
         chosen = {"weight": weight, "valid_score_by_weight": {str(w): s for w, s in by_weight.items()}}
     test_result, test_env_result = evaluate_with_environments(
         trainer,

@@ -12,10 +12,12 @@ same information, its history: the LLM models from the items their prompt shows
 they read), its general models (BPR, LightGCN, Pop, ...) from the customer's training rows, plus the validation
 rows when the test is ranked (the history a sequential model reads there too).
 
-``repeat_mix: auto`` trains and early-stops as without the mixture (w = 0, so an LLM model's training stages are the
-cached ones of a run without it), then ranks the validation split once per weight of ``AUTO_WEIGHTS`` with the
-best model and keeps the weight that validates best (the smallest of a tie): the test is ranked once, at that weight.
-The weight is a test-time choice of the trained model, made on validation, per model, data set, split and seed.
+``repeat_mix: auto`` chooses the weight on validation, per model, data set, split and seed: every validation ranks
+the split at each weight of ``AUTO_WEIGHTS`` and counts the best (the smallest weight of a tie). A RecBole model's
+epoch loop thus early-stops on each epoch's best weight (epoch and weight chosen together: the best epoch moves
+with the weight, LightGCN's by hundreds); the LLM models' training stages early-stop without the mixture (a few SFT
+epochs; their stages are the cached ones of a run without it), and their best model is then validated at every
+weight. The test is ranked once, at the weight the best model validated best with.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ AUTO_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def training_weight(value) -> float:
-    """The weight a run trains (and early-stops) with: ``auto`` trains without the mixture and chooses after."""
+    """The weight a run starts with: ``auto`` starts without the mixture (and its validations choose one)."""
     return 0.0 if value == AUTO else float(value or 0.0)
 
 
@@ -123,22 +125,32 @@ def _set_weight(trainer, weight: float) -> None:
         trainer.repeat_mix.weight = weight
 
 
-def choose_on_validation(trainer, valid_data, *, load_best_model: bool, show_progress: bool = False):
-    """``repeat_mix: auto``: rank ``valid_data`` once per weight of ``AUTO_WEIGHTS`` with the trained model (the
-    best one when ``load_best_model``), leave ``trainer`` ranking at the weight that validates best (the smallest of
-    a tie) and return ``(weight, its validation score, its validation result, {weight: validation score})``."""
+def choose_weight_per_validation(trainer, test_data) -> None:
+    """``repeat_mix: auto``: from now on every evaluation of ``trainer`` other than the test (``test_data``) ranks
+    the data at each weight of ``AUTO_WEIGHTS`` and returns the result of the weight that ranks it best (the
+    smallest of a tie), leaving ``trainer`` at that weight and ``trainer.repeat_mix_sweep`` at ``(weight, {weight:
+    score})``. Installed before training, RecBole's epoch loop then early-stops on the best weight of each epoch
+    (epoch and weight chosen together); the test is ranked at the weight of the last validation."""
     from recbole.utils import calculate_valid_score
 
-    bigger = trainer.valid_metric_bigger
-    scores, results, best = {}, {}, None
-    for index, weight in enumerate(AUTO_WEIGHTS):
-        _set_weight(trainer, weight)
-        result = trainer.evaluate(
-            valid_data, load_best_model=load_best_model and index == 0, show_progress=show_progress
-        )
-        scores[weight], results[weight] = float(calculate_valid_score(result, trainer.valid_metric)), dict(result)
-        if best is None or (scores[weight] > scores[best] if bigger else scores[weight] < scores[best]):
-            best = weight
-    _set_weight(trainer, best)
-    _log.info("repeat_mix=auto: %s on validation by weight %s; chosen %s", trainer.valid_metric, scores, best)
-    return best, scores[best], results[best], scores
+    evaluate = trainer.evaluate
+
+    def evaluate_at_best_weight(eval_data, load_best_model=True, model_file=None, show_progress=False):
+        if eval_data is test_data:
+            return evaluate(eval_data, load_best_model, model_file, show_progress)
+        scores, results, best = {}, {}, None
+        for index, weight in enumerate(AUTO_WEIGHTS):
+            _set_weight(trainer, weight)
+            first = index == 0  # a checkpoint is loaded once
+            result = evaluate(eval_data, load_best_model and first, model_file if first else None, show_progress)
+            scores[weight], results[weight] = float(calculate_valid_score(result, trainer.valid_metric)), result
+            if best is None or (
+                scores[weight] > scores[best] if trainer.valid_metric_bigger else scores[weight] < scores[best]
+            ):
+                best = weight
+        _set_weight(trainer, best)
+        trainer.repeat_mix_sweep = (best, scores)
+        _log.debug("repeat_mix=auto: %s by weight %s; chosen %s", trainer.valid_metric, scores, best)
+        return results[best]
+
+    trainer.evaluate = evaluate_at_best_weight

@@ -123,7 +123,7 @@ class LLMRecommender(SequentialRecommender):
         self.sft_positions = resolve_sft_positions(config["sft_positions"], self.item_repr)
         self.rank_batch_size = int(config["rank_batch_size"] or (64 if tokens else 8))
         self.rank_orders = int(config["rank_orders"] or 0)
-        self.repeat_mix = training_weight(config["repeat_mix"])  # auto: trains without, chosen after training
+        self.repeat_mix = training_weight(config["repeat_mix"])  # auto: stages train without it
         self.order_seed = int(config["seed"] or 0)
         from causalrec.llm.presets import backbone_settings
 
