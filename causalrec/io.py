@@ -1,5 +1,5 @@
-"""Files, one place: atomic writes (temp file in the same folder, then rename), content digests, and reading
-config YAML the way RecBole writes it (safely). No causalrec imports but ``errors``."""
+"""Files, one place: atomic writes (temp file in the same folder, then rename), exclusive locks between processes,
+content digests, and reading config YAML the way RecBole writes it (safely). No causalrec imports but ``errors``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ast
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import uuid
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+
+_log = logging.getLogger(__name__)
 
 
 def digest(value: Any, *, ascii_only: bool = False) -> str:
@@ -23,6 +26,28 @@ def digest(value: Any, *, ascii_only: bool = False) -> str:
     were made that way, stage keys without; each keeps its rendering so that no cached result is orphaned."""
     text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=ascii_only, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, waiting: str) -> Iterator[None]:
+    """An exclusive advisory lock on the file ``path`` (POSIX ``flock``; a no-op where ``fcntl`` is missing), held
+    for the block: one process builds what another waits for. ``waiting`` is logged when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: atomic renames still keep each file whole
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _log.info("waiting for another process %s (%s)", waiting, path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

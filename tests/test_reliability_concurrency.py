@@ -71,3 +71,42 @@ def test_two_runs_training_the_same_stage_train_it_once(tmp_path):
     assert sorted(r["stages"][0]["reused"] for r in results) == [False, True]
     assert results[0]["test_result"] == results[1]["test_result"]
     assert len(list(stages.glob("sft-*/model.safetensors"))) == 1 and not list(stages.glob(".tmp-*"))
+
+
+def test_a_cell_two_compare_processes_reach_together_is_trained_once(tmp_path, monkeypatch):
+    """Two ``compare`` runs over overlapping grids of one folder: the second waits for the cell the first is
+    training and takes its record (training it too would share, and lose, its checkpoint folder)."""
+    import threading
+    import time
+
+    from causalrec.experiments import compare
+
+    calls, started, release = [], threading.Event(), threading.Event()
+
+    def fake_run(model, dataset, config_dict=None, saved=True):
+        calls.append(config_dict["checkpoint_dir"])
+        started.set()
+        assert release.wait(30)
+        return {"model": model, "test_result": {"ndcg@10": 0.25}}
+
+    monkeypatch.setattr("causalrec.recbole.quick_start.run", fake_run)
+    cell = compare.Cell("BPR", "seasonal", 2020, {"seed": 2020}, "ab" * 32)
+    records = [None, None]
+
+    def reach(i):
+        records[i] = compare.run_cell(cell, "retail-sim", tmp_path)
+
+    first = threading.Thread(target=reach, args=(0,))
+    first.start()
+    assert started.wait(30)
+    second = threading.Thread(target=reach, args=(1,))
+    second.start()
+    time.sleep(0.5)  # the second is waiting on the cell's lock
+    assert len(calls) == 1
+    release.set()
+    first.join(30)
+    second.join(30)
+    assert len(calls) == 1
+    assert records[0]["status"] == records[1]["status"] == "ok"
+    assert records[1]["result"] == records[0]["result"] == {"model": "BPR", "test_result": {"ndcg@10": 0.25}}
+    assert json.loads(cell.path(tmp_path).read_text())["status"] == "ok"

@@ -12,7 +12,6 @@ loses the race discards its copy and reuses the winner's.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -23,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +33,7 @@ from causalrec.data.shifts import Split, split_frame
 from causalrec.data.sources import input_files, load_frame
 from causalrec.data.sources.tables import check_file, permission_error
 from causalrec.data.spec import DataSpec
+from causalrec.io import exclusive_lock
 
 _log = logging.getLogger(__name__)
 
@@ -138,26 +138,6 @@ def _complete(directory: Path, dataset: str, key: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (POSIX); a no-op where ``fcntl`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: the atomic rename below still keeps the final copy whole
-        yield
-        return
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _log.info("waiting for another process preparing the same data (%s)", path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _open(data_path: Path, dataset: str, reused: bool) -> PreparedDataset:
     directory = data_path / dataset
     files = {suffix: directory / name for suffix, name in file_names(dataset).items()}
@@ -171,7 +151,7 @@ def prepare(spec: DataSpec, *, force: bool = False, show_progress: bool = True) 
     root = spec.cache_dir() / spec.dataset
     data_path = root / key[:16]
     root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / f".{key[:16]}.lock"):
+    with exclusive_lock(root / f".{key[:16]}.lock", "preparing the same data"):
         if not force and _complete(data_path / spec.dataset, spec.dataset, key):
             _log.info("reusing prepared data at %s", data_path / spec.dataset)
             return _open(data_path, spec.dataset, reused=True)

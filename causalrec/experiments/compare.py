@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 
 from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.experiments.configs import layer, split_sections
-from causalrec.io import digest, write_atomic
+from causalrec.io import digest, exclusive_lock, write_atomic
 
 _log = logging.getLogger(__name__)
 
@@ -346,7 +346,21 @@ def _cell_record(cell: Cell, dataset: str) -> dict[str, Any]:
 
 
 def run_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Train and test one cell through ``causalrec.run``; write and return its record (failures included)."""
+    """Train and test one cell through ``causalrec.run``; write and return its record (failures included).
+
+    One process at a time per cell (a lock beside its record): a process that reaches a cell another one is
+    training waits, then takes its finished record instead of training it again (two processes on overlapping
+    grids of one ``out`` would otherwise share the cell's checkpoint folder, and the first to finish would
+    delete it under the other)."""
+    with exclusive_lock(cell.path(out).with_suffix(".lock"), f"training the same cell {cell.name}"):
+        record = load_cell(cell, out)
+        if record is not None and record.get("status") == "ok":
+            _log.info("cell %s: finished by another process while this one waited", cell.name)
+            return record
+        return _train_cell(cell, dataset, out, keep_checkpoints)
+
+
+def _train_cell(cell: Cell, dataset: str, out: Path, keep_checkpoints: bool) -> dict[str, Any]:
     from causalrec.recbole.evaluation import collect_cases
     from causalrec.recbole.quick_start import run
 

@@ -10,7 +10,6 @@ No RecBole and no TRL at module level: torch/safetensors are imported when used.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -18,9 +17,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from causalrec.io import digest
+from causalrec.io import digest, exclusive_lock
 
 _log = logging.getLogger(__name__)
 
@@ -301,25 +300,9 @@ class StageCache:
         directory = self.directory(stage, key)
         return directory if (directory / STAGE_META).is_file() else None
 
-    @contextlib.contextmanager
-    def lock(self, stage: str, key: str) -> Iterator[None]:
-        """An exclusive advisory lock (POSIX ``flock``; a no-op where it is missing) for one stage key."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            import fcntl
-        except ImportError:  # Windows: the atomic rename in install still keeps each copy whole
-            yield
-            return
-        with open(self.root / f"{stage}-{key[:16]}.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                _log.info("waiting for another process training the same %s stage (%s)", stage, key[:16])
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def lock(self, stage: str, key: str):
+        """An exclusive advisory lock (``causalrec.io.exclusive_lock``) for one stage key."""
+        return exclusive_lock(self.root / f"{stage}-{key[:16]}.lock", f"training the same {stage} stage")
 
     def install(self, stage: str, key: str, module, meta: dict[str, Any]) -> Path:
         """Save a finished stage into a temp dir, then rename it into place (replacing a damaged copy)."""
