@@ -406,7 +406,8 @@ def markdown(
             "",
             "## Chosen on validation",
             "",
-            "Test metrics above are at these values, each chosen by its own cell's validation split after training.",
+            "Test metrics above are at these values, each chosen on its own cell's validation split (RecBole models "
+            "with the epoch, the LLM models after training).",
             "",
             choices,
         ]
