@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any, Callable, Sequence
 
-from causalrec.recbole import protocol
+from causalrec.recbole import protocol, repeat_mix
 from causalrec.recbole.evaluation import ENV_FIELDS, evaluate_with_environments
 from causalrec.recbole.preflight import check_against_data, preflight, read_config_files, resolve_nulls
 from causalrec.recbole.threads import govern_threads, measured, resolve_num_threads, tick_between_batches
@@ -86,8 +86,7 @@ def build(model: str, dataset: str, config_file_list=None, config_dict=None, *, 
             trainer, loaders[0]._dataset, config["context_rerank"], float(config["context_rerank_alpha"] or 1.0)
         )
     if config["repeat_mix"] and not getattr(recommender, "ranks_repeats_itself", False):
-        from causalrec.recbole import repeat_mix  # the customer's own purchase shares, for any model
-
+        # any model: the customer's own purchase shares (the LLM models mix inside full_sort_predict)
         weight = repeat_mix.training_weight(config["repeat_mix"])
         repeat_mix.install(trainer, loaders[0]._dataset, loaders[1]._dataset, loaders[2], weight)
         if config["repeat_mix"] == repeat_mix.AUTO:  # each epoch's validation at its best weight
@@ -150,10 +149,8 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
         _log.info("process %d of %d: training done; the main process evaluates", rank, processes)
         return None
     chosen = None
-    if config["repeat_mix"] == "auto" and valid_data:  # the copy weight: the best model's best on validation
+    if config["repeat_mix"] == repeat_mix.AUTO and valid_data:  # the copy weight: the best model's best on validation
         from recbole.utils import calculate_valid_score
-
-        from causalrec.recbole import repeat_mix
 
         if getattr(trainer.model, "ranks_repeats_itself", False):  # LLM stages early-stop without the mixture
             repeat_mix.choose_weight_per_validation(trainer, test_data)
