@@ -18,7 +18,18 @@ from typing import Any
 
 from benchmarks.common import SCHEMA_VERSION, machine_info, set_threads, write_json
 
-BENCHMARKS = ("ranking", "dpo_step", "grounding", "e2e", "prepare", "allocator", "item_tokens", "pretrained", "threads")
+BENCHMARKS = (
+    "ranking",
+    "dpo_step",
+    "grounding",
+    "e2e",
+    "prepare",
+    "allocator",
+    "item_tokens",
+    "pretrained",
+    "threads",
+    "repeat_sweep",
+)
 _log = logging.getLogger("benchmarks")
 
 

@@ -368,3 +368,19 @@ def test_pretrained_compares_reference_memory_and_steps_a_larger_qwen2():
     assert [g["passed"] for g in payload["goals"]] == [None, None]  # not the stated sizes: reported, not judged
     text = "\n".join(pretrained.summary(payload))
     assert "(a) LoRA, adapter reference" in text and "| sft_lora | 1 |" in text
+
+
+def test_repeat_sweep_times_both_variants_and_they_choose_alike():
+    from benchmarks import repeat_sweep
+    from causalrec.recbole import repeat_mix
+
+    limit = repeat_mix.SWEEP_CACHE_BYTES
+    opts = repeat_sweep.Options(
+        config={"sim_users": 200, "sim_items": 80}, models=("SASRec",), repeats=1, warmup=0, judged=False
+    )
+    payload = repeat_sweep.run(opts)
+    (row,) = payload["results"]["models"].values()
+    assert row["same_choice"] and row["chosen"]["scores kept"][0] in repeat_mix.AUTO_WEIGHTS
+    assert row["every_weight_s"] > 0 and row["kept_s"] > 0
+    assert repeat_mix.SWEEP_CACHE_BYTES == limit  # the benchmark restores the limit
+    assert "| SASRec |" in "\n".join(repeat_sweep.summary(payload))

@@ -110,12 +110,26 @@ def test_repeat_mix_is_the_mixture_with_the_shown_historys_purchase_shares(id_ru
     torch.testing.assert_close(model.full_sort_predict(batch)[:, 1:].double(), brute, atol=1e-5, rtol=0)
 
 
-def test_repeat_mix_auto_reuses_the_stages_trained_without_it_and_tests_as_a_run_fixed_at_its_choice(in_tmp):
+def test_repeat_mix_auto_reuses_the_stages_trained_without_it_and_tests_as_a_run_fixed_at_its_choice(
+    in_tmp, monkeypatch
+):
     """``repeat_mix: auto`` trains as a run without the mixture (the same stage keys, so the stages are reused),
-    then validates every candidate weight; the test equals a run trained and validated at the chosen weight."""
+    then validates every candidate weight, scoring each case once; the test equals a run trained and validated at
+    the chosen weight."""
+    from causalrec.recbole.models.llm_recommender import LLMRecommender
+    from causalrec.recbole.repeat_mix import AUTO_WEIGHTS
+
     config = dict(TINY, item_repr="id")
     plain = causalrec.run("GenRec", "retail-sim", config_dict=config)
+    calls = {"full_sort_scores": 0, "full_sort_predict": 0}
+    for name in calls:
+        method = getattr(LLMRecommender, name)
+        monkeypatch.setattr(
+            LLMRecommender, name, lambda m, x, f=method, n=name: calls.__setitem__(n, calls[n] + 1) or f(m, x)
+        )
     auto = causalrec.run("GenRec", "retail-sim", config_dict={**config, "repeat_mix": "auto"})
+    # validation is one batch here: the sweep mixes at ten weights and scores it once
+    assert calls["full_sort_predict"] - calls["full_sort_scores"] == len(AUTO_WEIGHTS) - 1
     assert [s["key"] for s in auto["stages"]] == [s["key"] for s in plain["stages"]]
     assert all(s["reused"] for s in auto["stages"])
     by_weight = auto["repeat_mix"]["valid_score_by_weight"]

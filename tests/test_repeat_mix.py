@@ -129,3 +129,40 @@ def test_auto_early_stops_a_recbole_model_on_each_epochs_best_weight(in_tmp):
     assert len(set(fixed.values())) > 2 and fixed[0.0] < score
     result = causalrec.run("BPR", "retail-sim", config_dict={**config, "repeat_mix": "auto", "resume": True})
     assert result["epochs"]["best"] in (0, 1) and result["repeat_mix"]["weight"] in AUTO_WEIGHTS
+
+
+@pytest.mark.parametrize("keep_bytes", [None, 0, "one batch"])
+def test_a_sweep_runs_the_model_once_per_batch_and_scores_as_one_that_runs_it_at_every_weight(
+    in_tmp, monkeypatch, keep_bytes
+):
+    """Only the mixture depends on the weight: a validation at ten weights runs the model's forward once per
+    batch (the other nine read its scores back), and ranks exactly as a sweep that keeps nothing and runs it at
+    every weight; past ``SWEEP_CACHE_BYTES`` the batches not kept are run again."""
+    from causalrec.recbole import repeat_mix
+    from causalrec.recbole.quick_start import build
+
+    config = {**SIM, "epochs": 1, "learning_rate": 0.01, "valid_metric": "NDCG@10"}
+    _, trainer, (train, valid, _) = build("BPR", "retail-sim", config_dict={**config, "repeat_mix": "auto"})
+    for epoch in range(5):
+        trainer._train_epoch(train, epoch)
+    batches = len(list(valid))
+    assert batches > 2
+    calls = []
+    forward = type(trainer.model).full_sort_predict
+    monkeypatch.setattr(type(trainer.model), "full_sort_predict", lambda m, x: calls.append(1) or forward(m, x))
+    monkeypatch.setattr(repeat_mix, "SWEEP_CACHE_BYTES", 0)
+    every_weight, _ = trainer._valid_epoch(valid)
+    assert len(calls) == batches * len(repeat_mix.AUTO_WEIGHTS)
+    by_weight = dict(trainer.repeat_mix_sweep[1])
+    if keep_bytes is not None:
+        with torch.no_grad():
+            first = forward(trainer.model, next(iter(valid))[0])
+        one_batch = first.numel() * first.element_size()
+        limit = one_batch if keep_bytes == "one batch" else 2 * 1024**3
+        monkeypatch.setattr(repeat_mix, "SWEEP_CACHE_BYTES", limit)
+        calls.clear()
+        score, _ = trainer._valid_epoch(valid)
+        kept = 1 if keep_bytes == "one batch" else batches
+        assert len(calls) == batches + (batches - kept) * (len(repeat_mix.AUTO_WEIGHTS) - 1)
+        assert score == every_weight and trainer.repeat_mix_sweep[1] == by_weight
+    assert "full_sort_predict" not in vars(trainer.model)  # the model's own method again after the sweep

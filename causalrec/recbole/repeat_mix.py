@@ -125,6 +125,49 @@ def _set_weight(trainer, weight: float) -> None:
         trainer.repeat_mix.weight = weight
 
 
+SWEEP_CACHE_BYTES = 2 * 1024**3  # the most raw scores a sweep keeps in memory; batches past it are ranked again
+
+
+class _RawScores:
+    """While a sweep validates at each weight, the model's full-catalog scores before the mixture are computed
+    once: at the first weight each batch's scores are kept (in batch order, up to ``SWEEP_CACHE_BYTES``), and
+    the other weights read them back instead of running the model again; only the mixture depends on the
+    weight. Installed on ``model`` (its ``full_sort_scores`` where it mixes itself, else ``full_sort_predict``)
+    while active."""
+
+    def __init__(self, model):
+        self.model = model
+        self.name = "full_sort_scores" if getattr(model, "ranks_repeats_itself", False) else "full_sort_predict"
+        self.compute = getattr(model, self.name)
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (the batch's users, its scores) in batch order
+        self.position, self.bytes, self.keeping = 0, 0, True
+
+    def __enter__(self):
+        setattr(self.model, self.name, self)
+        return self
+
+    def __exit__(self, *exc):
+        delattr(self.model, self.name)  # back to the class's method
+        self.kept.clear()
+
+    def next_weight(self) -> None:
+        """The next evaluation goes through the same batches again: read them back, keep no more."""
+        self.position, self.keeping = 0, False
+
+    def __call__(self, interaction) -> torch.Tensor:
+        position, self.position = self.position, self.position + 1
+        users = interaction[self.model.USER_ID].detach().cpu()
+        if position < len(self.kept) and torch.equal(self.kept[position][0], users):
+            scores = self.kept[position][1]
+            return scores.to(interaction[self.model.USER_ID].device).clone()  # RecBole masks in place
+        scores = self.compute(interaction)
+        size = scores.numel() * scores.element_size()
+        if self.keeping and position == len(self.kept) and self.bytes + size <= SWEEP_CACHE_BYTES:
+            self.kept.append((users, scores.detach().cpu().clone()))
+            self.bytes += size
+        return scores
+
+
 def choose_weight_per_validation(trainer, test_data) -> None:
     """``repeat_mix: auto``: from now on every evaluation of ``trainer`` other than the test (``test_data``) ranks
     the data at each weight of ``AUTO_WEIGHTS`` and returns the result of the weight that ranks it best (the
@@ -139,15 +182,17 @@ def choose_weight_per_validation(trainer, test_data) -> None:
         if eval_data is test_data:
             return evaluate(eval_data, load_best_model, model_file, show_progress)
         scores, results, best = {}, {}, None
-        for index, weight in enumerate(AUTO_WEIGHTS):
-            _set_weight(trainer, weight)
-            first = index == 0  # a checkpoint is loaded once
-            result = evaluate(eval_data, load_best_model and first, model_file if first else None, show_progress)
-            scores[weight], results[weight] = float(calculate_valid_score(result, trainer.valid_metric)), result
-            if best is None or (
-                scores[weight] > scores[best] if trainer.valid_metric_bigger else scores[weight] < scores[best]
-            ):
-                best = weight
+        with _RawScores(trainer.model) as raw:
+            for index, weight in enumerate(AUTO_WEIGHTS):
+                _set_weight(trainer, weight)
+                first = index == 0  # a checkpoint is loaded once, before the first weight's forward
+                result = evaluate(eval_data, load_best_model and first, model_file if first else None, show_progress)
+                raw.next_weight()
+                scores[weight], results[weight] = float(calculate_valid_score(result, trainer.valid_metric)), result
+                if best is None or (
+                    scores[weight] > scores[best] if trainer.valid_metric_bigger else scores[weight] < scores[best]
+                ):
+                    best = weight
         _set_weight(trainer, best)
         trainer.repeat_mix_sweep = (best, scores)
         _log.debug("repeat_mix=auto: %s by weight %s; chosen %s", trainer.valid_metric, scores, best)

@@ -408,9 +408,13 @@ class LLMRecommender(SequentialRecommender):
         shares = shares_from_sequences(seq, shown, scores.shape[1]).to(scores.device, scores.dtype)
         return mix(scores - torch.logsumexp(scores, dim=1, keepdim=True), shares, self.repeat_mix)
 
+    def full_sort_scores(self, interaction) -> torch.Tensor:
+        """Every catalog item's score before the ``repeat_mix`` mixture (``repeat_mix: auto`` ranks them once per
+        validation and mixes them at each weight)."""
+        return self._over_orders(interaction, lambda x: self._combine(self.score_prompts(self.prompt_ids(x)), x))
+
     def full_sort_predict(self, interaction) -> torch.Tensor:
-        scores = self._over_orders(interaction, lambda x: self._combine(self.score_prompts(self.prompt_ids(x)), x))
-        return self._with_repeats(scores, interaction)
+        return self._with_repeats(self.full_sort_scores(interaction), interaction)
 
     def predict(self, interaction) -> torch.Tensor:
         if self.repeat_mix:  # the mixture renormalises over the whole catalog
