@@ -166,3 +166,15 @@ def test_a_sweep_runs_the_model_once_per_batch_and_scores_as_one_that_runs_it_at
         assert len(calls) == batches + (batches - kept) * (len(repeat_mix.AUTO_WEIGHTS) - 1)
         assert score == every_weight and trainer.repeat_mix_sweep[1] == by_weight
     assert "full_sort_predict" not in vars(trainer.model)  # the model's own method again after the sweep
+
+
+def test_dense_rows_equal_scipys_row_indexing():
+    from scipy.sparse import coo_matrix
+
+    from causalrec.recbole.repeat_mix import dense_rows
+
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 30, 200), rng.integers(0, 50, 200)
+    table = coo_matrix((rng.random(200).astype(np.float32), (users, items)), shape=(40, 50)).tocsr()  # rows 30-39 empty
+    for picked in (np.array([3]), np.array([35]), np.array([0, 39, 0, 7, 12]), np.arange(40)):
+        np.testing.assert_array_equal(dense_rows(table, picked), table[picked].toarray())
