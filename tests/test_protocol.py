@@ -66,3 +66,24 @@ def test_classical_models_train_on_every_split(model, split, in_tmp):
     result = causalrec.run(model, "retail-sim", config_dict=config, saved=True)
     assert 0.0 <= result["test_result"]["ndcg@10"] <= 1.0
     assert result["test_env_result"]["season"]["<worst>"]["ndcg@10"] <= result["test_result"]["ndcg@10"] + 1e-4
+
+
+@pytest.mark.parametrize("mask_history", [False, True])
+def test_a_general_model_ranks_many_customers_per_batch_with_the_same_metrics(mask_history, in_tmp):
+    """RecBole's default ``eval_batch_size`` ranks one customer a batch on a large catalog; unless set, a general
+    model ranks ``CUSTOMERS_PER_EVAL_BATCH`` a batch, with every metric as with the batch set small by hand (BPR,
+    whose scores rarely tie, and Pop, whose counts tie a lot). A sequential model keeps its batch of cases."""
+    from causalrec.recbole.evaluation import CUSTOMERS_PER_EVAL_BATCH
+    from causalrec.recbole.quick_start import build
+
+    config = {**SIM, "mask_history": mask_history, "topk": [5, 10, 20], "valid_metric": "NDCG@10"}
+    _, _, (_, valid, test) = build("BPR", "retail-sim", config_dict=config, saved=False)
+    assert valid.step == test.step == CUSTOMERS_PER_EVAL_BATCH
+    _, _, (_, one, _) = build("BPR", "retail-sim", config_dict={**config, "eval_batch_size": 1}, saved=False)
+    assert one.step == 1  # a value that is set is kept
+    _, _, (_, sequential, _) = build("SASRec", "retail-sim", config_dict=config, saved=False)
+    assert sequential.step == 4096  # RecBole's default: cases per batch
+    for model in ("BPR", "Pop"):
+        wide = causalrec.run(model, "retail-sim", config_dict=config, saved=False)
+        narrow = causalrec.run(model, "retail-sim", config_dict={**config, "eval_batch_size": 1}, saved=False)
+        assert wide["test_result"] == narrow["test_result"] and wide["best_valid_result"] == narrow["best_valid_result"]

@@ -20,9 +20,32 @@ import numpy as np
 import torch
 
 ENV_FIELDS = ("season", "region")
+CUSTOMERS_PER_EVAL_BATCH = 64
 
 # Lists that ``collect_cases`` hands out, by id (two empty lists compare equal, so not a plain list of them).
 _CASE_SINKS: dict[int, list[dict[str, Any]]] = {}
+
+
+def batch_customers(config, dataset) -> None:
+    """A general model's full-catalog evaluation ranks ``eval_batch_size // item_num`` customers per batch
+    (RecBole's ``FullSortEvalDataLoader``): at RecBole's default of 4,096 that is one customer a batch on a catalog
+    of over 2,048 items (Online Retail's validation: 1,235 batches of one). Unless ``eval_batch_size`` is set, it
+    becomes ``CUSTOMERS_PER_EVAL_BATCH`` customers' worth; the metrics are per customer, so only the speed
+    changes (a BPR validation with ``repeat_mix: auto`` on Online Retail: 5.1 s -> 0.9 s). Sequential models
+    (the LLM models included) count cases, not customers, and are left alone, as is sampled evaluation."""
+    from recbole.utils import ModelType
+
+    modes = config["eval_args"]["mode"]
+    modes = modes.values() if isinstance(modes, dict) else [modes]
+    if (
+        config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+        or "eval_batch_size" in config.external_config_dict
+        or any(m != "full" for m in modes)
+    ):
+        return
+    wide = CUSTOMERS_PER_EVAL_BATCH * dataset.item_num
+    if wide > config["eval_batch_size"]:
+        config["eval_batch_size"] = wide
 
 
 def smaller_is_better(metric: str) -> bool:

@@ -169,7 +169,9 @@ def _patch_quick_start() -> None:
     @functools.wraps(data_preparation)
     def _data_preparation(config, dataset):
         from causalrec.recbole import protocol
+        from causalrec.recbole.evaluation import batch_customers
 
+        batch_customers(config, dataset)  # a general model's evaluation: many customers per batch
         loaders = data_preparation(config, dataset)
         for loader in loaders[1:]:
             protocol.apply_history_protocol(loader, config)
