@@ -35,6 +35,7 @@ _log = logging.getLogger(__name__)
 COUNT_SCORED = ("Pop",)  # a count, not a logit: its share is its distribution
 AUTO = "auto"
 AUTO_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SWEEP_CACHE_BYTES = 2 * 1024**3  # the most raw scores a sweep keeps in memory; batches past it are ranked again
 
 
 def training_weight(value) -> float:
@@ -137,9 +138,6 @@ def _set_weight(trainer, weight: float) -> None:
         trainer.model.repeat_mix = weight
     else:
         trainer.repeat_mix.weight = weight
-
-
-SWEEP_CACHE_BYTES = 2 * 1024**3  # the most raw scores a sweep keeps in memory; batches past it are ranked again
 
 
 class _RawScores:
