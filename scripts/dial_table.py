@@ -13,7 +13,8 @@ several) and the relative changes of ``COMPARISONS`` (each within one informatio
 against SDPORec across classes), averaged over the data seeds that have both; then the trend of each relative change
 over the confounding level (least squares over the (level, data seed) points, scipy's ``linregress``: slope and
 two-sided p).
-``--plot PATH`` also draws both (matplotlib).
+``--plot PATH`` also draws both (matplotlib). ``--with KEY=VALUE`` keeps only the cells run with that setting (and
+reads them as if it were a default): ``--with repeat_mix=auto`` gives the dial with the copy distribution.
 
 With several model seeds (``--model-seeds 2020,2021,2022``) a shop's value for a column is the mean over those
 seeds, and only the columns holding every one of them count: each (level, data seed) point then averages three
@@ -59,9 +60,13 @@ CLASSES = {
 }
 
 
-def column(cell: dict, model_seeds: tuple[int, ...] = (2020,)) -> str | None:
-    """The table column of a cell, or None when it is not a default-settings dial cell of those model seeds."""
-    params = cell["params"]
+def column(cell: dict, model_seeds: tuple[int, ...] = (2020,), required: dict | None = None) -> str | None:
+    """The table column of a cell, or None when it is not a default-settings dial cell of those model seeds (with
+    every setting of ``required``, which is then read as a default)."""
+    params = dict(cell["params"])
+    for key, value in (required or {}).items():
+        if str(params.pop(key, None)) != str(value):
+            return None
     extra = tuple(
         sorted((k, v) for k, v in params.items() if k not in IGNORED and (cell["model"], k, v) not in NOW_DEFAULT)
     )
@@ -71,14 +76,16 @@ def column(cell: dict, model_seeds: tuple[int, ...] = (2020,)) -> str | None:
     return name if name in COLUMNS else None
 
 
-def collect(folders: list[str], model_seeds: tuple[int, ...] = (2020,)) -> dict[tuple[float, int], dict[str, float]]:
+def collect(
+    folders: list[str], model_seeds: tuple[int, ...] = (2020,), required: dict | None = None
+) -> dict[tuple[float, int], dict[str, float]]:
     """{(sim_confounding, data_seed): {column: test NDCG@10, the mean over ``model_seeds``}}, keeping the columns
     that hold every one of those seeds; the first folder holding a cell wins."""
     runs: dict[tuple[float, int], dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for folder in folders:
         for path in sorted(Path(folder).rglob("cells/*.json")):
             cell = json.loads(path.read_text())
-            name = column(cell, model_seeds)
+            name = column(cell, model_seeds, required)
             if name is None:
                 continue
             key = (float(cell["params"].get("sim_confounding", 0.8)), int(cell["params"].get("data_seed", 2020)))
@@ -199,14 +206,18 @@ def plot(table, path: str) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    target, seeds = None, (2020,)
+    target, seeds, required = None, (2020,), {}
     if "--plot" in args:
         i = args.index("--plot")
         target, args = args[i + 1], args[:i] + args[i + 2 :]
     if "--model-seeds" in args:
         i = args.index("--model-seeds")
         seeds, args = tuple(int(x) for x in args[i + 1].split(",")), args[:i] + args[i + 2 :]
-    found = collect(args, seeds)
+    while "--with" in args:
+        i = args.index("--with")
+        key, _, value = args[i + 1].partition("=")
+        required[key], args = value, args[:i] + args[i + 2 :]
+    found = collect(args, seeds, required)
     print(markdown(found))
     print()
     print(trends(found))

@@ -156,3 +156,13 @@ def test_case_breakdown_groups_each_case_by_its_target(tmp_path, monkeypatch):
     assert table.loc[True, "cases"] == sum(repeat) and table["cases"].sum() == len(users)
     assert overall["m (2 seeds)"] == pytest.approx(0.75 * sum(repeat) / len(users))
     assert tables["month"]["cases"].sum() == len(users) and set(tables["popularity"].index) == {"tail", "mid", "head"}
+
+
+def test_dial_table_with_a_setting_keeps_only_the_cells_run_with_it(tmp_path):
+    shop = dict(sim_confounding=1.0, data_seed=2021)
+    _cell(tmp_path, "SDPORec", 2020, 0.10, **shop)
+    _cell(tmp_path, "SDPORec", 2020, 0.14, repeat_mix="auto", **shop)
+    _cell(tmp_path, "CausalDPO", 2020, 0.15, repeat_mix="auto", environment_inference="marginal", **shop)
+    assert dial_table.collect([str(tmp_path)]) == {(1.0, 2021): {"SDPORec": 0.10}}
+    copy = dial_table.collect([str(tmp_path)], required={"repeat_mix": "auto"})
+    assert copy == {(1.0, 2021): {"SDPORec": 0.14, "CausalDPO marginal": 0.15}}
