@@ -73,7 +73,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
             log_progress("repeat_sweep: %s, %d validations per variant", model, opts.repeats)
             wall, cpu = interleaved(variants, opts.repeats, warmup=opts.warmup)
             rows[model] = {
-                "cases": int(len(valid.dataset)) if hasattr(valid, "dataset") else None,
+                "cases": int(valid.sample_size),  # validation cases (customers for LightGCN, rows for the others)
                 "items": int(trainer.model.n_items),
                 "every_weight_s": median(wall["forward at every weight"]),
                 "kept_s": median(wall["scores kept"]),
