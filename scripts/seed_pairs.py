@@ -5,7 +5,9 @@
 Each argument is "FOLDER_A MODEL_A FOLDER_B MODEL_B SPLIT": the cells of both for the seeds they share are paired
 (test NDCG@10): paired t-test over seeds, hierarchical bootstrap of the relative change from the cells' per-case
 values (seeds, then users within seed), Holm over all arguments, Cohen's d_z
-(causalrec.experiments.statistics). Reads FOLDER/cells/*.json as `compare --out FOLDER` writes them, or a published
+(causalrec.experiments.statistics). Where the folders share one seed (a classical model converged once) there is
+no seed-level test; the line below it gives a bootstrap over that run's customers and their Wilcoxon test, which
+speak of the test set's sampling only. Reads FOLDER/cells/*.json as `compare --out FOLDER` writes them, or a published
 folder whose cells were published with their per-case values (`compare --publish-cases`, simulated data only).
 """
 
@@ -17,7 +19,8 @@ import arm_table
 import numpy as np
 from arm_table import METRIC
 
-from causalrec.experiments.statistics import hierarchical_bootstrap, holm, paired_seed_test
+from causalrec.experiments.report import pooled_wilcoxon
+from causalrec.experiments.statistics import customer_bootstrap, hierarchical_bootstrap, holm, paired_seed_test
 
 
 def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:
@@ -42,12 +45,17 @@ def compare(folder_a: str, model_a: str, folder_b: str, model_b: str, split: str
         ua, ub = per_user(a[s]), per_user(b[s])
         users = sorted(set(ua) & set(ub))
         cases[s] = (np.array([ua[u] for u in users]), np.array([ub[u] for u in users]))
-    return {
+    row = {
         "name": f"{model_a} ({folder_a}) vs {model_b} ({folder_b})",
         "split": split,
         "test": test,
         "boot": hierarchical_bootstrap(cases),
     }
+    if len(cases) == 1:  # one run each: no seed-level test; how far its customers alone move the comparison
+        ((a_values, b_values),) = cases.values()
+        row["customers"] = customer_bootstrap(a_values, b_values)
+        row["wilcoxon_p"] = pooled_wilcoxon(a_values, b_values)[1]
+    return row
 
 
 def main(argv: list[str]) -> int:
@@ -60,6 +68,12 @@ def main(argv: list[str]) -> int:
             f"rel {t.rel_change * 100:+.1f}% [{b.low * 100:+.1f}, {b.high * 100:+.1f}]  t p={t.p:.3g}  "
             f"Holm p={p_holm:.3g}  d_z={t.dz:+.2f}"
         )
+        if "customers" in r:
+            c = r["customers"]
+            print(
+                f"    one seed each: customers resampled (not training runs) [{c.low * 100:+.1f}, {c.high * 100:+.1f}]  "
+                f"per-customer Wilcoxon p={r['wilcoxon_p']:.3g}"
+            )
     return 0
 
 

@@ -15,6 +15,7 @@ from scipy import stats
 
 import causalrec
 from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.experiments import statistics
 from causalrec.experiments.compare import CompareConfig, cell_params, plan
 from causalrec.experiments.report import SIGNIFICANCE_COLUMNS
 from causalrec.experiments.statistics import hierarchical_bootstrap, holm
@@ -933,7 +934,21 @@ def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_boot
     pair = seed_pairs.compare(str(pub), "BPR", str(pub), "Pop", "seasonal")
     row = published[(published.model == "BPR") & (published.split == "seasonal") & (published.metric == "ndcg@10")]
     assert pair["test"].p == pytest.approx(float(row.ttest_p.iloc[0])) and pair["test"].n_seeds == 3
-    assert pair["boot"].low < pair["test"].rel_change < pair["boot"].high
+    assert pair["boot"].low < pair["test"].rel_change < pair["boot"].high and "customers" not in pair
+    # with one seed shared there is no seed-level test: the script says how far that run's customers move it
+    one = in_tmp / "one-seed"
+    (one / "cells").mkdir(parents=True)
+    for f in (pub / "cells").glob("*-seasonal-seed2021-*"):
+        shutil.copy(f, one / "cells" / f.name)
+    single = seed_pairs.compare(str(one), "BPR", str(one), "Pop", "seasonal")
+    bpr, pop = (seed_pairs.finished_cells(str(one), m, "seasonal")[2021] for m in ("BPR", "Pop"))
+    users = sorted(seed_pairs.per_user(bpr))
+    x = np.array([seed_pairs.per_user(bpr)[u] for u in users])
+    y = np.array([seed_pairs.per_user(pop)[u] for u in users])
+    assert single["test"].n_seeds == 1 and math.isnan(single["boot"].low)
+    assert single["customers"] == statistics.customer_bootstrap(x, y)
+    assert single["customers"].low < x.mean() / y.mean() - 1 < single["customers"].high
+    assert single["wilcoxon_p"] == pytest.approx(stats.wilcoxon(x, y).pvalue)
     # publishing again without --publish-cases removes them; a real dataset refuses them before anything runs
     main(["compare", "--report-only", "--from", str(pub), "--out", str(in_tmp / "r2"), "--publish", str(pub)])
     assert not list((pub / "cells").glob("*.cases.csv.gz"))

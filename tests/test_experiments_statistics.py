@@ -10,7 +10,14 @@ import pytest
 from scipy import stats
 
 from causalrec.experiments import statistics
-from causalrec.experiments.statistics import cohens_dz, hierarchical_bootstrap, holm, mean_interval, paired_seed_test
+from causalrec.experiments.statistics import (
+    cohens_dz,
+    customer_bootstrap,
+    hierarchical_bootstrap,
+    holm,
+    mean_interval,
+    paired_seed_test,
+)
 
 MODEL = [0.152, 0.161, 0.149, 0.158, 0.165]
 BASE = [0.140, 0.150, 0.147, 0.151, 0.149]
@@ -126,6 +133,20 @@ def test_bootstrap_equals_a_brute_force_double_loop():
     means = np.array([[np.mean(m), np.mean(b)] for m, b in cases.values()]).mean(axis=0)
     assert res.estimate == pytest.approx(means[0] / means[1] - 1)  # mean of per-seed means, seeds weigh the same
     assert res.n_seeds == 3 and res.n_boot == 300 and res.low < res.estimate < res.high
+
+
+def test_customer_bootstrap_equals_a_loop_over_one_runs_customers():
+    ((model, base),) = _cases(np.random.default_rng(5), 1, 60).values()
+    res = customer_bootstrap(model, base, n_boot=400, seed=7, ci=0.9)
+    draws = np.random.default_rng(7).integers(0, 60, size=(400, 60))
+    replicates = [sum(model[u] for u in users) / sum(base[u] for u in users) - 1 for users in draws]
+    assert (res.low, res.high) == pytest.approx(tuple(np.quantile(replicates, [0.05, 0.95])), rel=1e-10)
+    assert res.estimate == pytest.approx(np.mean(model) / np.mean(base) - 1)
+    assert res.n_seeds == 1 and res.n_boot == 400 and res.low < res.estimate < res.high
+    # it is what the hierarchical bootstrap refuses to give for one seed: an interval over customers only
+    assert math.isnan(hierarchical_bootstrap({2020: (model, base)}).low)
+    with pytest.raises(ValueError, match="same, non-zero number of users"):
+        customer_bootstrap(model, base[:-1])
 
 
 def test_bootstrap_is_deterministic_under_a_seed():

@@ -193,7 +193,7 @@ def paired_users(cases, model: str, baseline: str, split: str, metric: str, seed
     return np.concatenate([x for x, _ in pairs.values()]), np.concatenate([y for _, y in pairs.values()])
 
 
-def _pooled_wilcoxon(x, y) -> tuple[float, float]:
+def pooled_wilcoxon(x, y) -> tuple[float, float]:
     """Wilcoxon signed-rank over pooled (seed, user) pairs: (statistic, p); (0, 1) when every pair ties."""
     from scipy import stats
 
@@ -220,7 +220,7 @@ def compare_pair(a, b, pairs, n_boot: int = BOOTSTRAP_REPLICATES, seed: int = BO
         boot_low, boot_high = boot.low, boot.high
     x = np.concatenate([v[0] for v in pairs.values()]) if pairs else np.zeros(0)
     y = np.concatenate([v[1] for v in pairs.values()]) if pairs else np.zeros(0)
-    w_stat, w_p = _pooled_wilcoxon(x, y)
+    w_stat, w_p = pooled_wilcoxon(x, y)
     return {
         "n_seeds": test.n_seeds,
         "mean": test.mean,
