@@ -4,11 +4,11 @@
 
 Each argument is "FOLDER_A MODEL_A FOLDER_B MODEL_B SPLIT": the cells of both for the seeds they share are paired
 (test NDCG@10): paired t-test over seeds, hierarchical bootstrap of the relative change from the cells' per-case
-values (seeds, then users within seed), Holm over all arguments, Cohen's d_z
+values (seeds, then users within seed; only where every paired cell kept them), Holm over all arguments, Cohen's d_z
 (causalrec.experiments.statistics). Where the folders share one seed (a classical model converged once) there is
 no seed-level test; the line below it gives a bootstrap over that run's customers and their Wilcoxon test, which
 speak of the test set's sampling only. Reads FOLDER/cells/*.json as `compare --out FOLDER` writes them, or a published
-folder whose cells were published with their per-case values (`compare --publish-cases`, simulated data only).
+folder (with per-case values only where published with `compare --publish-cases`, simulated data only).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from causalrec.experiments.statistics import customer_bootstrap, hierarchical_bo
 
 
 def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:
-    """The finished cells that kept their per-case values (a run's folder, or a folder published with them), by
-    seed."""
-    return {seed: cell for seed, cell in arm_table.finished_cells(folder, model, split).items() if "cases" in cell}
+    """The folder's finished cells by seed; those of a run's folder, or of a folder published with
+    ``--publish-cases``, hold their per-case values (``cell["cases"]``)."""
+    return arm_table.finished_cells(folder, model, split)
 
 
 def per_user(cell: dict) -> dict[str, float]:
@@ -41,6 +41,8 @@ def compare(folder_a: str, model_a: str, folder_b: str, model_b: str, split: str
         {s: b[s]["result"]["test_result"][METRIC] for s in seeds},
     )
     cases = {}
+    if not all("cases" in a[s] and "cases" in b[s] for s in seeds):
+        seeds = []  # a published real data set keeps no per-case values: the t-test alone, no interval
     for s in seeds:
         ua, ub = per_user(a[s]), per_user(b[s])
         users = sorted(set(ua) & set(ub))

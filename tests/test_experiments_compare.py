@@ -952,6 +952,8 @@ def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_boot
     # publishing again without --publish-cases removes them; a real dataset refuses them before anything runs
     main(["compare", "--report-only", "--from", str(pub), "--out", str(in_tmp / "r2"), "--publish", str(pub)])
     assert not list((pub / "cells").glob("*.cases.csv.gz"))
+    without = seed_pairs.compare(str(pub), "BPR", str(pub), "Pop", "seasonal")  # the seed-level test, no interval
+    assert without["test"] == pair["test"] and math.isnan(without["boot"].low) and without["boot"].n_seeds == 0
     with pytest.raises(ConfigError, match="real users"):
         causalrec.compare(["Pop"], "online-retail", out=in_tmp / "x", publish=in_tmp / "p", publish_cases=True)
     with pytest.raises(ConfigError, match="add --publish"):
