@@ -403,6 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CausalRecError as err:
         logger.error("%s", err)
         return 2
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group accelerate created, before the interpreter exits: left to exit, gloo's threads
+    can abort a process whose work is done ("terminate called without an active exception", exit -6; seen once
+    in CI under load after every stage had logged its losses)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
