@@ -177,11 +177,17 @@ def hierarchical_bootstrap(cases: Mapping, n_boot: int = 2000, seed: int = 0, ci
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(pairs), size=(n_boot, len(pairs)))
     grand = _slot_means(pairs, picks, rng).mean(axis=1)  # (n_boot, 2)
-    replicates = _ratio(grand[:, 0], grand[:, 1])
+    return _percentile_interval(estimate, grand, len(pairs), ci)
+
+
+def _percentile_interval(estimate: float, means: np.ndarray, n_seeds: int, ci: float) -> BootstrapInterval:
+    """The interval of the replicates' ``model / baseline - 1`` from their (n_boot, 2) means (none where a
+    replicate's baseline mean is 0)."""
+    replicates = _ratio(means[:, 0], means[:, 1])
     if np.isnan(replicates).any():
-        return BootstrapInterval(estimate, NAN, NAN, len(pairs), n_boot)
+        return BootstrapInterval(estimate, NAN, NAN, n_seeds, len(means))
     low, high = np.quantile(replicates, [(1 - ci) / 2, (1 + ci) / 2])
-    return BootstrapInterval(estimate, float(low), float(high), len(pairs), n_boot)
+    return BootstrapInterval(estimate, float(low), float(high), n_seeds, len(means))
 
 
 def customer_bootstrap(
@@ -197,11 +203,7 @@ def customer_bootstrap(
         return BootstrapInterval(estimate, NAN, NAN, 1, 0)
     rng = np.random.default_rng(seed)
     means = _slot_means(pairs, np.zeros((n_boot, 1), dtype=np.int64), rng)[:, 0]
-    replicates = _ratio(means[:, 0], means[:, 1])
-    if np.isnan(replicates).any():
-        return BootstrapInterval(estimate, NAN, NAN, 1, n_boot)
-    low, high = np.quantile(replicates, [(1 - ci) / 2, (1 + ci) / 2])
-    return BootstrapInterval(estimate, float(low), float(high), 1, n_boot)
+    return _percentile_interval(estimate, means, 1, ci)
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:
