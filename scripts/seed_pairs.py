@@ -19,8 +19,13 @@ import arm_table
 import numpy as np
 from arm_table import METRIC
 
-from causalrec.experiments.report import pooled_wilcoxon
-from causalrec.experiments.statistics import customer_bootstrap, hierarchical_bootstrap, holm, paired_seed_test
+from causalrec.experiments.statistics import (
+    customer_bootstrap,
+    hierarchical_bootstrap,
+    holm,
+    paired_seed_test,
+    pooled_wilcoxon,
+)
 
 
 def finished_cells(folder: str, model: str, split: str) -> dict[int, dict]:

@@ -408,3 +408,20 @@ def test_a_launch_without_a_process_group_is_a_config_error(monkeypatch):
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert process_rank() == (0, 1)
+
+
+def test_the_cli_destroys_the_process_group_it_exits_with(tmp_path):
+    """Under ``accelerate launch`` every command runs inside a process group; ``causalrec`` destroys it before the
+    interpreter exits (left to exit, gloo's threads once aborted a finished process), on an error too."""
+    import torch.distributed as dist
+
+    from causalrec.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        assert main(["run", "--model", "NoSuchModel", "--dataset", "retail-sim"]) != 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -54,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("causalrec: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # under accelerate launch (causalrec run): see close_process_group
+            from causalrec.training.distributed_check import close_process_group
+
+            close_process_group()
 
 
 __all__ = ["build_parser", "main"]

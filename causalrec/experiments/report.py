@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
@@ -193,25 +192,11 @@ def paired_users(cases, model: str, baseline: str, split: str, metric: str, seed
     return np.concatenate([x for x, _ in pairs.values()]), np.concatenate([y for _, y in pairs.values()])
 
 
-def pooled_wilcoxon(x, y) -> tuple[float, float]:
-    """Wilcoxon signed-rank over pooled (seed, user) pairs: (statistic, p); (0, 1) when every pair ties."""
-    from scipy import stats
-
-    if not len(x):
-        return float("nan"), float("nan")
-    if not np.any(x != y):
-        return 0.0, 1.0  # every pair tied: no evidence of a difference
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        w = stats.wilcoxon(x, y)
-    return float(w.statistic), float(w.pvalue)
-
-
 def compare_pair(a, b, pairs, n_boot: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
     """One row of the significance table (without its names and Holm p) from the per-seed metrics ``a``
     (model) and ``b`` (baseline), paired by position, and ``pairs`` (seed -> per-user values; the bootstrap
     runs only when it covers every seed of ``a``, so that both figures speak of the same runs)."""
-    from causalrec.experiments.statistics import hierarchical_bootstrap, paired_seed_test
+    from causalrec.experiments.statistics import hierarchical_bootstrap, paired_seed_test, pooled_wilcoxon
 
     test = paired_seed_test(a, b)
     boot_low = boot_high = float("nan")

@@ -8,6 +8,7 @@ hierarchical bootstrap (seeds resampled, then users within each resampled seed).
   the relative change ``mean(model) / mean(baseline) - 1``;
 * ``hierarchical_bootstrap``: percentile interval of that relative change;
 * ``customer_bootstrap``: the same interval from one run's customers alone (secondary: single-seed comparisons);
+* ``pooled_wilcoxon``: the per-user signed-rank test over pooled (seed, user) pairs (secondary column);
 * ``holm``: Holm-Bonferroni adjusted p-values over a family of tests.
 """
 
@@ -204,6 +205,22 @@ def customer_bootstrap(
     rng = np.random.default_rng(seed)
     means = _slot_means(pairs, np.zeros((n_boot, 1), dtype=np.int64), rng)[:, 0]
     return _percentile_interval(estimate, means, 1, ci)
+
+
+def pooled_wilcoxon(x, y) -> tuple[float, float]:
+    """Wilcoxon signed-rank over pooled (seed, user) pairs: (statistic, p); (0, 1) when every pair ties.
+
+    Secondary only: pooling a user's seeds treats one run's users as replicates (see the module doc)."""
+    from scipy import stats
+
+    if not len(x):
+        return float("nan"), float("nan")
+    if not np.any(x != y):
+        return 0.0, 1.0  # every pair tied: no evidence of a difference
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        w = stats.wilcoxon(x, y)
+    return float(w.statistic), float(w.pvalue)
 
 
 def holm(pvalues: Sequence[float]) -> np.ndarray:

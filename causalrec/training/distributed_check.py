@@ -404,10 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("%s", err)
         return 2
     finally:
-        _close_process_group()
+        close_process_group()
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
     """Destroy the process group accelerate created, before the interpreter exits: left to exit, gloo's threads
     can abort a process whose work is done ("terminate called without an active exception", exit -6; seen once
     in CI under load after every stage had logged its losses)."""
