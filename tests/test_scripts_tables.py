@@ -1,4 +1,4 @@
-"""scripts/dial_table.py and scripts/arm_table.py: the docs' tables from compare cells, checked on hand-made cells."""
+"""scripts/dial_table.py, arm_table.py and glance_table.py: the docs' tables from compare cells, checked on hand-made cells."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import arm_table  # noqa: E402
 import case_breakdown  # noqa: E402
 import dial_table  # noqa: E402
+import glance_table  # noqa: E402
 import promotion_reliance as pr  # noqa: E402
 
 
@@ -166,3 +168,37 @@ def test_dial_table_with_a_setting_keeps_only_the_cells_run_with_it(tmp_path):
     assert dial_table.collect([str(tmp_path)]) == {(1.0, 2021): {"SDPORec": 0.10}}
     copy = dial_table.collect([str(tmp_path)], required={"repeat_mix": "auto"})
     assert copy == {(1.0, 2021): {"SDPORec": 0.14, "CausalDPO marginal": 0.15}}
+
+
+def test_glance_table_picks_each_side_on_validation_and_reads_the_test_after(tmp_path):
+    # classical: BPR validates best (0.30 > 0.20) though LightGCN tests best; LLM: GenRec validates best
+    for seed, (bpr, lgcn, gen, sdpo) in zip(
+        (2020, 2021, 2022), ((0.10, 0.14, 0.12, 0.13), (0.12, 0.15, 0.11, 0.12), (0.11, 0.16, 0.13, 0.14))
+    ):
+        _cell(tmp_path / "classical", "BPR", seed, bpr, valid=0.30)
+        _cell(tmp_path / "classical", "LightGCN", seed, lgcn, valid=0.20)
+        _cell(tmp_path / "llm", "GenRec", seed, gen, valid=0.25)
+        _cell(tmp_path / "llm", "SDPORec", seed, sdpo, valid=0.24)
+    arms = [
+        *glance_table._arms(
+            "sim", "history", "classical", [(m, str(tmp_path / "classical"), m) for m in ("BPR", "LightGCN")]
+        ),
+        *glance_table._arms("sim", "history", "LLM", [(m, str(tmp_path / "llm"), m) for m in ("GenRec", "SDPORec")]),
+        *glance_table._arms("sim", "history", "LLM", [("GenRec, wide", str(tmp_path / "none"), "GenRec")]),  # no cells
+    ]
+    lines = glance_table.glance(arms, {("sim", "history"): str(tmp_path / "llm")}, show_all=True)
+    row = [line for line in lines if line.startswith("| sim seasonal | history | BPR")][0].split(" | ")
+    assert row[2] == "BPR: 0.1100 ± 0.0100 (3 seeds)" and row[3] == "0.1200 ± 0.0100 (3 seeds)"
+    assert row[4] == "GenRec: 0.1200 ± 0.0100 (3 seeds)"
+    p = stats.ttest_rel([0.12, 0.11, 0.13], [0.10, 0.12, 0.11]).pvalue
+    assert row[5] == f"+9.1 % (t p = {p:.2g}, 3 seeds)"
+    assert row[6] == "classical: LightGCN: 0.1500 ± 0.0100 (3 seeds); LLM: SDPORec: 0.1300 ± 0.0100 (3 seeds)"
+    assert row[7] == "Pop, ItemKNN, GRU4Rec, SASRec |"  # the grid's classical models without cells
+    listed = [line for line in lines if line.startswith("| sim seasonal | history | LLM |")]
+    assert [line.split(" | ")[3] for line in listed] == ["GenRec", "SDPORec"]  # by validation; no cells: no line
+    assert (
+        glance_table.comparison(
+            glance_table.Scores("a", "GenRec", {1: 0.0}, {1: 0.3}), glance_table.Scores("b", "BPR", {1: 0.0}, {1: 0.1})
+        )
+        == "3.0x"
+    )

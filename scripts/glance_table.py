@@ -1,0 +1,249 @@
+"""The README's "at a glance" table, from published cells: for each data set, split and information class, the
+classical row and the LLM row that validate best, and their test NDCG@10.
+
+    python scripts/glance_table.py            # the table
+    python scripts/glance_table.py --all      # and every candidate row with its validation and test
+
+Both sides are picked the same way, on validation only: among the candidate rows below (published `causalrec
+compare` folders), the one whose mean validation NDCG@10 over its seeds is highest; the test is read after. A row
+with fewer seeds competes with its mean over the seeds it has (the table says how many). "history": the model is
+given the customer's history only; "+ copy": every model also mixes in the customer's own purchase shares, with
+its weight chosen on validation (`repeat_mix: auto`). The last columns compare the two picks: the ratio of test
+means and, where they share three or more seeds, the seed-level paired t-test (causalrec.experiments.statistics).
+Rows given the case's season (CausalDPO's default, "+ season" rows) are another information class and are not
+candidates. Online Retail's capped SASRec cells predate cell files and are not candidates either (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from arm_table import METRIC, finished_cells
+
+from causalrec.experiments.statistics import paired_seed_test
+
+RS, TUNED = "docs/results/retail-sim-items", "docs/results/retail-sim-tuned"
+OR, OR_FAST = "docs/results/online-retail-items", "docs/results/online-retail-fast"
+SPLITS = ("iid", "seasonal", "regional")
+CLASSICAL = ("Pop", "ItemKNN", "BPR", "LightGCN", "GRU4Rec", "SASRec")  # the grid: a missing one is "not run"
+MIN_SEEDS_FOR_TEST = 3
+
+
+@dataclass(frozen=True)
+class Arm:
+    data: str
+    info: str  # "history" or "+ copy"
+    side: str  # "classical" or "LLM"
+    label: str
+    folder: str
+    model: str
+
+
+def _arms(data, info, side, rows):
+    return [Arm(data, info, side, label, folder, model) for label, folder, model in rows]
+
+
+ARMS = [
+    *_arms(
+        "retail-sim",
+        "history",
+        "classical",
+        [
+            ("Pop", f"{RS}/classical", "Pop"),
+            ("ItemKNN", f"{RS}/classical", "ItemKNN"),
+            ("BPR", f"{RS}/classical", "BPR"),
+            ("BPR, tuned", f"{TUNED}/bpr", "BPR"),
+            ("LightGCN", f"{RS}/lightgcn-5-seeds", "LightGCN"),
+            ("LightGCN, tuned", f"{TUNED}/lightgcn", "LightGCN"),
+            ("GRU4Rec", f"{RS}/gru4rec-converged", "GRU4Rec"),
+            ("GRU4Rec", f"{RS}/sequential-graph", "GRU4Rec"),
+            ("SASRec", f"{RS}/sasrec-converged", "SASRec"),
+            ("SASRec", f"{RS}/sequential-graph", "SASRec"),
+        ],
+    ),
+    *_arms(
+        "retail-sim",
+        "history",
+        "LLM",
+        [
+            ("GenRec", f"{RS}/llm", "GenRec"),
+            ("SDPORec", f"{RS}/llm", "SDPORec"),
+            ("CausalDPO, backdoor sum", f"{RS}/causaldpo-marginal", "CausalDPO"),
+            ("GenRec, `history_shuffles: 2`", f"{RS}/genrec-shuffles", "GenRec"),
+            ("GenRec, tuned", f"{TUNED}/genrec", "GenRec"),
+            ("GenRec, tuned, `rank_orders: 3`", f"{TUNED}/genrec-rank-orders-3", "GenRec"),
+            ("SDPORec, tuned", f"{TUNED}/sdporec", "SDPORec"),
+        ],
+    ),
+    *_arms(
+        "retail-sim",
+        "+ copy",
+        "classical",
+        [
+            *((m, f"{RS}/repeat-mix-auto-classical", m) for m in ("Pop", "ItemKNN", "BPR", "LightGCN")),
+            ("GRU4Rec", f"{RS}/repeat-mix-auto-gru4rec", "GRU4Rec"),
+            ("SASRec", f"{RS}/repeat-mix-auto-sasrec", "SASRec"),
+        ],
+    ),
+    *_arms(
+        "retail-sim",
+        "+ copy",
+        "LLM",
+        [
+            ("GenRec", f"{RS}/repeat-mix-auto-llm", "GenRec"),
+            ("SDPORec", f"{RS}/repeat-mix-auto-llm", "SDPORec"),
+            ("CausalDPO, backdoor sum", f"{RS}/repeat-mix-auto-llm", "CausalDPO"),
+            ("GenRec, tuned, `rank_orders: 3`", f"{TUNED}/genrec-repeat-mix-auto", "GenRec"),
+        ],
+    ),
+    *_arms(
+        "Online Retail",
+        "history",
+        "classical",
+        [
+            *((m, OR_FAST, m) for m in ("Pop", "ItemKNN", "BPR")),
+            ("LightGCN", f"{OR}/lightgcn-converged", "LightGCN"),
+            ("GRU4Rec", f"{OR}/gru4rec-converged", "GRU4Rec"),
+            ("GRU4Rec", f"{OR}/gru4rec-converged-regional", "GRU4Rec"),
+        ],
+    ),
+    *_arms(
+        "Online Retail",
+        "history",
+        "LLM",
+        [
+            ("GenRec", OR, "GenRec"),
+            ("SDPORec", OR, "SDPORec"),
+            ("CausalDPO, backdoor sum", f"{OR}/causaldpo-marginal", "CausalDPO"),
+            ("CausalDPO, season first, backdoor sum", f"{OR}/envfirst-marginal", "CausalDPO"),
+            ("GenRec, 128 x 1", f"{OR}/genrec-size-128x1", "GenRec"),
+            ("SDPORec, 128 x 1", f"{OR}/genrec-size-128x1", "SDPORec"),
+            ("GenRec, 128 x 1", f"{OR}/genrec-size-128x1-iid", "GenRec"),
+            ("SDPORec, 128 x 1", f"{OR}/genrec-size-128x1-iid", "SDPORec"),
+        ],
+    ),
+    *_arms(
+        "Online Retail",
+        "+ copy",
+        "classical",
+        [
+            *((m, f"{OR}/repeat-mix-auto-fast", m) for m in ("Pop", "ItemKNN")),
+            ("BPR", f"{OR}/repeat-mix-auto-bpr", "BPR"),
+            ("GRU4Rec", f"{OR}/repeat-mix-auto-gru4rec", "GRU4Rec"),
+        ],
+    ),
+    *_arms(
+        "Online Retail",
+        "+ copy",
+        "LLM",
+        [
+            ("GenRec", f"{OR}/repeat-mix-auto-genrec", "GenRec"),
+            ("SDPORec", f"{OR}/repeat-mix-auto-genrec", "SDPORec"),
+            ("CausalDPO, season first, backdoor sum", f"{OR}/repeat-mix-auto-envfirst-marginal", "CausalDPO"),
+        ],
+    ),
+]
+# GenRec at its defaults, the fixed reference column: (data, info) -> folder
+DEFAULTS = {
+    ("retail-sim", "history"): f"{RS}/llm",
+    ("retail-sim", "+ copy"): f"{RS}/repeat-mix-auto-llm",
+    ("Online Retail", "history"): OR,
+    ("Online Retail", "+ copy"): f"{OR}/repeat-mix-auto-genrec",
+}
+
+
+@dataclass
+class Scores:
+    label: str
+    model: str
+    valid: dict[int, float]
+    test: dict[int, float]
+
+    def mean(self, which: str) -> float:
+        return float(np.mean(list(getattr(self, which).values())))
+
+    def text(self) -> str:
+        test = list(self.test.values())
+        spread = f" ± {np.std(test, ddof=1):.4f}" if len(test) > 1 else ""
+        seeds = f"{len(test)} seeds" if len(test) > 1 else f"seed {next(iter(self.test))}"
+        return f"{self.label}: {np.mean(test):.4f}{spread} ({seeds})"
+
+
+def scores(label: str, folder: str, model: str, split: str) -> Scores | None:
+    cells = finished_cells(folder, model, split)
+    if not cells:
+        return None
+    return Scores(
+        label,
+        model,
+        {s: c["result"]["best_valid_result"][METRIC] for s, c in cells.items()},
+        {s: c["result"]["test_result"][METRIC] for s, c in cells.items()},
+    )
+
+
+def candidates(arms: list[Arm], data: str, info: str, side: str, split: str) -> list[Scores]:
+    found = [scores(a.label, a.folder, a.model, split) for a in arms if (a.data, a.info, a.side) == (data, info, side)]
+    return [s for s in found if s is not None]
+
+
+def comparison(llm: Scores, classical: Scores) -> str:
+    ratio = llm.mean("test") / classical.mean("test")
+    text = f"{ratio:.1f}x" if ratio >= 2 else f"{100 * (ratio - 1):+.1f} %"
+    shared = sorted(set(llm.test) & set(classical.test))
+    if len(shared) < MIN_SEEDS_FOR_TEST:
+        return text
+    test = paired_seed_test({s: llm.test[s] for s in shared}, {s: classical.test[s] for s in shared})
+    return f"{text} (t p = {test.p:.2g}, {len(shared)} seeds)"
+
+
+def glance(arms: list[Arm] = ARMS, defaults: dict = DEFAULTS, show_all: bool = False) -> list[str]:
+    """The table's markdown lines (with ``show_all``, then every candidate's line)."""
+    lines = [
+        "| data, split | given | classical row that validates best | GenRec (defaults) | LLM row that validates best "
+        "| LLM vs classical (test) | best on test, where another | classical models not run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    listing = [
+        "| data, split | given | side | row | seeds | valid NDCG@10 | test NDCG@10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for data in dict.fromkeys(a.data for a in arms):
+        for info in dict.fromkeys(a.info for a in arms):
+            for split in SPLITS:
+                sides = {side: candidates(arms, data, info, side, split) for side in ("classical", "LLM")}
+                if not all(sides.values()):
+                    continue
+                picks = {side: max(rows, key=lambda r: r.mean("valid")) for side, rows in sides.items()}
+                on_test = {side: max(rows, key=lambda r: r.mean("test")) for side, rows in sides.items()}
+                other = "; ".join(
+                    f"{side}: {on_test[side].text()}" for side in sides if on_test[side] is not picks[side]
+                )
+                default = scores("GenRec", defaults[(data, info)], "GenRec", split)
+                missing = ", ".join(m for m in CLASSICAL if m not in {r.model for r in sides["classical"]})
+                lines.append(
+                    f"| {data} {split} | {info} | {picks['classical'].text()} | "
+                    f"{default.text().split(': ', 1)[1] if default else 'not run'} | {picks['LLM'].text()} | "
+                    f"{comparison(picks['LLM'], picks['classical'])} | {other or '–'} | {missing or '–'} |"
+                )
+                for side, rows in sides.items():
+                    for r in sorted(rows, key=lambda r: -r.mean("valid")):
+                        listing.append(
+                            f"| {data} {split} | {info} | {side} | {r.label} | {len(r.test)} | "
+                            f"{r.mean('valid'):.4f} | {r.mean('test'):.4f} |"
+                        )
+    return lines + ([""] + listing if show_all else [])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="also list every candidate row")
+    args = parser.parse_args(argv)
+    print("\n".join(glance(show_all=args.all)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
