@@ -10,8 +10,10 @@ with fewer seeds competes with its mean over the seeds it has (the table says ho
 given the customer's history only; "+ copy": every model also mixes in the customer's own purchase shares, with
 its weight chosen on validation (`repeat_mix: auto`). The last columns compare the two picks: the ratio of test
 means and, where they share three or more seeds, the seed-level paired t-test (causalrec.experiments.statistics).
-Rows given the case's season (CausalDPO's default, "+ season" rows) are another information class and are not
-candidates. Online Retail's capped SASRec cells predate cell files and are not candidates either (README).
+Every published configuration of the class is a candidate, tuned and opt-in rows included, except: rows given the
+case's season (CausalDPO's default and every "+ season" row: another information class); the fixed-weight copy
+study (`repeat_mix: <w>`, superseded by `auto`; with it the picks are the same); and Online Retail's capped SASRec
+cells, which predate cell files (README).
 """
 
 from __future__ import annotations
@@ -73,8 +75,18 @@ ARMS = [
             ("SDPORec", f"{RS}/llm", "SDPORec"),
             ("CausalDPO, backdoor sum", f"{RS}/causaldpo-marginal", "CausalDPO"),
             ("GenRec, `history_shuffles: 2`", f"{RS}/genrec-shuffles", "GenRec"),
+            ("GenRec, `rank_orders: 3`", f"{RS}/genrec-rank-orders-3", "GenRec"),
+            ("GenRec, `history_shuffles: 2`, `rank_orders: 3`", f"{RS}/genrec-shuffles-rank-orders-3", "GenRec"),
             ("GenRec, tuned", f"{TUNED}/genrec", "GenRec"),
             ("GenRec, tuned, `rank_orders: 3`", f"{TUNED}/genrec-rank-orders-3", "GenRec"),
+            ("GenRec, tuned, `rank_orders: 15`", f"{TUNED}/genrec-rank-orders-15", "GenRec"),
+            ("GenRec, tuned with `rank_orders` in the space", f"{TUNED}/genrec-orders", "GenRec"),
+            ("GenRec, tuned with the size in the space", f"{TUNED}/genrec-size", "GenRec"),
+            (
+                "GenRec, tuned with the size in the space, `rank_orders: 3`",
+                f"{TUNED}/genrec-size-rank-orders-3",
+                "GenRec",
+            ),
             ("SDPORec, tuned", f"{TUNED}/sdporec", "SDPORec"),
         ],
     ),
@@ -123,6 +135,9 @@ ARMS = [
             ("SDPORec, 128 x 1", f"{OR}/genrec-size-128x1", "SDPORec"),
             ("GenRec, 128 x 1", f"{OR}/genrec-size-128x1-iid", "GenRec"),
             ("SDPORec, 128 x 1", f"{OR}/genrec-size-128x1-iid", "SDPORec"),
+            ("GenRec, 128 x 2", f"{OR}/genrec-size-128x2", "GenRec"),
+            ("GenRec, 64 x 4", f"{OR}/genrec-size-64x4", "GenRec"),
+            ("GenRec, V-REx over seasons in SFT", f"{OR}/sftvrex3", "GenRec"),
         ],
     ),
     *_arms(
