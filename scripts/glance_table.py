@@ -19,6 +19,7 @@ cells, which predate cell files (README).
 from __future__ import annotations
 
 import argparse
+import glob
 import sys
 from dataclasses import dataclass
 
@@ -191,6 +192,9 @@ def scores(label: str, folder: str, model: str, split: str) -> Scores | None:
     cells = finished_cells(folder, model, split)
     if not cells:
         return None
+    files = glob.glob(f"{folder}/cells/{model}-{split}-seed*.json")
+    if len(files) > len(cells):  # two configurations of one seed (or a failed cell): which one is the row?
+        raise SystemExit(f"{folder}: {len(files)} cells of {model} on {split} for {len(cells)} finished seeds")
     return Scores(
         label,
         model,

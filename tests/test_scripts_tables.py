@@ -202,3 +202,10 @@ def test_glance_table_picks_each_side_on_validation_and_reads_the_test_after(tmp
         )
         == "3.0x"
     )
+
+
+def test_glance_table_refuses_a_folder_with_two_configurations_of_one_seed(tmp_path):
+    _cell(tmp_path, "BPR", 2020, 0.10, valid=0.2)
+    _cell(tmp_path, "BPR", 2020, 0.12, valid=0.3, learning_rate=0.01)  # which one would be "BPR"?
+    with pytest.raises(SystemExit, match="2 cells of BPR on seasonal for 1 finished seeds"):
+        glance_table.scores("BPR", str(tmp_path), "BPR", "seasonal")
