@@ -62,7 +62,7 @@ ARMS = [
             ("LightGCN", f"{RS}/lightgcn-5-seeds", "LightGCN"),
             ("LightGCN, tuned", f"{TUNED}/lightgcn", "LightGCN"),
             ("GRU4Rec", f"{RS}/gru4rec-converged", "GRU4Rec"),
-            ("GRU4Rec", f"{RS}/sequential-graph", "GRU4Rec"),
+            ("GRU4Rec", f"{RS}/gru4rec-regional-seeds", "GRU4Rec"),
             ("SASRec", f"{RS}/sasrec-converged", "SASRec"),
             ("SASRec", f"{RS}/sequential-graph", "SASRec"),
         ],
@@ -181,11 +181,15 @@ class Scores:
     def mean(self, which: str) -> float:
         return float(np.mean(list(getattr(self, which).values())))
 
-    def text(self) -> str:
+    def value(self) -> str:
+        """Test mean ± std (seeds)."""
         test = list(self.test.values())
         spread = f" ± {np.std(test, ddof=1):.4f}" if len(test) > 1 else ""
         seeds = f"{len(test)} seeds" if len(test) > 1 else f"seed {next(iter(self.test))}"
-        return f"{self.label}: {np.mean(test):.4f}{spread} ({seeds})"
+        return f"{np.mean(test):.4f}{spread} ({seeds})"
+
+    def text(self) -> str:
+        return f"{self.label}: {self.value()}"
 
 
 def scores(label: str, folder: str, model: str, split: str) -> Scores | None:
@@ -244,7 +248,7 @@ def glance(arms: list[Arm] = ARMS, defaults: dict = DEFAULTS, show_all: bool = F
                 missing = ", ".join(m for m in CLASSICAL if m not in {r.model for r in sides["classical"]})
                 lines.append(
                     f"| {data} {split} | {info} | {picks['classical'].text()} | "
-                    f"{default.text().split(': ', 1)[1] if default else 'not run'} | {picks['LLM'].text()} | "
+                    f"{default.value() if default else 'not run'} | {picks['LLM'].text()} | "
                     f"{comparison(picks['LLM'], picks['classical'])} | {other or '–'} | {missing or '–'} |"
                 )
                 for side, rows in sides.items():
