@@ -89,6 +89,9 @@ ARMS = [
                 "GenRec",
             ),
             ("SDPORec, tuned", f"{TUNED}/sdporec", "SDPORec"),
+            ("GenRec, semantic ids", f"{RS}/semantic", "GenRec"),
+            ("SDPORec, semantic ids", f"{RS}/semantic", "SDPORec"),
+            ("CausalDPO, semantic ids, backdoor sum", f"{RS}/semantic", "CausalDPO"),
         ],
     ),
     *_arms(

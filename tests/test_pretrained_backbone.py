@@ -126,6 +126,22 @@ def test_genrec_with_titles_on_a_pretrained_directory(in_tmp, backbone_dir):
     torch.testing.assert_close(model.predict(batch), scores[torch.arange(3), batch[model.ITEM_ID]], atol=1e-4, rtol=0)
 
 
+def test_genrec_with_semantic_ids_on_a_pretrained_directory(in_tmp, backbone_dir):
+    """Code tokens are added to a byte-level BPE tokenizer as whole tokens, train beside LoRA, and rank exactly."""
+    from causalrec.llm.ranking import naive_scores
+    from causalrec.llm.semantic_ids import code_texts
+
+    config = {**FAST, "backbone": str(backbone_dir), "item_repr": "semantic", "semantic_levels": 2}
+    result, model, valid = _run("GenRec", in_tmp, {**config, "semantic_codebook": 4})
+    tok = model.tokenizer
+    for text, ids in list(zip(code_texts(model.semantic_codes), model.title_tokens))[:20]:
+        assert tok.convert_ids_to_tokens(ids[:-1]) == text.split() and ids[-1] == tok.eos_token_id
+    batch = next(iter(valid))[0][:3]
+    scores = model.full_sort_predict(batch)
+    brute = naive_scores(model.llm, model.prompt_ids(batch), model.trie, batch_size=64)
+    torch.testing.assert_close(scores[:, 1:], brute, atol=1e-4, rtol=0)
+
+
 def _item_prompts(n_items: int) -> list[str]:
     fmt = PromptFormat(template=ITEM_TOKEN_TEMPLATE, separator=" ", max_history_items=50)
     return [fmt.prompt([item_token(j) for j in h]) for h in ([3], [1, 5, n_items, 5], list(range(1, n_items + 1)))]

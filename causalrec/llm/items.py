@@ -5,6 +5,7 @@
   item tokens and the answer is one token, so ONE forward of a prompt gives the log-probability of every item:
   full-catalog ranking costs what SASRec's does, and S-DPO can take the whole catalog as negatives.
 * ``title+id``: the history shows each item as its title followed by its token; the answer is the token.
+* ``semantic``: each item is a few shared code tokens (``causalrec.llm.semantic_ids``), ranked by the trie walk.
 
 The score of an item token is ``log p(<item_j> | prompt)`` under the model's softmax over its whole vocabulary,
 the same distribution SFT trains (TRL's cross-entropy over the vocabulary) and DPO reads. TRL appends EOS to
@@ -28,14 +29,15 @@ from causalrec.errors import BackboneError
 
 _log = logging.getLogger(__name__)
 
-ITEM_REPRS = ("title", "id", "title+id")
+ITEM_REPRS = ("title", "id", "title+id", "semantic")
 # Logit of an excluded item (the chosen one among "all" negatives): exp of it underflows to exactly 0 next to any
 # real logit in float32 and float64, and 0 * it stays 0 (IRM's closed form), where -inf would give NaN.
 MASKED_LOGIT = -1e4
 
 
 def uses_item_tokens(item_repr: str) -> bool:
-    return item_repr != "title"
+    """Whether the answer is one item token (ranked by one forward); else a text ranked by the trie walk."""
+    return item_repr in ("id", "title+id")
 
 
 def item_token(item_id: int) -> str:
@@ -56,6 +58,11 @@ def add_item_tokens(tokenizer, item_ids: Sequence[int]) -> list[int]:
 def add_user_tokens(tokenizer, user_ids: Sequence[int]) -> list[int]:
     """Add one token per user to ``tokenizer`` (in place); returns their ids in the order of ``user_ids``."""
     return _add_tokens(tokenizer, [user_token(u) for u in user_ids], "user")
+
+
+def add_code_tokens(tokenizer, names: Sequence[str]) -> list[int]:
+    """Add the semantic-id code tokens ``names`` (``causalrec.llm.semantic_ids``) to ``tokenizer`` (in place)."""
+    return _add_tokens(tokenizer, list(names), "code")
 
 
 def _add_tokens(tokenizer, names: list[str], kind: str) -> list[int]:
@@ -79,6 +86,11 @@ def item_token_ids(tokenizer, item_ids: Sequence[int]) -> list[int]:
 def user_token_ids(tokenizer, user_ids: Sequence[int]) -> list[int]:
     """Ids of the user tokens of ``user_ids`` in ``tokenizer`` (a BackboneError if one is missing)."""
     return _token_ids(tokenizer, [user_token(u) for u in user_ids], "user", "data set's customers")
+
+
+def named_token_ids(tokenizer, names: Sequence[str], kind: str) -> list[int]:
+    """Ids of the added tokens ``names`` (e.g. semantic-id codes) in ``tokenizer`` (a BackboneError if one is missing)."""
+    return _token_ids(tokenizer, list(names), kind, "model's items")
 
 
 def _token_ids(tokenizer, names: list[str], kind: str, owner: str) -> list[int]:

@@ -18,6 +18,7 @@ from causalrec.data.spec import KEY_OMITTED_AT_DEFAULT
 from causalrec.errors import ConfigError, UnknownNameError
 from causalrec.llm.chat import CHAT_CHOICES
 from causalrec.llm.items import ITEM_REPRS
+from causalrec.llm.semantic_ids import SEMANTIC_SOURCES
 
 SFT_POSITIONS = ("last", "all")
 ENVIRONMENT_PRIORS = ("train", "uniform")
@@ -28,17 +29,17 @@ SEQUENCE_PATIENCE = 5  # sft_patience's value when unset, for sequence SFT (sft_
 
 
 def resolve_sft_positions(value: str | None, item_repr: str) -> str:
-    """``sft_positions``: ``all`` (every item token of a sequence is a target) needs a history of item tokens
-    (``item_repr: id``, whose prompts write the environment after the history, so it conditions only the
-    answer); unset: ``all`` where it applies, else ``last``."""
-    applies = item_repr == "id"
+    """``sft_positions``: ``all`` (every item of a sequence is a target) needs a history written as the answers are
+    (``item_repr: id``, one token per item, whose prompts write the environment after the history, so it conditions
+    only the answer; or ``semantic``, each item its codes); unset: ``all`` where it applies, else ``last``."""
+    applies = item_repr in ("id", "semantic")
     if value is None:
         return "all" if applies else "last"
     if value not in SFT_POSITIONS:
         raise UnknownNameError("sft_positions", value, SFT_POSITIONS)
     if value == "all" and not applies:
         raise ConfigError(
-            f"sft_positions: all needs item_repr: id (each history item is a target given the "
+            f"sft_positions: all needs item_repr: id or semantic (each history item is a target given the "
             f"items before it); got item_repr: {item_repr}"
         )
     return value
@@ -84,7 +85,14 @@ def _at_default(value: Any, default: Any) -> bool:
 class LLMRecommenderConfig:
     """The config keys of GenRec, SDPORec and CausalDPO that no other config class owns."""
 
-    item_repr: str = _key("id", "How an item is written: title | id (one added token) | title+id.", choices=ITEM_REPRS)
+    item_repr: str = _key(
+        "id", "How an item is written: title | id (one added token) | title+id | semantic (codes).", choices=ITEM_REPRS
+    )
+    semantic_source: str = _key(
+        "interactions", "semantic ids: cluster items by title (TF-IDF) or interactions.", choices=SEMANTIC_SOURCES
+    )
+    semantic_levels: int = _key(3, "semantic ids: code levels (before the collision level).", minimum=1)
+    semantic_codebook: int = _key(16, "semantic ids: codes per level (k-means clusters).", minimum=2)
     prompt_template: str | None = _key(None, "Prompt text with one {history} field; None: the item_repr's own.")
     max_history_items: int | None = _key(
         None, "Last this-many history items in the prompt; None: MAX_ITEM_LIST_LENGTH for id, 10 otherwise.", minimum=1
@@ -114,7 +122,7 @@ class LLMRecommenderConfig:
     )
     sequence_sft_epochs: int = _key(50, "SFT epochs (at most) for sft_positions all.", minimum=1)
     sft_positions: str | None = _key(
-        None, "last: one target per row; all: every item token (item_repr id); None: all for id.", choices=SFT_POSITIONS
+        None, "last: one target per row; all: every item (id, semantic); None: all for those.", choices=SFT_POSITIONS
     )
     sft_max_samples: int | None = _key(None, "At most this many training rows for SFT (seeded); None: all.", minimum=1)
     history_shuffles: int = _key(

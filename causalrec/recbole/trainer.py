@@ -347,7 +347,9 @@ class LLMTrainer(Trainer):
 
         model = self.model
         if model.sft_positions == "all":
-            data = sft_sequence_dataset(records, model.prompt_format, model.tokenizer, model.item_token_ids)
+            data = sft_sequence_dataset(
+                records, model.prompt_format, model.tokenizer, model.sequence_token_ids, model.tokens_per_item
+            )
         else:
             data = sft_dataset(records, model.prompt_format)
         stopper = None

@@ -108,12 +108,17 @@ def sft_dataset(records: Iterable[PreferenceRecord], fmt: PromptFormat | None = 
 
 
 def sft_sequence_dataset(
-    records: Iterable[PreferenceRecord], fmt: PromptFormat, tokenizer, item_token_ids: Sequence[int]
+    records: Iterable[PreferenceRecord],
+    fmt: PromptFormat,
+    tokenizer,
+    item_token_ids: Sequence[int],
+    tokens_per_item: int = 1,
 ) -> Dataset:
     """Tokenised SFT rows whose loss covers every item token of the sequence, not only the answer: each history
     item is a target given the items before it (SASRec's next-item objective) and the answer (+ EOS) given all
     of them. ``input_ids`` / ``completion_mask`` in TRL's pre-tokenised format; the prompt's template words and
-    its first item are never targets (nothing of the customer precedes the first item)."""
+    its first item are never targets (nothing of the customer precedes the first item). An item is
+    ``tokens_per_item`` of ``item_token_ids`` in a row (semantic ids: its codes)."""
     from causalrec.training.trl_compat import tokenize_text
 
     items, eos = set(int(t) for t in item_token_ids), tokenizer.eos_token
@@ -121,12 +126,18 @@ def sft_sequence_dataset(
     for r in records:
         ids = tokenize_text(tokenizer, r.prompt(fmt) + completion_text(r.target) + eos)
         positions = [k for k, t in enumerate(ids) if t in items]
-        if not positions or positions[-1] != len(ids) - 2 or ids[-1] != tokenizer.eos_token_id:
+        if (
+            not positions
+            or positions[-1] != len(ids) - 2
+            or ids[-1] != tokenizer.eos_token_id
+            or len(positions) % tokens_per_item
+        ):
             raise DataError(
-                f"a sequence SFT row does not end with one item token and EOS: {r.prompt(fmt)!r} + {r.target!r}"
+                f"a sequence SFT row is not items of {tokens_per_item} token(s) ending with EOS: "
+                f"{r.prompt(fmt)!r} + {r.target!r}"
             )
         mask = [0] * len(ids)
-        for k in positions[1:]:
+        for k in positions[tokens_per_item:]:
             mask[k] = 1
         mask[-1] = 1
         rows["input_ids"].append(ids)

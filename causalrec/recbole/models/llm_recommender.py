@@ -29,7 +29,8 @@ _log = logging.getLogger(__name__)
 
 PAD_TITLE = "[padding item]"
 DEFAULT_TITLE_HISTORY = 10  # history items shown in a prompt of titles (max_history_items: ~)
-SEPARATORS = {"title": "; ", "id": " ", "title+id": "; "}  # between history items in the prompt
+DEFAULT_SEMANTIC_HISTORY = 20  # ... of semantic ids (TIGER's history length)
+SEPARATORS = {"title": "; ", "id": " ", "title+id": "; ", "semantic": "; "}  # between history items in the prompt
 
 
 def read_titles(path: str) -> dict[str, str]:
@@ -88,14 +89,22 @@ class LLMRecommender(SequentialRecommender):
             raise UnknownNameError("item_repr", self.item_repr, ITEM_REPRS)
         item_ids = range(1, len(self.titles))
         tokens = uses_item_tokens(self.item_repr)
+        code_tokens: list[str] = []
         if self.item_repr == "id":
             self.item_texts = [PAD_TITLE] + [item_token(j) for j in item_ids]
         elif self.item_repr == "title+id":
             self.item_texts = [PAD_TITLE] + [f"{self.titles[j]} {item_token(j)}" for j in item_ids]
+        elif self.item_repr == "semantic":
+            from causalrec.llm.semantic_ids import code_texts, code_vocabulary
+
+            self.semantic_codes = self._semantic_codes(config, dataset)
+            self.item_texts = [PAD_TITLE] + code_texts(self.semantic_codes)
+            code_tokens = code_vocabulary(self.semantic_codes)
         else:
             self.item_texts = list(self.titles)
             warn_if_texts_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
-        self.answers = [PAD_TITLE] + [item_token(j) for j in item_ids] if tokens else list(self.titles)
+        # the answer: the item token, else the item as the history writes it (its title, its codes)
+        self.answers = [PAD_TITLE] + [item_token(j) for j in item_ids] if tokens else list(self.item_texts)
         # item tokens: after the history, so the history stays a plain item sequence (docs/items.md); without an
         # environment the key means nothing and is ignored, so it does not split the SFT stage cache
         chosen = config["environment_position"] if config["prompt_environment"] else None
@@ -132,7 +141,7 @@ class LLMRecommender(SequentialRecommender):
         self.backbone_config = BackboneConfig.from_dict(values)
         # the tiny tokenizer learns the words it will see: titles only where prompts show them
         corpus = (
-            (self.titles[1:] if self.item_repr != "id" else [])
+            (self.titles[1:] if self.item_repr in ("title", "title+id") else [])
             + [self.prompt_format.template]
             + self._empty_prompts()
             + list(self.history_label_values.values())  # labels seen only in histories (a later season)
@@ -144,13 +153,17 @@ class LLMRecommender(SequentialRecommender):
             items=list(item_ids) if tokens else (),
             item_init_texts=init_texts,
             users=list(user_ids),
+            extra_tokens=code_tokens,
         )
         self._apply_chat_template(config["use_chat_template"])
         self.item_token_ids: list[int] = item_token_ids(self.tokenizer, item_ids) if tokens else []
+        # the tokens that write items in a sequence SFT row, and how many write one item
+        self.sequence_token_ids = self.tokenizer.convert_tokens_to_ids(code_tokens) or self.item_token_ids
+        self.tokens_per_item = self.semantic_codes.shape[1] if code_tokens else 1
         self.user_token_ids: list[int] = user_token_ids(self.tokenizer, user_ids) if user_ids else []
         self.trie = None
         if not tokens:
-            self.title_tokens = title_token_ids(self.tokenizer, self.titles[1:], context=self._empty_prompts()[0])
+            self.title_tokens = title_token_ids(self.tokenizer, self.answers[1:], context=self._empty_prompts()[0])
             self.trie = TitleTrie.from_token_ids(self.title_tokens)
 
     # ------------------------------------------------------------------------------------ data
@@ -184,11 +197,37 @@ class LLMRecommender(SequentialRecommender):
 
     def _history_length(self, config) -> int:
         """``max_history_items``; unset: RecBole's ``MAX_ITEM_LIST_LENGTH`` for item tokens (cheap, as long as
-        SASRec's), 10 items for prompts that show titles."""
+        SASRec's), 20 items of a few codes each for semantic ids, 10 items for prompts that show titles."""
         value = config["max_history_items"]
         if value is not None:
             return int(value)
-        return int(config["MAX_ITEM_LIST_LENGTH"]) if self.item_repr == "id" else DEFAULT_TITLE_HISTORY
+        if self.item_repr == "id":
+            return int(config["MAX_ITEM_LIST_LENGTH"])
+        return DEFAULT_SEMANTIC_HISTORY if self.item_repr == "semantic" else DEFAULT_TITLE_HISTORY
+
+    def _semantic_codes(self, config, dataset):
+        """``[n_items - 1, levels (+1)]`` codes of items ``1..n_items-1`` (``causalrec.llm.semantic_ids``), from their
+        titles or from the training interactions (``dataset`` is the training split, as RecBole builds models);
+        seeded by ``seed``, so a checkpoint's model rebuilds the same codes."""
+        from causalrec.llm import semantic_ids as sid
+
+        source, seed = config["semantic_source"] or sid.SEMANTIC_SOURCES[0], int(config["seed"] or 0)
+        if source not in sid.SEMANTIC_SOURCES:
+            raise UnknownNameError("semantic_source", source, sid.SEMANTIC_SOURCES)
+        if source == "title":
+            emb = sid.title_embeddings(self.titles[1:], seed=seed)
+        else:  # RecBole's matrix: row 0 and column 0 pad
+            emb = sid.interaction_embeddings(dataset.inter_matrix(form="csr"), seed=seed)[1:]
+        levels, size = int(config["semantic_levels"] or 3), int(config["semantic_codebook"] or 16)
+        codes = sid.residual_kmeans(emb, levels, size, seed=seed)
+        _log.info(
+            "semantic ids from %s: %d items, %d code tokens, %d per item",
+            source,
+            len(codes),
+            len(sid.code_vocabulary(codes)),
+            codes.shape[1],
+        )
+        return codes
 
     def _init_environments(self, config, dataset) -> None:
         """``environments`` (the label values seen in training), ``env_log_prior`` (``log P(e)``: their shares of
