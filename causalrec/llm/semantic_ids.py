@@ -27,6 +27,8 @@ from causalrec.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
+SEMANTIC_SOURCES = ("title", "interactions")  # what the codes cluster: the titles' text or who bought the items
+
 
 def code_token(level: int, code: int) -> str:
     """The added token of code ``code`` at level ``level``."""
@@ -123,6 +125,3 @@ def code_vocabulary(codes: np.ndarray) -> list[str]:
     """Every code token that ``codes`` use, level by level, code by code."""
     codes = np.asarray(codes)
     return [code_token(level, c) for level in range(codes.shape[1]) for c in sorted(set(codes[:, level].tolist()))]
-
-
-SEMANTIC_SOURCES = ("title", "interactions")

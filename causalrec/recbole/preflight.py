@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from causalrec.errors import CausalRecError, ConfigError, DataError, PreflightError, UnknownNameError
 from causalrec.io import literal_value, load_yaml, read_yaml_file
+from causalrec.llm.items import uses_item_tokens
 from causalrec.recbole import plugin as registry
 from causalrec.recbole import protocol
 from causalrec.recbole.settings import LLMRecommenderConfig, resolve_sft_positions, validate_stages_problem
@@ -290,6 +291,13 @@ def _stage_problems(model: str, settings: _Settings, params: Mapping[str, Any]) 
                 stage_args.alignment_config(settings, user, model_cls, tmp)
             except CausalRecError as err:
                 problems.append(err)
+            if settings["num_negatives"] == "all" and not uses_item_tokens(settings["item_repr"]):
+                problems.append(  # the trainer says so too, but only after SFT
+                    ConfigError(
+                        f"num_negatives: all needs item tokens (item_repr: id or title+id); got item_repr: "
+                        f"{settings['item_repr']}: use a number of sampled negatives"
+                    )
+                )
     return problems
 
 
