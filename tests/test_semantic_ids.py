@@ -174,6 +174,46 @@ def test_codes_from_titles_differ_from_codes_from_interactions(in_tmp):
     assert not np.array_equal(by_title[:, :2], by_buyers[:, :2])
 
 
+def _random_encoder_dir(folder, texts):
+    """A random BERT sentence encoder saved as a local directory, with a word-level tokenizer over ``texts``."""
+    from transformers import BertConfig, BertModel
+
+    from causalrec.llm.backbone import build_tokenizer
+
+    tok = build_tokenizer(texts)
+    config = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_codes_from_a_sentence_encoder_are_the_codes_of_its_title_embeddings(in_tmp):
+    from recbole.data import create_dataset, data_preparation
+    from recbole.utils import get_model
+
+    from causalrec.llm.grounding import SentenceEmbedder
+    from causalrec.recbole.quick_start import make_config
+
+    config = make_config("GenRec", "retail-sim", config_dict=SEMANTIC)
+    train, *_ = data_preparation(config, create_dataset(config))
+    titles = get_model("GenRec")(config, train._dataset).titles[1:]
+    encoder = _random_encoder_dir(in_tmp / "encoder", titles)
+    config["semantic_source"], config["semantic_encoder"] = "sentence", str(encoder)
+    codes = get_model("GenRec")(config, train._dataset).semantic_codes
+    by_hand = sid.residual_kmeans(SentenceEmbedder(encoder)(titles).astype(np.float64), 2, 4, seed=config["seed"])
+    np.testing.assert_array_equal(codes, by_hand)
+    assert len({tuple(r) for r in codes.tolist()}) == len(titles)
+
+
+def test_a_missing_sentence_encoder_is_refused_before_the_data_is_prepared(in_tmp, monkeypatch):
+    monkeypatch.setenv("CAUSALREC_CACHE", str(in_tmp / "cache"))
+    extra = dict(SEMANTIC, semantic_source="sentence", semantic_encoder=str(in_tmp / "no-such-encoder"))
+    with pytest.raises(CausalRecError, match=r"sentence encoder .*no-such-encoder.*no config.json") as err:
+        causalrec.run("GenRec", "retail-sim", config_dict=extra)
+    assert err.value.exit_code == 2 and not (in_tmp / "cache").exists()
+
+
 def test_sdporec_trains_on_semantic_ids_with_sampled_negatives(in_tmp):
     result = causalrec.run("SDPORec", "retail-sim", config_dict=dict(SEMANTIC, num_negatives=2))
     assert all(0.0 <= v <= 1.0 for v in result["test_result"].values())

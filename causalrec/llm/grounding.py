@@ -392,6 +392,15 @@ def _packaged_minilm_dir() -> Path:
     )
 
 
+def sentence_encoder_dir(model_dir: str | Path | None = None) -> Path:
+    """The encoder directory ``SentenceEmbedder(model_dir)`` loads, checked without loading it: ``model_dir``, or
+    the ``embeddings`` extra's all-MiniLM-L6-v2 when None. A ConfigError when it is not a model directory."""
+    folder = Path(model_dir).expanduser() if model_dir is not None else _packaged_minilm_dir()
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"sentence encoder {str(folder)!r} is not a model directory (no config.json)")
+    return folder
+
+
 class SentenceEmbedder:
     """A sentence encoder (mean pooling + L2 normalisation, as all-MiniLM-L6-v2 is used).
 
@@ -404,9 +413,7 @@ class SentenceEmbedder:
     ):
         from transformers import AutoModel, AutoTokenizer
 
-        folder = Path(model_dir) if model_dir is not None else _packaged_minilm_dir()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"{folder} is not a model directory (no config.json)")
+        folder = sentence_encoder_dir(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(folder), local_files_only=True).to(device)
         self.batch_size, self.max_length, self.device = batch_size, max_length, device

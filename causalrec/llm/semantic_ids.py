@@ -6,11 +6,13 @@ with the same tuple get one more code that tells them apart (0, 1, ... in catalo
 share their first codes, so what the model learns about one carries to its neighbours, and a catalog of n items
 needs only ``levels x codebook_size`` (+ the collision level) added tokens instead of n.
 
-Two embeddings are built in (``semantic_source``): ``title``, the titles' TF-IDF vectors reduced by a truncated SVD,
-and ``interactions``, the items' columns of the training user-item matrix (binary, degree-normalised as LightGCN's
-propagation is) reduced the same way: items bought by the same customers share codes. Both are offline, from
-scikit-learn, with no model weights; any ``[n_items, dim]`` array can be coded instead (``residual_kmeans``). Everything is seeded:
-the same titles and settings give the same codes, which a checkpoint needs, as its model rebuilds them at load.
+Three embeddings are built in (``semantic_source``): ``interactions``, the items' columns of the training user-item
+matrix (binary, degree-normalised as LightGCN's propagation is) reduced by a truncated SVD: items bought by the same
+customers share codes; ``title``, the titles' TF-IDF vectors reduced the same way; and ``sentence``, the titles
+through a pretrained sentence encoder (a local directory, or the ``embeddings`` extra's all-MiniLM-L6-v2), as TIGER
+embeds item texts. The first two are offline, from scikit-learn, with no model weights; any ``[n_items, dim]`` array
+can be coded instead (``residual_kmeans``). Everything is seeded (the encoder is deterministic): the same titles and
+settings give the same codes, which a checkpoint needs, as its model rebuilds them at load.
 
 The codes are written as added tokens ``<c{level}_{code}>`` separated by spaces, and ranked exactly through the
 title trie (``causalrec.llm.trie``), as titles are: ``log p(codes + EOS | prompt)`` for every item.
@@ -27,7 +29,8 @@ from causalrec.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
-SEMANTIC_SOURCES = ("title", "interactions")  # what the codes cluster: the titles' text or who bought the items
+# what the codes cluster: who bought the items (the default), the titles' words, or their meaning
+SEMANTIC_SOURCES = ("interactions", "title", "sentence")
 
 
 def code_token(level: int, code: int) -> str:
@@ -51,6 +54,17 @@ def title_embeddings(titles: Sequence[str], dim: int = 64, seed: int = 0) -> np.
         x = TruncatedSVD(n_components=k, algorithm="randomized", random_state=seed).fit_transform(tfidf)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
+
+
+def sentence_embeddings(titles: Sequence[str], encoder_dir=None) -> np.ndarray:
+    """``[len(titles), hidden]`` float64 embeddings of the titles by a sentence encoder (mean pooling, L2-normalised;
+    ``causalrec.llm.grounding.SentenceEmbedder``): ``encoder_dir`` a local encoder directory, or None for the
+    ``embeddings`` extra's all-MiniLM-L6-v2. Nothing is downloaded."""
+    from causalrec.llm.grounding import SentenceEmbedder
+
+    if len(titles) < 2:
+        raise ConfigError(f"semantic ids need at least 2 items; got {len(titles)}")
+    return SentenceEmbedder(encoder_dir)(list(titles)).astype(np.float64)
 
 
 def interaction_embeddings(matrix, dim: int = 64, seed: int = 0) -> np.ndarray:

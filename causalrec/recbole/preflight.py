@@ -280,6 +280,13 @@ def _stage_problems(model: str, settings: _Settings, params: Mapping[str, Any]) 
         return []
     user = {k: params.get(k) for k in ("sft_args", "dpo_args")}
     problems = [p for p in [validate_stages_problem(settings["validate_stages"], settings["stage_cache"])] if p]
+    if settings["item_repr"] == "semantic" and settings["semantic_source"] == "sentence":
+        from causalrec.llm.grounding import sentence_encoder_dir
+
+        try:  # the encoder loads when the model is built, after the data is prepared
+            sentence_encoder_dir(settings["semantic_encoder"])
+        except CausalRecError as err:
+            problems.append(err)
     with tempfile.TemporaryDirectory(prefix="causalrec-preflight-") as tmp:
         try:
             positions = resolve_sft_positions(settings["sft_positions"], settings["item_repr"])

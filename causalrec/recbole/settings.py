@@ -89,7 +89,12 @@ class LLMRecommenderConfig:
         "id", "How an item is written: title | id (one added token) | title+id | semantic (codes).", choices=ITEM_REPRS
     )
     semantic_source: str = _key(
-        "interactions", "semantic ids: cluster items by title (TF-IDF) or interactions.", choices=SEMANTIC_SOURCES
+        "interactions",
+        "semantic ids: cluster items by interactions, title (TF-IDF) or sentence (a sentence encoder of the titles).",
+        choices=SEMANTIC_SOURCES,
+    )
+    semantic_encoder: str | None = _key(
+        None, "semantic_source sentence: a local encoder directory; None: the embeddings extra's all-MiniLM-L6-v2."
     )
     semantic_levels: int = _key(3, "semantic ids: code levels (before the collision level).", minimum=1)
     semantic_codebook: int = _key(16, "semantic ids: codes per level (k-means clusters).", minimum=2)

@@ -207,8 +207,8 @@ class LLMRecommender(SequentialRecommender):
 
     def _semantic_codes(self, config, dataset):
         """``[n_items - 1, levels (+1)]`` codes of items ``1..n_items-1`` (``causalrec.llm.semantic_ids``), from their
-        titles or from the training interactions (``dataset`` is the training split, as RecBole builds models);
-        seeded by ``seed``, so a checkpoint's model rebuilds the same codes."""
+        titles (words or a sentence encoder) or from the training interactions (``dataset`` is the training split, as
+        RecBole builds models); seeded by ``seed``, so a checkpoint's model rebuilds the same codes."""
         from causalrec.llm import semantic_ids as sid
 
         source, seed = config["semantic_source"] or sid.SEMANTIC_SOURCES[0], int(config["seed"] or 0)
@@ -216,6 +216,8 @@ class LLMRecommender(SequentialRecommender):
             raise UnknownNameError("semantic_source", source, sid.SEMANTIC_SOURCES)
         if source == "title":
             emb = sid.title_embeddings(self.titles[1:], seed=seed)
+        elif source == "sentence":
+            emb = sid.sentence_embeddings(self.titles[1:], config["semantic_encoder"])
         else:  # RecBole's matrix: row 0 and column 0 pad
             emb = sid.interaction_embeddings(dataset.inter_matrix(form="csr"), seed=seed)[1:]
         levels, size = int(config["semantic_levels"] or 3), int(config["semantic_codebook"] or 16)
