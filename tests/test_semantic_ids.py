@@ -50,10 +50,22 @@ def test_level_zero_finds_the_groups_and_level_one_the_subgroups_in_what_is_left
     assert len({tuple(r) for r in codes.tolist()}) == 80
 
 
-def test_no_collision_level_where_the_codes_already_tell_every_row_apart():
+def test_no_collision_level_where_the_codes_already_tell_every_row_apart(caplog):
     rows = np.eye(4)
     codes = sid.residual_kmeans(rows, levels=1, codebook_size=4)
     assert codes.shape == (4, 1) and sorted(codes[:, 0].tolist()) == [0, 1, 2, 3]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("tied,warned", [(2, False), (3, True)])
+def test_a_warning_names_the_codebook_when_most_items_are_told_apart_only_by_the_collision_level(caplog, tied, warned):
+    # 5 rows: ``tied`` of them the same point (they collide), the rest apart; one level of 4 codes
+    rows = np.array([[0.0, 0.0]] * tied + [[10.0, 0.0], [0.0, 10.0], [10.0, 10.0]][: 5 - tied])
+    codes = sid.residual_kmeans(rows, levels=1, codebook_size=4)
+    assert codes[:tied, 1].tolist() == list(range(tied))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert bool(warnings) is warned  # 2 of 5 share their code: below half; 3 of 5: above
+    assert all(f"{tied} of 5 items" in w and "semantic_codebook" in w for w in warnings)
 
 
 def test_codes_are_the_same_on_every_call_and_written_as_one_token_per_level():

@@ -31,6 +31,9 @@ _log = logging.getLogger(__name__)
 
 # what the codes cluster: who bought the items (the default), the titles' words, or their meaning
 SEMANTIC_SOURCES = ("interactions", "title", "sentence")
+# above this share of items told apart only by the collision level, the codes carry little: warn (Online Retail's
+# 3,179 items at 3 levels of 16 codes: 84 % from interactions; retail-sim's 387: 20-47 %)
+COLLISION_WARN_SHARE = 0.5
 
 
 def code_token(level: int, code: int) -> str:
@@ -120,13 +123,15 @@ def residual_kmeans(embeddings: np.ndarray, levels: int, codebook_size: int, see
     for row, group in enumerate(inverse.tolist()):
         rank[row] = seen.get(group, 0)
         seen[group] = rank[row] + 1
-    _log.info(
-        "semantic ids: %d of %d items share their %d codes with another; a collision level (up to %d) tells them apart",
-        int((np.bincount(inverse)[inverse] > 1).sum()),
-        len(codes),
-        levels,
-        int(rank.max()) + 1,
+    shared = int((np.bincount(inverse)[inverse] > 1).sum())
+    message = (
+        "semantic ids: %d of %d items share their %d codes with another; a collision level (up to %d) tells them apart"
     )
+    args = (shared, len(codes), levels, int(rank.max()) + 1)
+    if shared > COLLISION_WARN_SHARE * len(codes):  # the collision code is arbitrary: such items share nothing learned
+        _log.warning(message + " (a larger semantic_codebook or more semantic_levels separates them)", *args)
+    else:
+        _log.info(message, *args)
     return np.concatenate([codes, rank[:, None]], axis=1)
 
 
