@@ -136,6 +136,7 @@ ARMS = [
             ("SDPORec", OR, "SDPORec"),
             ("CausalDPO, backdoor sum", f"{OR}/causaldpo-marginal", "CausalDPO"),
             ("CausalDPO, season first, backdoor sum", f"{OR}/envfirst-marginal", "CausalDPO"),
+            ("CausalDPO, season first, backdoor sum, 128 x 1", f"{OR}/envfirst-marginal-128x1", "CausalDPO"),
             ("GenRec, 128 x 1", f"{OR}/genrec-size-128x1", "GenRec"),
             ("SDPORec, 128 x 1", f"{OR}/genrec-size-128x1", "SDPORec"),
             ("GenRec, 128 x 1", f"{OR}/genrec-size-128x1-iid", "GenRec"),
