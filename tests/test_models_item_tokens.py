@@ -7,7 +7,7 @@ import glob
 
 import pytest
 import torch
-from test_models_llm import TINY, _rebuild
+from test_models_llm import TINY, _rebuild, _run_saved
 
 import causalrec
 from causalrec.errors import CausalRecError
@@ -15,13 +15,7 @@ from causalrec.errors import CausalRecError
 
 @pytest.fixture(scope="module")
 def id_run(tmp_path_factory):
-    import contextlib
-
-    where = tmp_path_factory.mktemp("genrec_id")
-    with contextlib.chdir(where):  # RecBole writes ./saved, ./log
-        result = causalrec.run("GenRec", "retail-sim", config_dict=dict(TINY, item_repr="id"))
-    (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
-    return result, checkpoint
+    return _run_saved(tmp_path_factory.mktemp("genrec_id"), dict(TINY, item_repr="id"))
 
 
 def test_id_model_ranks_by_one_forward_equal_to_brute_force(id_run, in_tmp):

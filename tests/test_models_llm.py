@@ -53,6 +53,16 @@ def _rebuild(checkpoint_file: str):
     return config, model, fresh, train, valid, test
 
 
+def _run_saved(where, config_dict: dict, model: str = "GenRec"):
+    """``causalrec.run`` in the folder ``where`` (RecBole writes ./saved, ./log there): its result and checkpoint."""
+    import contextlib
+
+    with contextlib.chdir(where):
+        result = causalrec.run(model, "retail-sim", config_dict=config_dict)
+    (checkpoint,) = glob.glob(str(where / "saved" / f"{model}-*.pth"))
+    return result, checkpoint
+
+
 @pytest.fixture(scope="module")
 def genrec_run(tmp_path_factory):
     from recbole.quick_start import run_recbole

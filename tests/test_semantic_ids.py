@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import glob
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from test_models_llm import TINY, _rebuild
+from test_models_llm import TINY, _rebuild, _run_saved
 
 import causalrec
 from causalrec.errors import CausalRecError
@@ -136,11 +133,7 @@ def test_sequence_sft_rows_target_every_code_of_every_item_after_the_first():
 
 @pytest.fixture(scope="module")
 def semantic_run(tmp_path_factory):
-    where = tmp_path_factory.mktemp("genrec_semantic")
-    with contextlib.chdir(where):
-        result = causalrec.run("GenRec", "retail-sim", config_dict=dict(SEMANTIC))
-    (checkpoint,) = glob.glob(str(where / "saved" / "GenRec-*.pth"))
-    return result, checkpoint
+    return _run_saved(tmp_path_factory.mktemp("genrec_semantic"), dict(SEMANTIC))
 
 
 def test_semantic_model_ranks_the_catalog_by_its_codes_equal_to_brute_force(semantic_run, in_tmp):

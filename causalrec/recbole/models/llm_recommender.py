@@ -100,6 +100,7 @@ class LLMRecommender(SequentialRecommender):
             self.semantic_codes = self._semantic_codes(config, dataset)
             self.item_texts = [PAD_TITLE] + code_texts(self.semantic_codes)
             code_tokens = code_vocabulary(self.semantic_codes)
+            _log.info("semantic ids: %d code tokens added", len(code_tokens))
         else:
             self.item_texts = list(self.titles)
             warn_if_texts_tie(self.titles[1:], f"{config['dataset']} (item_repr: title)")
@@ -222,13 +223,7 @@ class LLMRecommender(SequentialRecommender):
             emb = sid.interaction_embeddings(dataset.inter_matrix(form="csr"), seed=seed)[1:]
         levels, size = int(config["semantic_levels"] or 3), int(config["semantic_codebook"] or 16)
         codes = sid.residual_kmeans(emb, levels, size, seed=seed)
-        _log.info(
-            "semantic ids from %s: %d items, %d code tokens, %d per item",
-            source,
-            len(codes),
-            len(sid.code_vocabulary(codes)),
-            codes.shape[1],
-        )
+        _log.info("semantic ids from %s: %d items, %d codes each", source, len(codes), codes.shape[1])
         return codes
 
     def _init_environments(self, config, dataset) -> None:
