@@ -143,6 +143,7 @@ ARMS = [
             ("SDPORec, 128 x 1", f"{OR}/genrec-size-128x1-iid", "SDPORec"),
             ("GenRec, 128 x 2", f"{OR}/genrec-size-128x2", "GenRec"),
             ("GenRec, 64 x 4", f"{OR}/genrec-size-64x4", "GenRec"),
+            ("GenRec, 256 x 1", f"{OR}/genrec-size-256x1", "GenRec"),
             ("GenRec, V-REx over seasons in SFT", f"{OR}/sftvrex3", "GenRec"),
             ("GenRec, semantic ids, 128 x 1", f"{OR}/semantic-128x1", "GenRec"),
             ("GenRec, semantic ids, 64 codes a level, 128 x 1", f"{OR}/semantic-k64-128x1", "GenRec"),
