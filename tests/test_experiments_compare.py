@@ -27,6 +27,18 @@ GRID = dict(
 N_METRICS = 10  # Recall, NDCG, Hit, MRR, Precision @ 10, 20: the comparison's one evaluator
 
 
+def _grid_argv(models: str, out, *extra: str) -> list[str]:
+    """``causalrec compare``'s command line for GRID's settings (models, output folder and further flags given)."""
+    params = [*(f"{k}={v}" for k, v in TINY.items()), "BPR.learning_rate=0.01"]
+    return [
+        "compare",
+        *("--models", models, "--splits", GRID["splits"], "--seeds", str(GRID["seeds"])),
+        *("--baseline", GRID["baseline"], "--out", str(out), "--no-progress", "--no-plots"),
+        *extra,
+        *sum((["-p", p] for p in params), []),
+    ]
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     where = tmp_path_factory.mktemp("compare")
@@ -219,26 +231,7 @@ def test_rerun_loads_every_cell_and_trains_nothing(grid, monkeypatch, in_tmp):
     # the command line with the same settings finds the same cells
     from causalrec.cli import main
 
-    code = main(
-        [
-            "compare",
-            "--models",
-            "Pop,BPR",
-            "--splits",
-            "iid,seasonal",
-            "--seeds",
-            "2",
-            "--baseline",
-            "Pop",
-            "--out",
-            str(out),
-            "--no-progress",
-            "--no-plots",
-            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
-            "-p",
-            "BPR.learning_rate=0.01",
-        ]
-    )
+    code = main(_grid_argv("Pop,BPR", out))
     assert code == 0
 
 
@@ -277,27 +270,7 @@ def test_report_only_reports_cached_cells_and_trains_nothing(grid, monkeypatch, 
     monkeypatch.setattr("causalrec.recbole.quick_start.run", no_training)
     from causalrec.cli import main
 
-    code = main(
-        [
-            "compare",
-            "--models",
-            "Pop,ItemKNN,BPR",
-            "--splits",
-            "iid,seasonal",
-            "--seeds",
-            "2",
-            "--baseline",
-            "Pop",
-            "--out",
-            str(in_tmp / "o"),
-            "--report-only",
-            "--no-progress",
-            "--no-plots",
-            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
-            "-p",
-            "BPR.learning_rate=0.01",
-        ]
-    )
+    code = main(_grid_argv("Pop,ItemKNN,BPR", in_tmp / "o", "--report-only"))
     assert code == 0
     again = pd.read_csv(in_tmp / "o" / "results.csv")
     kept = frame[~((frame.model == "Pop") & (frame.split == "seasonal"))].reset_index(drop=True)
@@ -1113,29 +1086,7 @@ def test_publishing_after_a_run_keeps_the_cached_report(grid, in_tmp, monkeypatc
     out, _ = grid
     shutil.copytree(out / "cells", in_tmp / "o" / "cells")
     monkeypatch.setattr("causalrec.recbole.quick_start.run", lambda *a, **k: pytest.fail("trained a cached cell"))
-    code = main(
-        [
-            "compare",
-            "--models",
-            "Pop,BPR",
-            "--splits",
-            "iid,seasonal",
-            "--seeds",
-            "2",
-            "--baseline",
-            "Pop",
-            "--out",
-            str(in_tmp / "o"),
-            "--report-only",
-            "--publish",
-            str(in_tmp / "pub"),
-            "--no-progress",
-            "--no-plots",
-            *sum((["-p", f"{k}={v}"] for k, v in TINY.items()), []),
-            "-p",
-            "BPR.learning_rate=0.01",
-        ]
-    )
+    code = main(_grid_argv("Pop,BPR", in_tmp / "o", "--report-only", "--publish", str(in_tmp / "pub")))
     assert code == 0
     users = {str(u) for rec in _records(out) for u in rec["cases"]["user"]}
     assert len(users) > 100
