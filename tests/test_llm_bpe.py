@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from test_llm_ranking import _sharpen  # random init is near-uniform; sharper weights make equality mean something
 
 from causalrec.data.prompts import DEFAULT_TEMPLATE, ITEM_TOKEN_TEMPLATE, PromptFormat, completion_text
 from causalrec.llm.backbone import BackboneConfig, apply_lora, check_tokenizer
@@ -173,16 +174,7 @@ def random_model(
             model = Qwen2ForCausalLM(Qwen2Config(vocab_size=rows, tie_word_embeddings=False, **common))
         else:
             model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **common))
-    return _sharpen(model, seed=seed) if sharpen else model.eval()
-
-
-def _sharpen(model, scale: float = 3.0, seed: int = 0):
-    """Random init gives near-uniform next-token distributions; sharper ones make equality mean something."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale / max(p.shape[-1], 1) ** 0.5)
-    return model.eval()
+    return (_sharpen(model, scale=3.0, seed=seed) if sharpen else model).eval()
 
 
 def corpus():
@@ -403,7 +395,7 @@ def items_model(bpe):
     ids = add_item_tokens(tok, ITEMS)
     assert len(tok) > n_rows > min(ids)  # some item tokens land in the spare rows, some need new ones
     resize_for_items(model, tok, ids)
-    _sharpen(model, seed=3)
+    _sharpen(model, scale=3.0, seed=3).eval()
     return tok, model, ids
 
 

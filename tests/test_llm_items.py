@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from test_llm_ranking import _sharpen  # random init is near-uniform; sharper weights make the tests bite
+from test_llm_ranking import _gqa_llama, _sharpen  # random init is near-uniform; sharper weights make the tests bite
 
 from causalrec.data.frame import text_sharing, warn_if_texts_tie
 from causalrec.data.prompts import PromptFormat, completion_text
@@ -90,19 +90,8 @@ def test_same_scores_as_the_trie_over_one_token_items(setup):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_grouped_query_attention_equals_brute_force(setup, attn):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     _, tok, ids, prompts = setup
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    cfg._attn_implementation = attn
-    gqa = _sharpen(LlamaForCausalLM(cfg), seed=3)
+    gqa = _gqa_llama(len(tok), attn)
     torch.testing.assert_close(
         score_item_tokens(gqa, prompts, ids, batch_size=4), _brute_force(gqa, prompts, ids), atol=1e-5, rtol=0
     )

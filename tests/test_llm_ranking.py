@@ -43,6 +43,22 @@ def _sharpen(model, scale=4.0, seed=0):
     return model
 
 
+def _gqa_llama(vocab_size: int, attn: str, seed: int = 3):
+    """A sharpened 2-layer Llama whose 4 query heads share 2 KV heads, with the given attention implementation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    cfg._attn_implementation = attn
+    return _sharpen(LlamaForCausalLM(cfg), seed=seed)
+
+
 @pytest.fixture(scope="module")
 def setup():
     model, tok = load_backbone(
@@ -130,19 +146,8 @@ def test_items_ending_inside_the_trie_are_scored_exactly(setup):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_grouped_query_attention_model_scores_equal_brute_force(setup, attn):
     """4 query heads sharing 2 KV heads, loaded with either attention implementation."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     _, tok, trie, prompts = setup
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    cfg._attn_implementation = attn
-    gqa = _sharpen(LlamaForCausalLM(cfg), seed=3)
+    gqa = _gqa_llama(len(tok), attn)
     naive = naive_scores(gqa, prompts, trie)
     for method in ("prefix", "rows"):
         torch.testing.assert_close(
