@@ -8,7 +8,10 @@ Both sides are picked the same way, on validation only: among the candidate rows
 compare` folders), the one whose mean validation NDCG@10 over its seeds is highest; the test is read after. A row
 with fewer seeds competes with its mean over the seeds it has (the table says how many). "history": the model is
 given the customer's history only; "+ copy": every model also mixes in the customer's own purchase shares, with
-its weight chosen on validation (`repeat_mix: auto`). The last columns compare the two picks: the ratio of test
+its weight chosen on validation (`repeat_mix: auto`). The classes nest: a row given the history only competes in
+"+ copy" too (weight 0 is one of `auto`'s choices; the label says "no copy"), so a configuration that was not run
+with the copy cannot make the other side look better than the history alone shows; the "not run" column still
+names the classical models without a cell of the class itself. The last columns compare the two picks: the ratio of test
 means and, where they share three or more seeds, the seed-level paired t-test (causalrec.experiments.statistics).
 Every published configuration of the class is a candidate, tuned and opt-in rows included, except: rows given the
 case's season (CausalDPO's default and every "+ season" row: another information class); the fixed-weight copy
@@ -31,6 +34,7 @@ from causalrec.experiments.statistics import paired_seed_test
 RS, TUNED = "docs/results/retail-sim-items", "docs/results/retail-sim-tuned"
 OR, OR_FAST = "docs/results/online-retail-items", "docs/results/online-retail-fast"
 SPLITS = ("iid", "seasonal", "regional")
+INFO = ("history", "+ copy")  # information classes, each given all that the ones before it are
 CLASSICAL = ("Pop", "ItemKNN", "BPR", "LightGCN", "GRU4Rec", "SASRec")  # the grid: a missing one is "not run"
 MIN_SEEDS_FOR_TEST = 3
 
@@ -218,7 +222,16 @@ def scores(label: str, folder: str, model: str, split: str) -> Scores | None:
 
 
 def candidates(arms: list[Arm], data: str, info: str, side: str, split: str) -> list[Scores]:
+    """The rows of ``info``, then those of every class given less (labelled with what they lack: a tie of validation
+    goes to the class's own row); none where the class has no row of its own."""
     found = [scores(a.label, a.folder, a.model, split) for a in arms if (a.data, a.info, a.side) == (data, info, side)]
+    if not any(found):
+        return []
+    found += [
+        scores(f"{a.label}, no copy", a.folder, a.model, split)
+        for a in arms
+        if (a.data, a.side) == (data, side) and INFO.index(a.info) < INFO.index(info)
+    ]
     return [s for s in found if s is not None]
 
 
@@ -255,7 +268,8 @@ def glance(arms: list[Arm] = ARMS, defaults: dict = DEFAULTS, show_all: bool = F
                     f"{side}: {on_test[side].text()}" for side in sides if on_test[side] is not picks[side]
                 )
                 default = scores("GenRec", defaults[(data, info)], "GenRec", split)
-                missing = ", ".join(m for m in CLASSICAL if m not in {r.model for r in sides["classical"]})
+                own = candidates([a for a in arms if a.info == info], data, info, "classical", split)
+                missing = ", ".join(m for m in CLASSICAL if m not in {r.model for r in own})
                 lines.append(
                     f"| {data} {split} | {info} | {picks['classical'].text()} | "
                     f"{default.value() if default else 'not run'} | {picks['LLM'].text()} | "

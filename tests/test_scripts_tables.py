@@ -204,6 +204,35 @@ def test_glance_table_picks_each_side_on_validation_and_reads_the_test_after(tmp
     )
 
 
+def test_glance_table_lets_a_row_given_less_compete_in_the_class_given_more(tmp_path):
+    # "+ copy": BPR + copy validates 0.20; GRU4Rec without the copy 0.30 competes there too (weight 0 is a choice)
+    _cell(tmp_path / "gru", "GRU4Rec", 2020, 0.22, valid=0.30)
+    _cell(tmp_path / "bpr", "BPR", 2020, 0.10, valid=0.20)
+    _cell(tmp_path / "bpr-copy", "BPR", 2020, 0.07, valid=0.20)  # ties its no-copy row: the class's own row wins
+    _cell(tmp_path / "gen", "GenRec", 2020, 0.20, valid=0.25)
+    _cell(tmp_path / "gen-copy", "GenRec", 2020, 0.19, valid=0.22)
+    arms = [
+        *glance_table._arms(
+            "sim",
+            "history",
+            "classical",
+            [("GRU4Rec", str(tmp_path / "gru"), "GRU4Rec"), ("BPR", str(tmp_path / "bpr"), "BPR")],
+        ),
+        *glance_table._arms("sim", "history", "LLM", [("GenRec", str(tmp_path / "gen"), "GenRec")]),
+        *glance_table._arms("sim", "+ copy", "classical", [("BPR", str(tmp_path / "bpr-copy"), "BPR")]),
+        *glance_table._arms("sim", "+ copy", "LLM", [("GenRec", str(tmp_path / "gen-copy"), "GenRec")]),
+    ]
+    lines = glance_table.glance(arms, {("sim", "history"): str(tmp_path / "gen"), ("sim", "+ copy"): "none"})
+    copy = [line.split(" | ") for line in lines if line.startswith("| sim seasonal | + copy")][0]
+    assert copy[2] == "GRU4Rec, no copy: 0.2200 (seed 2020)" and copy[4] == "GenRec, no copy: 0.2000 (seed 2020)"
+    assert copy[5] == "-9.1 %" and copy[7] == "Pop, ItemKNN, LightGCN, GRU4Rec, SASRec |"  # GRU4Rec + copy not run
+    tie = glance_table.candidates(arms, "sim", "+ copy", "classical", "seasonal")
+    assert [r.label for r in tie] == ["BPR", "GRU4Rec, no copy", "BPR, no copy"]
+    assert max(tie[::2], key=lambda r: r.mean("valid")).label == "BPR"  # first of a tie: the class's own
+    # a class with no row of its own on one side has no line: the history rows alone do not make one
+    assert not glance_table.candidates(arms[:3], "sim", "+ copy", "LLM", "seasonal")
+
+
 def test_glance_table_refuses_a_folder_with_two_configurations_of_one_seed(tmp_path):
     _cell(tmp_path, "BPR", 2020, 0.10, valid=0.2)
     _cell(tmp_path, "BPR", 2020, 0.12, valid=0.3, learning_rate=0.01)  # which one would be "BPR"?
