@@ -14,7 +14,7 @@ import pytest
 from scipy import stats
 
 import causalrec
-from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.errors import ConfigError, PreflightError, UnknownNameError
 from causalrec.experiments import statistics
 from causalrec.experiments.compare import CompareConfig, cell_params, plan
 from causalrec.experiments.report import SIGNIFICANCE_COLUMNS
@@ -557,6 +557,17 @@ def test_bad_settings_fail_before_any_training(in_tmp, kwargs, error, words):
     for word in words:
         assert word in str(err.value)
     assert not (in_tmp / "out" / "cells").exists()
+
+
+def test_every_bad_setting_of_the_grid_is_listed_at_once(in_tmp):
+    settings = {"models": ["Pop", "Foo"], "splits": "bogus", "seeds": 0, "baseline": "GenRec", "jobs": 0}
+    with pytest.raises(PreflightError) as err:
+        causalrec.compare(dataset="retail-sim", out=in_tmp / "out", show_progress=False, **settings)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "5 problems found before any work started:" and len(lines) == 6
+    for line, words in zip(lines[1:], (["'Foo'"], ["'bogus'"], ["'GenRec'", "compared"], ["jobs"], ["seeds", ">= 1"])):
+        assert all(w in line for w in words), line
+    assert err.value.exit_code == 2 and not (in_tmp / "out").exists()
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import optuna
 import pytest
 
 import causalrec
-from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.errors import ConfigError, PreflightError, UnknownNameError
 from causalrec.experiments.configs import layer, split_sections
 from causalrec.experiments.space import SearchSpace
 from causalrec.experiments.tune import open_storage, resolve_space
@@ -204,4 +204,9 @@ def test_study_settings_are_checked_before_any_trial(in_tmp):
         causalrec.tune("BPR", space=space(lr), pruner="sometimes", out=in_tmp)
     with pytest.raises(ConfigError, match="trials must be an integer >= 1"):
         causalrec.tune("BPR", space=space(lr), trials=0, out=in_tmp)
+    with pytest.raises(PreflightError) as err:  # several at once: every one listed, a line each
+        causalrec.tune("Foo", split="bogus", space=space(lr), trials=0, pruner="sometimes", out=in_tmp)
+    assert str(err.value).splitlines()[0] == "4 problems found before any work started:"
+    for word, line in zip(("'Foo'", "'bogus'", "'sometimes'", "trials"), str(err.value).splitlines()[1:], strict=True):
+        assert word in line
     assert not (in_tmp / "optuna.db").exists()  # nothing was stored

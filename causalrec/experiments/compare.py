@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.errors import CausalRecError, ConfigError, PreflightError, UnknownNameError
 from causalrec.experiments.configs import layer, split_sections
 from causalrec.io import digest, exclusive_lock, write_atomic
 
@@ -156,24 +156,32 @@ class CompareConfig:
 
         self.models = _names("models", self.models)
         self.splits = _names("splits", self.splits)
-        for model in self.models:
-            if model not in model_names():
-                raise UnknownNameError("model", model, model_names())
-        for split in self.splits:
-            if split not in SPLITS:
-                raise UnknownNameError("split", split, SPLITS)
-        if self.baseline is not None and self.baseline not in self.models:
-            raise ConfigError(
-                f"baseline {self.baseline!r} is not one of the compared models "
-                f"({', '.join(self.models)}); add it to the models or choose another"
-            )
         self.report_metrics = [m.lower() for m in _names("report_metrics", self.report_metrics)]
-        if isinstance(self.min_env_cases, bool) or not isinstance(self.min_env_cases, int) or self.min_env_cases < 1:
-            raise ConfigError(f"min_env_cases must be an integer >= 1; got {self.min_env_cases!r}")
-        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
-            raise ConfigError(f"jobs must be an integer >= 1; got {self.jobs!r}")
         self.out = Path(self.out)
-        self.seed_list()  # validates
+        # every problem of the grid at once, as the preflight lists a configuration's
+        problems: list[CausalRecError] = [
+            *(UnknownNameError("model", m, model_names()) for m in self.models if m not in model_names()),
+            *(UnknownNameError("split", s, SPLITS) for s in self.splits if s not in SPLITS),
+        ]
+        if self.baseline is not None and self.baseline not in self.models:
+            problems.append(
+                ConfigError(
+                    f"baseline {self.baseline!r} is not one of the compared models "
+                    f"({', '.join(self.models)}); add it to the models or choose another"
+                )
+            )
+        if isinstance(self.min_env_cases, bool) or not isinstance(self.min_env_cases, int) or self.min_env_cases < 1:
+            problems.append(ConfigError(f"min_env_cases must be an integer >= 1; got {self.min_env_cases!r}"))
+        if isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1:
+            problems.append(ConfigError(f"jobs must be an integer >= 1; got {self.jobs!r}"))
+        try:
+            self.seed_list()
+        except ConfigError as bad_seeds:
+            problems.append(bad_seeds)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise PreflightError(problems)
 
     def seed_list(self) -> list[int]:
         seeds = self.seeds

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from causalrec.errors import ConfigError, UnknownNameError
+from causalrec.errors import CausalRecError, ConfigError, PreflightError, UnknownNameError
 from causalrec.experiments.configs import layer
 from causalrec.experiments.space import SearchSpace
 from causalrec.io import digest, write_atomic
@@ -121,25 +121,30 @@ class TuneConfig:
         from causalrec.data import SPLITS
         from causalrec.recbole.preflight import model_names
 
+        problems: list[CausalRecError] = []  # every problem at once, as the preflight lists a configuration's
         if self.model not in model_names():
-            raise UnknownNameError("model", self.model, model_names())
+            problems.append(UnknownNameError("model", self.model, model_names()))
         if self.split not in SPLITS:
-            raise UnknownNameError("split", self.split, SPLITS)
+            problems.append(UnknownNameError("split", self.split, SPLITS))
         if self.objective not in OBJECTIVES:
-            raise UnknownNameError("objective", self.objective, OBJECTIVES)
+            problems.append(UnknownNameError("objective", self.objective, OBJECTIVES))
         if isinstance(self.pruner, str) and self.pruner not in PRUNERS:
-            raise UnknownNameError("pruner", self.pruner, PRUNERS)
+            problems.append(UnknownNameError("pruner", self.pruner, PRUNERS))
         for name in ("trials", "pruner_startup_trials", "pruner_warmup_steps", "min_env_cases"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "trials" else 0):
-                raise ConfigError(f"{name} must be an integer >= {1 if name == 'trials' else 0}; got {value!r}")
+            value, low = getattr(self, name), 1 if name == "trials" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(ConfigError(f"{name} must be an integer >= {low}; got {value!r}"))
         if self.max_trials is not None and (not isinstance(self.max_trials, int) or self.max_trials < 1):
-            raise ConfigError(f"max_trials must be an integer >= 1; got {self.max_trials!r}")
+            problems.append(ConfigError(f"max_trials must be an integer >= 1; got {self.max_trials!r}"))
         self.env_fields = tuple(self.env_fields)
         if not self.env_fields:
-            raise ConfigError("env_fields must name at least one environment field (season, region)")
+            problems.append(ConfigError("env_fields must name at least one environment field (season, region)"))
         if "@" not in str(self.metric):
-            raise ConfigError(f"metric must be a top-k metric like ndcg@10; got {self.metric!r}")
+            problems.append(ConfigError(f"metric must be a top-k metric like ndcg@10; got {self.metric!r}"))
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise PreflightError(problems)
         self.metric = str(self.metric).lower()
         self.out = Path(self.out)
         if self.study_name is None:
