@@ -90,6 +90,32 @@ def test_tiny_llama_has_the_configured_size_and_is_seeded():
     assert not torch.equal(w, other.model.layers[0].self_attn.q_proj.weight)
 
 
+def test_tiny_dropout_acts_only_in_training_and_leaves_the_weights_and_the_stage_key_of_no_dropout():
+    from causalrec.training.stage_cache import backbone_identity
+
+    tok = build_tokenizer(["Red scarf", "Blue mug: large", "red MUG"])
+    plain = build_tiny_llama(tok, BackboneConfig(tiny_hidden_size=16, tiny_heads=2, tiny_layers=1))
+    dropped = build_tiny_llama(tok, BackboneConfig(tiny_hidden_size=16, tiny_heads=2, tiny_layers=1, tiny_dropout=0.5))
+    assert dropped.config.attention_dropout == 0.5
+    ids = torch.tensor([[1, 4, 5, 6, 7, 2]])
+    for a, b in zip(plain.parameters(), dropped.parameters(), strict=True):
+        assert torch.equal(a, b)  # dropout draws nothing at init
+    dropped.eval()
+    torch.testing.assert_close(dropped(ids).logits, plain.eval()(ids).logits, atol=0, rtol=0)
+    dropped.train()
+    torch.manual_seed(0)
+    first = dropped(ids).logits
+    assert not torch.equal(first, dropped(ids).logits)  # a new mask each forward
+    # half the embedding entries zeroed, the rest scaled by 2: the hook's output in training mode
+    embedded = dropped.get_input_embeddings()(ids)
+    zero = embedded == 0
+    assert 0.3 < zero.float().mean() < 0.7
+    torch.testing.assert_close(embedded[~zero], 2 * plain.get_input_embeddings()(ids)[~zero])
+    # at its default the key leaves it out (stages trained before it keep their keys); set, it is in the key
+    assert "tiny_dropout" not in backbone_identity(BackboneConfig())
+    assert backbone_identity(BackboneConfig(tiny_dropout=0.2))["tiny_dropout"] == 0.2
+
+
 def test_load_backbone_tiny_returns_model_on_cpu(tiny):
     model, tok = tiny
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -231,6 +257,8 @@ def test_lora_model_saves_and_reloads_with_same_outputs(tmp_path):
         (dict(tiny_hidden_size=30, tiny_heads=4), "divide"),
         (dict(lora_r=-1), "lora_r"),
         (dict(lora_dropout=1.5), "lora_dropout"),
+        (dict(tiny_dropout=1.0), "tiny_dropout"),
+        (dict(tiny_dropout=-0.1), "tiny_dropout"),
         (dict(backbone=""), "backbone"),
         (dict(load_in_4bit=True, load_in_8bit=True, backbone="x/y"), "one of"),
     ],

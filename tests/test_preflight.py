@@ -59,6 +59,8 @@ def cli(*args, cwd):
         ({"metrics": ["Recall", "NDCGG"], "valid_metric": "Recall@10"}, "unknown metric 'NDCGG'"),
         ({"dpo_args": {"bogus": 1}}, "unknown CausalDPOConfig key(s) ['bogus']"),
         ({"validate_stages": "best", "stage_cache": False}, "validate_stages: best reloads the chosen stage"),
+        ({"tiny_dropout": 1.5}, "tiny_dropout must be in [0, 1); got 1.5"),  # the backbone's own rules, up front
+        ({"tiny_heads": 3}, "tiny_heads (3) must divide tiny_hidden_size (64)"),
     ],
 )
 def test_bad_settings_are_found_before_any_data(params, expected):

@@ -44,6 +44,8 @@ class BackboneConfig:
         tiny_layers: number of decoder layers of the tiny Llama.
         tiny_heads: attention heads of the tiny Llama (must divide ``tiny_hidden_size``).
         tiny_intermediate_size: MLP width of the tiny Llama; ``None`` means 4 x hidden size.
+        tiny_dropout: dropout of the tiny Llama while it trains, on its input embeddings and attention weights
+            (Llama has no other dropout; GRU4Rec and SASRec train with 0.3-0.5); 0: none.
         max_seq_length: longest prompt + completion in tokens (tokenizer ``model_max_length``).
         lowercase: the tiny tokenizer lower-cases text (catalog titles are often upper case).
         lora_r: LoRA rank; 0 trains the full model.
@@ -64,6 +66,7 @@ class BackboneConfig:
     tiny_layers: int = 2
     tiny_heads: int = 4
     tiny_intermediate_size: int | None = None
+    tiny_dropout: float = 0.0
     max_seq_length: int = 512
     lowercase: bool = True
     lora_r: int = 0
@@ -88,6 +91,8 @@ class BackboneConfig:
             raise ConfigError(f"tiny_heads ({self.tiny_heads}) must divide tiny_hidden_size ({self.tiny_hidden_size})")
         if (self.tiny_hidden_size // self.tiny_heads) % 2:
             raise ConfigError("tiny_hidden_size / tiny_heads must be even (rotary position embeddings)")
+        if not 0.0 <= self.tiny_dropout < 1.0:
+            raise ConfigError(f"tiny_dropout must be in [0, 1); got {self.tiny_dropout}")
         if self.lora_r < 0:
             raise ConfigError(f"lora_r must be >= 0 (0 = no LoRA); got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -176,10 +181,18 @@ def build_tiny_llama(tokenizer, cfg: BackboneConfig):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        attention_dropout=cfg.tiny_dropout,
     )
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's RNG
         torch.manual_seed(cfg.seed)
         model = LlamaForCausalLM(config)
+    if cfg.tiny_dropout:
+        # Llama's config has no embedding dropout: a hook on the input embeddings, active in training mode only
+        # (every stage trains this module; the stage cache loads weights into it)
+        rate = cfg.tiny_dropout
+        model.get_input_embeddings().register_forward_hook(
+            lambda module, inputs, output: torch.nn.functional.dropout(output, rate, module.training)
+        )
     return model
 
 

@@ -287,6 +287,13 @@ def _stage_problems(model: str, settings: _Settings, params: Mapping[str, Any]) 
             sentence_encoder_dir(settings["semantic_encoder"])
         except CausalRecError as err:
             problems.append(err)
+    try:  # the backbone's own rules (dropouts, sizes, heads that divide the width), else checked once data is ready
+        from causalrec.llm.backbone import BackboneConfig
+        from causalrec.llm.presets import backbone_settings
+
+        BackboneConfig.from_dict(backbone_settings(dict(settings)))
+    except CausalRecError as err:
+        problems.append(err)
     with tempfile.TemporaryDirectory(prefix="causalrec-preflight-") as tmp:
         try:
             positions = resolve_sft_positions(settings["sft_positions"], settings["item_repr"])

@@ -70,9 +70,15 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# Backbone settings added after stages were keyed: at their default they stay out of the key, so the stages
+# trained before them keep their keys.
+BACKBONE_KEYED_AWAY_FROM_DEFAULT: dict[str, Any] = {"tiny_dropout": 0.0}
+
+
 def backbone_identity(cfg) -> dict[str, Any]:
     """Backbone settings (not the device) and, for a local model directory, its files' names, sizes and mtimes."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+    late = BACKBONE_KEYED_AWAY_FROM_DEFAULT
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device" and not (k in late and v == late[k])}
     path = Path(str(cfg.backbone)).expanduser()
     if cfg.backbone != "tiny" and path.is_dir():
         values["files"] = sorted(
