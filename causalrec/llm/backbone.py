@@ -5,6 +5,10 @@ the catalog titles and the prompt words, and a small ``LlamaForCausalLM`` initia
 seed — so the whole pipeline runs on a CPU with no download. Any other value is a Hugging Face
 model id or a local directory, loaded with ``AutoModelForCausalLM`` + ``AutoTokenizer``.
 LoRA (peft) is optional and never touches the output layer.
+
+Why this module is long: ``BackboneConfig`` and every path that turns it into a model (the tiny tokenizer and
+Llama, a checked hub or local load, LoRA, saving) read the same settings; kept together, a new backbone setting
+is added, validated and applied in one file (``tiny_dropout`` touched only this one and the YAML).
 """
 
 from __future__ import annotations
