@@ -8,7 +8,7 @@ LoRA (peft) is optional and never touches the output layer.
 
 Why this module is long: ``BackboneConfig`` and every path that turns it into a model (the tiny tokenizer and
 Llama, a checked hub or local load, LoRA, saving) read the same settings; kept together, a new backbone setting
-is added, validated and applied in one file (``tiny_dropout`` touched only this one and the YAML).
+is declared, validated and applied in one file.
 """
 
 from __future__ import annotations
