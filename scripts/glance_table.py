@@ -224,18 +224,24 @@ def scores(label: str, folder: str, model: str, split: str) -> Scores | None:
     )
 
 
+def own_rows(arms: list[Arm], data: str, info: str, side: str, split: str) -> list[Scores]:
+    """The rows of the class ``info`` itself."""
+    found = [scores(a.label, a.folder, a.model, split) for a in arms if (a.data, a.info, a.side) == (data, info, side)]
+    return [s for s in found if s is not None]
+
+
 def candidates(arms: list[Arm], data: str, info: str, side: str, split: str) -> list[Scores]:
     """The rows of ``info``, then those of every class given less (labelled with what they lack: a tie of validation
     goes to the class's own row); none where the class has no row of its own."""
-    found = [scores(a.label, a.folder, a.model, split) for a in arms if (a.data, a.info, a.side) == (data, info, side)]
-    if not any(found):
+    own = own_rows(arms, data, info, side, split)
+    if not own:
         return []
-    found += [
+    less = [
         scores(f"{a.label}, no copy", a.folder, a.model, split)
         for a in arms
         if (a.data, a.side) == (data, side) and INFO.index(a.info) < INFO.index(info)
     ]
-    return [s for s in found if s is not None]
+    return own + [s for s in less if s is not None]
 
 
 def comparison(llm: Scores, classical: Scores) -> str:
@@ -271,7 +277,7 @@ def glance(arms: list[Arm] = ARMS, defaults: dict = DEFAULTS, show_all: bool = F
                     f"{side}: {on_test[side].text()}" for side in sides if on_test[side] is not picks[side]
                 )
                 default = scores("GenRec", defaults[(data, info)], "GenRec", split)
-                own = candidates([a for a in arms if a.info == info], data, info, "classical", split)
+                own = own_rows(arms, data, info, "classical", split)
                 missing = ", ".join(m for m in CLASSICAL if m not in {r.model for r in own})
                 lines.append(
                     f"| {data} {split} | {info} | {picks['classical'].text()} | "
