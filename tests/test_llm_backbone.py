@@ -116,6 +116,23 @@ def test_tiny_dropout_acts_only_in_training_and_leaves_the_weights_and_the_stage
     assert backbone_identity(BackboneConfig(tiny_dropout=0.2))["tiny_dropout"] == 0.2
 
 
+def test_a_pretrained_backbone_ignores_the_tiny_settings_says_so_and_keeps_them_out_of_its_stage_key(
+    tiny, tmp_path, caplog
+):
+    from causalrec.training.stage_cache import backbone_identity
+
+    save_backbone(*tiny, tmp_path)
+    moved = BackboneConfig(backbone=str(tmp_path), tiny_hidden_size=128, tiny_dropout=0.1, lora_r=0)
+    assert moved.ignored_tiny_settings() == ["tiny_hidden_size", "tiny_dropout"]
+    assert BackboneConfig(tiny_hidden_size=128).ignored_tiny_settings() == []  # they shape the tiny Llama
+    assert backbone_identity(moved) == backbone_identity(BackboneConfig(backbone=str(tmp_path), lora_r=0))
+    assert "tiny_layers" in backbone_identity(BackboneConfig())
+    with caplog.at_level("WARNING", logger="causalrec.llm.backbone"):
+        model, _ = load_backbone(moved)
+    assert model.config.hidden_size == 32  # the saved model's, not tiny_hidden_size
+    assert "tiny_hidden_size, tiny_dropout shape the tiny Llama only: ignored with backbone" in caplog.text
+
+
 def test_load_backbone_tiny_returns_model_on_cpu(tiny):
     model, tok = tiny
     assert type(model).__name__ == "LlamaForCausalLM"

@@ -112,6 +112,12 @@ class BackboneConfig:
         if (self.load_in_4bit or self.load_in_8bit) and self.backbone == TINY:
             raise ConfigError("load_in_4bit/load_in_8bit apply to a pretrained backbone, not 'tiny'")
 
+    def ignored_tiny_settings(self) -> list[str]:
+        """The ``tiny_*`` settings moved from their defaults although the backbone is not the tiny Llama they shape."""
+        if self.backbone == TINY:
+            return []
+        return [f.name for f in fields(self) if f.name.startswith("tiny_") and getattr(self, f.name) != f.default]
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BackboneConfig":
         """Build from a (RecBole YAML) mapping, ignoring keys that are not backbone settings."""
@@ -449,6 +455,8 @@ def load_backbone(
             model.to(DTYPES[cfg.dtype])
         model.to(device)
     else:
+        if ignored := cfg.ignored_tiny_settings():
+            _log.warning("%s shape the tiny Llama only: ignored with backbone %r", ", ".join(ignored), cfg.backbone)
         model, tokenizer = _load_pretrained(cfg, device)
         if items or users or extra_tokens:
             # saved by save_backbone with them: every added token must be there

@@ -76,9 +76,13 @@ BACKBONE_KEYED_AWAY_FROM_DEFAULT: dict[str, Any] = {"tiny_dropout": 0.0}
 
 
 def backbone_identity(cfg) -> dict[str, Any]:
-    """Backbone settings (not the device) and, for a local model directory, its files' names, sizes and mtimes."""
+    """Backbone settings (not the device, nor the ``tiny_*`` ones a pretrained backbone ignores) and, for a local
+    model directory, its files' names, sizes and mtimes."""
     late = BACKBONE_KEYED_AWAY_FROM_DEFAULT
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device" and not (k in late and v == late[k])}
+    skip = {"device"} | (
+        {k for k in dataclasses.asdict(cfg) if k.startswith("tiny_")} if cfg.backbone != "tiny" else set()
+    )
+    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and not (k in late and v == late[k])}
     path = Path(str(cfg.backbone)).expanduser()
     if cfg.backbone != "tiny" and path.is_dir():
         values["files"] = sorted(
