@@ -127,6 +127,7 @@ ARMS = [
             *((m, OR_FAST, m) for m in ("Pop", "ItemKNN", "BPR")),
             ("LightGCN", f"{OR}/lightgcn-converged", "LightGCN"),
             ("LightGCN", f"{OR}/lightgcn-converged-regional", "LightGCN"),
+            ("LightGCN", f"{OR}/lightgcn-converged-iid", "LightGCN"),
             ("GRU4Rec", f"{OR}/gru4rec-converged", "GRU4Rec"),
             ("GRU4Rec", f"{OR}/gru4rec-converged-regional", "GRU4Rec"),
         ],
