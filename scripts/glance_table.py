@@ -6,7 +6,8 @@ classical row and the LLM row that validate best, and their test NDCG@10.
 
 Both sides are picked the same way, on validation only: among the candidate rows below (published `causalrec
 compare` folders), the one whose mean validation NDCG@10 over its seeds is highest; the test is read after. A row
-with fewer seeds competes with its mean over the seeds it has (the table says how many). "history": the model is
+with fewer seeds competes with its mean over the seeds it has (the table says how many); a row published in several
+folders (a first seed, then more) is one row over all its seeds. "history": the model is
 given the customer's history only; "+ copy": every model also mixes in the customer's own purchase shares, with
 its weight chosen on validation (`repeat_mix: auto`). The classes nest: a row given the history only competes in
 "+ copy" too (weight 0 is one of `auto`'s choices; the label says "no copy"), so a configuration that was not run
@@ -67,6 +68,7 @@ ARMS = [
             ("LightGCN, tuned", f"{TUNED}/lightgcn", "LightGCN"),
             ("GRU4Rec", f"{RS}/gru4rec-converged", "GRU4Rec"),
             ("GRU4Rec", f"{RS}/gru4rec-regional-seeds", "GRU4Rec"),
+            ("GRU4Rec", f"{RS}/gru4rec-iid-seeds", "GRU4Rec"),
             ("SASRec", f"{RS}/sasrec-converged", "SASRec"),
             ("SASRec", f"{RS}/sequential-graph", "SASRec"),
         ],
@@ -225,10 +227,25 @@ def scores(label: str, folder: str, model: str, split: str) -> Scores | None:
     )
 
 
+def pooled(rows: list[Scores | None]) -> list[Scores]:
+    """One row per configuration: rows of one label and model from several folders (a first seed published with
+    one run, more seeds with a later one) are one row over the union of their seeds; a seed whose values differ
+    between two folders is two configurations under one label, refused."""
+    by_name: dict[tuple[str, str], Scores] = {}
+    for row in filter(None, rows):
+        first = by_name.setdefault((row.label, row.model), Scores(row.label, row.model, {}, {}))
+        for seed in row.test:
+            if seed in first.test and (first.valid[seed], first.test[seed]) != (row.valid[seed], row.test[seed]):
+                raise SystemExit(f"{row.label} ({row.model}): seed {seed} has two different cells under one label")
+            first.valid[seed], first.test[seed] = row.valid[seed], row.test[seed]
+    return list(by_name.values())
+
+
 def own_rows(arms: list[Arm], data: str, info: str, side: str, split: str) -> list[Scores]:
     """The rows of the class ``info`` itself."""
-    found = [scores(a.label, a.folder, a.model, split) for a in arms if (a.data, a.info, a.side) == (data, info, side)]
-    return [s for s in found if s is not None]
+    return pooled(
+        [scores(a.label, a.folder, a.model, split) for a in arms if (a.data, a.info, a.side) == (data, info, side)]
+    )
 
 
 def candidates(arms: list[Arm], data: str, info: str, side: str, split: str) -> list[Scores]:
@@ -242,7 +259,7 @@ def candidates(arms: list[Arm], data: str, info: str, side: str, split: str) -> 
         for a in arms
         if (a.data, a.side) == (data, side) and INFO.index(a.info) < INFO.index(info)
     ]
-    return own + [s for s in less if s is not None]
+    return own + pooled(less)
 
 
 def comparison(llm: Scores, classical: Scores) -> str:

@@ -238,3 +238,25 @@ def test_glance_table_refuses_a_folder_with_two_configurations_of_one_seed(tmp_p
     _cell(tmp_path, "BPR", 2020, 0.12, valid=0.3, learning_rate=0.01)  # which one would be "BPR"?
     with pytest.raises(SystemExit, match="2 cells of BPR on seasonal for 1 finished seeds"):
         glance_table.scores("BPR", str(tmp_path), "BPR", "seasonal")
+
+
+def test_glance_table_pools_one_label_published_in_several_folders_and_refuses_two_values_of_one_seed(tmp_path):
+    _cell(tmp_path / "first", "GRU4Rec", 2020, 0.15, valid=0.30)  # seed 2020 converged first, published alone
+    for seed, test in ((2020, 0.15), (2021, 0.13), (2022, 0.14)):  # then all three seeds, 2020's cell copied
+        _cell(tmp_path / "seeds", "GRU4Rec", seed, test, valid=0.30 if seed == 2020 else 0.20)
+    _cell(tmp_path / "bpr", "BPR", 2020, 0.10, valid=0.25)
+    arms = glance_table._arms(
+        "sim",
+        "history",
+        "classical",
+        [("GRU4Rec", str(tmp_path / f), "GRU4Rec") for f in ("first", "seeds")]
+        + [("BPR", str(tmp_path / "bpr"), "BPR")],
+    )
+    rows = glance_table.own_rows(arms, "sim", "history", "classical", "seasonal")
+    assert [(r.label, sorted(r.test)) for r in rows] == [("GRU4Rec", [2020, 2021, 2022]), ("BPR", [2020])]
+    # one row of three seeds, not a one-seed row whose validation (0.30) outbids the three seeds' mean (0.233)
+    assert rows[0].value() == "0.1400 ± 0.0100 (3 seeds)" and max(rows, key=lambda r: r.mean("valid")).label == "BPR"
+    _cell(tmp_path / "other", "GRU4Rec", 2021, 0.16, valid=0.20, learning_rate=0.01)
+    arms += glance_table._arms("sim", "history", "classical", [("GRU4Rec", str(tmp_path / "other"), "GRU4Rec")])
+    with pytest.raises(SystemExit, match="GRU4Rec \\(GRU4Rec\\): seed 2021 has two different cells"):
+        glance_table.own_rows(arms, "sim", "history", "classical", "seasonal")
