@@ -568,6 +568,14 @@ def test_every_bad_setting_of_the_grid_is_listed_at_once(in_tmp):
     for line, words in zip(lines[1:], (["'Foo'"], ["'bogus'"], ["'GenRec'", "compared"], ["jobs"], ["seeds", ">= 1"])):
         assert all(w in line for w in words), line
     assert err.value.exit_code == 2 and not (in_tmp / "out").exists()
+    # a list naming an entry twice is one more problem, not the only one reported
+    with pytest.raises(PreflightError) as err:
+        causalrec.compare(["Foo"], "retail-sim", splits="iid,iid", seeds=[2020, 2020], out=in_tmp / "out")
+    assert [line.split(":")[0].split(".")[0] for line in str(err.value).splitlines()[1:]] == [
+        "- splits lists an entry twice",
+        "- unknown model 'Foo'",
+        "- seeds must be distinct integers >= 0; got [2020, 2020]",
+    ]
 
 
 @pytest.mark.slow

@@ -154,12 +154,18 @@ class CompareConfig:
         from causalrec.data import SPLITS
         from causalrec.recbole.preflight import model_names
 
-        self.models = _names("models", self.models)
-        self.splits = _names("splits", self.splits)
-        self.report_metrics = [m.lower() for m in _names("report_metrics", self.report_metrics)]
-        self.out = Path(self.out)
         # every problem of the grid at once, as the preflight lists a configuration's
-        problems: list[CausalRecError] = [
+        problems: list[CausalRecError] = []
+        for what in ("models", "splits", "report_metrics"):
+            items = _names(getattr(self, what))
+            if not items:
+                problems.append(ConfigError(f"{what} must name at least one entry"))
+            elif len(set(items)) < len(items):
+                problems.append(ConfigError(f"{what} lists an entry twice: {items}"))
+            setattr(self, what, list(dict.fromkeys(items)))  # checked further once each
+        self.report_metrics = [m.lower() for m in self.report_metrics]
+        self.out = Path(self.out)
+        problems += [
             *(UnknownNameError("model", m, model_names()) for m in self.models if m not in model_names()),
             *(UnknownNameError("split", s, SPLITS) for s in self.splits if s not in SPLITS),
         ]
@@ -224,14 +230,10 @@ class Cell:
         return out / "cells" / f"{self.model}-{self.split}-seed{self.seed}-{self.key[:16]}.json"
 
 
-def _names(what: str, value: str | Sequence[str]) -> list[str]:
+def _names(value: str | Sequence[str]) -> list[str]:
+    """The entries of a comma-separated string or a sequence, stripped, empty ones dropped."""
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
-    items = [v for v in items if v]
-    if not items:
-        raise ConfigError(f"{what} must name at least one entry")
-    if len(set(items)) < len(items):
-        raise ConfigError(f"{what} lists an entry twice: {items}")
-    return items
+    return [v for v in items if v]
 
 
 # ------------------------------------------------------------------------------------------ planning
