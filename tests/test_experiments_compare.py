@@ -953,6 +953,27 @@ def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_boot
     assert not (in_tmp / "x").exists() and not (in_tmp / "p").exists()
 
 
+def test_report_only_without_a_cell_of_the_asked_grid_names_what_the_folder_holds(in_tmp, no_training_or_data):
+    from causalrec.cli import main
+
+    _write_cells(in_tmp / "run", [r for r in _hand_grid(models=("Pop", "BPR")) if r["split"] == "iid"])
+    argv = ["compare", "--report-only", "--from", str(in_tmp / "run"), "--out", str(in_tmp / "report"), "--no-progress"]
+    with pytest.raises(ConfigError) as err:  # main's caller (the CLI entry point) prints it; the code is 2
+        causalrec.compare(
+            ["SASRec"],
+            "retail-sim",
+            splits="iid",
+            report_only=True,
+            sources=[in_tmp / "run"],
+            out=in_tmp / "report",
+            show_progress=False,
+        )
+    assert str(err.value).startswith("none of the 3 cells asked for (SASRec x iid x seeds 2020, 2021, 2022)")
+    assert str(err.value).endswith("whose retail-sim cells are of models BPR, Pop; splits iid; seeds 2020, 2021, 2022")
+    assert main([*argv, "--models", "SASRec", "--splits", "iid"]) == 2 and not (in_tmp / "report").exists()
+    assert main([*argv, "--models", "Pop", "--splits", "iid"]) == 0  # the same folder, a grid it holds
+
+
 def test_report_only_pools_published_folders(in_tmp, no_training_or_data, caplog):
     import logging
 

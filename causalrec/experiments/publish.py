@@ -427,6 +427,16 @@ def report_cells(
     )
     grid = {(m, s, seed) for m in config.models for s in config.splits for seed in config.seed_list()}
     chosen = [r for r in kept if (r["model"], r["split"], int(r["seed"])) in grid]
+    if not chosen:  # an empty report would look like a result; say what the sources do hold
+        held = "; ".join(
+            f"{what} {', '.join(map(str, dict.fromkeys(sorted(r[what[:-1]] for r in kept))))}"
+            for what in ("models", "splits", "seeds")
+        )
+        raise ConfigError(
+            f"none of the {len(grid)} cells asked for ({', '.join(config.models)} x {', '.join(config.splits)} x "
+            f"seeds {', '.join(map(str, config.seed_list()))}) is recorded under {', '.join(map(str, sources))}, "
+            + (f"whose {dataset} cells are of {held}" if kept else f"which hold no {dataset} cell")
+        )
     if len(chosen) < len(kept):
         _log.info(
             "compare --report-only: %d cells outside the grid (models x splits x seeds) left out",
