@@ -107,6 +107,14 @@ def test_a_classical_run_killed_between_epochs_resumes_to_the_same_result(in_tmp
         assert f"epoch {KILL_AFTER} training" in log and f"epoch {KILL_AFTER + 1} training" not in log
         saved = in_tmp / model / "saved"
         (last,) = _last_epoch_files(saved)
+        # what `compare --report-only` says of the stopped run, against the killed run's own log (RecBole keeps the
+        # latest of equal best scores)
+        scores = [float(v) for v in re.findall(r"valid_score\W+([0-9.]+)", re.sub(r"\x1b\[[0-9;]*m", "", log))]
+        best = max(range(len(scores)), key=lambda e: (scores[e], e))
+        assert len(scores) == KILL_AFTER + 1 and classical_trainer.run_progress(saved) == (
+            f"epoch {KILL_AFTER} of at most {EPOCHS} saved; best validation {scores[best]:.4f} at epoch {best}, "
+            f"{KILL_AFTER - best} epochs without improvement"
+        )
 
         caplog.clear()
         with caplog.at_level(logging.INFO):
@@ -190,7 +198,11 @@ def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_dama
     with pytest.raises(_Killed):
         causalrec.run("BPR", "retail-sim", config_dict=config, resume=True)
     monkeypatch.undo()
+    assert classical_trainer.run_progress(where).startswith(
+        f"epoch {EPOCHS - 1} of at most {EPOCHS} saved, training finished (the test had not run); best validation"
+    )
     again = causalrec.run("BPR", "retail-sim", config_dict=config, resume=True)
+    assert classical_trainer.run_progress(where) is None  # no last-epoch file left: nothing to say
     assert again["epochs"]["trained"] == 0 and again["epochs"]["resumed_from"] == EPOCHS - 1
     assert again["test_result"] == expected["test_result"] and _last_epoch_files(where) == []
 
@@ -219,6 +231,7 @@ def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_dama
     monkeypatch.undo()
     path = where / left
     path.write_bytes(path.read_bytes()[:1000])
+    assert classical_trainer.run_progress(where).startswith("its last-epoch checkpoint cannot be read (")
     with pytest.raises(CheckpointError, match=f"truncated.*delete {re.escape(str(path))}$"):
         causalrec.run("BPR", "retail-sim", config_dict=config, resume=True)
 

@@ -634,6 +634,13 @@ def run_comparison(config: CompareConfig, publish: str | Path | None = None, pub
             len(cells),
             config.out,
         )
+        from causalrec.recbole.classical_trainer import run_progress
+
+        for cell in cells:  # a run stopped between epochs (resume: true) says where it stands
+            if (cell.model, cell.split, cell.seed) in not_run and (
+                progress := run_progress(config.out / "checkpoints" / cell.key[:16])
+            ):
+                _log.warning("  %s: %s", cell.name, progress)
     results = write_report(records, config, not_run=not_run, trained=trained, cases_file=True)
     if publish is not None:
         published = publish_cells(records, publish, config, cases=publish_cases)

@@ -212,6 +212,35 @@ def _plain(value: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- trainer
+def run_progress(checkpoint_dir) -> str | None:
+    """Where the unfinished resumable run under ``checkpoint_dir`` stands, read from its newest last-epoch
+    checkpoint ("epoch 83 of at most 300 saved; best validation 0.1996 at epoch 77, 6 epochs without improvement"),
+    or None where there is none."""
+    import torch
+
+    from causalrec.recbole.checkpoints import load_recbole_checkpoint
+
+    files = glob.glob(os.path.join(glob.escape(str(checkpoint_dir)), f"*{SUFFIX}"))
+    if not files:
+        return None
+    path = max(files, key=os.path.getmtime)
+    try:
+        state = load_recbole_checkpoint(torch.load, path, map_location="cpu")
+    except CheckpointError as err:
+        return f"its last-epoch checkpoint cannot be read ({err})"
+    if not (isinstance(state, dict) and state.get("kind") == LAST_EPOCH_KIND):
+        return None
+    text = f"epoch {state['epoch']} of at most {state['epochs']} saved"
+    if state.get("finished"):
+        text += ", training finished (the test had not run)"
+    if state.get("best_epoch") is not None:
+        text += (
+            f"; best validation {float(state['best_valid_score']):.4f} at epoch {state['best_epoch']}, "
+            f"{state['cur_step']} epochs without improvement"
+        )
+    return text
+
+
 def resumable(trainer_cls: type) -> type:
     """The resumable subclass of a RecBole trainer class that trains with RecBole's ``Trainer.fit`` epoch loop;
     any other trainer class is returned unchanged (a log line says the model restarts from epoch 0)."""
