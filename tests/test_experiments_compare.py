@@ -953,6 +953,22 @@ def test_publish_cases_puts_simulated_users_values_beside_the_cells_and_the_boot
     assert not (in_tmp / "x").exists() and not (in_tmp / "p").exists()
 
 
+def test_the_report_lists_the_cells_stopped_by_the_epoch_cap(in_tmp, no_training_or_data):
+    records = _hand_grid(models=("Pop", "BPR"))
+    capped = next(r for r in records if (r["model"], r["split"], r["seed"]) == ("BPR", "seasonal", 2021))
+    capped["result"]["epoch_cap"] = {"epochs": 300, "stopping_step": 30, "evaluations_since_best": 4}
+    _write_cells(in_tmp / "run", records)
+    causalrec.compare(
+        report_only=True, sources=[in_tmp / "run"], out=in_tmp / "report", show_progress=False, plots=False
+    )
+    section = (in_tmp / "report" / "report.md").read_text().split("## Stopped by the epoch cap\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "model" not in line]
+    assert rows == ["| BPR | seasonal | 2021 | 300 | 30 | 4 |"]
+    _write_cells(in_tmp / "clean", _hand_grid(models=("Pop", "BPR")))
+    causalrec.compare(report_only=True, sources=[in_tmp / "clean"], out=in_tmp / "r2", show_progress=False, plots=False)
+    assert "epoch cap" not in (in_tmp / "r2" / "report.md").read_text()
+
+
 def test_report_only_without_a_cell_of_the_asked_grid_names_what_the_folder_holds(in_tmp, no_training_or_data):
     from causalrec.cli import main
 

@@ -236,6 +236,19 @@ def test_other_settings_no_resume_a_finished_training_an_earlier_best_and_a_dama
         causalrec.run("BPR", "retail-sim", config_dict=config, resume=True)
 
 
+def test_a_run_that_ran_out_of_epochs_before_its_early_stopping_says_so(in_tmp, caplog):
+    base = {**SMALL, "checkpoint_dir": str(in_tmp)}
+    with caplog.at_level(logging.WARNING, logger="causalrec.recbole.quick_start"):
+        capped = causalrec.run("BPR", "retail-sim", config_dict={**base, "epochs": 3, "stopping_step": 10})
+    cap = capped["epoch_cap"]
+    assert (cap["epochs"], cap["stopping_step"]) == (3, 10) and 0 <= cap["evaluations_since_best"] <= 2
+    assert "BPR ran all 3 epochs without its early stopping firing (stopping_step 10" in caplog.text
+    # patience 1 over 200 epochs: two evaluations without improvement stop it long before the cap
+    stopped = causalrec.run("BPR", "retail-sim", config_dict={**base, "epochs": 200, "stopping_step": 1})
+    assert "epoch_cap" not in stopped
+    assert "epoch_cap" not in causalrec.run("Pop", "retail-sim", config_dict=base)  # one epoch: nothing to converge
+
+
 def _recbole_config(config: dict):
     from causalrec.recbole.quick_start import make_config
 

@@ -688,6 +688,11 @@ def write_report(
         not_run=not_run,
         significance_notes=_case_notes(records),
         choices=report.validation_choices(records),
+        capped=[
+            (r["model"], r["split"], r["seed"], r["result"]["epoch_cap"])
+            for r in records
+            if r.get("status") == "ok" and r["result"].get("epoch_cap")
+        ],
     )
     files["report"] = out / "report.md"
     write_atomic(files["report"], text)

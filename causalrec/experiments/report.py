@@ -343,8 +343,10 @@ def markdown(
     not_run: Sequence[tuple[str, str, int]] = (),
     significance_notes: Sequence[str] = (),
     choices: str = "",
+    capped: Sequence[tuple[str, str, int, Mapping[str, int]]] = (),
 ) -> str:
     """The whole ``report.md`` of a comparison; ``not_run``: (model, split, seed) of cells with no record;
+    ``capped``: (model, split, seed, ``epoch_cap``) of cells that ran out of epochs before early stopping;
     ``significance_notes``: lines printed above the significance table (e.g. per-case values not published);
     ``choices``: ``validation_choices``' table."""
     seeds = config.seed_list()
@@ -401,6 +403,21 @@ def markdown(
         for note in significance_notes:
             parts += [note, ""]
         parts += [significance_table(significance_frame) if len(significance_frame) else "no pairs to test"]
+    if capped:
+        parts += [
+            "",
+            "## Stopped by the epoch cap",
+            "",
+            "These cells ran all their epochs before early stopping fired: they may still have been improving (not "
+            "converged); raise `epochs` and run them again.",
+            "",
+            "| model | split | seed | epochs | stopping_step | evaluations since the best |",
+            "|---|---|---|---|---|---|",
+        ]
+        parts += [
+            f"| {m} | {split} | {seed} | {c['epochs']} | {c['stopping_step']} | {c['evaluations_since_best']} |"
+            for m, split, seed, c in capped
+        ]
     if len(failures):
         parts += ["", "## Failed cells", "", "| model | split | seed | error |", "|---|---|---|---|"]
         for r in failures.itertuples():

@@ -131,6 +131,27 @@ def run(
         govern_threads(None)  # the run's thread governor must not touch what the process does next
 
 
+def epoch_cap(trainer, valid_data) -> dict[str, int] | None:
+    """Where a RecBole fit loop ran out of ``epochs`` before its early stopping fired (the model may still have been
+    improving: not converged), the cap, the patience and the evaluations since the best; else None. RecBole stops
+    once ``cur_step`` exceeds ``stopping_step``; models of one epoch and the LLM trainer (its stages early-stop
+    themselves) have nothing to report."""
+    from causalrec.recbole.trainer import LLMTrainer
+
+    epochs, patience = getattr(trainer, "epochs", 0), getattr(trainer, "stopping_step", None)
+    if (
+        isinstance(trainer, LLMTrainer)
+        or patience is None
+        or epochs <= 1
+        or not valid_data
+        or getattr(trainer, "eval_step", 1) <= 0
+    ):
+        return None
+    if trainer.cur_step > patience:
+        return None
+    return {"epochs": int(epochs), "stopping_step": int(patience), "evaluations_since_best": int(trainer.cur_step)}
+
+
 def _train_and_test(model, dataset, config_file_list, config_dict, saved, callback_fn, output):
     config, trainer, (train_data, valid_data, test_data) = build(
         model, dataset, config_file_list, config_dict, output=output, saved=saved
@@ -144,6 +165,16 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
     )
     from causalrec.recbole.trainer import process_rank
 
+    capped = epoch_cap(trainer, valid_data)
+    if capped:
+        _log.warning(
+            "%s ran all %d epochs without its early stopping firing (stopping_step %d; %d evaluations since the best): "
+            "it may still have been improving; raise epochs to train it to convergence",
+            config["model"],
+            capped["epochs"],
+            capped["stopping_step"],
+            capped["evaluations_since_best"],
+        )
     rank, processes = process_rank()
     if rank != 0:
         _log.info("process %d of %d: training done; the main process evaluates", rank, processes)
@@ -177,6 +208,8 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
     }
     if chosen is not None:
         result["repeat_mix"] = chosen
+    if capped:
+        result["epoch_cap"] = capped
     if getattr(trainer, "stage_results", None) is not None:
         result["stages"] = trainer.stage_results
     if discard_last_epoch is not None:
