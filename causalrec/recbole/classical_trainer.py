@@ -23,6 +23,10 @@ killed during its test evaluation is not trained again); ``causalrec.run`` delet
 Only trainers that train with RecBole's own ``Trainer.fit`` epoch loop are made resumable (models of one epoch,
 Pop/ItemKNN/EASE..., have nothing to resume); others (causalrec's LLM trainer resumes its TRL stages itself; RecBole's
 NCL, S3Rec, RaCT, decision trees) are left as they are. Without ``resume`` nothing here is used.
+
+Why this module is long: the last-epoch file is one format, and everything that writes it, reads it back, restores
+a trainer from it and reports a stopped run's progress from it (``run_progress``) is here, so that a change of what
+the file holds is made in one place.
 """
 
 from __future__ import annotations
