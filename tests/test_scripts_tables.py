@@ -15,6 +15,7 @@ import arm_table  # noqa: E402
 import case_breakdown  # noqa: E402
 import dial_table  # noqa: E402
 import glance_table  # noqa: E402
+import interim_eval  # noqa: E402
 import promotion_reliance as pr  # noqa: E402
 
 
@@ -260,3 +261,18 @@ def test_glance_table_pools_one_label_published_in_several_folders_and_refuses_t
     arms += glance_table._arms("sim", "history", "classical", [("GRU4Rec", str(tmp_path / "other"), "GRU4Rec")])
     with pytest.raises(SystemExit, match="GRU4Rec \\(GRU4Rec\\): seed 2021 has two different cells"):
         glance_table.own_rows(arms, "sim", "history", "classical", "seasonal")
+
+
+def test_interim_eval_of_a_finished_runs_best_model_gives_that_runs_own_metrics(in_tmp, capsys):
+    import causalrec
+
+    settings = {"sim_users": 150, "sim_items": 60, "epochs": 4, "show_progress": False, "num_threads": 1}
+    result = causalrec.run("BPR", "retail-sim", config_dict={**settings, "checkpoint_dir": str(in_tmp / "ck")})
+    argv = ["--model", "BPR", "--dataset", "retail-sim", "--checkpoints", str(in_tmp / "ck")]
+    assert interim_eval.main([*argv, "-p", "sim_users=150", "-p", "sim_items=60"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["test"] == result["test_result"] and found["valid"] == result["best_valid_result"]
+    assert found["progress"] is None  # not a resumable run: no last-epoch checkpoint
+    assert sorted(p.name for p in (in_tmp / "ck").iterdir() if p.suffix == ".pth") == [Path(found["file"]).name]
+    with pytest.raises(SystemExit, match="no best-model file"):
+        interim_eval.best_model_file(str(in_tmp))
