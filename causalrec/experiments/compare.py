@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from causalrec.errors import CausalRecError, ConfigError, PreflightError, UnknownNameError
+from causalrec.errors import CausalRecError, ConfigError, UnknownNameError
 from causalrec.experiments.configs import layer, split_sections
 from causalrec.io import digest, exclusive_lock, write_atomic
 
@@ -152,7 +152,7 @@ class CompareConfig:
 
     def __post_init__(self):
         from causalrec.data import SPLITS
-        from causalrec.recbole.preflight import model_names
+        from causalrec.recbole.preflight import model_names, raise_all
 
         # every problem of the grid at once, as the preflight lists a configuration's
         problems: list[CausalRecError] = []
@@ -184,10 +184,7 @@ class CompareConfig:
             self.seed_list()
         except ConfigError as bad_seeds:
             problems.append(bad_seeds)
-        if len(problems) == 1:
-            raise problems[0]
-        if problems:
-            raise PreflightError(problems)
+        raise_all(problems)
 
     def seed_list(self) -> list[int]:
         seeds = self.seeds

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from causalrec.errors import CausalRecError, ConfigError, PreflightError, UnknownNameError
+from causalrec.errors import CausalRecError, ConfigError, UnknownNameError
 from causalrec.experiments.configs import layer
 from causalrec.experiments.space import SearchSpace
 from causalrec.io import digest, write_atomic
@@ -119,7 +119,7 @@ class TuneConfig:
 
     def __post_init__(self):
         from causalrec.data import SPLITS
-        from causalrec.recbole.preflight import model_names
+        from causalrec.recbole.preflight import model_names, raise_all
 
         problems: list[CausalRecError] = []  # every problem at once, as the preflight lists a configuration's
         if self.model not in model_names():
@@ -141,10 +141,7 @@ class TuneConfig:
             problems.append(ConfigError("env_fields must name at least one environment field (season, region)"))
         if "@" not in str(self.metric):
             problems.append(ConfigError(f"metric must be a top-k metric like ndcg@10; got {self.metric!r}"))
-        if len(problems) == 1:
-            raise problems[0]
-        if problems:
-            raise PreflightError(problems)
+        raise_all(problems)
         self.metric = str(self.metric).lower()
         self.out = Path(self.out)
         if self.study_name is None:
