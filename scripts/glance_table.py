@@ -107,6 +107,7 @@ ARMS = [
         [
             *((m, f"{RS}/repeat-mix-auto-classical", m) for m in ("Pop", "ItemKNN", "BPR", "LightGCN")),
             ("GRU4Rec", f"{RS}/repeat-mix-auto-gru4rec", "GRU4Rec"),
+            ("GRU4Rec", f"{RS}/repeat-mix-auto-gru4rec-regional-seeds", "GRU4Rec"),
             ("SASRec", f"{RS}/repeat-mix-auto-sasrec", "SASRec"),
         ],
     ),
