@@ -152,6 +152,8 @@ ARMS = [
             ("GenRec, 128 x 2", f"{OR}/genrec-size-128x2-iid", "GenRec"),
             ("GenRec, 128 x 2, `tiny_dropout: 0.1`", f"{OR}/genrec-128x2-drop01-iid", "GenRec"),
             ("SDPORec, 128 x 2, `tiny_dropout: 0.1`", f"{OR}/genrec-128x2-drop01-iid", "SDPORec"),
+            ("GenRec, 128 x 2, `tiny_dropout: 0.1`", f"{OR}/genrec-128x2-drop01-regional", "GenRec"),
+            ("SDPORec, 128 x 2, `tiny_dropout: 0.1`", f"{OR}/genrec-128x2-drop01-regional", "SDPORec"),
             ("GenRec, 128 x 2", f"{OR}/genrec-size-128x2", "GenRec"),
             ("GenRec, 64 x 4", f"{OR}/genrec-size-64x4", "GenRec"),
             ("GenRec, 256 x 1", f"{OR}/genrec-size-256x1", "GenRec"),
