@@ -3,6 +3,7 @@ classical row and the LLM row that validate best, and their test NDCG@10.
 
     python scripts/glance_table.py            # the table
     python scripts/glance_table.py --all      # and every candidate row with its validation and test
+    python scripts/glance_table.py --write README.md   # replace the table in README.md with this one
 
 Both sides are picked the same way, on validation only: among the candidate rows below (published `causalrec
 compare` folders), the one whose mean validation NDCG@10 over its seeds is highest; the test is read after. A row
@@ -317,11 +318,41 @@ def glance(arms: list[Arm] = ARMS, defaults: dict = DEFAULTS, show_all: bool = F
     return lines + ([""] + listing if show_all else [])
 
 
+def replace_table(text: str, table: list[str]) -> str:
+    """``text`` with its glance table (the lines from the header row up to the first line that is not a table
+    row) replaced by ``table``; a ValueError where ``text`` holds no such table or holds it twice."""
+    lines = text.split("\n")
+    starts = [i for i, line in enumerate(lines) if line == table[0]]
+    if len(starts) != 1:
+        raise ValueError(f"expected one glance table header, found {len(starts)}")
+    end = starts[0]
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "\n".join([*lines[: starts[0]], *table, *lines[end:]])
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="also list every candidate row")
+    parser.add_argument(
+        "--write", metavar="FILE", help="replace the table in FILE (e.g. README.md) instead of printing"
+    )
     args = parser.parse_args(argv)
-    print("\n".join(glance(show_all=args.all)))
+    if args.write and args.all:
+        parser.error("--write replaces the table only; leave out --all")
+    table = glance(show_all=args.all)
+    if not args.write:
+        print("\n".join(table))
+        return 0
+    with open(args.write, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        new = replace_table(text, table)
+    except ValueError as err:
+        parser.error(f"{args.write}: {err}")
+    with open(args.write, "w", encoding="utf-8") as f:
+        f.write(new)
+    print(f"{args.write}: glance table {'updated' if new != text else 'unchanged'}")
     return 0
 
 

@@ -276,3 +276,14 @@ def test_interim_eval_of_a_finished_runs_best_model_gives_that_runs_own_metrics(
     assert sorted(p.name for p in (in_tmp / "ck").iterdir() if p.suffix == ".pth") == [Path(found["file"]).name]
     with pytest.raises(SystemExit, match="no best-model file"):
         interim_eval.best_model_file(str(in_tmp))
+
+
+def test_glance_table_write_replaces_only_the_table():
+    header = glance_table.glance([], {})[:2]  # no arms: header and separator only
+    text = "\n".join(["intro", "", *header, "| old | row |", "| older | row |", "", "prose after", "| other | table |"])
+    new = glance_table.replace_table(text, [*header, "| new | row |"])
+    assert new == "\n".join(["intro", "", *header, "| new | row |", "", "prose after", "| other | table |"])
+    with pytest.raises(ValueError, match="found 0"):
+        glance_table.replace_table("no table here", header)
+    with pytest.raises(ValueError, match="found 2"):
+        glance_table.replace_table("\n".join([*header, "", *header]), header)
