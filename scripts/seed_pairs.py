@@ -66,13 +66,24 @@ def compare(folder_a: str, model_a: str, folder_b: str, model_b: str, split: str
 
 
 def main(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit(__doc__)
+    for arg in argv:
+        if len(arg.split()) != 5:
+            raise SystemExit(
+                f'seed_pairs.py: "{arg}" is {len(arg.split())} words; each argument is one quoted string of five: '
+                '"FOLDER_A MODEL_A FOLDER_B MODEL_B SPLIT"'
+            )
     rows = [compare(*arg.split()) for arg in argv]
     adjusted = holm([r["test"].p for r in rows])
     for r, p_holm in zip(rows, adjusted):
         t, b = r["test"], r["boot"]
+        interval = (
+            "[no per-case values]" if np.isnan(b.low) else f"[{b.low * 100:+.1f}, {b.high * 100:+.1f}]"
+        )  # published real-data cells keep none (customer ids)
         print(
             f"{r['name']}  {r['split']}  n={t.n_seeds}  {t.mean:.4f} vs {t.baseline_mean:.4f}  "
-            f"rel {t.rel_change * 100:+.1f}% [{b.low * 100:+.1f}, {b.high * 100:+.1f}]  t p={t.p:.3g}  "
+            f"rel {t.rel_change * 100:+.1f}% {interval}  t p={t.p:.3g}  "
             f"Holm p={p_holm:.3g}  d_z={t.dz:+.2f}"
         )
         if "customers" in r:
