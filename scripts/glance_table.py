@@ -32,6 +32,7 @@ import numpy as np
 from arm_table import METRIC, finished_cells
 
 from causalrec.experiments.statistics import paired_seed_test
+from causalrec.io import write_atomic
 
 RS, TUNED = "docs/results/retail-sim-items", "docs/results/retail-sim-tuned"
 OR, OR_FAST = "docs/results/online-retail-items", "docs/results/online-retail-fast"
@@ -350,8 +351,7 @@ def main(argv: list[str]) -> int:
         new = replace_table(text, table)
     except ValueError as err:
         parser.error(f"{args.write}: {err}")
-    with open(args.write, "w", encoding="utf-8") as f:
-        f.write(new)
+    write_atomic(args.write, new)  # an interrupted write never leaves a half README
     print(f"{args.write}: glance table {'updated' if new != text else 'unchanged'}")
     return 0
 
