@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.common import fmt, interleaved, log_progress, md_table, median, ratio
+from benchmarks.common import fmt, interleaved, log_progress, md_table, median, ratio, skipped
 
 NAME = "allocator"
 GOAL_CPU_RATIO = 1.3  # glibc default CPU s / heap CPU s per epoch, at the default (full retail-sim) size
@@ -45,15 +45,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     opts = opts or Options()
     if compat._glibc() is None:
         message = "not glibc, or malloc tuned by the user (CAUSALREC_MALLOC_TUNING=0, GLIBC_TUNABLES, ...): B15 is off"
-        log_progress("allocator: skipped: %s", message)
-        return {
-            "benchmark": NAME,
-            "skipped": message,
-            "config": {**opts.__dict__},
-            "goals": [],
-            "results": {},
-            "notes": [],
-        }
+        return skipped(NAME, message, {**opts.__dict__})
     with tempfile.TemporaryDirectory(prefix="bench-allocator-") as tmp:
         config, trainer, (train, _valid, _test) = causalrec.recbole.quick_start.build(
             "SASRec", "retail-sim", config_dict={"show_progress": False, "checkpoint_dir": tmp, **opts.config}

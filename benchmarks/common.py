@@ -342,6 +342,12 @@ def mib(n: float | int | None) -> float | None:
     return None if n is None else float(n) / 2**20
 
 
+def skipped(name: str, message: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The payload of a benchmark that measured nothing (its data or platform is missing), saying why."""
+    log_progress("%s: skipped: %s", name, message)
+    return {"benchmark": name, "skipped": message, "config": config, "goals": [], "results": {}, "notes": []}
+
+
 def log_progress(message: str, *args) -> None:
     _log.info(message, *args)
     sys.stderr.flush()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ONLINE_RETAIL, child_env, fmt, log_progress, md_table, median, mib, run_child
+from benchmarks.common import ONLINE_RETAIL, child_env, fmt, log_progress, md_table, median, mib, run_child, skipped
 
 NAME = "prepare"
 GOAL_SECONDS = 30.0
@@ -73,15 +73,7 @@ def run(opts: Options | None = None) -> dict[str, Any]:
     opts = opts or Options()
     if not Path(opts.source).is_file():
         message = f"Online Retail not found at {opts.source} (../shared/datasets is absent); nothing measured"
-        log_progress("prepare: skipped: %s", message)
-        return {
-            "benchmark": NAME,
-            "skipped": message,
-            "config": {**opts.__dict__},
-            "goals": [],
-            "results": {},
-            "notes": [],
-        }
+        return skipped(NAME, message, {**opts.__dict__})
     runs = []
     for i in range(opts.repeats):
         log_progress("prepare: cold run %d/%d", i + 1, opts.repeats)
