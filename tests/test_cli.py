@@ -50,7 +50,7 @@ def test_bad_input_is_one_line_exit_2(args, expected, tmp_path):
 
 
 def test_run_from_cli_with_config_file(tmp_path):
-    (tmp_path / "small.yaml").write_text("epochs: 1\nshow_progress: false\n")
+    (tmp_path / "small.yaml").write_text("epochs: 1\n")
     out = causalrec(
         "run",
         "--model",
@@ -63,11 +63,13 @@ def test_run_from_cli_with_config_file(tmp_path):
         "topk=[5,10]",
         "--output",
         "result.json",
+        "--no-progress",
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ndcg@5=" in out.stdout and "ndcg@10=" in out.stdout
     assert (tmp_path / "result.json").is_file()
+    assert "%|" not in out.stderr  # --no-progress: RecBole's training and evaluation bars stay off
 
 
 def test_data_prepare_and_stats(tmp_path):

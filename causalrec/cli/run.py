@@ -21,6 +21,7 @@ def add_parser(subparsers) -> None:
         "continue at the next one",
     )
     p.add_argument("--output", "-o", help="also write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (the config key show_progress: false)")
     p.set_defaults(func=_cmd)
 
 
@@ -34,6 +35,8 @@ def _cmd(args) -> int:
     from causalrec.recbole.quick_start import run
 
     params = {**read_config_files(args.config_files), **parse_params(args.param)}
+    if args.no_progress:
+        params["show_progress"] = False
     result = run(
         args.model, args.dataset, config_dict=params, saved=not args.no_save, resume=args.resume, output=args.output
     )
