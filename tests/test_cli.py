@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 
-def causalrec(*args, cwd):
+def causalrec(*args, cwd, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "causalrec", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "causalrec", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
     )
 
 
@@ -125,3 +126,28 @@ def test_one_module_per_command():
     for name, parser in commands.items():
         module = parser.get_default("func").__module__
         assert module == "causalrec.cli." + {"keys": "run"}.get(name, name.split()[0]), (name, module)
+
+
+TINY_LLM_YAML = """\
+sim_users: 120
+sim_items: 60
+env_metrics: false
+tiny_hidden_size: 16
+tiny_layers: 1
+sft_args: {max_steps: 2, per_device_train_batch_size: 16}
+dpo_args: {max_steps: 2, per_device_train_batch_size: 16}
+dpo_max_samples: 32
+stage_cache: false
+"""
+
+
+def test_run_no_progress_silences_the_llm_stages_bars_too(tmp_path):
+    """TRL's SFT and DPO stages map their data sets with Hugging Face ``datasets``, whose bars have their own switch."""
+    (tmp_path / "tiny.yaml").write_text(TINY_LLM_YAML)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}  # tests elsewhere turn tqdm off
+    out = causalrec(
+        "run", "--model", "SDPORec", "--config-files", "tiny.yaml", "--no-save", "--no-progress", cwd=tmp_path, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stage sdpo (trained" in out.stdout
+    assert "%|" not in out.stderr, [line for line in out.stderr.splitlines() if "%|" in line][:3]

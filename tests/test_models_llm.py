@@ -89,6 +89,9 @@ def test_genrec_trains_and_evaluates(genrec_run):
         assert metrics["hit@10"] == pytest.approx(metrics["recall@10"])
         assert metrics["precision@10"] == pytest.approx(metrics["hit@10"] / 10, abs=1e-4)
     assert result["best_valid_score"] == pytest.approx(result["best_valid_result"]["ndcg@10"])
+    import datasets
+
+    assert not datasets.are_progress_bars_disabled()  # show_progress: false turned them off for the run only
 
 
 def test_full_sort_predict_matches_brute_force_and_checkpoint_reloads(genrec_run, in_tmp):

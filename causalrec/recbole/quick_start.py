@@ -33,6 +33,22 @@ def _argv_isolated():
         sys.argv = saved
 
 
+@contextlib.contextmanager
+def _datasets_bars_off(off: bool):
+    """Hugging Face ``datasets``' own bars (TRL's tokenizing and filtering maps) follow ``show_progress`` too; the
+    switch is global, so it is put back afterwards."""
+    import datasets
+
+    if not off or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def make_config(model: str, dataset: str, config_file_list=None, config_dict=None, *, output=None, saved=True):
     """A RecBole ``Config`` after the preflight (``causalrec.recbole.preflight``: every key, the training stages'
     arguments, input files and the folders a run writes, incl. ``output``); prepares causalrec datasets."""
@@ -156,7 +172,14 @@ def _train_and_test(model, dataset, config_file_list, config_dict, saved, callba
     config, trainer, (train_data, valid_data, test_data) = build(
         model, dataset, config_file_list, config_dict, output=output, saved=saved
     )
+    from causalrec.recbole.trainer import LLMTrainer
+
     show = bool(config["show_progress"])
+    with _datasets_bars_off(not show and isinstance(trainer, LLMTrainer)):
+        return _fit_and_test(config, trainer, train_data, valid_data, test_data, saved, callback_fn, show)
+
+
+def _fit_and_test(config, trainer, train_data, valid_data, test_data, saved, callback_fn, show):
     discard_last_epoch = getattr(trainer, "discard_last_epoch", None)
     if discard_last_epoch is not None:  # keep a finished last-epoch checkpoint until the test result exists
         trainer.keep_finished_checkpoint = True
