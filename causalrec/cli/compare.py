@@ -77,7 +77,7 @@ def add_parser(subparsers) -> None:
         help="train up to N cells at once, each in its own process with cores // N torch threads (default 1)",
     )
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's model checkpoint")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots (plots/*.png)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd)
 

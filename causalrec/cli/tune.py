@@ -45,7 +45,9 @@ def add_parser(subparsers) -> None:
     add_config_options(p)
     p.add_argument("--out", "-o", required=True, help="output folder")
     p.add_argument("--no-test", action="store_true", help="do not evaluate finished trials on the test split")
-    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep each trial's model checkpoint under OUT/trials"
+    )
     p.add_argument("--progress", action="store_true", help="Optuna's progress bar over trials")
     p.set_defaults(func=_cmd)
 
