@@ -16,6 +16,12 @@ def causalrec(*args, cwd, env=None):
     )
 
 
+def env_with_bars() -> dict[str, str]:
+    """This environment without tqdm's overrides (tests elsewhere in the process turn tqdm off), so that a test of
+    ``--no-progress`` sees every bar the command would draw."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -66,6 +72,7 @@ def test_run_from_cli_with_config_file(tmp_path):
         "result.json",
         "--no-progress",
         cwd=tmp_path,
+        env=env_with_bars(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ndcg@5=" in out.stdout and "ndcg@10=" in out.stdout
@@ -144,9 +151,16 @@ stage_cache: false
 def test_run_no_progress_silences_the_llm_stages_bars_too(tmp_path):
     """TRL's SFT and DPO stages map their data sets with Hugging Face ``datasets``, whose bars have their own switch."""
     (tmp_path / "tiny.yaml").write_text(TINY_LLM_YAML)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}  # tests elsewhere turn tqdm off
     out = causalrec(
-        "run", "--model", "SDPORec", "--config-files", "tiny.yaml", "--no-save", "--no-progress", cwd=tmp_path, env=env
+        "run",
+        "--model",
+        "SDPORec",
+        "--config-files",
+        "tiny.yaml",
+        "--no-save",
+        "--no-progress",
+        cwd=tmp_path,
+        env=env_with_bars(),
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stage sdpo (trained" in out.stdout
